@@ -1,0 +1,26 @@
+"""Train and test a model: ``python run.py [experiment=<dataset>-<method>] [overrides...]``.
+
+See README.md; the configuration lives in config/ (Hydra).
+"""
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+# data/ and logs/ are found next to this file, wherever the command is started from
+os.environ.setdefault("MCHAD_ROOT", str(Path(__file__).resolve().parent))
+
+import mchad  # noqa: E402  (registers the config resolvers)
+
+
+@hydra.main(version_base="1.3", config_path="config", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from mchad.train import main as train_main  # heavy imports after Hydra parsed the command line
+
+    train_main(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Data: sources decoded once into uint8 tensors, batch loaders, on-device augmentation."""
+
+from mchad.data.datamodule import OODDataModule
+from mchad.data.sources import (
+    DigitsSource,
+    ImageArray,
+    ImageFolderSource,
+    NoiseSource,
+    PytorchOODSource,
+    Source,
+    TinyImages300kSource,
+    TorchvisionSource,
+)
+
+__all__ = [
+    "DigitsSource",
+    "ImageArray",
+    "ImageFolderSource",
+    "NoiseSource",
+    "OODDataModule",
+    "PytorchOODSource",
+    "Source",
+    "TinyImages300kSource",
+    "TorchvisionSource",
+]

@@ -1,0 +1,178 @@
+"""One LightningDataModule for every dataset: ID train/val/test, OOD test cases, outliers."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mchad.data.augment import BatchTransform
+from mchad.data.loaders import OutlierExposureLoader, TensorBatchLoader
+from mchad.data.sources import ImageArray, Source
+from mchad.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class OODDataModule(pl.LightningDataModule):
+    """In-distribution data, a seeded validation hold-out, OOD test cases and optional outliers.
+
+    - ``train``/``test``: sources of the ID training and test sets (labels ``0..n_classes-1``);
+    - ``test_cases``: ``{name: source}`` of OOD sets; each is tested mixed with the ID test set;
+    - ``outliers``: optional source for outlier exposure (each training batch then holds
+      ``batch_size`` ID and ``outlier_batch_size`` outlier images, the latter labelled -1);
+    - validation is a hold-out of ``val_fraction`` of the training set drawn with ``seed``
+      (never the test set);
+    - ``root``: the dataset's folder, for configs whose sources interpolate it (image folders).
+
+    Images stay uint8 in memory; the batch transform (normalise, and at training time random
+    crop and flip) runs on the training device after the transfer.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        n_classes: int,
+        train: Source,
+        test: Source,
+        test_cases: dict[str, Source] | None = None,
+        outliers: Source | None = None,
+        dataset_dir: str = "data",
+        mean: list[float] = (0.5, 0.5, 0.5),
+        std: list[float] = (0.25, 0.25, 0.25),
+        crop_padding: int = 0,
+        flip: bool = False,
+        batch_size: int = 128,
+        outlier_batch_size: int = 256,
+        test_batch_size: int = 512,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        root: str | None = None,
+    ):
+        super().__init__()
+        if not 0 < val_fraction < 1:
+            raise ConfigError(f"datamodule.val_fraction must be in (0, 1), got {val_fraction}")
+        if len(mean) != len(std):
+            raise ConfigError(f"datamodule.mean has {len(mean)} channels but std has {len(std)}")
+        self.name = name
+        self.root = root
+        self.n_classes = n_classes
+        self.sources = {"train": train, "test": test}
+        self.test_case_sources = dict(test_cases or {})
+        self.outlier_source = outliers
+        self.dataset_dir = Path(dataset_dir)
+        self.batch_size = batch_size
+        self.outlier_batch_size = outlier_batch_size
+        self.test_batch_size = test_batch_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.transform = BatchTransform(list(mean), list(std), crop_padding, flip)
+        self.data: dict[str, ImageArray] = {}
+        self.test_cases: dict[str, ImageArray] = {}
+        self.outliers: ImageArray | None = None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.data["train"].images.shape[1:])
+
+    @property
+    def test_case_names(self) -> list[str]:
+        return list(self.test_case_sources)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data:
+            return
+        full = self.sources["train"].load(self.dataset_dir)
+        self._check_labels(full, "train")
+        self.data["test"] = self.sources["test"].load(self.dataset_dir)
+        self._check_labels(self.data["test"], "test")
+        channels = full.images.shape[1]
+        if channels != len(self.transform.mean.view(-1)):
+            raise ConfigError(
+                f"{self.name} has {channels} channels but datamodule.mean/std have {self.transform.mean.numel()}"
+            )
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(full), generator=generator)
+        n_val = max(1, round(len(full) * self.val_fraction))
+        self.data["val"], self.data["train"] = full.subset(order[:n_val]), full.subset(order[n_val:])
+        shape = self.image_shape
+        for name, source in self.test_case_sources.items():
+            self.test_cases[name] = conform(source.load(self.dataset_dir).as_outliers(), shape)
+        if self.outlier_source is not None:
+            self.outliers = conform(self.outlier_source.load(self.dataset_dir).as_outliers(), shape)
+        log.info(
+            "%s: %d train, %d val, %d test; test cases %s%s",
+            self.name,
+            len(self.data["train"]),
+            len(self.data["val"]),
+            len(self.data["test"]),
+            {k: len(v) for k, v in self.test_cases.items()},
+            f"; {len(self.outliers)} outliers" if self.outliers is not None else "",
+        )
+
+    def _check_labels(self, array: ImageArray, split: str) -> None:
+        labels = array.labels
+        if len(labels) == 0:
+            raise ConfigError(f"{self.name} {split} set is empty")
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= self.n_classes:
+            raise ConfigError(
+                f"{self.name} {split} labels span {low}..{high} but datamodule.n_classes={self.n_classes}"
+            )
+
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def train_dataloader(self):
+        inliers = TensorBatchLoader(
+            self.data["train"], self.batch_size, shuffle=True, drop_last=True, seed=self.seed, epoch=self._epoch
+        )
+        if self.outliers is None:
+            return inliers
+        outliers = TensorBatchLoader(
+            self.outliers, self.outlier_batch_size, shuffle=True, drop_last=True, seed=self.seed + 1, epoch=self._epoch
+        )
+        return OutlierExposureLoader(inliers, outliers)
+
+    def val_dataloader(self):
+        return TensorBatchLoader(self.data["val"], self.test_batch_size)
+
+    def test_dataloader(self):
+        """The ID test set first, then every OOD test case (``dataloader_idx`` 1, 2, ...)."""
+        sets = [self.data["test"], *self.test_cases.values()]
+        return [TensorBatchLoader(data, self.test_batch_size) for data in sets]
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        training = self.trainer is not None and self.trainer.training
+        return self.transform(images, augment=training), labels
+
+
+def conform(array: ImageArray, shape: tuple[int, int, int]) -> ImageArray:
+    """Bring OOD images to the ID image shape: channels (grey <-> RGB) and size (bilinear)."""
+    images = array.images
+    channels, height, width = shape
+    if images.shape[1] != channels:
+        if channels == 1:
+            weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            images = (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+        elif images.shape[1] == 1:
+            images = images.expand(-1, channels, -1, -1).contiguous()
+        else:
+            raise ConfigError(f"cannot convert {images.shape[1]}-channel images to {channels} channels")
+    if images.shape[2:] != (height, width):
+        images = resize_uint8(images, (height, width))
+    return ImageArray(images, array.labels, array.classes)
+
+
+def resize_uint8(images: Tensor, size: tuple[int, int], chunk: int = 4096) -> Tensor:
+    out = []
+    for start in range(0, len(images), chunk):
+        part = images[start : start + chunk].float()
+        part = F.interpolate(part, size=size, mode="bilinear", antialias=True, align_corners=False)
+        out.append(part.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)

@@ -1,0 +1,372 @@
+"""Dataset sources: each loads a whole dataset as a uint8 ``N x C x H x W`` tensor plus labels.
+
+Decoding happens once; image folders and pytorch-ood's file-based sets are cached as a
+tensor file under ``<dataset_dir>/cache/`` so that later runs start in a second. Every
+source raises :class:`~mchad.errors.DataNotFoundError` with the dataset, the folder looked in
+and how to provide the data when it is missing offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mchad.errors import DataNotFoundError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+
+
+@dataclass
+class ImageArray:
+    """Images as uint8 ``N x C x H x W`` and int64 labels (``< 0`` = outlier)."""
+
+    images: Tensor
+    labels: Tensor
+    classes: list[str] | None = None
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 N x C x H x W, got {self.images.dtype} {tuple(self.images.shape)}")
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, index: Tensor) -> ImageArray:
+        return ImageArray(self.images[index], self.labels[index], self.classes)
+
+    def as_outliers(self) -> ImageArray:
+        return ImageArray(self.images, torch.full_like(self.labels, -1), self.classes)
+
+
+class Source:
+    """Something that can load an :class:`ImageArray` from ``dataset_dir``."""
+
+    name: str = "dataset"
+
+    def load(self, dataset_dir: str | Path) -> ImageArray:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name})"
+
+
+def _missing(name: str, folder: Path | str, how: str, cause: BaseException | str | None = None) -> DataNotFoundError:
+    reason = f" ({_short(cause)})" if cause else ""
+    return DataNotFoundError(f"{name} not found in {folder}{reason}. {how}")
+
+
+def _short(cause: BaseException | str) -> str:
+    text = str(cause).strip().splitlines()
+    text = text[0] if text else type(cause).__name__
+    return text[:160]
+
+
+def _to_uint8_nchw(images: np.ndarray, channels_last: bool = True) -> Tensor:
+    array = np.ascontiguousarray(images)
+    if array.ndim == 3:
+        array = array[..., None] if channels_last else array[:, None]
+    tensor = torch.from_numpy(array)
+    return tensor.permute(0, 3, 1, 2).contiguous() if channels_last else tensor.contiguous()
+
+
+def _cache_file(dataset_dir: Path, key: str) -> Path:
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    return dataset_dir / "cache" / f"{digest}.pt"
+
+
+def _cached(dataset_dir: Path, key: str, build) -> ImageArray:
+    """Load ``key`` from the cache or build it and write it atomically."""
+    path = _cache_file(Path(dataset_dir), key)
+    if path.exists():
+        try:
+            data = torch.load(path, weights_only=True)
+            return ImageArray(data["images"], data["labels"], data.get("classes"))
+        except Exception as error:  # a truncated or foreign cache file is rebuilt, not fatal
+            log.warning("Ignoring unreadable cache %s: %s", path, _short(error))
+    array = build()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"images": array.images, "labels": array.labels, "classes": array.classes, "key": key}, tmp)
+        os.replace(tmp, path)
+    except OSError as error:  # a read-only dataset_dir only costs decoding again next time
+        log.warning("Could not write cache %s: %s", path, _short(error))
+    return array
+
+
+def _decode(path: str, size: int | None, mode: str) -> np.ndarray:
+    with Image.open(path) as image:
+        image = image.convert(mode)
+        if size is not None and image.size != (size, size):
+            image = _resize_center_crop(image, size)
+        return np.asarray(image, dtype=np.uint8)
+
+
+def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize the short side to ``size`` and crop the centre (torchvision's Resize + CenterCrop)."""
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def decode_files(files: list[str], size: int | None, mode: str = "RGB", desc: str = "decoding") -> Tensor:
+    """Decode image files in parallel threads (PIL releases the GIL) into uint8 N x C x H x W."""
+    if not files:
+        raise ValueError("no image files to decode")
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        arrays = list(
+            tqdm(pool.map(lambda f: _decode(f, size, mode), files, chunksize=256), total=len(files), desc=desc, leave=False)
+        )
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise ValueError(f"images differ in size {sorted(shapes)[:3]}...; set a size to resize them to")
+    return _to_uint8_nchw(np.stack(arrays))
+
+
+class ImageFolderSource(Source):
+    """Images in ``root/[split/]<class>/*`` (torchvision's ImageFolder layout); classes sorted.
+
+    With ``classes`` given, only those class folders are read, in that order. With
+    ``outlier=True`` every label is -1 (an OOD test set or an outlier-exposure source;
+    class folders are then optional: images directly under the folder are read too).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        split: str | None = None,
+        size: int | None = None,
+        grayscale: bool = False,
+        classes: list[str] | None = None,
+        outlier: bool = False,
+        name: str | None = None,
+    ):
+        self.root = Path(root).expanduser()
+        self.split = split
+        self.size = size
+        self.grayscale = grayscale
+        self.classes = list(classes) if classes else None
+        self.outlier = outlier
+        self.name = name or (self.root.name + (f"/{split}" if split else ""))
+
+    def _files(self, folder: Path) -> tuple[list[str], list[int], list[str]]:
+        subdirs = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        classes = self.classes or subdirs
+        missing = [c for c in classes if c not in subdirs]
+        if missing:
+            raise _missing(self.name, folder, f"Class folders {missing} are missing.")
+        files, labels = [], []
+        for label, cls in enumerate(classes):
+            for path in sorted((folder / cls).rglob("*")):
+                if path.suffix.lower() in IMAGE_SUFFIXES:
+                    files.append(str(path))
+                    labels.append(label)
+        if self.outlier:
+            files += sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            labels += [0] * (len(files) - len(labels))
+        return files, labels, classes
+
+    def load(self, dataset_dir: str | Path) -> ImageArray:
+        folder = self.root / self.split if self.split else self.root
+        if not folder.is_dir():
+            raise _missing(
+                self.name,
+                folder,
+                "Point the config at a folder in image-folder layout (<root>/<split>/<class>/<image>).",
+            )
+        files, labels, classes = self._files(folder)
+        if not files:
+            raise _missing(self.name, folder, f"The folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+        stamp = max(os.stat(f).st_mtime_ns for f in (files[0], files[-1]))
+        key = f"folder|{folder.resolve()}|{len(files)}|{stamp}|{self.size}|{self.grayscale}|{classes}|{self.outlier}"
+
+        def build() -> ImageArray:
+            images = decode_files(files, self.size, "L" if self.grayscale else "RGB", desc=f"decoding {self.name}")
+            return ImageArray(images, torch.tensor(labels, dtype=torch.long), classes)
+
+        array = _cached(Path(dataset_dir), key, build)
+        return array.as_outliers() if self.outlier else array
+
+
+class TorchvisionSource(Source):
+    """CIFAR10, CIFAR100 or SVHN from torchvision, downloaded into ``dataset_dir`` if missing."""
+
+    SPLITS = {"CIFAR10": ("train", "test"), "CIFAR100": ("train", "test"), "SVHN": ("train", "test", "extra")}
+
+    def __init__(self, name: str, split: str = "train", download: bool = True):
+        if name not in self.SPLITS:
+            raise ValueError(f"unknown torchvision dataset {name!r}; choose from {sorted(self.SPLITS)}")
+        if split not in self.SPLITS[name]:
+            raise ValueError(f"{name} has no split {split!r}; choose from {self.SPLITS[name]}")
+        self.name = name
+        self.split = split
+        self.download = download
+
+    def load(self, dataset_dir: str | Path) -> ImageArray:
+        import torchvision.datasets as tvd
+
+        root = Path(dataset_dir)
+        try:
+            if self.name == "SVHN":
+                data = tvd.SVHN(str(root), split=self.split, download=self.download)
+                return ImageArray(_to_uint8_nchw(data.data, channels_last=False), torch.as_tensor(data.labels).long())
+            cls = getattr(tvd, self.name)
+            data = cls(str(root), train=self.split == "train", download=self.download)
+            return ImageArray(_to_uint8_nchw(data.data), torch.as_tensor(data.targets).long(), list(data.classes))
+        except Exception as error:  # torchvision raises URLError, RuntimeError, OSError... when offline
+            raise _missing(
+                f"{self.name} ({self.split})",
+                root,
+                f"Download it where there is internet (torchvision's {self.name} with download=True) and copy it "
+                f"into {root}, or set dataset_dir=/path/holding/it, or use an image folder: "
+                "datamodule=imagefolder datamodule.root=/path/to/folder.",
+                error,
+            ) from error
+
+
+class PytorchOODSource(Source):
+    """An OOD dataset from pytorch-ood (``Textures``, ``TinyImageNetCrop``, ``TinyImageNetResize``,
+    ``LSUNCrop``, ``LSUNResize``, ...), downloaded into ``dataset_dir``, resized to ``size`` and
+    decoded once into the cache. All labels are -1."""
+
+    def __init__(self, name: str, size: int = 32, download: bool = True):
+        self.name = name
+        self.size = size
+        self.download = download
+
+    def load(self, dataset_dir: str | Path) -> ImageArray:
+        import pytorch_ood.dataset.img as datasets
+
+        cls = getattr(datasets, self.name, None)
+        if cls is None:
+            raise ValueError(f"pytorch-ood has no image dataset {self.name!r}")
+        root = Path(dataset_dir)
+        key = f"pytorch-ood|{self.name}|{root.resolve()}|{self.size}"
+        path = _cache_file(root, key)
+
+        def build() -> ImageArray:
+            try:
+                dataset = cls(root=str(root), download=self.download)
+            except Exception as error:
+                raise _missing(
+                    self.name,
+                    root,
+                    f"Download it where there is internet (pytorch_ood.dataset.img.{self.name}(root, download=True)) "
+                    f"and copy it into {root}, or set dataset_dir=/path/holding/it; any image folder can replace "
+                    "it as a test case (see config/testmodules/).",
+                    error,
+                ) from error
+            # the file-based sets list their files; decode them in parallel instead of via __getitem__
+            files = [os.path.join(dataset.basedir, f) for f in getattr(dataset, "files", [])]
+            if files:
+                images = decode_files(files, self.size, desc=f"decoding {self.name}")
+            else:
+                images = _to_uint8_nchw(np.stack([np.asarray(_resize_center_crop(dataset[i][0].convert("RGB"), self.size)) for i in range(len(dataset))]))
+            return ImageArray(images, torch.full((len(images),), -1, dtype=torch.long))
+
+        if not path.exists():
+            log.info("Preparing %s (decoded once, cached in %s)", self.name, path)
+        return _cached(root, key, build)
+
+
+class TinyImages300kSource(Source):
+    """Hendrycks' 300K random TinyImages (outlier exposure), downloaded into ``dataset_dir``."""
+
+    name = "TinyImages300k"
+
+    def __init__(self, download: bool = True):
+        self.download = download
+
+    def load(self, dataset_dir: str | Path) -> ImageArray:
+        from pytorch_ood.dataset.img import TinyImages300k
+
+        try:
+            data = TinyImages300k(root=str(dataset_dir), download=self.download).data
+        except Exception as error:
+            raise _missing(
+                self.name,
+                dataset_dir,
+                f"Download {TinyImages300k.url} into {dataset_dir} where there is internet, or set "
+                "dataset_dir=/path/holding/it, or use any image folder as outliers: "
+                "datamodule.outliers._target_=mchad.data.ImageFolderSource +datamodule.outliers.root=/path.",
+                error,
+            ) from error
+        images = _to_uint8_nchw(data)
+        return ImageArray(images, torch.full((len(images),), -1, dtype=torch.long))
+
+
+class NoiseSource(Source):
+    """Gaussian (mean 128, std 128, clipped) or uniform [0, 255] noise images, fixed by ``seed``.
+
+    Same distributions as pytorch-ood's ``GaussianNoise``/``UniformNoise``, but drawn as one
+    array: theirs draw per item from a shared generator, so the images depend on access order.
+    """
+
+    KINDS = ("gaussian", "uniform")
+
+    def __init__(self, kind: str, n: int = 10000, size: int = 32, channels: int = 3, seed: int = 0, name: str | None = None):
+        if kind not in self.KINDS:
+            raise ValueError(f"noise kind must be one of {self.KINDS}, got {kind!r}")
+        self.kind, self.n, self.size, self.channels, self.seed = kind, n, size, channels, seed
+        self.name = name or f"{kind.capitalize()}Noise"
+
+    def load(self, dataset_dir: str | Path | None = None) -> ImageArray:
+        rng = np.random.default_rng(self.seed)
+        shape = (self.n, self.channels, self.size, self.size)
+        if self.kind == "gaussian":
+            values = np.clip(rng.normal(128, 128, size=shape), 0, 255)
+        else:
+            values = rng.uniform(0, 255, size=shape)
+        return ImageArray(torch.from_numpy(values.astype(np.uint8)), torch.full((self.n,), -1, dtype=torch.long))
+
+
+class DigitsSource(Source):
+    """scikit-learn's 8x8 handwritten digits (1,797 images, shipped with the package).
+
+    A fixed, stratified two-thirds/one-third train/test split (independent of the run's seed).
+    ``classes`` selects digits; they are relabelled 0..k-1 in the given order, or -1 with
+    ``outlier=True`` (the open-set test case of the quick-start).
+    """
+
+    def __init__(self, split: str = "train", classes: list[int] | None = None, outlier: bool = False, name: str | None = None):
+        if split not in ("train", "test"):
+            raise ValueError(f"digits split must be 'train' or 'test', got {split!r}")
+        self.split = split
+        self.classes = list(classes) if classes is not None else list(range(10))
+        self.outlier = outlier
+        self.name = name or f"Digits{''.join(map(str, self.classes))}"
+
+    def load(self, dataset_dir: str | Path | None = None) -> ImageArray:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        # values 0..16 -> 0..255
+        images = np.round(digits.images * (255 / 16)).astype(np.uint8)
+        target = digits.target
+        rng = np.random.default_rng(0)
+        in_test = np.zeros(len(target), dtype=bool)
+        for digit in range(10):
+            idx = np.flatnonzero(target == digit)
+            in_test[rng.permutation(idx)[: len(idx) // 3]] = True
+        keep = (in_test if self.split == "test" else ~in_test) & np.isin(target, self.classes)
+        relabel = {c: i for i, c in enumerate(self.classes)}
+        labels = np.array([-1 if self.outlier else relabel[t] for t in target[keep]], dtype=np.int64)
+        return ImageArray(_to_uint8_nchw(images[keep]), torch.from_numpy(labels), [str(c) for c in self.classes])

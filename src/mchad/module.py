@@ -1,0 +1,116 @@
+"""The one LightningModule: backbone -> method, for every method and dataset."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from functools import partial
+
+import pytorch_lightning as pl
+import torch
+from pytorch_ood.metrics import OODMetrics
+from torch import Tensor, nn
+
+from mchad.methods import Method
+
+log = logging.getLogger(__name__)
+
+#: results.csv metric columns and the pytorch-ood keys they come from
+METRIC_KEYS = {"AUROC": "AUROC", "AUPR-IN": "AUPR-IN", "AUPR-OUT": "AUPR-OUT", "FPR95": "FPR95TPR"}
+
+
+class OODModel(pl.LightningModule):
+    """Trains ``method`` on top of ``backbone`` and tests it against every OOD test case.
+
+    Testing takes the ID test set as dataloader 0 and one OOD set per further dataloader; the
+    ID scores are computed once and paired with each OOD set. Scores, predictions and labels
+    stay on the device until the metrics are computed there (pytorch-ood's ``OODMetrics``).
+    After :meth:`test`, :attr:`test_results` holds one dict per (test case, score).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        method: Method,
+        optimizer: partial,
+        scheduler: partial | None = None,
+        test_case_names: list[str] | None = None,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.method = method
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.test_case_names = list(test_case_names or [])
+        self.test_results: list[dict] = []
+        self._test_outputs: dict[int, dict[str, list[Tensor]]] = {}
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return self.method(self.backbone(x))
+
+    # --- training -------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        self.method.on_train_epoch_start()
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        images, labels = batch
+        out = self(images)
+        terms = self.method.loss(out, labels)
+        known = labels >= 0
+        correct = ((self.method.predict(out) == labels) & known).sum()
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=True, on_epoch=True)
+        self.log("train/acc", correct / known.sum().clamp(min=1), on_step=False, on_epoch=True, prog_bar=True)
+        return terms["loss"]
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        out = self(images)
+        terms = self.method.loss(out, labels)
+        acc = (self.method.predict(out) == labels).float().mean()
+        self.log_dict({f"val/{k}": v for k, v in terms.items()})
+        self.log("val/acc", acc, prog_bar=True)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        # the published period is min_epochs * limit_train_batches, i.e. the whole run
+        scheduler = self.scheduler_factory(optimizer, T_max=max(1, int(self.trainer.estimated_stepping_batches)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- testing --------------------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        self._test_outputs = defaultdict(lambda: defaultdict(list))
+        self.test_results = []
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        out = self(images)
+        buffer = self._test_outputs[dataloader_idx]
+        for name, score in self.method.scores(out).items():
+            buffer[name].append(score.float())
+        buffer["labels"].append(labels)
+        if dataloader_idx == 0:
+            buffer["predictions"].append(self.method.predict(out))
+
+    def on_test_epoch_end(self) -> None:
+        outputs = {i: {k: torch.cat(v) for k, v in d.items()} for i, d in self._test_outputs.items()}
+        self._test_outputs = {}
+        ind = outputs.get(0)
+        if ind is None:
+            raise RuntimeError("the ID test set (test dataloader 0) produced no batches")
+        accuracy = (ind["predictions"] == ind["labels"]).double().mean().item()
+        self.log("test/acc", accuracy)
+        names = self.test_case_names or [f"ood{i}" for i in range(1, len(outputs))]
+        for index, case in enumerate(names, start=1):
+            ood = outputs[index]
+            for score in self.method.score_names:
+                metrics = OODMetrics(device=ind[score].device)
+                metrics.update(ind[score], ind["labels"])
+                metrics.update(ood[score], torch.full_like(ood["labels"], -1))
+                values = metrics.compute()
+                row = {"test_case": case, "score": score, "Accuracy": accuracy}
+                row.update({column: float(values[key]) for column, key in METRIC_KEYS.items()})
+                self.test_results.append(row)
+                for column in METRIC_KEYS:
+                    self.log(f"test/{case}/{score}/{column}", row[column])
