@@ -25,7 +25,9 @@ class OODModel(pl.LightningModule):
     Testing takes the ID test set as dataloader 0 and one OOD set per further dataloader; the
     ID scores are computed once and paired with each OOD set. Scores, predictions and labels
     stay on the device until the metrics are computed there (pytorch-ood's ``OODMetrics``).
-    After :meth:`test`, :attr:`test_results` holds one dict per (test case, score).
+    After testing, :attr:`test_results` holds one dict per (test case, score) and
+    :attr:`test_outputs` the scores, labels (and ID predictions) per set (``"ID"`` and each
+    test case), for callbacks that plot them.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class OODModel(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.test_case_names = list(test_case_names or [])
         self.test_results: list[dict] = []
+        self.test_outputs: dict[str, dict[str, Tensor]] = {}
         self._test_outputs: dict[int, dict[str, list[Tensor]]] = {}
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -102,6 +105,7 @@ class OODModel(pl.LightningModule):
         accuracy = (ind["predictions"] == ind["labels"]).double().mean().item()
         self.log("test/acc", accuracy)
         names = self.test_case_names or [f"ood{i}" for i in range(1, len(outputs))]
+        self.test_outputs = {"ID": ind, **{case: outputs[i] for i, case in enumerate(names, start=1)}}
         for index, case in enumerate(names, start=1):
             ood = outputs[index]
             for score in self.method.score_names:
