@@ -1,0 +1,66 @@
+"""Shared fixtures: composing configs the way run.py does, tiny data made by the tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+from PIL import Image
+
+import mchad  # noqa: F401  (registers the resolvers)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "config"
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("MCHAD_ROOT", str(ROOT))
+
+
+def compose_config(overrides: list[str] | None = None, output_dir: Path | None = None) -> DictConfig:
+    """Compose config/train.yaml with ``overrides`` as ``python run.py <overrides>`` would.
+
+    With ``output_dir``, ``paths.output_dir`` points there (no Hydra run needed).
+    """
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides or []), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(output_dir)
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: int = 32, splits=("train", "test"), seed: int = 0) -> Path:
+    """Write a small image folder (``root/<split>/<class>/*.png``) whose classes differ in colour,
+    so that a model can learn them."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                base = np.zeros((size, size, 3), dtype=np.float64)
+                base[..., c % 3] = 200
+                image = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(image).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(autouse=True)
+def _clear_hydra():
+    yield
+    GlobalHydra.instance().clear()
