@@ -32,9 +32,9 @@ def compose_config(overrides: list[str] | None = None, output_dir: Path | None =
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides or []), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(output_dir)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as in a run: the task sees the job's config only
+        if output_dir is not None:
             cfg.paths.output_dir = str(output_dir)
     return cfg
 

@@ -7,7 +7,8 @@ Usage::
 
 Every ``results.csv`` below the given folders is read (one row per test case and OOD
 score, metrics as fractions). A Hydra run folder (one holding ``.hydra/``) without a
-``results.csv`` counts as a missing or failed trial.
+``results.csv`` counts as a missing or failed trial; a failed sweep trial's cause (first
+line of its ``FAILED.txt``, written by mchad.sweep) is listed with it.
 
 How the numbers are aggregated (the paper's protocol):
 
@@ -42,6 +43,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 RESULTS_FILE = "results.csv"
+FAILED_FILE = "FAILED.txt"
 KEY_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed"]
 METRICS = ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95"]
 REQUIRED_COLUMNS = KEY_COLUMNS + METRICS
@@ -88,10 +90,13 @@ class MissingRun:
 
     path: Path
     overrides: list[str] = field(default_factory=list)
+    # first line of the trial's FAILED.txt ("" when there is none: crashed, killed or running)
+    cause: str = ""
 
     def __str__(self) -> str:
         overrides = " ".join(self.overrides) if self.overrides else "(no overrides.yaml)"
-        return f"{self.path}\t{overrides}"
+        cause = f"\tFAILED: {self.cause}" if self.cause else ""
+        return f"{self.path}\t{overrides}{cause}"
 
 
 # ----------------------------------------------------------------------------- reading
@@ -159,8 +164,19 @@ def _find_missing(roots: list[Path], result_files: list[Path]) -> list[MissingRu
     for run_dir in run_dirs:
         if any(run_dir == done or run_dir in done.parents for done in finished):
             continue
-        missing.append(MissingRun(run_dir, _read_overrides(run_dir / ".hydra" / "overrides.yaml")))
+        missing.append(
+            MissingRun(run_dir, _read_overrides(run_dir / ".hydra" / "overrides.yaml"), _read_cause(run_dir / FAILED_FILE))
+        )
     return missing
+
+
+def _read_cause(path: Path) -> str:
+    """First line of a trial's FAILED.txt without its ``error:`` prefix, "" if none."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    return lines[0].removeprefix("error: ").strip() if lines else "unknown cause"
 
 
 def _read_overrides(path: Path) -> list[str]:

@@ -4,9 +4,13 @@ One interface for all (as in timm): ``forward(x)`` returns the embedding and the
 ``n_embedding`` says its width, so a method can be put on top of any backbone.
 """
 
+import logging
+
 import torch
 from pytorch_ood.model import WideResNet
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 
 class WideResNetBackbone(nn.Module):
@@ -71,3 +75,111 @@ def output_width(backbone: nn.Module, input_shape: tuple[int, int, int]) -> int:
         return backbone(torch.zeros(1, *input_shape)).shape[1]
     finally:
         backbone.train(was_training)
+
+
+#: parameters of the pretrained network's output layer, never loaded: our last layer is new
+OUTPUT_LAYER = "fc."
+
+
+def load_pretrained(backbone: nn.Module, source: str) -> dict[str, list[str]]:
+    """Initialise ``backbone`` from a checkpoint file or a pytorch-ood model name.
+
+    ``source`` is either a file holding a state dict (Hendrycks' ImageNet WRN format: possibly
+    nested under ``state_dict``/``model``/..., keys possibly prefixed with ``module.``) or a
+    pytorch-ood registry name such as ``wrn-40-2/imagenet32-nocifar/crossentropy``
+    (downloaded by ``pytorch_ood.model.load_model``). The output layer ``fc`` is dropped.
+    Every other parameter of the backbone must be in the checkpoint with the same shape,
+    else :class:`~mchad.errors.ConfigError`. Returns the ``loaded``, ``dropped`` and
+    ``unexpected`` keys (also logged).
+    """
+    from pathlib import Path
+
+    from mchad.errors import ConfigError
+
+    path = Path(str(source)).expanduser()
+    if path.is_file():
+        state = _read_checkpoint(path)
+    elif path.exists():
+        raise ConfigError(f"model.pretrained_checkpoint={source}: not a file")
+    else:
+        state = _registry_state(str(source))
+    target = getattr(backbone, "net", backbone)  # WideResNetBackbone wraps pytorch-ood's network
+    own = target.state_dict()
+    state = {_strip_prefixes(key): value for key, value in state.items()}
+    loaded, dropped, mismatched = {}, [], []
+    for key, value in state.items():
+        if key.startswith(OUTPUT_LAYER):
+            dropped.append(key)
+        elif key in own and own[key].shape != value.shape:
+            mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
+        elif key in own:
+            loaded[key] = value
+    unexpected = [k for k in state if k not in own and not k.startswith(OUTPUT_LAYER)]
+    missing = [
+        k for k in own
+        if k not in loaded and not k.startswith(OUTPUT_LAYER) and not k.endswith("num_batches_tracked")
+    ]
+    if missing or mismatched:
+        problems = mismatched + [f"{k} (missing)" for k in missing if not any(m.startswith(k + " ") for m in mismatched)]
+        raise ConfigError(
+            f"model.pretrained_checkpoint={source} does not match the backbone {type(target).__name__}: "
+            f"{len(problems)} of {len(own)} tensors missing or of another shape, e.g. {', '.join(problems[:3])}"
+        )
+    target.load_state_dict(loaded, strict=False)
+    log.info(
+        "Loaded %d tensors from %s into the backbone; dropped the output layer (%s)%s",
+        len(loaded),
+        source,
+        ", ".join(dropped) or "not in the checkpoint",
+        f"; ignored {len(unexpected)} unexpected keys: {', '.join(unexpected[:5])}" if unexpected else "",
+    )
+    return {"loaded": sorted(loaded), "dropped": dropped, "unexpected": unexpected}
+
+
+def _strip_prefixes(key: str) -> str:
+    while key.startswith("module."):  # torch.nn.DataParallel, possibly nested
+        key = key[len("module.") :]
+    return key
+
+
+def _read_checkpoint(path) -> dict[str, Tensor]:
+    from mchad.errors import ConfigError
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"model.pretrained_checkpoint={path} is not a readable PyTorch checkpoint ({reason})") from None
+    # unwrap {"state_dict": {...}}, {"model": {...}}, ... until a dict of tensors remains
+    for _ in range(3):
+        if isinstance(data, dict) and data and all(isinstance(v, Tensor) for v in data.values()):
+            return dict(data)
+        if not isinstance(data, dict):
+            break
+        nested = [data[k] for k in ("state_dict", "model_state_dict", "model", "net", "network") if isinstance(data.get(k), dict)]
+        if not nested:
+            break
+        data = nested[0]
+    raise ConfigError(f"model.pretrained_checkpoint={path} holds no state dict (a dict of tensors, possibly under 'state_dict')")
+
+
+def _registry_state(name: str) -> dict[str, Tensor]:
+    from pytorch_ood.model import get_model_info, load_model
+
+    from mchad.errors import ConfigError
+
+    try:
+        entry = get_model_info(name)
+    except ValueError:
+        raise ConfigError(
+            f"model.pretrained_checkpoint={name} is neither a file nor a pytorch-ood model name "
+            "(e.g. wrn-40-2/imagenet32-nocifar/crossentropy, see pytorch_ood.model.list_models())"
+        ) from None
+    try:
+        return load_model(name).state_dict()
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"could not download the pytorch-ood model {name} ({reason}); download {entry.url} where there is "
+            f"internet and pass the file: ++model.pretrained_checkpoint=/path/to/{entry.url.rsplit('/', 1)[-1]}"
+        ) from None

@@ -11,3 +11,15 @@ class DataNotFoundError(UserError):
 
 class ConfigError(UserError):
     """The composed configuration is inconsistent."""
+
+
+class DataError(UserError):
+    """A dataset is there but cannot be read (e.g. a corrupt image file)."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, unreadable or does not fit the configured model."""
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite."""

@@ -1,65 +1,159 @@
-r"""Loss terms of the hypersphere methods, built on pytorch-ood's components.
+r"""Loss terms of the methods, as functions of a distance matrix (or logits) and the labels.
 
 All distance matrices hold **squared** Euclidean distances ``d_c(x) = ||f(x) - mu_c||^2``
 (as :class:`pytorch_ood.model.ClassCenters` returns them). Labels ``< 0`` mark outliers.
+
+Every term here is computed with masks instead of boolean indexing, ``.any()`` or ``.item()``:
+shapes stay static, so nothing waits for the GPU (no host synchronisation) in the training
+step. pytorch-ood's losses drop outliers with boolean indexing (``drop_unknown``) and branch
+on ``len(target) == 0``, which both synchronise; the functions below compute the same values
+(tests/test_losses.py compares them with the library) and are used instead of the library's
+``forward``. The library still provides the centres (``ClassCenters``, ``RunningCenters``) and
+their initialisation.
 
 Two readings of MCHAD (Kirchheim et al., *Multi-Class Hypersphere Anomaly Detection*, ICPR
 2022, https://ieeexplore.ieee.org/document/9956337) are available:
 
 ``published`` (default; produced the published numbers, = ``pytorch_ood.loss.MCHADLoss``)
     pull  ``max(0, d_y - r)``, mean over the B x C matrix;
-    push  ``sum_i max(0, m^2 - d_i^2)`` summed over outliers, i.e. ``m^2 - ||f(x)-mu_i||^4``.
+    push  ``sum_i max(0, m^2 - d_i^2)`` summed over outliers, i.e. ``m^2 - ||f(x)-mu_i||^4``
+    (= ``pytorch_ood.loss.mchad.CenterRegularizationLoss``).
 ``paper`` (the equations as printed; ``r`` and ``m`` are Euclidean lengths)
     pull  ``max(0, d_y - r^2)``, mean over the B x C matrix;
     push  ``sum_i max(0, (r + m)^2 - d_i)`` summed over outliers.
 
 The separation term is the same in both: ``CE(-d, y) = log(1 + sum_{i!=y} exp(d_y - d_i))``.
+The push term is shared by G-MCHAD, G-Center and G-CAC (:class:`OutlierPush`).
 """
 
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pytorch_ood.loss import CenterLoss
-from pytorch_ood.loss.crossentropy import cross_entropy
-from pytorch_ood.loss.mchad import CenterRegularizationLoss
-from pytorch_ood.utils import is_known, is_unknown
 from torch import Tensor, nn
 
 Semantics = Literal["published", "paper"]
 SEMANTICS = ("published", "paper")
 
 
+# --- masks -------------------------------------------------------------------------------
+def class_mask(target: Tensor, n_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``B x C`` one-hot of the labels; rows of outliers (label < 0) are all zero.
+
+    A comparison with ``arange`` instead of ``F.one_hot``, which checks the label range on
+    the host."""
+    classes = torch.arange(n_classes, device=target.device)
+    return (target.unsqueeze(1) == classes).to(dtype)
+
+
+def known_mask(target: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return (target >= 0).to(dtype)
+
+
+def outlier_mask(target: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return (target < 0).to(dtype)
+
+
+def _mean_over_known(values: Tensor, target: Tensor) -> Tensor:
+    """Mean of per-sample ``values`` (already zero for outliers) over the known samples; 0
+    (with gradient) when there are none."""
+    return values.sum() / known_mask(target, values.dtype).sum().clamp(min=1)
+
+
+# --- terms -------------------------------------------------------------------------------
+def center_pull(distances: Tensor, target: Tensor, radius: float = 0.0) -> Tensor:
+    """``max(0, d_y - r)``, averaged over the known rows of the B x C matrix (non-target
+    entries count as zero), as ``pytorch_ood.loss.CenterLoss.forward`` (including its clamp
+    of every entry to ``[1e-12, 1e12]``)."""
+    n_classes = distances.shape[1]
+    target_entries = class_mask(target, n_classes, distances.dtype)
+    entries = ((distances - radius).relu() * target_entries).clamp(min=1e-12, max=1e12)
+    known = known_mask(target, distances.dtype)
+    return (entries * known.unsqueeze(1)).sum() / (known.sum() * n_classes).clamp(min=1)
+
+
+def cross_entropy_known(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy averaged over the known samples (= ``pytorch_ood...cross_entropy``)."""
+    masked = torch.where(target >= 0, target, torch.full_like(target, -100))
+    per_sample = F.cross_entropy(logits, masked, ignore_index=-100, reduction="none")
+    return _mean_over_known(per_sample, target)
+
+
 def softmin_nll(distances: Tensor, target: Tensor) -> Tensor:
-    """``CE(-d, y)`` averaged over known samples; 0 (with gradient) if there are none."""
-    known = is_known(target)
-    if not known.any():
-        return distances.sum() * 0.0
-    return cross_entropy(-distances[known], target[known])
+    """``CE(-d, y) = log(1 + sum_{i!=y} exp(d_y - d_i))`` averaged over the known samples."""
+    return cross_entropy_known(-distances, target)
 
 
-class HypersphereMarginLoss(nn.Module):
-    r"""Push term of the ``paper`` reading: ``sum_i max(0, (r + m)^2 - d_i)`` over outliers.
+def anchor_pull(distances: Tensor, target: Tensor) -> Tensor:
+    """CAC's anchor term: ``d_y`` averaged over the known samples."""
+    d_true = (distances * class_mask(target, distances.shape[1], distances.dtype)).sum(dim=1)
+    return _mean_over_known(d_true, target)
 
-    pytorch-ood's :class:`~pytorch_ood.loss.mchad.CenterRegularizationLoss` implements the
-    ``published`` reading (``m^2 - d^2`` on squared distances); this is the printed equation.
+
+def tuplet(distances: Tensor, target: Tensor) -> Tensor:
+    """CAC's tuplet term ``log(1 + sum_{i!=y} exp(d_y - d_i))`` over the known samples, with
+    the exponent clamped at 50 as in the CAC code.
+
+    pytorch-ood 0.4's ``CACLoss`` compares ``d_y`` with classes ``0..C-2`` for every label
+    (it includes ``i = y`` and leaves out class ``C-1`` unless ``y = C-1``); this is the
+    equation of the CAC paper (and of its reference code), equal to the library for
+    ``y = C-1``.
+    """
+    mask = class_mask(target, distances.shape[1], distances.dtype)
+    d_true = (distances * mask).sum(dim=1, keepdim=True)
+    others = (d_true - distances).clamp(max=50).exp() * (1 - mask)
+    per_sample = torch.log(1 + others.sum(dim=1)) * known_mask(target, distances.dtype)
+    return _mean_over_known(per_sample, target)
+
+
+class OutlierPush(nn.Module):
+    r"""The push regulariser ``L_reg`` on outliers (label < 0), summed over the batch.
+
+    ``published``: ``sum_i max(0, m^2 - d_i^2)`` (= pytorch-ood's ``CenterRegularizationLoss``
+    with ``reduction="sum"``); ``paper``: ``sum_i max(0, (r + m)^2 - d_i)``. Zero for a batch
+    without outliers.
     """
 
-    def __init__(self, radius: float, margin: float):
+    def __init__(self, margin: float, radius: float = 0.0, semantics: Semantics = "published"):
         super().__init__()
-        self.radius = radius
-        self.margin = margin
+        if semantics not in SEMANTICS:
+            raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
+        self.margin = float(margin)
+        self.radius = float(radius)
+        self.semantics = semantics
 
     def forward(self, distances: Tensor, target: Tensor) -> Tensor:
-        outlier = is_unknown(target).unsqueeze(1)
-        hinge = ((self.radius + self.margin) ** 2 - distances).relu()
-        # masking instead of boolean indexing keeps the shape static (no host sync)
-        return (hinge * outlier).sum()
+        if self.semantics == "published":
+            hinge = (self.margin**2 - distances.pow(2)).relu()
+        else:
+            hinge = ((self.radius + self.margin) ** 2 - distances).relu()
+        # a mask multiply instead of distances[unknown]: static shapes, no host sync
+        return (hinge * outlier_mask(target, distances.dtype).unsqueeze(1)).sum()
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, radius={self.radius}, semantics={self.semantics}"
+
+
+class HypersphereMarginLoss(OutlierPush):
+    """The push term of the ``paper`` reading (kept for imports of earlier versions)."""
+
+    def __init__(self, radius: float, margin: float):
+        super().__init__(margin=margin, radius=radius, semantics="paper")
+
+
+def pull_radius(radius: float, semantics: Semantics) -> float:
+    """The ``r`` subtracted from squared distances in the pull term of each reading."""
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
+    return float(radius) if semantics == "published" else float(radius) ** 2
 
 
 class MCHADTerms(nn.Module):
     """The three unweighted MCHAD terms; owns the learnable class centres.
 
-    Returns ``{"center": L_center, "nll": L_nll, "oe": L_reg}`` for a distance matrix.
+    Returns ``{"center": L_center, "nll": L_nll, "oe": L_reg}`` for a distance matrix; the
+    weighted sum equals ``pytorch_ood.loss.MCHADLoss`` (``published``).
     """
 
     def __init__(
@@ -71,19 +165,14 @@ class MCHADTerms(nn.Module):
         semantics: Semantics = "published",
     ):
         super().__init__()
-        if semantics not in SEMANTICS:
-            raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
         self.semantics = semantics
         self.radius = float(radius)
         self.margin = float(margin)
-        pull_radius = self.radius if semantics == "published" else self.radius**2
+        self.pull_radius = pull_radius(radius, semantics)
         # CenterLoss owns the ClassCenters (random normal init, learnable), so the centres are
         # parameters of whatever module holds this one: optimised, moved and checkpointed with it.
-        self.center = CenterLoss(n_classes=n_classes, n_dim=n_embedding, radius=pull_radius)
-        if semantics == "published":
-            self.push: nn.Module = CenterRegularizationLoss(margin=self.margin, reduction="sum")
-        else:
-            self.push = HypersphereMarginLoss(self.radius, self.margin)
+        self.center = CenterLoss(n_classes=n_classes, n_dim=n_embedding, radius=self.pull_radius)
+        self.push = OutlierPush(margin, radius, semantics)
 
     @property
     def centers(self) -> Tensor:
@@ -93,10 +182,35 @@ class MCHADTerms(nn.Module):
         return self.center.distance(z)
 
     def forward(self, distances: Tensor, target: Tensor) -> dict[str, Tensor]:
-        known = is_known(target)
         return {
-            # CenterLoss warns on every call that sees outliers, so it only gets the known rows
-            "center": self.center(distances[known], target[known]),
+            "center": center_pull(distances, target, self.pull_radius),
             "nll": softmin_nll(distances, target),
             "oe": self.push(distances, target),
         }
+
+
+# --- II (Hassen & Chan) ------------------------------------------------------------------
+def batch_class_means(z: Tensor, target: Tensor, n_classes: int) -> tuple[Tensor, Tensor]:
+    """Per-class means of the known embeddings (rows of absent classes are 0) and a ``C``
+    mask of the classes present in the batch."""
+    mask = class_mask(target, n_classes, z.dtype)
+    counts = mask.sum(dim=0)
+    means = (mask.t() @ z) / counts.clamp(min=1).unsqueeze(1)
+    return means, (counts > 0).to(z.dtype)
+
+
+def ii_terms(z: Tensor, target: Tensor, centers: Tensor, present: Tensor) -> dict[str, Tensor]:
+    """The two ii-loss terms for embeddings ``z`` and class centres ``centers`` (C x D):
+
+    ``spread``: mean over known samples of ``||z - mu_y||^2``;
+    ``separation``: ``min_{j != k} ||mu_j - mu_k||^2`` over the classes marked in ``present``
+    (1e24 when fewer than two are present, as pytorch-ood's ``IILoss``).
+    """
+    n_classes = centers.shape[0]
+    mask = class_mask(target, n_classes, z.dtype)
+    own_center = mask @ centers  # zero rows for outliers
+    spread = _mean_over_known(((z - own_center).pow(2).sum(dim=1)) * known_mask(target, z.dtype), target)
+    diff = centers.unsqueeze(0) - centers.unsqueeze(1)
+    pair = present.unsqueeze(0) * present.unsqueeze(1) * (1 - torch.eye(n_classes, device=z.device, dtype=z.dtype))
+    separation = torch.where(pair > 0, diff.pow(2).sum(dim=2), torch.full_like(pair, 1e24)).min()
+    return {"spread": spread, "separation": separation}

@@ -5,23 +5,48 @@ model: optimised, moved to the model's device and saved in checkpoints with it. 
 LightningModule (:class:`mchad.module.OODModel`) drives all of them through this interface:
 
 - ``forward(z) -> dict`` of tensors computed once per batch (e.g. ``distances``, ``logits``);
-- ``loss(out, y) -> dict`` with the weighted total under ``"loss"`` and the unweighted terms;
+- ``loss(out, y) -> dict`` with the weighted total under ``"loss"`` and the unweighted terms
+  (labels ``< 0`` are outliers; terms that do not use them ignore them);
 - ``predict(out) -> Tensor`` of class indices;
-- ``scores(out) -> dict`` of outlier scores, **larger = more anomalous**.
+- ``scores(out) -> dict`` of outlier scores, **larger = more anomalous**; ``score_names``
+  lists them, the headline score first (results.csv holds one row per test case and score);
+- ``on_train_epoch_start()`` for per-epoch state (II's running centres).
 
-Adding a method means writing such a class and a config in ``config/model/``.
+Scores: ``distance`` = ``min_c d_c`` (squared distance to the nearest centre, the paper's
+score for every centre-based model); ``msp`` = ``-max_c softmax(logits)_c`` with the logits
+of a linear head, or ``-d`` for methods without one; ``cac`` = CAC's rejection score.
+
+The G-variants (G-MCHAD, G-Center, G-CAC) are the same classes with ``weight_oe > 0`` and an
+outlier source in the datamodule: the push regulariser (:class:`mchad.losses.OutlierPush`)
+acts on the outliers of each batch. Adding a method means writing such a class and a config
+in ``config/model/``.
 """
 
-from pytorch_ood.loss.crossentropy import cross_entropy
+import torch
+from pytorch_ood.loss import CACLoss, CenterLoss
+from pytorch_ood.model.centers import ClassCenters, RunningCenters
+from pytorch_ood.utils import pairwise_distances
 from torch import Tensor, nn
 
-from mchad.losses import MCHADTerms, Semantics
+from mchad import losses
+from mchad.losses import Semantics
 
 
 def check_non_negative(**values: float) -> None:
     for name, value in values.items():
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def msp(logits: Tensor) -> Tensor:
+    """Maximum softmax probability, negated (larger = more anomalous)."""
+    return -logits.softmax(dim=1).max(dim=1).values
+
+
+def weighted(terms: dict[str, Tensor], weights: dict[str, float]) -> dict[str, Tensor]:
+    """``terms`` plus their weighted sum under ``"loss"``."""
+    terms["loss"] = sum(weights[name] * value for name, value in terms.items())
+    return terms
 
 
 class Method(nn.Module):
@@ -43,15 +68,41 @@ class Method(nn.Module):
         """Hook for per-epoch state (e.g. running centres)."""
 
 
-class MCHAD(Method):
+class CenterMethod(Method):
+    """Shared part of the centre-based methods: class centres ``mu`` (a pytorch-ood
+    ``ClassCenters``), squared distances, nearest-centre prediction, the ``distance`` and
+    ``msp`` scores, and the push regulariser on outliers (G-variants)."""
+
+    score_names = ("distance", "msp")
+
+    def __init__(self, centers: ClassCenters, margin: float = 0.0, radius: float = 0.0, semantics: Semantics = "published"):
+        super().__init__()
+        self.class_centers = centers
+        self.push = losses.OutlierPush(margin, radius, semantics)
+
+    @property
+    def centers(self) -> Tensor:
+        """The ``C x D`` class centres."""
+        return self.class_centers.params
+
+    def forward(self, z: Tensor) -> dict[str, Tensor]:
+        return {"embedding": z, "distances": self.class_centers(z)}
+
+    def predict(self, out: dict[str, Tensor]) -> Tensor:
+        return out["distances"].argmin(dim=1)
+
+    def scores(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
+        d = out["distances"]
+        return {"distance": d.min(dim=1).values, "msp": msp(-d)}
+
+
+class MCHAD(CenterMethod):
     """Multi-Class Hypersphere Anomaly Detection (G-MCHAD with ``weight_oe > 0`` and outliers).
 
     ``loss = weight_center * L_center + weight_ce * L_nll + weight_oe * L_reg`` on squared
     distances to learnable centres; prediction ``argmin_c d_c``, score ``min_c d_c``.
     See :mod:`mchad.losses` for the two ``semantics`` of the terms.
     """
-
-    score_names = ("distance",)
 
     def __init__(
         self,
@@ -64,30 +115,172 @@ class MCHAD(Method):
         weight_oe: float = 0.0,
         semantics: Semantics = "published",
     ):
-        super().__init__()
         check_non_negative(
             radius=radius, margin=margin, weight_center=weight_center, weight_ce=weight_ce, weight_oe=weight_oe
         )
-        self.terms = MCHADTerms(n_classes, n_embedding, radius, margin, semantics)
+        pull = losses.pull_radius(radius, semantics)  # also validates semantics
+        # pytorch-ood's CenterLoss initialises the centres (standard normal; identity if C == D)
+        super().__init__(CenterLoss(n_classes, n_embedding).centers, margin, radius, semantics)
+        self.pull_radius = pull
         self.weights = {"center": weight_center, "nll": weight_ce, "oe": weight_oe}
+
+    def loss(self, out: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
+        d = out["distances"]
+        terms = {
+            "center": losses.center_pull(d, target, self.pull_radius),
+            "nll": losses.softmin_nll(d, target),
+            "oe": self.push(d, target),
+        }
+        return weighted(terms, self.weights)
+
+
+class Center(CenterMethod):
+    """Center loss (Wen et al. 2016): a linear classifier on the embedding trained with
+    ``weight_ce * CE(logits) + weight_center * L_center`` (+ ``weight_oe * L_reg`` for
+    G-Center). Prediction by the classifier; scores ``distance`` (headline) and ``msp``
+    of the classifier's logits."""
+
+    def __init__(
+        self,
+        n_classes: int,
+        n_embedding: int,
+        margin: float = 0.0,
+        weight_center: float = 0.5,
+        weight_ce: float = 1.0,
+        weight_oe: float = 0.0,
+        semantics: Semantics = "published",
+    ):
+        check_non_negative(margin=margin, weight_center=weight_center, weight_ce=weight_ce, weight_oe=weight_oe)
+        super().__init__(CenterLoss(n_classes, n_embedding).centers, margin, 0.0, semantics)
+        self.head = nn.Linear(n_embedding, n_classes)
+        self.weights = {"center": weight_center, "nll": weight_ce, "oe": weight_oe}
+
+    def forward(self, z: Tensor) -> dict[str, Tensor]:
+        return {**super().forward(z), "logits": self.head(z)}
+
+    def loss(self, out: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
+        d = out["distances"]
+        terms = {
+            "center": losses.center_pull(d, target),
+            "nll": losses.cross_entropy_known(out["logits"], target),
+            "oe": self.push(d, target),
+        }
+        return weighted(terms, self.weights)
+
+    def predict(self, out: dict[str, Tensor]) -> Tensor:
+        return out["logits"].argmax(dim=1)
+
+    def scores(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"distance": out["distances"].min(dim=1).values, "msp": msp(out["logits"])}
+
+
+class CAC(CenterMethod):
+    """Class Anchor Clustering (Miller et al. 2021): fixed anchors ``magnitude * e_c`` in an
+    embedding of dimension ``C``; ``weight_center * anchor + weight_ce * tuplet``
+    (+ ``weight_oe * L_reg`` for G-CAC).
+
+    Scores: ``distance`` (headline, as in the paper's table), ``cac`` = CAC's rejection score
+    ``min_c gamma_c`` with ``gamma = d * (1 - softmin(d))`` (the CAC paper and its code;
+    larger = more anomalous), and ``msp`` of ``-d``.
+
+    pytorch-ood 0.4's ``CACLoss.score`` returns ``-max_c gamma_c``: negated *and* a maximum,
+    which ranks far-away inputs as the most normal ones, so it is not used.
+    """
+
+    score_names = ("distance", "cac", "msp")
+
+    def __init__(
+        self,
+        n_classes: int,
+        n_embedding: int,
+        magnitude: float = 1.0,
+        margin: float = 0.0,
+        weight_center: float = 1.0,
+        weight_ce: float = 1.0,
+        weight_oe: float = 0.0,
+        semantics: Semantics = "published",
+    ):
+        if n_embedding != n_classes:
+            raise ValueError(f"CAC needs n_embedding = n_classes = {n_classes}, got n_embedding={n_embedding}")
+        check_non_negative(magnitude=magnitude, margin=margin, weight_center=weight_center, weight_ce=weight_ce, weight_oe=weight_oe)
+        # pytorch-ood's CACLoss creates the fixed anchors (not learnable)
+        super().__init__(CACLoss(n_classes, magnitude=magnitude).centers, margin, 0.0, semantics)
+        self.weights = {"anchor": weight_center, "tuplet": weight_ce, "oe": weight_oe}
+
+    def loss(self, out: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
+        d = out["distances"]
+        terms = {
+            "anchor": losses.anchor_pull(d, target),
+            "tuplet": losses.tuplet(d, target),
+            "oe": self.push(d, target),
+        }
+        return weighted(terms, self.weights)
+
+    @staticmethod
+    def rejection_score(distances: Tensor) -> Tensor:
+        """``min_c d_c (1 - softmin(d)_c)`` — larger = more anomalous."""
+        return (distances * (1 - (-distances).softmax(dim=1))).min(dim=1).values
+
+    def scores(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {**super().scores(out), "cac": self.rejection_score(out["distances"])}
+
+
+class II(Method):
+    """ii-loss (Hassen & Chan 2018): ``spread - weight_sep * separation`` on a batch-normalised
+    embedding; the centres are running means of the batch class means (pytorch-ood's
+    ``RunningCenters``), reset at the start of every training epoch. In training, the terms
+    use the batch's class means (and update the running centres); in evaluation, the running
+    centres. Prediction and ``distance``/``msp`` scores use the running centres.
+    """
+
+    score_names = ("distance", "msp")
+
+    def __init__(self, n_classes: int, n_embedding: int, weight_sep: float = 100.0):
+        super().__init__()
+        check_non_negative(weight_sep=weight_sep)
+        self.n_classes = n_classes
+        self.weight_sep = weight_sep
+        self.norm = nn.BatchNorm1d(n_embedding)
+        self.running = RunningCenters(n_classes, n_embedding)
 
     @property
     def centers(self) -> Tensor:
-        return self.terms.centers
+        return self.running.centers
+
+    def on_train_epoch_start(self) -> None:
+        self.running.reset()
 
     def forward(self, z: Tensor) -> dict[str, Tensor]:
-        return {"embedding": z, "distances": self.terms.distance(z)}
+        e = self.norm(z)
+        return {"embedding": e, "distances": pairwise_distances(e, self.running.centers)}
+
+    @torch.no_grad()
+    def _update(self, means: Tensor, present: Tensor) -> None:
+        """``RunningCenters.update`` without indexing by ``unique()`` (no host sync): the
+        classes present in the batch move to the cumulative mean of their batch means."""
+        running, n = self.running.running_centers, self.running.num_batches_tracked
+        updated = (means + running * n) / (n + 1)
+        running.copy_(torch.where(present.unsqueeze(1) > 0, updated, running))
+        n += 1
 
     def loss(self, out: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
-        terms = self.terms(out["distances"], target)
-        terms["loss"] = sum(self.weights[name] * value for name, value in terms.items())
+        e = out["embedding"]
+        means, present = losses.batch_class_means(e, target, self.n_classes)
+        if self.training:
+            self._update(means.detach(), present)
+            centers = means
+        else:
+            centers = self.running.centers
+        terms = losses.ii_terms(e, target, centers, present)
+        terms["loss"] = terms["spread"] - self.weight_sep * terms["separation"]
         return terms
 
     def predict(self, out: dict[str, Tensor]) -> Tensor:
         return out["distances"].argmin(dim=1)
 
     def scores(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"distance": out["distances"].min(dim=1).values}
+        d = out["distances"]
+        return {"distance": d.min(dim=1).values, "msp": msp(-d)}
 
 
 class Softmax(Method):
@@ -106,11 +299,11 @@ class Softmax(Method):
         return {"embedding": z, "logits": self.head(z)}
 
     def loss(self, out: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
-        nll = cross_entropy(out["logits"], target)
+        nll = losses.cross_entropy_known(out["logits"], target)
         return {"nll": nll, "loss": nll}
 
     def predict(self, out: dict[str, Tensor]) -> Tensor:
         return out["logits"].argmax(dim=1)
 
     def scores(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"msp": -out["logits"].softmax(dim=1).max(dim=1).values}
+        return {"msp": msp(out["logits"])}

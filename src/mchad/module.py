@@ -49,7 +49,14 @@ class OODModel(pl.LightningModule):
         self._test_outputs: dict[int, dict[str, list[Tensor]]] = {}
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return self.method(self.backbone(x))
+        z = self.backbone(x)
+        # distances, losses and scores in float32, also under mixed precision (bf16-mixed)
+        with torch.autocast(z.device.type, enabled=False):
+            return self.method(z.float())
+
+    def _loss(self, out: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
+        with torch.autocast(labels.device.type, enabled=False):
+            return self.method.loss(out, labels)
 
     # --- training -------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
@@ -58,7 +65,7 @@ class OODModel(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, labels = batch
         out = self(images)
-        terms = self.method.loss(out, labels)
+        terms = self._loss(out, labels)
         known = labels >= 0
         correct = ((self.method.predict(out) == labels) & known).sum()
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=True, on_epoch=True)
@@ -68,7 +75,7 @@ class OODModel(pl.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         images, labels = batch
         out = self(images)
-        terms = self.method.loss(out, labels)
+        terms = self._loss(out, labels)
         acc = (self.method.predict(out) == labels).float().mean()
         self.log_dict({f"val/{k}": v for k, v in terms.items()})
         self.log("val/acc", acc, prog_bar=True)

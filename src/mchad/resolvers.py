@@ -3,10 +3,16 @@
 ``run_id`` makes run folders unique even for runs started in the same second (Hydra's
 ``${now:...}`` alone collides): it is fixed per process, so every resolution of the run
 folder within one process agrees.
+
+Multirun trials in Ray workers resolve the sweep folder again, in another process (maybe on
+another machine): the Ray launcher (config/hydra/launcher/ray.yaml) passes the driver's
+values as ``MCHAD_RUN_ID`` and ``MCHAD_ROOT`` to the workers, which these resolvers prefer,
+so every trial writes below the driver's ``<sweep dir>/<job num>/``.
 """
 
 import os
 import secrets
+import warnings
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -19,11 +25,46 @@ def project_root() -> str:
     return os.environ.get("MCHAD_ROOT") or str(Path.cwd())
 
 
+def run_id() -> str:
+    """This process's id, or the sweep driver's (``MCHAD_RUN_ID``) inside its Ray workers."""
+    return os.environ.get("MCHAD_RUN_ID") or _RUN_ID
+
+
+def locate_resume(resume: str | Path) -> tuple[Path, Path]:
+    """``(run folder, checkpoint)`` of ``resume=``: a run folder (its ``checkpoints/last.ckpt``)
+    or a checkpoint file inside one (``<run>/checkpoints/<name>.ckpt``). A relative path is
+    taken from the working directory, else from the project root."""
+    path = Path(resume).expanduser()
+    if not path.is_absolute() and not path.exists() and (Path(project_root()) / path).exists():
+        path = Path(project_root()) / path
+    path = path.resolve()
+    if path.is_file():
+        folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return folder, path
+    return path, path / "checkpoints" / "last.ckpt"
+
+
+def run_dir(resume: str | None, new: str) -> str:
+    """``hydra.run.dir``: the folder of the run being resumed (``resume=``), else ``new``.
+
+    A ``resume`` that is not a run folder yields ``new``; ``mchad.train`` then says why.
+    """
+    if resume is None:
+        return new
+    folder, _ = locate_resume(resume)
+    return str(folder) if (folder / "config.yaml").is_file() else new
+
+
 def register() -> None:
-    OmegaConf.register_new_resolver("run_id", lambda: _RUN_ID, replace=True)
+    OmegaConf.register_new_resolver("run_dir", run_dir, replace=True)
+    OmegaConf.register_new_resolver("run_id", run_id, replace=True)
     OmegaConf.register_new_resolver("project_root", project_root, replace=True)
     # e.g. the backbone's input channels from the datamodule's normalisation: ${len:${datamodule.mean}}
     OmegaConf.register_new_resolver("len", lambda value: len(value), replace=True)
 
 
 register()
+
+# config/hydra/launcher/ray.yaml shares its name with hydra-ray-launcher's schema, which
+# Hydra then validates it against (as intended) with a deprecation warning on every run.
+warnings.filterwarnings("ignore", message=r"(?s).*hydra/launcher/ray.* is validated against ConfigStore schema")

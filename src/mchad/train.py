@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
-from mchad.backbones import output_width
+from mchad.backbones import load_pretrained, output_width
 from mchad.errors import ConfigError, UserError
 from mchad.module import METRIC_KEYS, OODModel
 
@@ -33,16 +35,39 @@ def trainer_kwargs(trainer_cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def _instantiate(node: DictConfig, what: str, **kwargs):
+    """``instantiate``, with a failing constructor reported as one line naming the config node."""
+    try:
+        return instantiate(node, **kwargs)
+    except UserError:
+        raise
+    except Exception as error:
+        cause = error
+        while cause.__cause__ is not None and isinstance(cause, InstantiationException):
+            cause = cause.__cause__
+        if isinstance(cause, UserError):
+            raise cause from error
+        lines = str(cause).strip().splitlines()
+        raise ConfigError(f"{what}: {lines[0] if lines else type(cause).__name__}") from error
+
+
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, OODModel]:
     """Instantiate and set up the datamodule, then the model that fits its data."""
-    datamodule = instantiate(cfg.datamodule)
+    if (cfg.model.get("weight_oe") or 0) > 0 and cfg.datamodule.get("outliers") is None:
+        raise ConfigError(
+            f"model.weight_oe={cfg.model.weight_oe} needs outliers: add datamodule/outliers=tinyimages "
+            "(or photos on the quick-start, or imagefolder datamodule.outliers.root=/path), or set model.weight_oe=0"
+        )
+    datamodule = _instantiate(cfg.datamodule, "datamodule")
     datamodule.setup("fit")
-    backbone = instantiate(cfg.model.backbone)
+    backbone = _instantiate(cfg.model.backbone, "model.backbone")
     width = output_width(backbone, datamodule.image_shape)
     if width != cfg.model.n_embedding:
         raise ConfigError(
             f"the backbone outputs {width} values but model.n_embedding={cfg.model.n_embedding}"
         )
+    if cfg.model.get("pretrained_checkpoint"):
+        load_pretrained(backbone, str(cfg.model.pretrained_checkpoint))
     try:
         method = instantiate(cfg.model.method)
     except Exception as error:  # e.g. a negative weight: instantiate wraps the ValueError
@@ -55,44 +80,171 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, OODModel]:
         scheduler=instantiate(cfg.model.scheduler) if cfg.model.get("scheduler") else None,
         test_case_names=datamodule.test_case_names,
     )
+    apply_performance_options(cfg, datamodule, model)
     return datamodule, model
+
+
+def _on_gpu(cfg: DictConfig) -> bool:
+    """Whether the trainer as configured runs on a CUDA GPU."""
+    import torch
+
+    trainer = cfg.get("trainer") or {}
+    if trainer.get("gpus") == 0 or str(trainer.get("accelerator", "auto")) not in ("auto", "gpu", "cuda"):
+        return False
+    return torch.cuda.is_available()
+
+
+def apply_performance_options(cfg: DictConfig, datamodule, model: OODModel) -> None:
+    """``model.channels_last`` (true, false, auto = on a GPU): the convolutions and the batches
+    in channels-last memory format (faster with bf16/fp16 on tensor cores);
+    ``model.compile`` (false, true or a ``torch.compile`` mode such as ``max-autotune``): the
+    backbone compiled in place, so checkpoints keep their parameter names.
+    The precision is Lightning's: ``trainer.precision=bf16-mixed`` (methods compute in float32).
+    """
+    import torch
+
+    channels_last = cfg.model.get("channels_last", False)
+    if channels_last == "auto":
+        channels_last = _on_gpu(cfg)
+    elif not isinstance(channels_last, bool):
+        raise ConfigError(f"model.channels_last must be true, false or auto, got {channels_last!r}")
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        datamodule.transform.channels_last = True
+    compile_mode = cfg.model.get("compile", False)
+    if compile_mode:
+        model.backbone.compile(**({} if compile_mode is True else {"mode": str(compile_mode)}))
 
 
 def write_results(rows: list[dict], path: Path) -> None:
     """Write results.csv atomically: a reader sees the whole file or none."""
     frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    try:
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _command_overrides() -> list[str]:
+    """The overrides of the command line (``python run.py <overrides>``), [] outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _save_config(cfg: DictConfig, path: Path) -> None:
+    try:
+        OmegaConf.save(cfg, path, resolve=True)
+    except OmegaConfBaseException as error:  # e.g. a mandatory value (???) left unset
+        raise ConfigError(str(error).strip().splitlines()[0]) from error
+
+
+def _remove_stale_results(output_dir: Path) -> Path:
+    """Remove a previous results.csv from the run folder: a run that fails must leave none."""
+    path = output_dir / "results.csv"
+    if path.exists():
+        log.warning("Removing the previous %s (it is written again when this run ends)", path)
+        path.unlink()
+    return path
 
 
 def run(cfg: DictConfig) -> Path:
-    """Train and test as configured; returns the path of results.csv."""
+    """Train and test as configured; returns the path of results.csv.
+
+    - ``resume=<run folder|checkpoint>``: continue that run in its folder with its saved
+      configuration (plus this command's value overrides) and its random states;
+    - ``train=false ckpt_path=<run folder|checkpoint>``: only test that model;
+    - ``ckpt_path=...`` with training: start from that checkpoint's full training state.
+
+    A stale results.csv in the run folder is removed first, so a run that fails leaves none.
+    """
+    from mchad.robust import (
+        NonFiniteLossGuard,
+        RNGState,
+        check_fits,
+        checkpoint_file,
+        keep_csv_history,
+        load_checkpoint,
+        resume_config,
+    )
+
+    ckpt_file: Path | None = None
+    resuming = bool(cfg.get("resume"))
+    if resuming:
+        if not cfg.get("train", True):
+            raise ConfigError("resume= continues training; to only test a run use train=false ckpt_path=<run folder>")
+        cfg, ckpt_file = resume_config(cfg, _command_overrides())
+        log.info("Resuming %s from %s", cfg.paths.output_dir, ckpt_file)
+    else:
+        _remove_stale_results(Path(cfg.paths.output_dir))
+        if cfg.get("ckpt_path"):
+            ckpt_file = checkpoint_file(cfg.ckpt_path)
+    training = bool(cfg.get("train", True))
+    if not training and ckpt_file is None:
+        raise ConfigError("train=false only tests a trained model: give it with ckpt_path=<run folder or .ckpt file>")
+
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    path = output_dir / "results.csv"
+    if not resuming:  # a resumed run's folder changes only once its checkpoint is known to fit
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _save_config(cfg, output_dir / "config.yaml")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    checkpoint = load_checkpoint(ckpt_file) if ckpt_file is not None else None
     datamodule, model = build(cfg)
-    loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
-    trainer: pl.Trainer = instantiate(trainer_kwargs(cfg.trainer), logger=loggers, callbacks=callbacks)
+    if checkpoint is not None:
+        check_fits(model, checkpoint, ckpt_file)
+    if resuming:
+        _remove_stale_results(output_dir)
+        _save_config(cfg, output_dir / "config.yaml")
+    loggers = [_instantiate(c, "logger") for c in cfg.get("logger", {}).values()]
+    callbacks = [_instantiate(c, "callbacks") for c in cfg.get("callbacks", {}).values()]
+    callbacks += [RNGState(), NonFiniteLossGuard()]
+    if training and checkpoint is not None:
+        keep_csv_history(loggers, int(checkpoint.get("global_step", 0)))
+    trainer: pl.Trainer = _instantiate(trainer_kwargs(cfg.trainer), "trainer", logger=loggers, callbacks=callbacks)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if training:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt_file is None else str(ckpt_file))
+    else:
+        model.load_state_dict(checkpoint["state_dict"])
+        log.info("Testing %s (no training)", ckpt_file)
+    del checkpoint
     trainer.test(model, datamodule=datamodule, verbose=False)
 
     rows = [
         {"experiment": cfg.name, "id_dataset": datamodule.name, "method": cfg.model.name, "seed": cfg.seed, **row}
         for row in model.test_results
     ]
-    path = output_dir / "results.csv"
     write_results(rows, path)
     log.info("Results: %s\n%s", path, pd.DataFrame(rows, columns=RESULT_COLUMNS).to_string(index=False))
     return path
 
 
-def main(cfg: DictConfig) -> None:
-    """Hydra task: a user error ends the process with one line and exit status 1."""
+def _multirun_trial() -> DictConfig | None:
+    """The Hydra config of this job when it is one trial of a multirun (``-m``), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+def main(cfg: DictConfig) -> dict | None:
+    """Hydra task: a user error ends the process with one line and exit status 1.
+
+    In a multirun (``-m``, e.g. in a Ray worker) a failing trial writes its cause to
+    ``<trial>/FAILED.txt`` and returns, so the other trials go on (see mchad.sweep).
+    """
+    trial = _multirun_trial()
+    if trial is not None:
+        from mchad.sweep import run_trial
+
+        return run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd)
     try:
         run(cfg)
     except UserError as error:

@@ -30,7 +30,10 @@ class OODDataModule(pl.LightningDataModule):
     - ``root``: the dataset's folder, for configs whose sources interpolate it (image folders).
 
     Images stay uint8 in memory; the batch transform (normalise, and at training time random
-    crop and flip) runs on the training device after the transfer.
+    crop and flip) runs on the training device after the transfer. ``data_on_device``:
+    ``"auto"`` (default) keeps the uint8 sets on the GPU when training on one and they take
+    under half of its free memory, so batches are gathered there (no per-batch transfer);
+    ``true``/``false`` force it either way (never on a CPU run).
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class OODDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         root: str | None = None,
+        data_on_device: bool | str = "auto",
     ):
         super().__init__()
         if not 0 < val_fraction < 1:
@@ -71,6 +75,9 @@ class OODDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.seed = seed
         self.transform = BatchTransform(list(mean), list(std), crop_padding, flip)
+        if data_on_device not in (True, False, "auto"):
+            raise ConfigError(f"datamodule.data_on_device must be true, false or auto, got {data_on_device!r}")
+        self.data_on_device = data_on_device
         self.data: dict[str, ImageArray] = {}
         self.test_cases: dict[str, ImageArray] = {}
         self.outliers: ImageArray | None = None
@@ -127,24 +134,54 @@ class OODDataModule(pl.LightningDataModule):
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
+    def _device(self) -> torch.device | None:
+        """Where loaders gather batches: the trainer's GPU if the data go there, else None (host)."""
+        if self.trainer is None or self.data_on_device is False:
+            return None
+        device = self.trainer.strategy.root_device
+        if device.type != "cuda":
+            return None
+        if self.data_on_device == "auto":
+            arrays = [*self.data.values(), *self.test_cases.values()]
+            if self.outliers is not None:
+                arrays.append(self.outliers)
+            needed = sum(a.images.nbytes + a.labels.nbytes for a in arrays)
+            free, _ = torch.cuda.mem_get_info(device)
+            if needed > free // 2:
+                return None
+        return device
+
     def train_dataloader(self):
         inliers = TensorBatchLoader(
-            self.data["train"], self.batch_size, shuffle=True, drop_last=True, seed=self.seed, epoch=self._epoch
+            self.data["train"],
+            self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            seed=self.seed,
+            epoch=self._epoch,
+            device=self._device(),
         )
         if self.outliers is None:
             return inliers
         outliers = TensorBatchLoader(
-            self.outliers, self.outlier_batch_size, shuffle=True, drop_last=True, seed=self.seed + 1, epoch=self._epoch
+            self.outliers,
+            self.outlier_batch_size,
+            shuffle=True,
+            drop_last=True,
+            seed=self.seed + 1,
+            epoch=self._epoch,
+            device=self._device(),
         )
         return OutlierExposureLoader(inliers, outliers)
 
     def val_dataloader(self):
-        return TensorBatchLoader(self.data["val"], self.test_batch_size)
+        return TensorBatchLoader(self.data["val"], self.test_batch_size, device=self._device())
 
     def test_dataloader(self):
         """The ID test set first, then every OOD test case (``dataloader_idx`` 1, 2, ...)."""
         sets = [self.data["test"], *self.test_cases.values()]
-        return [TensorBatchLoader(data, self.test_batch_size) for data in sets]
+        device = self._device()
+        return [TensorBatchLoader(data, self.test_batch_size, device=device) for data in sets]
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch

@@ -1,9 +1,19 @@
 """Batch loaders over in-memory uint8 tensors: shuffling by permutation, no worker processes.
 
 They are plain iterables with ``__len__``, which Lightning accepts wherever a DataLoader
-goes; batches are index gathers from one tensor, moved to the device by Lightning and
-augmented there (see :mod:`mchad.data.augment`).
+goes. A batch is one index gather from one tensor:
+
+- with ``device`` set (the datamodule does so on a GPU when the data fit, see
+  ``OODDataModule(data_on_device=...)``), the uint8 images are copied to the device once and
+  gathered there: no host-to-device traffic per batch at all;
+- otherwise they are gathered on the host, on a GPU machine straight into pinned memory,
+  so that Lightning's ``non_blocking`` copy is asynchronous.
+
+The batch transform (normalise, random crop and flip) then runs on the training device (see
+:mod:`mchad.data.augment`). Nothing here synchronises the device with the host.
 """
+
+from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
@@ -13,11 +23,16 @@ from torch import Tensor
 from mchad.data.sources import ImageArray
 
 
+def _seed(*values: int) -> int:
+    """A 63-bit seed from integers, the same in every process (ints hash to themselves)."""
+    return hash(tuple(values)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
 class TensorBatchLoader:
     """Yields ``(images_uint8, labels)`` batches of ``data``.
 
     The order is a permutation seeded by ``(seed, epoch())``, so it is driven by the run's
-    seed and the same after resuming at an epoch boundary.
+    seed and the same after resuming at an epoch boundary; it does not depend on ``device``.
     """
 
     def __init__(
@@ -28,6 +43,8 @@ class TensorBatchLoader:
         drop_last: bool = False,
         seed: int = 0,
         epoch: Callable[[], int] = lambda: 0,
+        device: torch.device | str | None = None,
+        pin_memory: bool | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -37,8 +54,10 @@ class TensorBatchLoader:
         self.drop_last = drop_last
         self.seed = seed
         self.epoch = epoch
+        self.device = torch.device(device) if device is not None else None
         # pinned memory makes the host-to-GPU copy asynchronous
-        self.pin = torch.cuda.is_available()
+        self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._on_device: tuple[Tensor, Tensor] | None = None
 
     def __len__(self) -> int:
         n = len(self.data)
@@ -47,17 +66,32 @@ class TensorBatchLoader:
     def order(self) -> Tensor:
         if not self.shuffle:
             return torch.arange(len(self.data))
-        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch())) & 0x7FFF_FFFF_FFFF_FFFF)
+        generator = torch.Generator().manual_seed(_seed(self.seed, self.epoch()))
         return torch.randperm(len(self.data), generator=generator)
 
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """Images and labels where batches are gathered: on ``device`` (copied once) or the host."""
+        if self.device is None or self.device.type == "cpu":
+            return self.data.images, self.data.labels
+        if self._on_device is None:
+            self._on_device = (
+                self.data.images.to(self.device, non_blocking=True),
+                self.data.labels.to(self.device, non_blocking=True),
+            )
+        return self._on_device
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        order = self.order()
-        for i in range(len(self)):
-            index = order[i * self.batch_size : (i + 1) * self.batch_size]
-            images, labels = self.data.images[index], self.data.labels[index]
-            if self.pin:
-                images, labels = images.pin_memory(), labels.pin_memory()
-            yield images, labels
+        images, labels = self.tensors()
+        order = self.order().to(images.device, non_blocking=True)
+        n, size = len(self), self.batch_size
+        pin = self.pin and images.device.type == "cpu"
+        for i in range(n):
+            index = order[i * size : (i + 1) * size]
+            if pin:  # gather straight into pinned memory: one copy, then an async transfer
+                batch = torch.empty((len(index), *images.shape[1:]), dtype=images.dtype, pin_memory=True)
+                yield torch.index_select(images, 0, index, out=batch), labels[index].pin_memory()
+            else:
+                yield images[index], labels[index]
 
 
 class OutlierExposureLoader:
@@ -70,6 +104,9 @@ class OutlierExposureLoader:
         self.inliers = inliers
         self.outliers = outliers
         self.base_seed = outliers.seed
+        # pinned once after concatenating, not per part
+        self.pin = inliers.pin
+        inliers.pin = outliers.pin = False
 
     def __len__(self) -> int:
         return len(self.inliers)
@@ -78,8 +115,11 @@ class OutlierExposureLoader:
         outlier_batches = self._cycle()
         for images, labels in self.inliers:
             out_images, _ = next(outlier_batches)
-            out_labels = torch.full((len(out_images),), -1, dtype=labels.dtype)
-            yield torch.cat([images, out_images]), torch.cat([labels, out_labels])
+            out_labels = torch.full((len(out_images),), -1, dtype=labels.dtype, device=labels.device)
+            images, labels = torch.cat([images, out_images]), torch.cat([labels, out_labels])
+            if self.pin and images.device.type == "cpu":
+                images, labels = images.pin_memory(), labels.pin_memory()
+            yield images, labels
 
     def _cycle(self) -> Iterator[tuple[Tensor, Tensor]]:
         rounds = 0

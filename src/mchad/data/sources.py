@@ -21,9 +21,14 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mchad.errors import DataNotFoundError
+from mchad.errors import DataError, DataNotFoundError
 
 log = logging.getLogger(__name__)
+
+#: counters for the benchmark's start-up check (python -m mchad.bench): images decoded from
+#: files and uint8 cache files loaded by this process
+DECODED_IMAGES = 0
+CACHE_LOADS = 0
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
@@ -93,7 +98,9 @@ def _cached(dataset_dir: Path, key: str, build) -> ImageArray:
     path = _cache_file(Path(dataset_dir), key)
     if path.exists():
         try:
-            data = torch.load(path, weights_only=True)
+            data = torch.load(path, weights_only=True, mmap=True)
+            global CACHE_LOADS
+            CACHE_LOADS += 1
             return ImageArray(data["images"], data["labels"], data.get("classes"))
         except Exception as error:  # a truncated or foreign cache file is rebuilt, not fatal
             log.warning("Ignoring unreadable cache %s: %s", path, _short(error))
@@ -109,11 +116,14 @@ def _cached(dataset_dir: Path, key: str, build) -> ImageArray:
 
 
 def _decode(path: str, size: int | None, mode: str) -> np.ndarray:
-    with Image.open(path) as image:
-        image = image.convert(mode)
-        if size is not None and image.size != (size, size):
-            image = _resize_center_crop(image, size)
-        return np.asarray(image, dtype=np.uint8)
+    try:
+        with Image.open(path) as image:
+            image = image.convert(mode)
+            if size is not None and image.size != (size, size):
+                image = _resize_center_crop(image, size)
+            return np.asarray(image, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as error:  # PIL: unidentified, truncated, broken files
+        raise DataError(f"cannot read the image {path} ({_short(error)}); remove or replace the file") from error
 
 
 def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -130,6 +140,8 @@ def decode_files(files: list[str], size: int | None, mode: str = "RGB", desc: st
     """Decode image files in parallel threads (PIL releases the GIL) into uint8 N x C x H x W."""
     if not files:
         raise ValueError("no image files to decode")
+    global DECODED_IMAGES
+    DECODED_IMAGES += len(files)
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
         arrays = list(
@@ -370,3 +382,32 @@ class DigitsSource(Source):
         relabel = {c: i for i, c in enumerate(self.classes)}
         labels = np.array([-1 if self.outlier else relabel[t] for t in target[keep]], dtype=np.int64)
         return ImageArray(_to_uint8_nchw(images[keep]), torch.from_numpy(labels), [str(c) for c in self.classes])
+
+
+class PhotoPatchesSource(Source):
+    """Random square patches of the two photos scikit-learn ships (``load_sample_images``:
+    a temple in China and a flower), fixed by ``seed``; all labels -1. Real images that are not
+    digits: the offline outlier-exposure source of the quick-start."""
+
+    def __init__(self, n: int = 10000, size: int = 8, grayscale: bool = True, seed: int = 0, name: str = "PhotoPatches"):
+        if n < 1 or size < 1:
+            raise ValueError(f"n and size must be >= 1, got n={n}, size={size}")
+        self.n, self.size, self.grayscale, self.seed, self.name = n, size, grayscale, seed, name
+
+    def load(self, dataset_dir: str | Path | None = None) -> ImageArray:
+        from sklearn.datasets import load_sample_images
+
+        photos = [Image.fromarray(p) for p in load_sample_images().images]
+        if self.grayscale:
+            photos = [p.convert("L") for p in photos]
+        photos = [np.asarray(p, dtype=np.uint8) for p in photos]
+        rng = np.random.default_rng(self.seed)
+        which = rng.integers(0, len(photos), self.n)
+        patches = []
+        for index in which:
+            photo = photos[index]
+            top = rng.integers(0, photo.shape[0] - self.size + 1)
+            left = rng.integers(0, photo.shape[1] - self.size + 1)
+            patches.append(photo[top : top + self.size, left : left + self.size])
+        images = _to_uint8_nchw(np.stack(patches))
+        return ImageArray(images, torch.full((self.n,), -1, dtype=torch.long))

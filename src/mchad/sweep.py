@@ -1,0 +1,180 @@
+"""Multirun (``python run.py -m ...``) support: trials in Ray workers, failures, the report.
+
+* :func:`run_trial` is what ``mchad.train.main`` runs for each trial of a sweep. It prepares
+  the process (a Ray worker: torch threads = the CPUs Ray gave the trial, the driver's
+  working directory), runs the trial and, when it fails, writes the cause to
+  ``<trial folder>/FAILED.txt`` and returns normally, so that the other trials go on
+  (hydra-ray-launcher's ``ray.get`` would otherwise stop the sweep at the first failure).
+* :class:`SweepReport` (a Hydra callback, see ``config/hydra/default.yaml``) lists the
+  failed and missing trials when the sweep ends (path + cause) and makes the command exit
+  with status 1 if there is any.
+* :func:`worker_setup` runs once in every Ray worker process (``runtime_env``
+  ``worker_process_setup_hook`` in ``config/hydra/launcher/ray.yaml``).
+
+This module is imported by single runs too (the callback): it must not import ray or torch
+at module level.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from mchad.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FAILED_FILE = "FAILED.txt"
+RESULTS_FILE = "results.csv"
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def in_ray_worker() -> bool:
+    """True inside a Ray worker process (never imports ray itself)."""
+    ray = sys.modules.get("ray")
+    if ray is None:
+        return False
+    try:
+        return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    except Exception:  # pragma: no cover - depends on ray internals
+        return False
+
+
+def assigned_cpus() -> int | None:
+    """Number of CPUs Ray reserved for the current task, None outside a Ray task."""
+    if not in_ray_worker():
+        return None
+    import ray
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    return max(1, int(round(cpus))) if cpus else 1
+
+
+def worker_setup() -> None:
+    """Ray ``worker_process_setup_hook``: register the resolvers the configs use and work
+    in the driver's directory (``MCHAD_CWD``), where relative paths of the sweep point."""
+    import mchad.resolvers  # noqa: F401
+
+    cwd = os.environ.get("MCHAD_CWD")
+    if cwd and Path(cwd).is_dir():
+        os.chdir(cwd)
+
+
+def prepare_worker(cwd: str | None) -> None:
+    """In a Ray worker: use the trial's CPU share for torch threads; work in the driver's cwd.
+
+    Ray starts workers in its own folder; relative paths given on the command line
+    (e.g. ``dataset_dir=data``) are meant relative to where the user ran ``run.py``.
+    """
+    threads = assigned_cpus()
+    if threads is None:
+        return
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["MKL_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    if cwd and Path(cwd).is_dir():
+        os.chdir(cwd)
+    log.info("Ray worker on %s: %d torch thread(s), cwd %s", os.uname().nodename, threads, os.getcwd())
+
+
+def run_trial(cfg: DictConfig, output_dir: str | Path, cwd: str | None = None) -> dict[str, Any]:
+    """Run one trial of a sweep; a failure is written to FAILED.txt instead of raised.
+
+    Returns a small picklable summary: ``{"status": "ok"|"failed", "dir": ..., ...}``.
+    """
+    from mchad.train import run  # heavy imports only here
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    failed = output_dir / FAILED_FILE
+    failed.unlink(missing_ok=True)
+    try:
+        prepare_worker(cwd)
+        path = run(cfg)
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - every cause is recorded
+        cause = one_line(error)
+        detail = "" if isinstance(error, UserError) else "\n" + "".join(traceback.format_exception(error))
+        failed.write_text(f"error: {cause}\n{detail}", encoding="utf-8")
+        # a partial results.csv would be counted as a finished trial
+        (output_dir / RESULTS_FILE).unlink(missing_ok=True)
+        log.error("trial failed: %s (%s)", cause, failed)
+        return {"status": "failed", "dir": str(output_dir), "cause": cause}
+    return {"status": "ok", "dir": str(output_dir), "results": str(path)}
+
+
+def one_line(error: BaseException | str) -> str:
+    text = " ".join(str(error).split())
+    if isinstance(error, BaseException):
+        name = type(error).__name__
+        if not isinstance(error, UserError):
+            text = f"{name}: {text}" if text else name
+    return text
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+def failure_cause(trial_dir: Path) -> str:
+    """First line of FAILED.txt without its ``error:`` prefix."""
+    try:
+        first = (trial_dir / FAILED_FILE).read_text(encoding="utf-8").splitlines()[0]
+    except (OSError, IndexError):
+        return "unknown cause"
+    return first.removeprefix("error: ")
+
+
+def sweep_status(sweep_dir: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Trial folders below ``sweep_dir`` (those holding ``.hydra/``): finished and failed.
+
+    A trial without results.csv and without FAILED.txt (a crashed or killed worker) is
+    failed with cause "no results.csv (crashed or still running?)".
+    """
+    sweep_dir = Path(sweep_dir)
+    finished, failed = [], []
+    for hydra_dir in sorted(sweep_dir.rglob(".hydra"), key=_trial_order):
+        trial = hydra_dir.parent
+        if (trial / RESULTS_FILE).is_file():
+            finished.append(trial)
+        elif (trial / FAILED_FILE).is_file():
+            failed.append((trial, failure_cause(trial)))
+        else:
+            failed.append((trial, "no results.csv and no FAILED.txt (worker crashed or killed?)"))
+    return finished, failed
+
+
+def _trial_order(path: Path) -> tuple:
+    parts = path.parent.parts
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
+
+
+class SweepReport(Callback):
+    """Hydra callback: after a multirun, report failed trials (path + cause), exit 1 if any."""
+
+    def __init__(self, fail_exit: bool = True) -> None:
+        self.fail_exit = fail_exit
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        if not sweep_dir.is_dir():
+            return
+        finished, failed = sweep_status(sweep_dir)
+        lines = [f"sweep {sweep_dir}: {len(finished)} trial(s) finished, {len(failed)} failed"]
+        lines += [f"  FAILED {trial}: {cause}" for trial, cause in failed]
+        if failed:
+            lines.append(f"  (causes in <trial>/{FAILED_FILE}; aggregate with: python -m mchad.aggregate {sweep_dir})")
+        report = "\n".join(lines)
+        (sweep_dir / "sweep_report.txt").write_text(report + "\n", encoding="utf-8")
+        print(report, file=sys.stderr if failed else sys.stdout, flush=True)
+        if failed and self.fail_exit:
+            raise SystemExit(1)

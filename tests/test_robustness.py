@@ -1,0 +1,288 @@
+"""Runs that survive interruption, re-evaluate from checkpoints, repeat exactly, refuse bad input.
+
+One short uninterrupted quick-start run (``reference``) is shared: the resumed run, the
+repeated run and the evaluation-only runs must reproduce its results.csv exactly (CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from omegaconf import open_dict
+
+from conftest import ROOT, compose_config
+from mchad.errors import CheckpointError, NonFiniteLossError
+from mchad.module import OODModel
+from mchad.train import RESULT_COLUMNS, main, run, write_results
+
+METRICS = ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95"]
+# 3 short epochs; validation every epoch writes last.ckpt
+SHORT = [
+    "trainer.max_epochs=3",
+    "trainer.min_epochs=3",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "+trainer.enable_progress_bar=false",
+]
+KEEP_CALLBACKS = ("model_checkpoint", "last_checkpoint", "lr_monitor")
+
+
+def _light_overrides() -> list[str]:
+    """Drop the slow view/plot callbacks and TensorBoard (whatever they are called now)."""
+    cfg = compose_config(SHORT)
+    drop = [f"~callbacks.{k}" for k in cfg.callbacks if k not in KEEP_CALLBACKS]
+    drop += [f"~logger.{k}" for k in cfg.get("logger", {}) if k != "csv"]
+    return drop
+
+
+@pytest.fixture(scope="module")
+def fast() -> list[str]:
+    return SHORT + _light_overrides()
+
+
+def run_cli(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *overrides],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def metrics_equal(a: Path, b: Path) -> None:
+    x, y = pd.read_csv(a), pd.read_csv(b)
+    assert list(x.columns) == list(y.columns) == RESULT_COLUMNS
+    pd.testing.assert_frame_equal(x, y, check_exact=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, fast) -> Path:
+    """An uninterrupted short run (its folder)."""
+    folder = tmp_path_factory.mktemp("reference")
+    run(compose_config(fast, folder))
+    return folder
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(reference, fast, tmp_path, monkeypatch):
+    """Guards exact resume: a run killed mid-epoch 2 and resumed with the documented command
+    (`python run.py resume=<run folder>`) ends with the results.csv of the uninterrupted run.
+    Fails without the RNG states in the checkpoint (the augmentation draws differ), without
+    last.ckpt every epoch, or if resume= does not continue in the run's folder."""
+    folder = tmp_path / "run"
+    original = OODModel.on_train_batch_start
+
+    def die(self, batch, batch_idx):
+        if self.current_epoch == 2 and batch_idx == 1:
+            raise Interrupted("simulated kill")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(OODModel, "on_train_batch_start", die)
+    with pytest.raises(Interrupted):
+        run(compose_config(fast, folder))
+    monkeypatch.undo()
+    assert (folder / "checkpoints" / "last.ckpt").is_file()
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
+    assert not (folder / "results.csv").exists()
+
+    result = run_cli(f"resume={folder}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics_equal(reference / "results.csv", folder / "results.csv")
+    # the earlier epochs' metrics survive in csv/metrics.csv, without duplicated rows
+    steps = pd.read_csv(folder / "csv" / "metrics.csv")["step"]
+    assert steps.tolist() == pd.read_csv(reference / "csv" / "metrics.csv")["step"].tolist()
+
+
+def test_same_command_twice_gives_identical_results(reference, fast, tmp_path):
+    """Guards determinism: `python run.py <same overrides>` in a new process reproduces the
+    reference run's results.csv exactly (seeded weights, data order, augmentation)."""
+    result = run_cli(*fast, f"paths.log_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (again,) = tmp_path.glob("runs/*/*/results.csv")
+    metrics_equal(reference / "results.csv", again)
+
+
+def test_eval_only_reproduces_and_tests_new_modules(reference, fast, tmp_path):
+    """Guards evaluation only: `train=false ckpt_path=<run folder>` tests the run's last
+    checkpoint without training (same results as the run itself), and with other test modules
+    (`testmodules=noise`) writes their rows in a new run folder."""
+    same = run(compose_config([*fast, "train=false", f"ckpt_path={reference}"], tmp_path / "same"))
+    metrics_equal(reference / "results.csv", same)
+    assert not (tmp_path / "same" / "checkpoints").exists()  # nothing was trained
+    other = run(compose_config([*fast, "train=false", f"ckpt_path={reference}/checkpoints/last.ckpt", "testmodules=noise"], tmp_path / "noise"))
+    frame = pd.read_csv(other)
+    assert set(frame.test_case) == {"GaussianNoise", "UniformNoise"}
+    assert set(frame.Accuracy) == set(pd.read_csv(reference / "results.csv").Accuracy)  # the same ID test set
+
+
+def _error_of(overrides: list[str], output_dir: Path) -> str:
+    """The one-line message `run.py` would exit with (mchad.train.main's SystemExit)."""
+    cfg = compose_config(overrides, output_dir)
+    with pytest.raises(SystemExit) as info:
+        main(cfg)
+    message = str(info.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert not (output_dir / "results.csv").exists()
+    return message
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["model.backbone.n_embedding=8"], "n_embedding"),
+        (["model.weight_center=-1"], "weight_center must be >= 0"),
+        (["model.margin=-0.5"], "margin must be >= 0"),
+        (["+trainer.max_epoch=3"], "max_epoch"),
+        (["datamodule=imagefolder", "datamodule.root=/nonexistent/images"], "not found in /nonexistent/images"),
+        (["train=false"], "ckpt_path"),
+        (["resume=/nonexistent/run"], "not a run folder"),
+    ],
+    ids=["n_embedding", "negative-weight", "negative-margin", "misspelled-added-key", "missing-data", "eval-without-ckpt", "resume-nowhere"],
+)
+def test_bad_input_is_one_line_without_results(overrides, expected, fast, tmp_path):
+    """Guards bad input: each mistake ends with one `error: ...` line naming the cause,
+    and no results.csv."""
+    assert expected in _error_of([*fast, *overrides], tmp_path / "run")
+
+
+def test_corrupt_image_is_one_line(image_folder, fast, tmp_path):
+    """Guards a corrupt image file: named in one line (not a PIL traceback)."""
+    (image_folder / "train" / "class0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    overrides = ["datamodule=imagefolder", f"datamodule.root={image_folder}", "datamodule.n_classes=3", f"dataset_dir={tmp_path}/data", "testmodules=noise"]
+    assert "broken.png" in _error_of([*fast, *overrides], tmp_path / "run")
+
+
+def test_truncated_cache_is_rebuilt(image_folder, tmp_path, caplog):
+    """Guards a truncated dataset cache: one warning, then the data is decoded again."""
+    from mchad.data import ImageFolderSource
+
+    source = ImageFolderSource(str(image_folder), split="train", size=32)
+    first = source.load(tmp_path)
+    (cache,) = (tmp_path / "cache").glob("*.pt")
+    cache.write_bytes(cache.read_bytes()[:100])
+    again = source.load(tmp_path)
+    assert torch.equal(first.images, again.images)
+    assert any("unreadable cache" in r.getMessage() for r in caplog.records)
+
+
+def test_corrupt_or_mismatched_checkpoint_is_one_line(reference, fast, tmp_path):
+    """Guards checkpoints: a truncated file (ckpt_path= or resume=) and a checkpoint of another
+    model each give one line; no results.csv is left."""
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes((reference / "checkpoints" / "last.ckpt").read_bytes()[:1000])
+    assert "unreadable" in _error_of([*fast, "train=false", f"ckpt_path={broken}"], tmp_path / "a")
+    message = _error_of([*fast, "train=false", f"ckpt_path={reference}", "model.n_embedding=8"], tmp_path / "b")
+    assert "does not fit the configured model" in message
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    shutil.copy(broken, copy / "checkpoints" / "last.ckpt")
+    assert "unreadable" in _error_of([*fast, f"resume={copy}"], tmp_path / "c")
+    # a resumed run that cannot start leaves the run folder as it was
+    shutil.copy(reference / "checkpoints" / "last.ckpt", copy / "checkpoints" / "last.ckpt")
+    assert "does not fit" in _error_of([*fast, f"resume={copy}", "model.n_embedding=8"], tmp_path / "d")
+    assert (copy / "results.csv").exists()
+    assert (copy / "config.yaml").read_text() == (reference / "config.yaml").read_text()
+
+
+def test_resume_refuses_to_change_config_groups(reference, fast, tmp_path):
+    """Guards resume's configuration: the run's own config.yaml is used; a group override
+    (another model) is refused in one line instead of silently mixing configurations."""
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    assert "config group" in _error_of([*fast, f"resume={copy}", "model=softmax"], tmp_path / "x")
+
+
+def test_nan_loss_stops_and_names_the_step(fast, tmp_path, monkeypatch):
+    """Guards the NaN check: a loss that becomes NaN at step 4 stops training with one line
+    naming step 4; no results.csv."""
+    original = OODModel.training_step
+
+    def poisoned(self, batch, batch_idx):
+        loss = original(self, batch, batch_idx)
+        return loss * float("nan") if self.global_step == 4 else loss
+
+    monkeypatch.setattr(OODModel, "training_step", poisoned)
+    message = _error_of(fast, tmp_path / "run")
+    assert "NaN at step 4 (epoch 1)" in message
+
+
+def test_nan_check_without_host_sync_reports_first_bad_step():
+    """Guards the accelerator path of the NaN check: with no per-step sync the first bad
+    step is kept on the device and reported at the next check (log interval / epoch end)."""
+    from types import SimpleNamespace
+
+    from mchad.robust import NonFiniteLossGuard
+
+    guard = NonFiniteLossGuard(sync_every_step=False)
+    trainer = SimpleNamespace(global_step=0, current_epoch=0, log_every_n_steps=50)
+    losses = [1.0, 2.0, float("nan"), float("inf"), 1.0]
+    for i, value in enumerate(losses):
+        trainer.global_step = i + 1
+        guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(value)}, None, i)  # no check yet
+    with pytest.raises(NonFiniteLossError, match="at step 2"):
+        guard.on_train_epoch_end(trainer, None)
+
+
+def test_results_csv_is_atomic(tmp_path, monkeypatch):
+    """Guards write_results: a failure while writing leaves neither a partial results.csv nor
+    a temporary file; the previous complete file stays intact."""
+    path = tmp_path / "results.csv"
+    write_results([{"test_case": "a", "AUROC": 0.5}], path)
+    before = path.read_text()
+
+    def fail(self, target, **kwargs):
+        Path(target).write_text("experiment,id_da")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", fail)
+    with pytest.raises(OSError):
+        write_results([{"test_case": "b"}], path)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+
+
+def test_failed_run_removes_stale_results(reference, fast, tmp_path):
+    """Guards a failed run in a folder that holds an older results.csv (e.g. an eval-only
+    run pointed at an existing folder): the stale file is removed, not left to be mistaken
+    for this run's."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    shutil.copy(reference / "results.csv", folder / "results.csv")
+    overrides = ["train=false", f"ckpt_path={reference}", "testmodules=imagefolder", "datamodule.test_cases.ImageFolder.root=/nonexistent/ood"]
+    assert "not found" in _error_of([*fast, *overrides], folder)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [("experiment=no-such-experiment", "no-such-experiment"), ("model=no-such-method", "no-such-method"), ("trainer.max_epoch=3", "max_epoch")],
+)
+def test_cli_config_mistakes_exit_nonzero(override, expected, tmp_path):
+    """Guards Hydra-level mistakes (unknown experiment or method, misspelled key): non-zero
+    exit, the cause in the first line of stderr, no results.csv."""
+    result = run_cli(override, f"paths.log_dir={tmp_path}", timeout=120)
+    assert result.returncode != 0
+    first = result.stderr.strip().splitlines()[0]
+    assert expected in first, result.stderr
+    assert not list(tmp_path.rglob("results.csv"))
+
+
+def test_cli_user_error_is_last_stderr_line(tmp_path):
+    """Guards run.py's handling of a user error: exit status 1, no traceback, the cause as
+    the last line of stderr."""
+    result = run_cli("model.margin=-1", f"paths.log_dir={tmp_path}", timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: model.method: margin must be >= 0, got -1"
+    assert not list(tmp_path.rglob("results.csv"))

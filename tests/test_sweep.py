@@ -1,0 +1,314 @@
+"""Sweeps (``python run.py -m``) through the Ray launcher: folders, failures, the report.
+
+The Ray tests start their own Ray on 127.0.0.1 only (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
+keeps Ray on the loopback address) and stop it: a sweep's local Ray ends with its driver
+process; the existing-cluster test stops the head it started (SIGTERM to its
+``ray start --block``, then any process left that names its private temp dir).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import ROOT, compose_config
+from mchad.aggregate import find_results
+from mchad.aggregate import main as aggregate_main
+from mchad.sweep import FAILED_FILE, SweepReport, run_trial, sweep_status
+
+RUN_PY = ROOT / "run.py"
+# quick-start trials of ~2 s of training
+TINY = ["trainer.max_epochs=2", "trainer.min_epochs=2", "~logger", "~callbacks"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MCHAD_ROOT", "RAY_ADDRESS", "MCHAD_RUN_ID", "MCHAD_CWD")}
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # Ray on 127.0.0.1, not the machine's address
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONWARNINGS="ignore::DeprecationWarning",
+        **extra,
+    )
+    return env
+
+
+def _ray_works() -> bool:
+    try:
+        import ray  # noqa: F401
+        import hydra_plugins.hydra_ray_launcher.ray_launcher  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_ray = pytest.mark.skipif(not _ray_works(), reason="ray or hydra-ray-launcher not installed")
+
+
+def _sweep(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 240) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(RUN_PY), "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    output = result.stdout + result.stderr
+    if result.returncode != 0 and "in start_ray" in output:  # ray.init() failed: no Ray here
+        pytest.skip(f"Ray could not start here: {output[-800:]}")
+    return result
+
+
+def _trials(sweep_dir: Path) -> dict[str, Path]:
+    """Trial folders by their overrides (e.g. 'seed=1 model.weight_center=0.5')."""
+    trials = {}
+    for overrides in sweep_dir.glob("*/.hydra/overrides.yaml"):
+        trials[" ".join(OmegaConf.load(overrides))] = overrides.parent.parent
+    return trials
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _hydra_config(overrides: list[str] | None = None):
+    """The ``hydra`` node of ``python run.py <overrides>`` (interpolations resolvable)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    compose_config(overrides)
+    return HydraConfig.get()
+
+
+def test_sweeps_default_to_the_ray_launcher_with_a_cpu_share():
+    hydra = _hydra_config()
+    launcher = hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
+    assert launcher.ray.init.address == "local"
+    assert launcher.ray.remote.num_cpus == 1 and launcher.ray.remote.num_gpus == 0
+    env_vars = launcher.ray.init.runtime_env.env_vars
+    assert env_vars.MCHAD_ROOT == str(ROOT) and env_vars.MCHAD_RUN_ID
+    assert OmegaConf.to_container(env_vars)["MCHAD_CWD"] == "${hydra.runtime.cwd}"  # resolved by the driver
+    assert [c._target_ for c in hydra.callbacks.values()] == ["mchad.sweep.SweepReport"]
+
+
+def test_gpu_launcher_and_basic_launcher_compose():
+    gpu = _hydra_config(["hydra/launcher=ray_gpu"]).launcher
+    assert gpu.ray.remote.num_gpus == 1 and gpu.ray.init.address == "local"
+    basic = _hydra_config(["hydra/launcher=basic"]).launcher
+    assert basic._target_.endswith("BasicLauncher")
+    half = _hydra_config(["hydra/launcher=ray_gpu", "hydra.launcher.ray.remote.num_gpus=0.5"]).launcher
+    assert half.ray.remote.num_gpus == 0.5
+
+
+def test_run_id_follows_the_sweep_driver_in_workers(monkeypatch):
+    from mchad import resolvers
+
+    assert resolvers.run_id() == resolvers._RUN_ID
+    monkeypatch.setenv("MCHAD_RUN_ID", "driver-id")
+    assert OmegaConf.create({"x": "${run_id:}"}).x == "driver-id"
+
+
+# ----------------------------------------------------------------------------- failures, in-process
+
+
+def test_run_trial_records_a_user_error_and_returns(tmp_path):
+    cfg = compose_config(["model.weight_center=-1", *TINY], output_dir=tmp_path)
+    summary = run_trial(cfg, tmp_path)
+    assert summary["status"] == "failed" and "weight_center" in summary["cause"]
+    text = (tmp_path / FAILED_FILE).read_text()
+    assert text.startswith("error: model.method:") and "Traceback" not in text
+    assert not (tmp_path / "results.csv").exists()
+
+
+def test_run_trial_records_a_crash_with_its_traceback(tmp_path):
+    cfg = compose_config(["model.optimizer.lr=-1", *TINY], output_dir=tmp_path)
+    summary = run_trial(cfg, tmp_path)
+    assert summary["status"] == "failed"
+    text = (tmp_path / FAILED_FILE).read_text()
+    first, rest = text.split("\n", 1)
+    assert first.startswith("error: ") and "learning rate" in first.lower()
+    assert "Traceback" in rest
+
+
+def _fake_trial(root: Path, num: int, results: bool = False, failed: str | None = None) -> Path:
+    trial = root / str(num)
+    (trial / ".hydra").mkdir(parents=True)
+    (trial / ".hydra" / "overrides.yaml").write_text(f"- seed={num}\n")
+    if results:
+        (trial / "results.csv").write_text(
+            "experiment,id_dataset,method,test_case,score,seed,Accuracy,AUROC,AUPR-IN,AUPR-OUT,FPR95\n"
+            f"digits-mchad,Digits,MCHAD,Noise,distance,{num},0.9,0.8,0.7,0.6,0.5\n"
+        )
+    if failed:
+        (trial / FAILED_FILE).write_text(f"error: {failed}\nTraceback ...\n")
+    return trial
+
+
+def test_sweep_report_lists_failed_trials_and_exits_1(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    for num in (0, 1, 10):
+        _fake_trial(root, num, results=True)
+    bad = _fake_trial(root, 2, failed="CUDA out of memory")
+    crashed = _fake_trial(root, 3)
+    finished, failed = sweep_status(root)
+    assert [t.name for t in finished] == ["0", "1", "10"]
+    assert failed[0] == (bad, "CUDA out of memory")
+    assert failed[1][0] == crashed and "crashed" in failed[1][1]
+
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(root)}}})
+    with pytest.raises(SystemExit) as exit_info:
+        SweepReport().on_multirun_end(config)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "3 trial(s) finished, 2 failed" in err and f"FAILED {bad}: CUDA out of memory" in err
+    assert (root / "sweep_report.txt").read_text().count("\n  FAILED ") == 2
+
+    # aggregation lists both, with the cause
+    assert aggregate_main([str(root), "--out", str(tmp_path / "agg")]) == 0
+    missing = (tmp_path / "agg" / "missing.txt").read_text()
+    assert str(bad) in missing and "CUDA out of memory" in missing and str(crashed) in missing
+
+
+def test_sweep_report_passes_a_clean_sweep(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    _fake_trial(root, 0, results=True)
+    SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(root)}}}))
+    assert "1 trial(s) finished, 0 failed" in capsys.readouterr().out
+
+
+def test_single_run_does_not_import_ray_and_fails_with_one_line(tmp_path):
+    """A single run never creates the launcher (start-up time): no ray module is imported."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(RUN_PY), "model.weight_center=-1", f"paths.log_dir={tmp_path}"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    assert "torch" in imported  # the run got as far as building the model
+    assert not [m for m in imported if m == "ray" or m.startswith("ray.")]
+    messages = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert messages[-1].startswith("error: model.method:")
+    assert FAILED_FILE not in {p.name for p in tmp_path.rglob("*")}
+
+
+# ----------------------------------------------------------------------------- Ray sweeps
+
+
+@needs_ray
+def test_ray_sweep_runs_trials_apart_and_reports_a_failing_one(tmp_path):
+    """2 seeds x (good, bad weight): the good trials finish in their own folders, the bad
+    ones record their cause, the sweep reports them and exits 1. Started from another
+    directory with a relative log folder: the workers must resolve it like the driver."""
+    result = _sweep(["seed=1,2", "model.weight_center=0.5,-1", "paths.log_dir=logs", *TINY], tmp_path, _env())
+    output = result.stdout + result.stderr
+    sweeps = list((tmp_path / "logs" / "multiruns").iterdir())
+    assert len(sweeps) == 1, output[-3000:]
+    sweep_dir = sweeps[0]
+    trials = _trials(sweep_dir)
+    assert sorted(p.name for p in trials.values()) == ["0", "1", "2", "3"], output[-3000:]
+
+    good = [trials[f"seed={s} model.weight_center=0.5"] for s in (1, 2)]
+    bad = [trials[f"seed={s} model.weight_center=-1"] for s in (1, 2)]
+    for trial, seed in zip(good, (1, 2)):
+        assert (trial / "results.csv").is_file(), output[-3000:]
+        assert f",{seed}," in (trial / "results.csv").read_text().splitlines()[1]
+        assert OmegaConf.load(trial / "config.yaml").paths.root_dir == str(ROOT)
+    for trial in bad:
+        assert not (trial / "results.csv").exists()
+        assert "weight_center" in (trial / FAILED_FILE).read_text()
+
+    assert result.returncode == 1, output[-3000:]
+    assert "2 trial(s) finished, 2 failed" in result.stderr
+    for trial in bad:
+        assert f"FAILED {trial}: model.method:" in result.stderr
+
+    results, missing = find_results(sweep_dir)
+    assert sorted(results["seed"].unique()) == [1, 2] and results["run_dir"].nunique() == 2
+    assert sorted(m.path for m in missing) == sorted(bad)
+
+
+# ----------------------------------------------------------------------------- existing cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _processes_naming(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="ignore"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray head on 127.0.0.1 (2 CPUs) in a private temp dir; stopped afterwards."""
+    if not _ray_works() or shutil.which("ray") is None:
+        pytest.skip("ray CLI not available")
+    temp_dir = tempfile.mkdtemp(prefix="mchad-ray-", dir="/tmp")  # short: Ray's socket paths
+    port = _free_port()
+    env = _env(RAY_AUTH_MODE="disabled")
+    log_path = Path(temp_dir) / "ray-start.log"
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        cwd=temp_dir, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+    def stop() -> None:
+        if head.poll() is None:
+            head.send_signal(signal.SIGTERM)  # --block: stops the processes of this head
+            try:
+                head.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                head.kill()
+                head.wait()
+        for pid in _processes_naming(temp_dir):  # whatever survived, by pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+    try:
+        deadline = time.monotonic() + 120
+        while "block forever" not in log_path.read_text():
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.skip(f"ray start failed: {log_path.read_text()[-800:]}")
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}", env
+    finally:
+        stop()
+
+
+@needs_ray
+@pytest.mark.slow
+def test_sweep_on_an_existing_cluster(ray_head, tmp_path):
+    """The workers of a cluster started elsewhere (other cwd, no MCHAD_ROOT) write each
+    trial to the driver's <sweep dir>/<job num>/."""
+    address, env = ray_head
+    result = _sweep([f"hydra.launcher.ray.init.address={address}", "seed=1,2", "paths.log_dir=logs", *TINY],
+                    tmp_path, env, timeout=400)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert f"Connecting to existing Ray cluster at address: {address}" in output
+    (sweep_dir,) = (tmp_path / "logs" / "multiruns").iterdir()
+    trials = _trials(sweep_dir)
+    assert sorted(trials) == ["seed=1", "seed=2"]
+    for seed in (1, 2):
+        trial = trials[f"seed={seed}"]
+        assert (trial / "results.csv").is_file()
+        assert OmegaConf.load(trial / "config.yaml").paths.root_dir == str(ROOT)
+    assert "2 trial(s) finished, 0 failed" in result.stdout
