@@ -191,7 +191,7 @@ def test_corrupt_or_mismatched_checkpoint_is_one_line(reference, fast, tmp_path)
     assert "unreadable" in _error_of([*fast, f"resume={copy}"], tmp_path / "c")
     # a resumed run that cannot start leaves the run folder as it was
     shutil.copy(reference / "checkpoints" / "last.ckpt", copy / "checkpoints" / "last.ckpt")
-    assert "does not fit" in _error_of([*fast, f"resume={copy}", "model.n_embedding=8"], tmp_path / "d")
+    assert "n_embedding" in _error_of([*fast, f"resume={copy}", "model.backbone.n_embedding=8"], tmp_path / "d")
     assert (copy / "results.csv").exists()
     assert (copy / "config.yaml").read_text() == (reference / "config.yaml").read_text()
 
@@ -286,3 +286,25 @@ def test_cli_user_error_is_last_stderr_line(tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "error: model.method: margin must be >= 0, got -1"
     assert not list(tmp_path.rglob("results.csv"))
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    """Guards last.ckpt against a kill while saving: the checkpoint is written to a temporary
+    file and renamed, so a failed write keeps the previous checkpoint and leaves no debris."""
+    import lightning_fabric.plugins.io.torch_io as torch_io
+
+    from mchad.robust import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+
+    def killed(checkpoint, target):
+        Path(target).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch_io, "_atomic_save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]

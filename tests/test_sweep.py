@@ -64,11 +64,12 @@ def _sweep(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 240) 
     return result
 
 
-def _trials(sweep_dir: Path) -> dict[str, Path]:
-    """Trial folders by their overrides (e.g. 'seed=1 model.weight_center=0.5')."""
+def _trials(sweep_dir: Path, keys=("seed", "model.weight_center")) -> dict[str, Path]:
+    """Trial folders by their swept overrides (e.g. 'seed=1 model.weight_center=0.5')."""
     trials = {}
     for overrides in sweep_dir.glob("*/.hydra/overrides.yaml"):
-        trials[" ".join(OmegaConf.load(overrides))] = overrides.parent.parent
+        swept = [o for o in OmegaConf.load(overrides) if o.split("=", 1)[0] in keys]
+        trials[" ".join(swept)] = overrides.parent.parent
     return trials
 
 

@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     print(to_markdown(_paper_view(table), [False, False] + [True] * len(METRICS)))
     print(f"runs found: {n_runs} ({len(results)} rows); missing/failed trials: {len(missing)}")
     for run in missing:
-        print(f"  missing: {run}")
+        print(f"  {'failed' if run.cause else 'missing'}: {run}")
     _print_notes(results, args.score, args.baseline, welch)
     print(f"written to {out_dir}: table.*, table_per_ood.*, welch.*, missing.txt, "
           + ", ".join(p.name for p in plots))

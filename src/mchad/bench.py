@@ -80,6 +80,7 @@ def first_step_probe(out: str):
                 "time": time.time(),
                 "cpu_seconds": usage.ru_utime + usage.ru_stime,
                 "ray_imported": "ray" in sys.modules,
+                "imported": [m for m in ("pandas", "sklearn", "scipy", "matplotlib", "tensorboard") if m in sys.modules],
                 "decoded_images": getattr(sources, "DECODED_IMAGES", None),
                 "cache_loads": getattr(sources, "CACHE_LOADS", None),
             }
@@ -129,6 +130,7 @@ def compose(args, output_dir: Path, eval_sets: bool = False):
         f"model.compile={args.compile}",
         f"seed={args.seed}",
     ]
+    overrides += list(args.set)
     if args.data == "cifar10":
         overrides += ["datamodule=imagefolder", f"datamodule.root={args.root}"]
     if args.device != "auto":
@@ -410,6 +412,8 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
     p.add_argument("--compile", default="false", help="model.compile: false, true or a torch.compile mode")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a further run.py override, e.g. --set model.backbone.width=16 (repeatable)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--only", default="train,data,eval,startup", help="comma-separated sections")
     args = p.parse_args(argv)
@@ -503,7 +507,7 @@ def main(argv=None) -> dict:
             print(f"    {name:22s}: {fmt(times, ' s', 2)}  [target <= 5 s: {'MET' if med <= 5 else 'MISSED'}]")
             print(f"    {'':22s}  CPU time of that process: {fmt(info['cpu'], ' s', 2)}")
             print(f"    {'':22s}  Ray imported: {info['ray_imported']}; images decoded: {info['decoded_images']}; "
-                  f"uint8 cache files loaded: {info['cache_loads']}", flush=True)
+                  f"uint8 cache files loaded: {info['cache_loads']}; also imported: {', '.join(info['imported'])}", flush=True)
         total, heavy = import_times()
         print(f"    `import mchad.train` (python -X importtime): {total:.2f} s; heaviest: "
               + ", ".join(f"{n} {t:.2f}" for n, t in heavy[:6]))

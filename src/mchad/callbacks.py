@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,9 @@ __all__ = [
 
 #: label of the unknown samples scored at validation
 UNKNOWN = -1
+
+#: the latest validation sample per trainer (shared by the callbacks of one run)
+_CACHE: "weakref.WeakKeyDictionary[pl.Trainer, tuple[tuple, ValidationSample]]" = weakref.WeakKeyDictionary()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -215,7 +219,6 @@ class ValidationSample:
     n_known: int
     class_names: list[str] | None = None
     val_acc: float = float("nan")
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def known(self) -> Tensor:
@@ -260,8 +263,7 @@ def _forward(pl_module: pl.LightningModule, inputs: Tensor, batch_size: int) -> 
     method = pl_module.method
     datamodule = trainer.datamodule
     embeddings, predictions, scores = [], [], {}
-    context = trainer.precision_plugin.val_step_context() if trainer is not None else torch.autocast("cpu", enabled=False)
-    with context:
+    with trainer.precision_plugin.val_step_context():  # autocast as at validation
         for start in range(0, len(inputs), batch_size):
             x = _prepare(datamodule, inputs[start : start + batch_size], pl_module.device)
             out = pl_module(x)
@@ -282,11 +284,11 @@ def validation_sample(
 ) -> ValidationSample:
     """Score the first ``max_samples`` validation images and ``unknown_samples`` unknown ones.
 
-    Cached per (epoch, step, settings) on the module, so callbacks with the same settings
+    Cached per trainer and (epoch, step, settings), so callbacks with the same settings
     share one pass. The module is put in eval mode for the pass and restored afterwards.
     """
     key = (trainer.current_epoch, trainer.global_step, max_samples, unknown_samples, noise_seed)
-    cached = getattr(pl_module, "_mchad_views_cache", None)
+    cached = _CACHE.get(trainer)
     if cached is not None and cached[0] == key:
         return cached[1]
     datamodule = trainer.datamodule
@@ -317,7 +319,7 @@ def validation_sample(
         class_names=_class_names(datamodule, None if centers is None else len(centers)),
         val_acc=acc,
     )
-    pl_module._mchad_views_cache = (key, sample)
+    _CACHE[trainer] = (key, sample)
     return sample
 
 
@@ -346,6 +348,11 @@ class _ValidationCallback(Callback):
         if trainer.sanity_checking or not trainer.is_global_zero or self.every_n_epochs == 0:
             return False
         if trainer.state.fn != "fit":  # trainer.validate(): no epochs to follow
+            return False
+        if getattr(trainer, "datamodule", None) is None:
+            if not getattr(self, "_no_datamodule_logged", False):
+                log.info("%s: needs a datamodule (trainer.fit(model, datamodule=...)); skipped", type(self).__name__)
+                self._no_datamodule_logged = True
             return False
         epoch = trainer.current_epoch
         last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch == trainer.max_epochs - 1
@@ -418,27 +425,31 @@ class ValidationViews(_ValidationCallback):
                     pl_module.log(f"val/unknown/{name}/AUROC", auroc)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or not (self.projector or self.histogram_image):
-            return
-        writer = _tensorboard(trainer)
-        if writer is None:
+        if not trainer.is_global_zero or not (self.projector or self.histogram_image) or self.every_n_epochs == 0:
             return
         sample = self.last
         if sample is None or sample.step != trainer.global_step:
+            if getattr(trainer, "datamodule", None) is None:
+                return
             sample = self._sample(trainer, pl_module)
+        writer = _tensorboard(trainer)
         if self.histogram_image:
             name = sample.score_name
             path = _run_dir(trainer) / "plots" / f"val_{name}_hist.png"
             known = sample.known
-            plots.distance_histogram(
-                sample.scores[name][known],
-                sample.scores[name][~known],
-                path,
-                title=f"validation, epoch {sample.epoch}: known vs. unknown ({sample.unknown_source})",
-                score_name=f"{name} score (larger = more anomalous)",
-            )
-            writer.add_image(f"val/{name}_hist", _image_array(path), trainer.global_step, dataformats="HWC")
-        if self.projector:
+            try:
+                plots.distance_histogram(
+                    sample.scores[name][known],
+                    sample.scores[name][~known],
+                    path,
+                    title=f"validation, epoch {sample.epoch}: known (ID) vs. unknown ({sample.unknown_source})",
+                    score_name=f"{name} score (larger = more anomalous)",
+                )
+                if writer is not None:
+                    writer.add_image(f"val/{name}_hist", _image_array(path), trainer.global_step, dataformats="HWC")
+            except ValueError as error:  # e.g. no finite score
+                log.warning("validation histogram not drawn: %s", error)
+        if self.projector and writer is not None:
             self._add_embedding(writer, sample, trainer.global_step)
 
     def _add_embedding(self, writer: Any, sample: ValidationSample, step: int) -> None:
@@ -701,26 +712,26 @@ class TestCasePlots(Callback):
                     continue
                 id_scores, ood_scores = ind[score], values[score]
                 stem = f"{case}_{score}"
-                hist = plots.distance_histogram(
-                    id_scores,
-                    ood_scores,
-                    folder / f"{stem}_hist.png",
-                    title=f"{case}: ID test set vs. OOD",
-                    score_name=f"{score} score (larger = more anomalous)",
-                    bins=self.bins,
-                )
-                written.append(hist)
-                try:
-                    roc = plots.roc_curve_plot(id_scores, ood_scores, folder / f"{stem}_roc.png", title=f"{case}, {score}")
-                    written.append(roc)
-                except ValueError as error:  # e.g. NaN scores
-                    log.warning("test plots: no ROC curve for %s/%s: %s", case, score, error)
-                    roc = None
-                if writer is not None:
-                    step = trainer.global_step
-                    writer.add_image(f"test/{case}/{score}/hist", _image_array(hist), step, dataformats="HWC")
-                    if roc is not None:
-                        writer.add_image(f"test/{case}/{score}/roc", _image_array(roc), step, dataformats="HWC")
+                for kind in ("hist", "roc"):
+                    path = folder / f"{stem}_{kind}.png"
+                    try:  # e.g. all scores NaN: warn, go on with the other plots
+                        if kind == "hist":
+                            plots.distance_histogram(
+                                id_scores,
+                                ood_scores,
+                                path,
+                                title=f"{case}: ID test set vs. OOD",
+                                score_name=f"{score} score (larger = more anomalous)",
+                                bins=self.bins,
+                            )
+                        else:
+                            plots.roc_curve_plot(id_scores, ood_scores, path, title=f"{case}, {score}")
+                    except ValueError as error:
+                        log.warning("test plots: no %s plot for %s/%s: %s", kind, case, score, error)
+                        continue
+                    written.append(path)
+                    if writer is not None:
+                        writer.add_image(f"test/{case}/{score}/{kind}", _image_array(path), trainer.global_step, dataformats="HWC")
         log.info("test plots: %d images in %s", len(written), folder)
 
 

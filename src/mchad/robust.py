@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.plugins import TorchCheckpointIO
 
 from mchad.errors import CheckpointError, ConfigError, NonFiniteLossError
 from mchad.resolvers import locate_resume, project_root
@@ -128,14 +130,14 @@ def checkpoint_file(path: str | Path) -> Path:
     return p
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, hint: str = "") -> dict:
     """The checkpoint's contents (on the CPU); a :class:`CheckpointError` if it is unreadable."""
     p = checkpoint_file(path)
     try:
         # our own checkpoints hold optimiser and loop states besides tensors
         ckpt = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as error:
-        raise CheckpointError(f"checkpoint {p} is unreadable (truncated or corrupt?): {_short(error)}") from error
+        raise CheckpointError(f"checkpoint {p} is unreadable (truncated or corrupt?): {_short(error)}{hint}") from error
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"checkpoint {p} is not a checkpoint of this project (it has no state_dict)")
     return ckpt
@@ -188,6 +190,22 @@ def keep_csv_history(loggers: list, global_step: int) -> None:
             continue
         writer = logger.experiment  # created now: it removes the old file
         writer.metrics = rows + writer.metrics
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file and renames it: a run killed while saving
+    keeps its previous last.ckpt instead of a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        target = Path(path)
+        if "://" in str(path):  # remote file systems: Lightning's own way
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- callbacks

@@ -6,7 +6,6 @@ import logging
 import os
 from pathlib import Path
 
-import pandas as pd
 import pytorch_lightning as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -118,6 +117,8 @@ def apply_performance_options(cfg: DictConfig, datamodule, model: OODModel) -> N
 
 def write_results(rows: list[dict], path: Path) -> None:
     """Write results.csv atomically: a reader sees the whole file or none."""
+    import pandas as pd  # here, not at start-up (python -m mchad.bench)
+
     frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -161,6 +162,7 @@ def run(cfg: DictConfig) -> Path:
     A stale results.csv in the run folder is removed first, so a run that fails leaves none.
     """
     from mchad.robust import (
+        AtomicCheckpointIO,
         NonFiniteLossGuard,
         RNGState,
         check_fits,
@@ -192,7 +194,8 @@ def run(cfg: DictConfig) -> Path:
         _save_config(cfg, output_dir / "config.yaml")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    checkpoint = load_checkpoint(ckpt_file) if ckpt_file is not None else None
+    hint = "; resume from another of its checkpoints: resume=<run folder>/checkpoints/<name>.ckpt" if resuming else ""
+    checkpoint = load_checkpoint(ckpt_file, hint) if ckpt_file is not None else None
     datamodule, model = build(cfg)
     if checkpoint is not None:
         check_fits(model, checkpoint, ckpt_file)
@@ -204,7 +207,10 @@ def run(cfg: DictConfig) -> Path:
     callbacks += [RNGState(), NonFiniteLossGuard()]
     if training and checkpoint is not None:
         keep_csv_history(loggers, int(checkpoint.get("global_step", 0)))
-    trainer: pl.Trainer = _instantiate(trainer_kwargs(cfg.trainer), "trainer", logger=loggers, callbacks=callbacks)
+    plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
+    trainer: pl.Trainer = _instantiate(
+        trainer_kwargs(cfg.trainer), "trainer", logger=loggers, callbacks=callbacks, **plugins
+    )
 
     if training:
         trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt_file is None else str(ckpt_file))
@@ -219,6 +225,8 @@ def run(cfg: DictConfig) -> Path:
         for row in model.test_results
     ]
     write_results(rows, path)
+    import pandas as pd
+
     log.info("Results: %s\n%s", path, pd.DataFrame(rows, columns=RESULT_COLUMNS).to_string(index=False))
     return path
 

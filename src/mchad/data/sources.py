@@ -318,7 +318,7 @@ class TinyImages300kSource(Source):
                 dataset_dir,
                 f"Download {TinyImages300k.url} into {dataset_dir} where there is internet, or set "
                 "dataset_dir=/path/holding/it, or use any image folder as outliers: "
-                "datamodule.outliers._target_=mchad.data.ImageFolderSource +datamodule.outliers.root=/path.",
+                "datamodule/outliers=imagefolder datamodule.outliers.root=/path.",
                 error,
             ) from error
         images = _to_uint8_nchw(data)
@@ -350,6 +350,24 @@ class NoiseSource(Source):
         return ImageArray(torch.from_numpy(values.astype(np.uint8)), torch.full((self.n,), -1, dtype=torch.long))
 
 
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits (pixels 0..16, labels), read from its CSV file without importing
+    scikit-learn (seconds of start-up), else through ``sklearn.datasets.load_digits``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+        if path.exists():
+            data = np.loadtxt(path, delimiter=",")
+            if data.ndim == 2 and data.shape[1] == 65:
+                return data[:, :-1], data[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.data, digits.target
+
+
 class DigitsSource(Source):
     """scikit-learn's 8x8 handwritten digits (1,797 images, shipped with the package).
 
@@ -367,12 +385,9 @@ class DigitsSource(Source):
         self.name = name or f"Digits{''.join(map(str, self.classes))}"
 
     def load(self, dataset_dir: str | Path | None = None) -> ImageArray:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
+        pixels, target = _load_digits()
         # values 0..16 -> 0..255
-        images = np.round(digits.images * (255 / 16)).astype(np.uint8)
-        target = digits.target
+        images = np.round(pixels.reshape(-1, 8, 8) * (255 / 16)).astype(np.uint8)
         rng = np.random.default_rng(0)
         in_test = np.zeros(len(target), dtype=bool)
         for digit in range(10):

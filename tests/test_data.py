@@ -1,0 +1,130 @@
+"""Batch loaders, the datamodule's data path and the uint8 cache (fast: tiny tensors)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mchad.data import sources
+from mchad.data.loaders import OutlierExposureLoader, TensorBatchLoader
+from mchad.data.sources import ImageArray, ImageFolderSource
+
+
+def array(n: int = 50, label: int | None = None) -> ImageArray:
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 4, 4).contiguous()
+    labels = torch.arange(n) % 5 if label is None else torch.full((n,), label)
+    return ImageArray(images, labels)
+
+
+def test_shuffled_epoch_is_a_permutation_driven_by_seed_and_epoch():
+    data = array(50)
+    epoch = [0]
+    loader = TensorBatchLoader(data, 8, shuffle=True, drop_last=False, seed=3, epoch=lambda: epoch[0])
+    batches = list(loader)
+    assert len(batches) == len(loader) == 7
+    seen = torch.cat([b[0][:, 0, 0, 0] for b in batches]).long()
+    assert sorted(seen.tolist()) == list(range(50))
+    # images and labels stay paired
+    for images, labels in batches:
+        assert torch.equal(images[:, 0, 0, 0].long() % 5, labels)
+    again = torch.cat([b[0][:, 0, 0, 0] for b in loader]).long()
+    assert torch.equal(seen, again)
+    epoch[0] = 1
+    other = torch.cat([b[0][:, 0, 0, 0] for b in loader]).long()
+    assert not torch.equal(seen, other)
+    assert not torch.equal(seen, torch.arange(50))
+
+
+def test_drop_last_and_order_without_shuffle():
+    loader = TensorBatchLoader(array(50), 8, drop_last=True)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 6 and all(len(b[0]) == 8 for b in batches)
+    assert torch.equal(torch.cat([b[1] for b in batches]), torch.arange(48) % 5)
+
+
+def test_outlier_exposure_batches():
+    inliers = TensorBatchLoader(array(40), 8, shuffle=True, drop_last=True, seed=1)
+    outliers = TensorBatchLoader(array(12, label=-1), 6, shuffle=True, drop_last=True, seed=2)
+    loader = OutlierExposureLoader(inliers, outliers)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 5
+    for images, labels in batches:
+        assert images.shape == (14, 3, 4, 4)
+        assert (labels[:8] >= 0).all() and (labels[8:] == -1).all()
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@needs_gpu
+def test_pinned_batches_when_asked():
+    loader = TensorBatchLoader(array(20), 8, shuffle=True, pin_memory=True)
+    images, labels = next(iter(loader))
+    assert images.is_pinned() and labels.is_pinned()
+
+
+@needs_gpu
+def test_gathered_on_the_gpu_when_the_data_live_there():
+    data = array(20)
+    loader = TensorBatchLoader(data, 8, shuffle=True, seed=0, device="cuda")
+    on_gpu = [(i.cpu(), l.cpu()) for i, l in loader]
+    on_host = list(TensorBatchLoader(data, 8, shuffle=True, seed=0, pin_memory=False))
+    for (a, b), (c, d) in zip(on_gpu, on_host):
+        assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_image_folder_is_decoded_once_then_cached(image_folder: Path, tmp_path: Path):
+    source = ImageFolderSource(str(image_folder), split="train", size=32)
+    decoded = sources.DECODED_IMAGES
+    first = source.load(tmp_path / "data")
+    assert sources.DECODED_IMAGES == decoded + len(first)
+    assert list((tmp_path / "data" / "cache").glob("*.pt"))
+    loads = sources.CACHE_LOADS
+    second = source.load(tmp_path / "data")
+    assert sources.DECODED_IMAGES == decoded + len(first)  # nothing decoded again
+    assert sources.CACHE_LOADS == loads + 1
+    assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
+    assert second.images.dtype == torch.uint8 and second.images.shape[1:] == (3, 32, 32)
+
+
+def test_digits_without_scikit_learn_import_match_scikit_learn():
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    pixels, target = sources._load_digits()
+    digits = load_digits()
+    assert np.array_equal(pixels, digits.data) and np.array_equal(target, digits.target)
+
+
+def test_performance_options_and_bf16_autocast(tmp_path: Path):
+    """model.channels_last puts convolutions and batches in that format; under bf16 autocast the
+    method still computes distances and losses in float32."""
+    from conftest import compose_config
+
+    from mchad.train import build
+
+    cfg = compose_config(["model.channels_last=true"], output_dir=tmp_path)
+    datamodule, model = build(cfg)
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    images, labels = next(iter(datamodule.train_dataloader()))
+    x = datamodule.transform(images, augment=True)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        terms = model._loss(out, labels)
+    assert out["distances"].dtype == torch.float32
+    assert terms["loss"].dtype == torch.float32 and torch.isfinite(terms["loss"])
+    terms["loss"].backward()
+
+
+def test_data_stay_on_the_host_without_a_gpu(tmp_path: Path):
+    from conftest import compose_config
+    from hydra.utils import instantiate
+
+    cfg = compose_config([], output_dir=tmp_path)
+    datamodule = instantiate(cfg.datamodule)
+    datamodule.setup("fit")
+    assert datamodule._device() is None  # no trainer, or a CPU trainer: gather on the host
+    with pytest.raises(Exception, match="data_on_device"):
+        instantiate(cfg.datamodule, data_on_device="sometimes")
