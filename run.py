@@ -1,5 +1,8 @@
 """Train and test a model: ``python run.py [experiment=<dataset>-<method>] [overrides...]``.
 
+- continue an interrupted run in its folder: ``python run.py resume=logs/runs/<date>/<time>_<id>``
+- only test a trained model: ``python run.py [experiment=...] train=false ckpt_path=<run folder> [testmodules=...]``
+
 See README.md; the configuration lives in config/ (Hydra).
 """
 

@@ -482,7 +482,11 @@ def _print_notes(results: pd.DataFrame, score: str, baseline: str, welch: pd.Dat
         print(f"note: {int(duplicated.sum())} rows share experiment/dataset/method/test case/score/seed "
               "with another run (each counts as a row in table.*; averaged per seed elsewhere)")
     if welch.empty:
-        print(f"note: no t-tests: baseline '{baseline}' has no '{score}' rows")
+        scored = results.loc[results["score"] == score, "method"]
+        if (scored == baseline).any():
+            print(f"note: no t-tests: no model besides the baseline '{baseline}' has '{score}' rows")
+        else:
+            print(f"note: no t-tests: baseline '{baseline}' has no '{score}' rows")
 
 
 if __name__ == "__main__":

