@@ -128,3 +128,16 @@ def test_data_stay_on_the_host_without_a_gpu(tmp_path: Path):
     assert datamodule._device() is None  # no trainer, or a CPU trainer: gather on the host
     with pytest.raises(Exception, match="data_on_device"):
         instantiate(cfg.datamodule, data_on_device="sometimes")
+
+
+def test_noise_sets_are_cached_with_the_same_values(tmp_path: Path):
+    from mchad.data.sources import NoiseSource
+
+    for kind in NoiseSource.KINDS:
+        source = NoiseSource(kind, n=400, size=32, seed=3)
+        drawn = source._draw()
+        loads = sources.CACHE_LOADS
+        first, second = source.load(tmp_path), source.load(tmp_path)
+        assert sources.CACHE_LOADS == loads + 1
+        for array in (first, second):
+            assert torch.equal(array.images, drawn.images) and (array.labels == -1).all()
