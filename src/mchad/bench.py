@@ -163,22 +163,17 @@ def compose(args, output_dir: Path, eval_sets: bool = False):
 
 def lightning_trainer(cfg, limit_train_batches: int, extra_callbacks: list):
     """The trainer run.py makes (loggers, callbacks, trainer config), limited to one short epoch."""
-    from hydra.utils import instantiate
-    from omegaconf import open_dict
+    from mchad.train import make_trainer
 
-    from mchad.robust import NonFiniteLossGuard, RNGState
-    from mchad.train import trainer_kwargs
-
-    loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
-    callbacks = extra_callbacks + [instantiate(c) for c in cfg.get("callbacks", {}).values()]
-    callbacks += [RNGState(), NonFiniteLossGuard()]
-    kwargs = trainer_kwargs(cfg.trainer)
-    with open_dict(kwargs):
-        kwargs.min_epochs = kwargs.max_epochs = 1
-        kwargs.limit_train_batches = limit_train_batches
-        kwargs.limit_val_batches = 1
-        kwargs.num_sanity_val_steps = 0
-    return instantiate(kwargs, logger=loggers, callbacks=callbacks)
+    return make_trainer(
+        cfg,
+        extra_callbacks=tuple(extra_callbacks),
+        min_epochs=1,
+        max_epochs=1,
+        limit_train_batches=limit_train_batches,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
 
 
 def step_timer(first: int, last: int):

@@ -30,7 +30,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pytorch_ood.loss import CenterLoss
 from torch import Tensor, nn
 
 Semantics = Literal["published", "paper"]
@@ -135,58 +134,11 @@ class OutlierPush(nn.Module):
         return f"margin={self.margin}, radius={self.radius}, semantics={self.semantics}"
 
 
-class HypersphereMarginLoss(OutlierPush):
-    """The push term of the ``paper`` reading (kept for imports of earlier versions)."""
-
-    def __init__(self, radius: float, margin: float):
-        super().__init__(margin=margin, radius=radius, semantics="paper")
-
-
 def pull_radius(radius: float, semantics: Semantics) -> float:
     """The ``r`` subtracted from squared distances in the pull term of each reading."""
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
     return float(radius) if semantics == "published" else float(radius) ** 2
-
-
-class MCHADTerms(nn.Module):
-    """The three unweighted MCHAD terms; owns the learnable class centres.
-
-    Returns ``{"center": L_center, "nll": L_nll, "oe": L_reg}`` for a distance matrix; the
-    weighted sum equals ``pytorch_ood.loss.MCHADLoss`` (``published``).
-    """
-
-    def __init__(
-        self,
-        n_classes: int,
-        n_embedding: int,
-        radius: float = 0.0,
-        margin: float = 0.0,
-        semantics: Semantics = "published",
-    ):
-        super().__init__()
-        self.semantics = semantics
-        self.radius = float(radius)
-        self.margin = float(margin)
-        self.pull_radius = pull_radius(radius, semantics)
-        # CenterLoss owns the ClassCenters (random normal init, learnable), so the centres are
-        # parameters of whatever module holds this one: optimised, moved and checkpointed with it.
-        self.center = CenterLoss(n_classes=n_classes, n_dim=n_embedding, radius=self.pull_radius)
-        self.push = OutlierPush(margin, radius, semantics)
-
-    @property
-    def centers(self) -> Tensor:
-        return self.center.centers.params
-
-    def distance(self, z: Tensor) -> Tensor:
-        return self.center.distance(z)
-
-    def forward(self, distances: Tensor, target: Tensor) -> dict[str, Tensor]:
-        return {
-            "center": center_pull(distances, target, self.pull_radius),
-            "nll": softmin_nll(distances, target),
-            "oe": self.push(distances, target),
-        }
 
 
 # --- II (Hassen & Chan) ------------------------------------------------------------------

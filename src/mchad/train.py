@@ -67,16 +67,11 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, OODModel]:
         )
     if cfg.model.get("pretrained_checkpoint"):
         load_pretrained(backbone, str(cfg.model.pretrained_checkpoint))
-    try:
-        method = instantiate(cfg.model.method)
-    except Exception as error:  # e.g. a negative weight: instantiate wraps the ValueError
-        cause = error.__cause__ if isinstance(error.__cause__, ValueError) else error
-        raise ConfigError(f"model.method: {cause}") from error
     model = OODModel(
         backbone=backbone,
-        method=method,
-        optimizer=instantiate(cfg.model.optimizer),
-        scheduler=instantiate(cfg.model.scheduler) if cfg.model.get("scheduler") else None,
+        method=_instantiate(cfg.model.method, "model.method"),
+        optimizer=_instantiate(cfg.model.optimizer, "model.optimizer"),
+        scheduler=_instantiate(cfg.model.scheduler, "model.scheduler") if cfg.model.get("scheduler") else None,
         test_case_names=datamodule.test_case_names,
     )
     apply_performance_options(cfg, datamodule, model)
@@ -113,6 +108,25 @@ def apply_performance_options(cfg: DictConfig, datamodule, model: OODModel) -> N
     compile_mode = cfg.model.get("compile", False)
     if compile_mode:
         model.backbone.compile(**({} if compile_mode is True else {"mode": str(compile_mode)}))
+
+
+def make_loggers(cfg: DictConfig) -> list:
+    return [_instantiate(c, "logger") for c in cfg.get("logger", {}).values()]
+
+
+def make_trainer(cfg: DictConfig, loggers: list | None = None, extra_callbacks: tuple = (), **overrides) -> pl.Trainer:
+    """The trainer of a run: ``cfg.trainer`` (plus ``overrides``) with the configured loggers and
+    callbacks, the RNG-state and non-finite-loss callbacks, and atomic checkpoint writes."""
+    from mchad.robust import AtomicCheckpointIO, NonFiniteLossGuard, RNGState
+
+    callbacks = [*extra_callbacks, *(_instantiate(c, "callbacks") for c in cfg.get("callbacks", {}).values())]
+    callbacks += [RNGState(), NonFiniteLossGuard()]
+    kwargs = trainer_kwargs(cfg.trainer)
+    with open_dict(kwargs):
+        kwargs.update(overrides)
+    plugins = {} if kwargs.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
+    loggers = make_loggers(cfg) if loggers is None else loggers
+    return _instantiate(kwargs, "trainer", logger=loggers, callbacks=callbacks, **plugins)
 
 
 def write_results(rows: list[dict], path: Path) -> None:
@@ -162,9 +176,6 @@ def run(cfg: DictConfig) -> Path:
     A stale results.csv in the run folder is removed first, so a run that fails leaves none.
     """
     from mchad.robust import (
-        AtomicCheckpointIO,
-        NonFiniteLossGuard,
-        RNGState,
         check_fits,
         checkpoint_file,
         keep_csv_history,
@@ -202,15 +213,10 @@ def run(cfg: DictConfig) -> Path:
     if resuming:
         _remove_stale_results(output_dir)
         _save_config(cfg, output_dir / "config.yaml")
-    loggers = [_instantiate(c, "logger") for c in cfg.get("logger", {}).values()]
-    callbacks = [_instantiate(c, "callbacks") for c in cfg.get("callbacks", {}).values()]
-    callbacks += [RNGState(), NonFiniteLossGuard()]
+    loggers = make_loggers(cfg)
     if training and checkpoint is not None:
         keep_csv_history(loggers, int(checkpoint.get("global_step", 0)))
-    plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
-    trainer: pl.Trainer = _instantiate(
-        trainer_kwargs(cfg.trainer), "trainer", logger=loggers, callbacks=callbacks, **plugins
-    )
+    trainer = make_trainer(cfg, loggers)
 
     if training:
         trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt_file is None else str(ckpt_file))
