@@ -258,3 +258,23 @@ def test_percent_values_are_rejected(tmp_path, capsys):
 def test_nonexistent_folder_is_an_error(tmp_path, capsys):
     assert main([str(tmp_path / "nope")]) == 2
     _assert_one_line_error(capsys, "no such folder")
+
+
+def test_headline_score_takes_each_runs_first_score(tmp_path):
+    """The paper's table holds Softmax (msp only) beside the distance models: with
+    score='headline' each run contributes the score it lists first."""
+    softmax_auroc = [0.61, 0.65]
+    for i, seed in enumerate([1, 2]):
+        base = {"experiment": "cifar10-softmax", "id_dataset": "CIFAR10", "method": "Softmax",
+                "test_case": "Textures", "seed": seed, "Accuracy": 0.9}
+        _write_run(tmp_path / f"softmax{seed}", [{**base, "score": "msp", "AUROC": softmax_auroc[i],
+                   "AUPR-IN": 0.5, "AUPR-OUT": 0.5, "FPR95": 0.5}], [])
+    for index in range(3):
+        _write_run(tmp_path / f"cac{index}", _rows("CAC", index), [])
+    df, _ = find_results(tmp_path)
+    table = summary_table(df, "headline")
+    assert set(table["Model"]) == {"Softmax", "CAC"}
+    softmax = _row(table, Model="Softmax")
+    assert softmax["AUROC mean"] == pytest.approx(100 * statistics.mean(softmax_auroc))
+    cac = _row(table, Model="CAC")  # its first score is distance; the cac rows (AUROC 0.10) stay out
+    assert cac["AUROC mean"] == pytest.approx(100 * statistics.mean(v for ood in OODS for v in AUROC["CAC"][ood]))

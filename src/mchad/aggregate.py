@@ -3,7 +3,7 @@
 Usage::
 
     python -m mchad.aggregate logs/multiruns/2026-11-28_12-00-00 [more folders...]
-        [--out DIR] [--score distance] [--baseline MCHAD]
+        [--out DIR] [--score headline|distance|msp|cac] [--baseline MCHAD]
 
 Every ``results.csv`` below the given folders is read (one row per test case and OOD
 score, metrics as fractions). A Hydra run folder (one holding ``.hydra/``) without a
@@ -44,6 +44,7 @@ from scipy import stats
 
 RESULTS_FILE = "results.csv"
 FAILED_FILE = "FAILED.txt"
+HEADLINE = "headline"
 KEY_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed"]
 METRICS = ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95"]
 REQUIRED_COLUMNS = KEY_COLUMNS + METRICS
@@ -153,6 +154,8 @@ def _read_results(path: Path) -> pd.DataFrame:
 
     frame = frame[REQUIRED_COLUMNS].copy()
     frame["run_dir"] = str(path.parent)
+    # a run lists its headline score first (distance; msp for Softmax)
+    frame["headline"] = frame["score"] == frame["score"].iloc[0] if len(frame) else []
     return frame
 
 
@@ -201,7 +204,9 @@ def _read_overrides(path: Path) -> list[str]:
 
 
 def _select_score(df: pd.DataFrame, score: str) -> pd.DataFrame:
-    rows = df[df["score"] == score]
+    """Rows of one score, or with ``score="headline"`` each run's headline score (the paper's
+    table: distance for the centre-based models, msp for the Softmax reference)."""
+    rows = df[df["headline"]] if score == HEADLINE else df[df["score"] == score]
     if rows.empty:
         present = ", ".join(sorted(df["score"].astype(str).unique()))
         raise NoResultsError(f"no rows with score '{score}' (scores present: {present})")
@@ -421,7 +426,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("folders", nargs="+", type=Path, help="run or sweep folders, searched recursively")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: FIRST_FOLDER/aggregate)")
-    parser.add_argument("--score", default="distance", help="OOD score to report (default: distance)")
+    parser.add_argument(
+        "--score",
+        default=HEADLINE,
+        help="OOD score to report: 'headline' (default: each run's first score, i.e. distance, and msp for "
+        "Softmax), or a score name such as distance, msp, cac",
+    )
     parser.add_argument("--baseline", default="MCHAD", help="model the t-tests compare against (default: MCHAD)")
     return parser.parse_args(argv)
 
@@ -474,7 +484,8 @@ def _paper_view(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _print_notes(results: pd.DataFrame, score: str, baseline: str, welch: pd.DataFrame) -> None:
-    without_score = sorted(set(results["method"]) - set(results.loc[results["score"] == score, "method"]))
+    selected = results["headline"] if score == HEADLINE else results["score"] == score
+    without_score = sorted(set(results["method"]) - set(results.loc[selected, "method"]))
     if without_score:
         print(f"note: no '{score}' rows for {', '.join(without_score)} (not in the table; see --score)")
     duplicated = results.duplicated(subset=KEY_COLUMNS, keep=False)
@@ -482,7 +493,7 @@ def _print_notes(results: pd.DataFrame, score: str, baseline: str, welch: pd.Dat
         print(f"note: {int(duplicated.sum())} rows share experiment/dataset/method/test case/score/seed "
               "with another run (each counts as a row in table.*; averaged per seed elsewhere)")
     if welch.empty:
-        scored = results.loc[results["score"] == score, "method"]
+        scored = results.loc[selected, "method"]
         if (scored == baseline).any():
             print(f"note: no t-tests: no model besides the baseline '{baseline}' has '{score}' rows")
         else:

@@ -47,6 +47,10 @@ class OODModel(pl.LightningModule):
         self.test_results: list[dict] = []
         self.test_outputs: dict[str, dict[str, Tensor]] = {}
         self._test_outputs: dict[int, dict[str, list[Tensor]]] = {}
+        # per-epoch sums of the loss terms, correct and known predictions (on the device)
+        self._train_sums: Tensor | None = None
+        self._train_steps = 0
+        self._train_keys: list[str] = []
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         z = self.backbone(x)
@@ -61,7 +65,7 @@ class OODModel(pl.LightningModule):
     # --- training -------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
         self.method.on_train_epoch_start()
-        self._train_sums: Tensor | None = None
+        self._train_sums = None
         self._train_steps = 0
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
@@ -75,19 +79,17 @@ class OODModel(pl.LightningModule):
         # logged: each self.log call costs Lightning ~0.5-1 ms of Python, per value and step.
         # No host synchronisation.
         values = torch.stack([*(v.detach().float() for v in terms.values()), correct.float(), known.sum().float()])
-        sums = getattr(self, "_train_sums", None)
-        self._train_sums = values if sums is None else sums + values
-        self._train_steps = getattr(self, "_train_steps", 0) + 1
+        self._train_sums = values if self._train_sums is None else self._train_sums + values
+        self._train_steps += 1
         self._train_keys = list(terms)
-        trainer = self._trainer
-        if trainer is not None and (self.global_step + 1) % max(1, trainer.log_every_n_steps) == 0:
+        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
             n = len(images)
             for k, v in terms.items():
                 self.log(f"train/{k}_step", v.detach(), on_step=True, on_epoch=False, batch_size=n)
         return terms["loss"]
 
     def on_train_epoch_end(self) -> None:
-        sums = getattr(self, "_train_sums", None)
+        sums = self._train_sums
         if sums is None:
             return
         means = sums[: len(self._train_keys)] / self._train_steps
