@@ -27,7 +27,7 @@ def _train(output_dir: Path, overrides: list[str]) -> Path:
 
     from mchad.train import run
 
-    cfg = compose_config(["+trainer.enable_progress_bar=false", *overrides], output_dir)
+    cfg = compose_config(["trainer.enable_progress_bar=false", *overrides], output_dir)
     try:
         run(cfg)
     finally:

@@ -29,7 +29,7 @@ SHORT = [
     "trainer.min_epochs=3",
     "trainer.limit_train_batches=3",
     "trainer.limit_val_batches=1",
-    "+trainer.enable_progress_bar=false",
+    "trainer.enable_progress_bar=false",
 ]
 KEEP_CALLBACKS = ("model_checkpoint", "last_checkpoint", "lr_monitor")
 
