@@ -124,6 +124,9 @@ def make_trainer(cfg: DictConfig, loggers: list | None = None, extra_callbacks: 
     kwargs = trainer_kwargs(cfg.trainer)
     with open_dict(kwargs):
         kwargs.update(overrides)
+    if not kwargs.get("enable_progress_bar", True):
+        # Lightning refuses a configured progress bar next to enable_progress_bar=false
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
     plugins = {} if kwargs.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
     loggers = make_loggers(cfg) if loggers is None else loggers
     return _instantiate(kwargs, "trainer", logger=loggers, callbacks=callbacks, **plugins)
