@@ -22,7 +22,8 @@ Prints, for the current machine, one model, data set, batch size and optimiser:
     the heaviest imports (``python -X importtime``).
 
 Every timing is repeated; min and median are printed and the ratios are quoted. ``--data auto``
-uses the CIFAR-10 image folder at /work/shared/data/cifar10-jpeg (or ``--root``) if it exists,
+uses a CIFAR-10 image folder (``--root``, default ``../shared/data/cifar10-jpeg`` beside the
+repository, or ``$MCHAD_BENCH_ROOT``) if it exists,
 else synthetic uint8 images of CIFAR's shape, so the benchmark runs anywhere offline.
 """
 
@@ -39,7 +40,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_ROOT = Path("/work/shared/data/cifar10-jpeg")
+DEFAULT_ROOT = Path(os.environ.get("MCHAD_BENCH_ROOT", REPO.parent / "shared" / "data" / "cifar10-jpeg"))
 
 
 # --- sources and probes used through Hydra configs ---------------------------------------------
