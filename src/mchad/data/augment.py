@@ -95,12 +95,3 @@ def crop_flip(
     index = (rows * wp + cols).expand(b, h, w).reshape(b, 1, h * w).expand(b, c, h * w)
     return x.reshape(b, c, hp * wp).gather(2, index).view(b, c, h, w)
 
-
-def random_crop(x: Tensor, padding: int) -> Tensor:
-    """Zero-pad by ``padding`` and crop back to the input size at a random offset per image."""
-    return crop_flip(x, padding, flip=False)
-
-
-def random_flip(x: Tensor) -> Tensor:
-    """Mirror each image horizontally with probability 1/2."""
-    return crop_flip(x, 0, flip=True)
