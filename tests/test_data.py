@@ -141,3 +141,16 @@ def test_noise_sets_are_cached_with_the_same_values(tmp_path: Path):
         assert sources.CACHE_LOADS == loads + 1
         for array in (first, second):
             assert torch.equal(array.images, drawn.images) and (array.labels == -1).all()
+
+
+def test_image_files_are_listed_in_path_order(tmp_path: Path):
+    """The fast listing keeps ``sorted(Path.rglob)``'s order (components compared in turn, so
+    ``a/z`` before ``a-b/a``), skips non-images and does not descend when told not to."""
+    names = ["a/z.png", "a-b/a.png", "a/b/c.JPG", "a/b.png", "b.jpeg", "notes.txt", "a/readme.md", "a0/x.webp"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    expected = [str(p) for p in sorted(tmp_path.rglob("*")) if p.suffix.lower() in sources.IMAGE_SUFFIXES]
+    assert sources.image_files(tmp_path) == expected
+    assert expected.index(str(tmp_path / "a/z.png")) < expected.index(str(tmp_path / "a-b/a.png"))
+    assert sources.image_files(tmp_path, recursive=False) == [str(tmp_path / "b.jpeg")]
