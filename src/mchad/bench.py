@@ -441,13 +441,29 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    sections = set(args.only.split(","))
+    """Run the benchmark; quiets warnings and Lightning's logging while it runs, then restores them."""
     import logging
     import warnings
 
+    import pytorch_lightning  # noqa: F401  (sets its loggers' levels on import: restore those)
+
+    names = ("pytorch_lightning", "lightning", "lightning_fabric", "lightning.pytorch", "mchad")
+    levels = {name: logging.getLogger(name).level for name in names}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore")
+            return _main(argv)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _main(argv=None) -> dict:
+    args = parse_args(argv)
+    sections = set(args.only.split(","))
+    import logging
+
     os.environ.setdefault("MCHAD_ROOT", str(REPO))
-    warnings.filterwarnings("ignore")
     for name in ("pytorch_lightning", "lightning", "lightning_fabric", "mchad"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
