@@ -1,9 +1,9 @@
 """Benchmark: is training and testing as fast as the hardware allows?
 
     python -m mchad.bench [--data auto|cifar10|synthetic] [--backbone convnet|wrn40-2]
-                          [--batch-size 128] [--steps 8] [--repeats 3] [--device auto|cpu|cuda]
+                          [--batch-size 128] [--steps 32] [--repeats 7] [--device auto|cpu|cuda]
                           [--precision 32-true|bf16-mixed] [--channels-last auto|true|false]
-                          [--compile false|true|MODE] [--eval-size 2000] [--only train,data,eval,startup]
+                          [--compile false|true|MODE] [--eval-size 1000] [--only train,data,eval,startup]
 
 Prints, for the current machine, one model, data set, batch size and optimiser:
 
@@ -418,9 +418,9 @@ def parse_args(argv=None):
     p.add_argument("--backbone", default="convnet", help="config/model/backbone: convnet, wrn40-2")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--test-batch-size", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=16, help="timed training steps per repeat")
+    p.add_argument("--steps", type=int, default=32, help="timed training steps per repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps before them")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--data-batches", type=int, default=100, help="batches per repeat of (b)")
     p.add_argument("--eval-size", type=int, default=1000, help="images of the ID test set and of each OOD set")
     p.add_argument("--eval-repeats", type=int, default=2)
@@ -478,7 +478,9 @@ def _main(argv=None) -> dict:
     report: dict = {}
     work = Path(tempfile.mkdtemp(prefix="mchad-bench-"))
     try:
-        cfg = compose(args, work / "run")
+        # a fresh folder per timed run: TensorBoard's projector warns when one is reused
+        runs = (work / f"run{i}" for i in range(1_000_000))
+        cfg = compose(args, next(runs))
         device = resolve_device(cfg)
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         print("=" * 78)
@@ -492,9 +494,12 @@ def _main(argv=None) -> dict:
 
         if "train" in sections:
             light, bare = [], []
-            for _ in range(args.repeats):  # alternate, so that load changes hit both
-                light.append(train_lightning(compose(args, work / "run"), args))
-                bare.append(train_bare(compose(args, work / "run"), args))
+            for r in range(args.repeats):  # alternate (and swap who goes first), so that load changes hit both
+                if r % 2:
+                    bare.append(train_bare(compose(args, next(runs)), args))
+                light.append(train_lightning(compose(args, next(runs)), args))
+                if not r % 2:
+                    bare.append(train_bare(compose(args, next(runs)), args))
             ratios = [a / b for a, b in zip(light, bare)]
             report["train"] = {"lightning": light, "bare": bare, "ratio": ratios}
             ratio = statistics.median(ratios)  # paired: each Lightning repeat with the bare one next to it
@@ -508,7 +513,7 @@ def _main(argv=None) -> dict:
             print(f"    framework overhead    : {per_step:+.1f} ms per step", flush=True)
 
         if "data" in sections:
-            rates = data_pipeline(compose(args, work / "run"), args, args.data_batches)
+            rates = data_pipeline(compose(args, next(runs)), args, args.data_batches)
             report["data"] = rates
             reference = statistics.median(report["train"]["lightning"]) if "train" in report else None
             print(f"(b) data pipeline alone (permutation, gather, transfer, crop+flip+normalise), {args.data_batches} batches")
@@ -518,7 +523,7 @@ def _main(argv=None) -> dict:
                 print(f"    ratio data/training   : {ratio:.1f}x  [target >= 10x: {'MET' if ratio >= 10 else 'MISSED'}]", flush=True)
 
         if "eval" in sections:
-            ev = evaluation(compose(args, work / "run", eval_sets=True), args)
+            ev = evaluation(compose(args, next(runs), eval_sets=True), args)
             report["eval"] = ev
             print(f"(c) testing: ID test set + {ev['cases']} OOD sets = {ev['images']:,} images, {ev['rows']} metric rows")
             print(f"    scoring               : {fmt(ev['scoring'], ' img/s')}")
