@@ -6,6 +6,8 @@ import glob
 import math
 import tempfile
 
+import pytest
+
 from mchad import bench
 
 
@@ -28,3 +30,10 @@ def test_benchmark_runs_every_section_on_synthetic_data(capsys):
     assert start["ray_imported"] is False and start["decoded_images"] == 0
     assert set(start["phases"]) == {"to Trainer.fit", "sanity validation", "rest of fit set-up"}
     assert set(glob.glob(f"{tempfile.gettempdir()}/mchad-bench-*")) == before  # work folder removed
+
+
+def test_unknown_section_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--only", "train,trian"])
+    assert exit_info.value.code == 2
+    assert "unknown section(s) trian" in capsys.readouterr().err

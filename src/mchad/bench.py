@@ -32,6 +32,7 @@ else synthetic uint8 images of CIFAR's shape, so the benchmark runs anywhere off
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -435,43 +436,42 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--only", default="train,data,eval,startup", help="comma-separated sections")
     args = p.parse_args(argv)
+    unknown = set(args.only.split(",")) - {"train", "data", "eval", "startup"}
+    if unknown:
+        p.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}; choose from train, data, eval, startup")
     if args.data == "auto":
         args.data = "cifar10" if (Path(args.root) / "train").is_dir() else "synthetic"
     return args
 
 
 def main(argv=None) -> dict:
-    """Run the benchmark; quiets warnings and Lightning's logging while it runs, then restores them."""
+    """Run the benchmark. Warnings and Lightning's info logging are quiet while it runs (the
+    figures are the output) and restored afterwards (the tests call this in-process)."""
     import logging
     import warnings
 
-    import pytorch_lightning  # noqa: F401  (sets its loggers' levels on import: restore those)
+    import pytorch_lightning  # noqa: F401  (sets its loggers' levels on import: quiet them after)
 
-    names = ("pytorch_lightning", "lightning", "lightning_fabric", "lightning.pytorch", "mchad")
-    levels = {name: logging.getLogger(name).level for name in names}
+    args = parse_args(argv)
+    quiet = {"pytorch_lightning": logging.WARNING, "lightning": logging.WARNING, "lightning_fabric": logging.WARNING,
+             "lightning.pytorch": logging.WARNING, "mchad": logging.ERROR}
+    levels = {name: logging.getLogger(name).level for name in quiet}
     try:
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore")
-            return _main(argv)
+            return _main(args, argv if argv is not None else sys.argv[1:])
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
 
 
-def _main(argv=None) -> dict:
-    args = parse_args(argv)
-    sections = set(args.only.split(","))
-    import logging
-
-    os.environ.setdefault("MCHAD_ROOT", str(REPO))
-    for name in ("pytorch_lightning", "lightning", "lightning_fabric", "mchad"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-    import pytorch_lightning  # noqa: F401  (sets its loggers' levels on import; quieten them after)
+def _main(args, argv: list[str]) -> dict:
     import torch
 
-    for name in ("pytorch_lightning", "lightning", "lightning_fabric", "lightning.pytorch"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    sections = set(args.only.split(","))
+    os.environ.setdefault("MCHAD_ROOT", str(REPO))
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -479,12 +479,12 @@ def _main(argv=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="mchad-bench-"))
     try:
         # a fresh folder per timed run: TensorBoard's projector warns when one is reused
-        runs = (work / f"run{i}" for i in range(1_000_000))
+        runs = (work / f"run{i}" for i in itertools.count())
         cfg = compose(args, next(runs))
         device = resolve_device(cfg)
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         print("=" * 78)
-        print("mchad benchmark:", " ".join(sys.argv[1:]) or "(defaults)")
+        print("mchad benchmark:", " ".join(argv) or "(defaults)")
         print(f"machine: {gpu or 'CPU only'}; {os.cpu_count()} CPU cores, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads; load average {load:.1f} at start")
         print(f"data: {args.data}" + (f" ({args.root})" if args.data == "cifar10" else " (uint8 3x32x32, 50k/10k)")
