@@ -1,7 +1,7 @@
 """Benchmark: is training and testing as fast as the hardware allows?
 
     python -m mchad.bench [--data auto|cifar10|synthetic] [--backbone convnet|wrn40-2]
-                          [--batch-size 128] [--steps 32] [--repeats 7] [--device auto|cpu|cuda]
+                          [--batch-size 128] [--steps 32] [--repeats 11] [--device auto|cpu|cuda]
                           [--precision 32-true|bf16-mixed] [--channels-last auto|true|false]
                           [--compile false|true|MODE] [--eval-size 1000] [--only train,data,eval,startup]
 
@@ -421,7 +421,7 @@ def parse_args(argv=None):
     p.add_argument("--test-batch-size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=32, help="timed training steps per repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps before them")
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--data-batches", type=int, default=100, help="batches per repeat of (b)")
     p.add_argument("--eval-size", type=int, default=1000, help="images of the ID test set and of each OOD set")
     p.add_argument("--eval-repeats", type=int, default=2)
