@@ -23,6 +23,9 @@ How the numbers are aggregated (the paper's protocol):
   dataset, on the per-seed AUROC and accuracy averaged over the OOD sets (one value per
   seed, so the samples are independent).
 * ``auroc_<dataset>.png``: AUROC per OOD set and model, error bars = std over seeds.
+* ``openset_<setting>.*`` (open-set runs, mchad.osr: rows with a ``split``): per model, mean
+  and std (ddof=1) over all runs (five splits x seeds) of Accuracy, AUROC and OSCR of the
+  ``Unknown`` test case, in %; these runs stay out of the tables above.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ OOD_ORDER = [
     "UniformNoise",
 ]
 WELCH_METRICS = ["AUROC", "Accuracy"]
+# open-set recognition (mchad.osr): the test case of the unknown classes and the reported metrics
+UNKNOWN_CASE = "Unknown"
+OPENSET_METRICS = ["Accuracy", "AUROC", "OSCR"]
 
 # Column names of the written tables.
 DATASET, MODEL, OOD_SET = "Dataset", "Model", "OOD set"
@@ -152,7 +158,10 @@ def _read_results(path: Path) -> pd.DataFrame:
     for column in ["experiment", "id_dataset", "method", "test_case", "score"]:
         frame[column] = frame[column].astype(str)
 
+    # open-set runs (mchad.osr) say which known/unknown split they trained on
+    split = pd.to_numeric(frame["split"], errors="coerce") if "split" in frame.columns else np.nan
     frame = frame[REQUIRED_COLUMNS].copy()
+    frame["split"] = split
     frame["run_dir"] = str(path.parent)
     # a run lists its headline score first (distance; msp for Softmax)
     frame["headline"] = frame["score"] == frame["score"].iloc[0] if len(frame) else []
@@ -231,6 +240,37 @@ def summary_table(df: pd.DataFrame, score: str = "distance", by_ood: bool = Fals
 
     table = counts.join(stats_table).reset_index().rename(columns=_DISPLAY_NAMES)
     return _sort_rows(table)
+
+
+def split_openset(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(open-set rows, the other rows)``: open-set runs have a ``split``."""
+    openset = results["split"].notna()
+    return results[openset], results[~openset]
+
+
+def openset_table(df: pd.DataFrame, score: str = HEADLINE) -> pd.DataFrame:
+    """Open-set recognition: mean and std (in %) per setting and model over all runs (every
+    split and seed) of their ``Unknown`` test case; each run gives one row."""
+    rows = _select_score(df[df["test_case"] == UNKNOWN_CASE], score)
+    metrics = [m for m in OPENSET_METRICS if m in rows.columns]
+    percent = rows[["id_dataset", "method", "split", "seed"]].assign(**{m: rows[m] * 100.0 for m in metrics})
+    grouped = percent.groupby(["id_dataset", "method"], sort=False)
+    stats_table = grouped[metrics].agg(["mean", "std"])
+    stats_table.columns = [f"{metric} {stat}" for metric, stat in stats_table.columns]
+    counts = grouped.agg(Splits=("split", "nunique"), Seeds=("seed", "nunique"), Runs=("seed", "size"))
+    table = counts.join(stats_table).reset_index().rename(columns=_DISPLAY_NAMES)
+    return _sort_rows(table)
+
+
+def write_openset_tables(df: pd.DataFrame, out_dir: str | Path, score: str = HEADLINE) -> list[Path]:
+    """One table per open-set setting, ``openset_<setting>.csv|md|html|tex``; [] without open-set rows."""
+    if df.empty:
+        return []
+    table = openset_table(df, score)
+    written = []
+    for setting, part in table.groupby(DATASET, sort=False):
+        written.append(write_tables(part.reset_index(drop=True), out_dir, f"openset_{_safe_name(setting)}")["md"])
+    return written
 
 
 def _sort_rows(table: pd.DataFrame) -> pd.DataFrame:
@@ -442,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out if args.out is not None else args.folders[0] / "aggregate"
     try:
         results, missing = find_results(args.folders)
+        openset, results = split_openset(results)
+        openset_files = write_openset_tables(openset, out_dir, args.score)
+        if results.empty:  # open-set runs only
+            return _report_openset(openset, openset_files, missing, out_dir, args.score)
         table = summary_table(results, args.score)
         per_ood = summary_table(results, args.score, by_ood=True)
         welch = welch_tests(results, args.baseline, args.score)
@@ -470,6 +514,27 @@ def main(argv: list[str] | None = None) -> int:
     _print_notes(results, args.score, args.baseline, welch)
     print(f"written to {out_dir}: table.*, table_per_ood.*, welch.*, missing.txt, "
           + ", ".join(p.name for p in plots))
+    if openset_files:
+        _report_openset(openset, openset_files, None, out_dir, args.score)
+    return 0
+
+
+def _report_openset(openset: pd.DataFrame, files: list[Path], missing: list[MissingRun] | None, out_dir: Path,
+                    score: str) -> int:
+    """Print the open-set tables; with ``missing`` (open-set runs only) also write missing.txt."""
+    if missing is not None:
+        header = f"# {len(missing)} missing/failed trial(s): run folders without {RESULTS_FILE}\n"
+        (out_dir / "missing.txt").write_text(header + "".join(f"{m}\n" for m in missing), encoding="utf-8")
+    table = openset_table(openset, score)
+    metrics = [m for m in OPENSET_METRICS if f"{m} mean" in table.columns]
+    view = table[[DATASET, MODEL, "Splits", "Seeds"]].astype(str)
+    for metric in metrics:
+        view[metric] = [f"{m:.2f} ± {s:.2f}" for m, s in zip(table[f"{metric} mean"], table[f"{metric} std"])]
+    print(f"\nOpen-set recognition (score: {score}; mean ± std over splits and seeds, in %)\n")
+    print(to_markdown(view, [False, False, True, True] + [True] * len(metrics)))
+    for run in missing or []:
+        print(f"  {'failed' if run.cause else 'missing'}: {run}")
+    print(f"written to {out_dir}: " + ", ".join(p.with_suffix(".*").name for p in files))
     return 0
 
 

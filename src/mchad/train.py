@@ -136,7 +136,8 @@ def write_results(rows: list[dict], path: Path) -> None:
     """Write results.csv atomically: a reader sees the whole file or none."""
     import pandas as pd  # here, not at start-up (python -m mchad.bench)
 
-    frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    extra = [key for key in (rows[0] if rows else {}) if key not in RESULT_COLUMNS]
+    frame = pd.DataFrame(rows, columns=RESULT_COLUMNS + extra)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         frame.to_csv(tmp, index=False)
@@ -229,8 +230,9 @@ def run(cfg: DictConfig) -> Path:
     del checkpoint
     trainer.test(model, datamodule=datamodule, verbose=False)
 
+    extra = getattr(datamodule, "result_columns", {})  # e.g. the open-set split
     rows = [
-        {"experiment": cfg.name, "id_dataset": datamodule.name, "method": cfg.model.name, "seed": cfg.seed, **row}
+        {"experiment": cfg.name, "id_dataset": datamodule.name, "method": cfg.model.name, "seed": cfg.seed, **extra, **row}
         for row in model.test_results
     ]
     write_results(rows, path)

@@ -310,6 +310,41 @@ class PytorchOODSource(Source):
         return _cached(root, key, build)
 
 
+class TinyImageNetSource(Source):
+    """TinyImageNet's labelled ``train`` or ``val`` images (pytorch-ood, downloaded into
+    ``dataset_dir``), labels = index of the WordNet id in sorted order, resized to ``size``
+    and cached. Used by the open-set setting TinyImageNet 20/180 (``val`` as its test set)."""
+
+    def __init__(self, split: str = "train", size: int = 32, download: bool = True):
+        if split not in ("train", "val"):
+            raise ValueError(f"TinyImageNet split must be 'train' or 'val', got {split!r}")
+        self.split, self.size, self.download = split, size, download
+        self.name = f"TinyImageNet/{split}"
+
+    def load(self, dataset_dir: str | Path) -> ImageArray:
+        from pytorch_ood.dataset.img import TinyImageNet
+
+        root = Path(dataset_dir)
+        try:
+            data = TinyImageNet(root=str(root), subset=self.split, download=self.download)
+        except Exception as error:
+            raise _missing(
+                self.name,
+                root,
+                f"Download it where there is internet (pytorch_ood.dataset.img.TinyImageNet(root, download=True)) and "
+                f"copy it into {root}, or use an image folder: datamodule=imagefolder datamodule.root=/path.",
+                error,
+            ) from error
+        key = f"tinyimagenet|{self.split}|{root.resolve()}|{len(data.paths)}|{self.size}"
+        classes = sorted(data.class_map, key=data.class_map.get)
+
+        def build() -> ImageArray:
+            images = decode_files(list(data.paths), self.size, desc=f"decoding {self.name}")
+            return ImageArray(images, torch.tensor(data.labels, dtype=torch.long), classes)
+
+        return _cached(root, key, build)
+
+
 class TinyImages300kSource(Source):
     """Hendrycks' 300K random TinyImages (outlier exposure), downloaded into ``dataset_dir``."""
 
