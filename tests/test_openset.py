@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import ROOT, compose_config
@@ -111,6 +112,8 @@ def test_every_setting_method_pair_composes(setting, method):
     expected_embedding = n_known if method in ("cac", "gcac") else reference.model.n_embedding
     assert cfg.model.n_embedding == expected_embedding
     assert ("outliers" in cfg.datamodule) == (method in ("gmchad", "gcenter", "gcac"))
+    for node in ("datamodule", "model", "trainer"):  # every interpolation resolves
+        OmegaConf.to_container(cfg[node], resolve=True)
 
 
 def make_cifar_folder(root: Path, names: list[str], per_class: dict[str, int], size: int = 12) -> Path:
