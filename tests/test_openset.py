@@ -20,7 +20,7 @@ from PIL import Image
 from conftest import ROOT, compose_config
 from mchad.aggregate import main as aggregate_main
 from mchad.aggregate import openset_table
-from mchad.errors import ConfigError, DataError
+from mchad.errors import ConfigError, DataError, DataNotFoundError
 from mchad.osr import CIFAR10_CLASSES, CIFAR100_CLASSES, METHODS, SETTINGS, SPLITS, SplitError, class_split
 from mchad.train import build, run
 
@@ -272,3 +272,31 @@ def test_run_openset_dry_run_lists_every_setting_method_and_split(tmp_path):
     bad = subprocess.run(["bash", str(ROOT / "bash" / "run-openset.sh"), "-n"], capture_output=True, text=True,
                          timeout=60, env={"PATH": "/usr/bin:/bin", "SETTINGS": "mnist"})
     assert bad.returncode == 2 and "unknown setting mnist" in bad.stderr
+
+
+def test_tinyimagenet_source_reads_pytorch_oods_layout(tmp_path):
+    """train/<wnid>/images/* and val/images/* with val_annotations.txt, labels = sorted wnid index."""
+    from mchad.data import TinyImageNetSource
+
+    base = tmp_path / "tiny-imagenet-200"
+    wnids = ["n02", "n01", "n03"]  # sorted: n01, n02, n03
+    for index, wnid in enumerate(wnids):
+        folder = base / "train" / wnid / "images"
+        folder.mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (16, 16), (index * 100, 0, 0)).save(folder / f"{wnid}_{i}.JPEG")
+    (base / "val" / "images").mkdir(parents=True)
+    annotations = []
+    for i, wnid in enumerate(["n03", "n01"]):
+        Image.new("RGB", (16, 16), (0, 0, 0)).save(base / "val" / "images" / f"val_{i}.JPEG")
+        annotations.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t16\t16")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
+    train = TinyImageNetSource("train", size=8, download=False).load(tmp_path)
+    val = TinyImageNetSource("val", size=8, download=False).load(tmp_path)
+    assert train.classes == ["n01", "n02", "n03"] and tuple(train.images.shape) == (6, 3, 8, 8)
+    assert sorted(train.labels.tolist()) == [0, 0, 1, 1, 2, 2]
+    assert val.labels.tolist() == [2, 0]
+    # class n02 (index 0 in the listing, red 0) has label 1
+    assert (train.images[train.labels == 1][:, 0] <= 5).all() and (train.images[train.labels == 2][:, 0] > 150).all()
+    with pytest.raises(DataNotFoundError, match="TinyImageNet/train not found"):
+        TinyImageNetSource("train", download=False).load(tmp_path / "nothing")
