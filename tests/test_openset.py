@@ -180,8 +180,9 @@ def test_tiny_image_folder_open_set_run_writes_rows(cifar_folder, tmp_path, expe
     assert set(frame.test_case) == {"Unknown"} and (frame.split == 2).all()
     assert (frame.experiment == experiment).all() and (frame.id_dataset == "CIFAR10 6/4").all()
     assert (frame.method == method).all() and frame.score.iloc[0] == "distance"
-    for column in ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95"]:
+    for column in ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95", "OSCR"]:
         assert frame[column].between(0, 1).all(), column
+    assert (frame.OSCR <= frame.Accuracy + 1e-9).all()
 
 
 def test_wrong_class_folders_are_refused(tmp_path):
@@ -223,7 +224,8 @@ def _write_fake_sweep(root: Path) -> None:
              "test_case": "Unknown", "score": score, "seed": seed + 1,
              "Accuracy": values["Accuracy"][split][seed],
              "AUROC": values["AUROC"][split][seed] if score == "distance" else 0.5,
-             "AUPR-IN": 0.5, "AUPR-OUT": 0.5, "FPR95": 0.5, "split": split}
+             "AUPR-IN": 0.5, "AUPR-OUT": 0.5, "FPR95": 0.5, "OSCR": 0.9 * values["Accuracy"][split][seed],
+             "split": split}
             for score in ("distance", "msp")
         ]
         pd.DataFrame(rows).to_csv(folder / "results.csv", index=False)
@@ -240,6 +242,7 @@ def test_openset_aggregation_gives_the_means_over_splits_and_seeds(tmp_path):
             assert row[f"{metric} mean"] == pytest.approx(values.mean())
             assert row[f"{metric} std"] == pytest.approx(values.std(ddof=1))
         assert (row["Splits"], row["Seeds"], row["Runs"]) == (3, 2, 6)
+        assert row["OSCR mean"] == pytest.approx(0.9 * row["Accuracy mean"])
     # by hand: MCHAD's AUROC over the six runs
     assert table["AUROC mean"][0] == pytest.approx((90 + 92 + 80 + 84 + 70 + 74) / 6)
     for ext in ("md", "html", "tex"):
@@ -300,3 +303,21 @@ def test_tinyimagenet_source_reads_pytorch_oods_layout(tmp_path):
     assert (train.images[train.labels == 1][:, 0] <= 5).all() and (train.images[train.labels == 2][:, 0] > 150).all()
     with pytest.raises(DataNotFoundError, match="TinyImageNet/train not found"):
         TinyImageNetSource("train", download=False).load(tmp_path / "nothing")
+
+
+def test_oscr_by_hand():
+    import torch
+
+    from mchad.metrics import oscr
+
+    # sorted: 0.1 ID right, 0.2 ID wrong, 0.25 OOD, 0.3 ID right, 0.4 OOD; the curve (CCR over FPR)
+    # (0,0) (0,1/3) (0,1/3) (1/2,1/3) (1/2,2/3) (1,2/3): area 1/2 * 1/3 + 1/2 * 2/3 = 1/2
+    value = oscr(torch.tensor([0.3, 0.1, 0.2]), torch.tensor([True, True, False]), torch.tensor([0.4, 0.25]))
+    assert value == pytest.approx(0.5)
+    # a tie between an ID and an OOD sample is one step: a trapezoid from (0,0) to (1,1)
+    assert oscr(torch.tensor([0.1]), torch.tensor([True]), torch.tensor([0.1])) == pytest.approx(0.5)
+    # perfect separation and classification: 1; all wrong: 0
+    assert oscr(torch.tensor([0.0, 0.1]), torch.tensor([True, True]), torch.tensor([0.5])) == pytest.approx(1.0)
+    assert oscr(torch.tensor([0.0, 0.1]), torch.tensor([False, False]), torch.tensor([0.5])) == 0.0
+    with pytest.raises(ValueError):
+        oscr(torch.tensor([]), torch.tensor([], dtype=torch.bool), torch.tensor([0.5]))

@@ -160,8 +160,10 @@ def _read_results(path: Path) -> pd.DataFrame:
 
     # open-set runs (mchad.osr) say which known/unknown split they trained on
     split = pd.to_numeric(frame["split"], errors="coerce") if "split" in frame.columns else np.nan
+    # results.csv files written before OSCR existed lack it
+    oscr = pd.to_numeric(frame["OSCR"], errors="coerce") if "OSCR" in frame.columns else np.nan
     frame = frame[REQUIRED_COLUMNS].copy()
-    frame["split"] = split
+    frame["split"], frame["OSCR"] = split, oscr
     frame["run_dir"] = str(path.parent)
     # a run lists its headline score first (distance; msp for Softmax)
     frame["headline"] = frame["score"] == frame["score"].iloc[0] if len(frame) else []

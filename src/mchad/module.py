@@ -12,6 +12,7 @@ from pytorch_ood.metrics import OODMetrics
 from torch import Tensor, nn
 
 from mchad.methods import Method
+from mchad.metrics import oscr
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ class OODModel(pl.LightningModule):
                 values = metrics.compute()
                 row = {"test_case": case, "score": score, "Accuracy": accuracy}
                 row.update({column: float(values[key]) for column, key in METRIC_KEYS.items()})
+                row["OSCR"] = oscr(ind[score], ind["predictions"] == ind["labels"], ood[score])
                 self.test_results.append(row)
-                for column in METRIC_KEYS:
+                for column in [*METRIC_KEYS, "OSCR"]:
                     self.log(f"test/{case}/{score}/{column}", row[column])

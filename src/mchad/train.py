@@ -18,7 +18,7 @@ from mchad.module import METRIC_KEYS, OODModel
 
 log = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed", "Accuracy", *METRIC_KEYS]
+RESULT_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed", "Accuracy", *METRIC_KEYS, "OSCR"]
 
 
 def trainer_kwargs(trainer_cfg: DictConfig) -> DictConfig:
