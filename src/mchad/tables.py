@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -295,88 +295,96 @@ def _number(value: float, decimals: int) -> str:
     return f"{value:.{decimals}f}"
 
 
+@dataclass(frozen=True)
+class _Markup:
+    """How one output format writes the parts of a table."""
+
+    cell_pm: str  # between mean and spread in a cell
+    nospread: str  # spread of a single seed
+    missing: str  # a cell without result
+    bold: str  # format of a best cell's body
+    marker: str  # significance marker after the body
+    wrap: str  # format of a whole cell
+    arrows: dict[bool, str]  # header suffix by higher_is_better
+    symbols: dict[str, str]  # caption placeholders: pm, dagger, percent, nospread
+    escape: Callable[[str], str]
+
+    def cell(self, cell: Cell | None, decimals: int) -> str:
+        if cell is None:
+            return self.missing
+        spread = self.nospread if math.isnan(cell.spread) else _number(cell.spread, decimals)
+        body = f"{_number(cell.mean, decimals)}{self.cell_pm}{spread}"
+        body = self.bold.format(body) if cell.best else body
+        return self.wrap.format(body + (self.marker if cell.significant else ""))
+
+    def header(self, table: PaperTable) -> list[str]:
+        return [DATASET, "Method"] + [self.escape(c) + (self.arrows[h] if table.show_arrows else "")
+                                      for c, h in zip(table.columns, table.higher_is_better)]
+
+    def body(self, table: PaperTable) -> list[list[str]]:
+        """Cells per row; the dataset named on the first row of its group only."""
+        rows, previous = [], None
+        for (dataset, name), row in zip(table.rows, table.cells):
+            first = self.escape(dataset) if dataset != previous else ""
+            rows.append([first, self.escape(name)] + [self.cell(c, table.decimals) for c in row])
+            previous = dataset
+        return rows
+
+    def caption(self, table: PaperTable) -> str:
+        # Sentences carry {pm} etc. placeholders; the free text (names) is escaped.
+        sentences = []
+        for sentence in table.caption:
+            parts = re.split(r"\{(pm|dagger|percent|nospread)\}", sentence)
+            # re.split with a group: odd positions are the placeholder names
+            sentences.append("".join(self.symbols[p] if i % 2 else self.escape(p) for i, p in enumerate(parts)))
+        return ". ".join(s[0].upper() + s[1:] for s in sentences if s) + "."
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+MARKDOWN = _Markup(cell_pm=" ± ", nospread="–", missing="–", bold="**{}**", marker=" †", wrap="{}",
+                   arrows={True: " ↑", False: " ↓"},
+                   symbols={"pm": "±", "dagger": "†", "percent": "%", "nospread": "–"}, escape=str)
+LATEX = _Markup(cell_pm=" \\pm ", nospread="\\mbox{--}", missing="--", bold="\\mathbf{{{}}}",
+                marker="^{\\dagger}", wrap="${}$", arrows={True: " $\\uparrow$", False: " $\\downarrow$"},
+                symbols={"pm": "$\\pm$", "dagger": "$^\\dagger$", "percent": "\\%", "nospread": "--"},
+                escape=latex_escape)
+
+
 def render_markdown(table: PaperTable) -> str:
     """GitHub-flavoured Markdown, with the caption as a pandoc ``Table:`` line below."""
-    arrows = {True: " ↑", False: " ↓"}
-    headers = [DATASET, "Method"] + [c + (arrows[h] if table.show_arrows else "")
-                                    for c, h in zip(table.columns, table.higher_is_better)]
-    body = []
-    previous = None
-    for (dataset, name), row in zip(table.rows, table.cells):
-        body.append([dataset if dataset != previous else "", name] + [_markdown_cell(c, table.decimals) for c in row])
-        previous = dataset
-    text = to_markdown(pd.DataFrame(body, columns=headers), [False, False] + [True] * len(table.columns))
-    caption = _caption(table, pm="±", dagger="†", percent="%", nospread="–", escape=lambda s: s)
-    return text + f"\nTable: {caption}\n"
-
-
-def _markdown_cell(cell: Cell | None, decimals: int) -> str:
-    if cell is None:
-        return "–"
-    spread = "–" if math.isnan(cell.spread) else _number(cell.spread, decimals)
-    text = f"{_number(cell.mean, decimals)} ± {spread}"
-    text = f"**{text}**" if cell.best else text
-    return text + (" †" if cell.significant else "")
+    frame = pd.DataFrame(MARKDOWN.body(table), columns=MARKDOWN.header(table))
+    text = to_markdown(frame, [False, False] + [True] * len(table.columns))
+    return text + f"\nTable: {MARKDOWN.caption(table)}\n"
 
 
 def render_latex(table: PaperTable) -> str:
     """A ``table`` float with a booktabs ``tabular``; needs ``\\usepackage{booktabs}``."""
-    arrows = {True: r" $\uparrow$", False: r" $\downarrow$"}
-    headers = [DATASET, "Method"] + [latex_escape(c) + (arrows[h] if table.show_arrows else "")
-                                    for c, h in zip(table.columns, table.higher_is_better)]
     lines = [
         "% written by python -m mchad.aggregate; needs \\usepackage{booktabs}",
         "\\begin{table}[htbp]",
         "\\centering",
-        "\\caption{" + _caption(table, pm="$\\pm$", dagger="$^\\dagger$", percent="\\%", nospread="--",
-                                 escape=latex_escape) + "}",
+        f"\\caption{{{LATEX.caption(table)}}}",
         f"\\label{{{table.label}}}",
         # seven "mean ± spread" columns: narrower than the default to fit a one-column page
         "\\small",
         "\\setlength{\\tabcolsep}{4pt}",
         f"\\begin{{tabular}}{{ll{'c' * len(table.columns)}}}",
         "\\toprule",
-        " & ".join(headers) + " \\\\",
+        " & ".join(LATEX.header(table)) + " \\\\",
     ]
-    previous = None
-    for (dataset, name), row in zip(table.rows, table.cells):
-        if dataset != previous:
+    for row in LATEX.body(table):
+        if row[0]:
             lines.append("\\midrule")
-        first = latex_escape(dataset) if dataset != previous else ""
-        lines.append(" & ".join([first, latex_escape(name)] + [_latex_cell(c, table.decimals) for c in row]) + " \\\\")
-        previous = dataset
+        lines.append(" & ".join(row) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
     return "\n".join(lines) + "\n"
 
 
-def _latex_cell(cell: Cell | None, decimals: int) -> str:
-    if cell is None:
-        return "--"
-    spread = "\\mbox{--}" if math.isnan(cell.spread) else _number(cell.spread, decimals)
-    body = f"{_number(cell.mean, decimals)} \\pm {spread}"
-    body = f"\\mathbf{{{body}}}" if cell.best else body
-    marker = "^{\\dagger}" if cell.significant else ""
-    return f"${body}{marker}$"
-
-
-def _caption(table: PaperTable, *, pm: str, dagger: str, percent: str, nospread: str, escape) -> str:
-    # Sentences carry {pm} etc. placeholders; the free text (names) is escaped first.
-    symbols = {"pm": pm, "dagger": dagger, "percent": percent, "nospread": nospread}
-    sentences = []
-    for sentence in table.caption:
-        parts = re.split(r"(\{pm\}|\{dagger\}|\{percent\}|\{nospread\})", sentence)
-        sentences.append("".join(symbols[p[1:-1]] if p in {"{pm}", "{dagger}", "{percent}", "{nospread}"}
-                                 else escape(p) for p in parts))
-    text = ". ".join(s[0].upper() + s[1:] for s in sentences if s)
-    return text + "."
-
-
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-
-
-def latex_escape(text: str) -> str:
-    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
 
 
 def to_markdown(table: pd.DataFrame, right_align: list[bool] | None = None) -> str:
