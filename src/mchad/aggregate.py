@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import re
 import sys
@@ -265,8 +266,13 @@ def _sort_rows(table: pd.DataFrame, config: TableConfig | None = None) -> pd.Dat
     return table.sort_values(keys, key=lambda c: _display_order(c, config), kind="stable").reset_index(drop=True)
 
 
+@functools.cache
+def _default_table_config() -> TableConfig:
+    return load_table_config()
+
+
 def _orders(config: TableConfig | None) -> dict[str, tuple[str, ...] | list[str]]:
-    config = config or load_table_config()
+    config = config or _default_table_config()
     return {DATASET: config.datasets, MODEL: config.method_order, OOD_SET: config.ood_sets}
 
 
