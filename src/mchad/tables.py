@@ -368,7 +368,7 @@ def render_latex(table: PaperTable) -> str:
         "\\centering",
         f"\\caption{{{LATEX.caption(table)}}}",
         f"\\label{{{table.label}}}",
-        # seven "mean ± spread" columns: narrower than the default to fit a one-column page
+        # seven "mean ± spread" columns are about 415 pt wide even so: a two-column paper needs table*
         "\\small",
         "\\setlength{\\tabcolsep}{4pt}",
         f"\\begin{{tabular}}{{ll{'c' * len(table.columns)}}}",
