@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -206,3 +207,24 @@ def test_outliers_augmented_or_not(augment):
     outliers = labels < 0
     assert not torch.equal(trained[~outliers], plain[~outliers])  # ID images always cropped/flipped
     assert torch.equal(trained[outliers], plain[outliers]) is (not augment)
+
+
+# --- 9. aggregation with the published AUPR names --------------------------------------------
+def test_aggregation_prints_the_published_aupr_names(tmp_path, capsys):
+    from mchad.aggregate import main
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- seed=1\n")
+    columns = "experiment,id_dataset,method,test_case,score,seed,Accuracy,AUROC,AUPR-IN,AUPR-OUT,FPR95"
+    row = "cifar10-mchad,CIFAR10,MCHAD,Textures,distance,1,0.9,0.8,0.7,0.6,0.5"
+    (run / "results.csv").write_text(f"{columns}\n{row}\n")
+    assert main([str(run), "--out", str(tmp_path / "today")]) == 0
+    today = capsys.readouterr().out
+    assert main([str(run), "--out", str(tmp_path / "published"), "--published-aupr-names"]) == 0
+    published = capsys.readouterr().out
+    today_table = pd.read_csv(tmp_path / "today" / "table.csv")
+    published_table = pd.read_csv(tmp_path / "published" / "table.csv")
+    assert (today_table["AUPR-IN mean"][0], today_table["AUPR-OUT mean"][0]) == pytest.approx((70.0, 60.0))
+    assert (published_table["AUPR-IN mean"][0], published_table["AUPR-OUT mean"][0]) == pytest.approx((60.0, 70.0))
+    assert "AUPR-IN: OOD positive" in published and "AUPR-IN: OOD positive" not in today

@@ -3,7 +3,8 @@
 Usage::
 
     python -m mchad.aggregate logs/multiruns/2026-11-28_12-00-00 [more folders...]
-        [--out DIR] [--score headline|distance|msp|cac] [--baseline MCHAD]
+        [--out DIR] [--score headline|distance|msp|cac|cac_published] [--baseline MCHAD]
+        [--published-aupr-names]
 
 Every ``results.csv`` below the given folders is read (one row per test case and OOD
 score, metrics as fractions). A Hydra run folder (one holding ``.hydra/``) without a
@@ -433,7 +434,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "Softmax), or a score name such as distance, msp, cac",
     )
     parser.add_argument("--baseline", default="MCHAD", help="model the t-tests compare against (default: MCHAD)")
+    parser.add_argument(
+        "--published-aupr-names",
+        action="store_true",
+        help="name the AUPR columns as the published table (pytorch-ood 0.0.7): AUPR-IN = OOD positive",
+    )
     return parser.parse_args(argv)
+
+
+def published_aupr_names(results: pd.DataFrame) -> pd.DataFrame:
+    """``results`` with AUPR-IN and AUPR-OUT swapped: pytorch-ood 0.0.7 (the published tables)
+    called the PR curve with OOD as positive class AUPR-IN, today's AUPR-OUT."""
+    return results.rename(columns={"AUPR-IN": "AUPR-OUT", "AUPR-OUT": "AUPR-IN"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -442,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out if args.out is not None else args.folders[0] / "aggregate"
     try:
         results, missing = find_results(args.folders)
+        if args.published_aupr_names:
+            results = published_aupr_names(results)
         table = summary_table(results, args.score)
         per_ood = summary_table(results, args.score, by_ood=True)
         welch = welch_tests(results, args.baseline, args.score)
@@ -462,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "missing.txt").write_text(header + "".join(f"{m}\n" for m in missing), encoding="utf-8")
 
     n_runs = results["run_dir"].nunique()
-    print(f"Score: {args.score}; mean ± std over all (seed, OOD set) rows, in %\n")
+    print(f"Score: {args.score}; mean ± std over all (seed, OOD set) rows, in %"
+          + ("; AUPR names as published (AUPR-IN: OOD positive)" if args.published_aupr_names else "") + "\n")
     print(to_markdown(_paper_view(table), [False, False] + [True] * len(METRICS)))
     print(f"runs found: {n_runs} ({len(results)} rows); missing/failed trials: {len(missing)}")
     for run in missing:
