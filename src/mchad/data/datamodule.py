@@ -211,7 +211,8 @@ class OODDataModule(pl.LightningDataModule):
 
     def batch_transform(self, images: Tensor, labels: Tensor, training: bool) -> Tensor:
         """Normalise; in training also crop/flip (the outliers only with ``outlier_augment``)."""
-        rows = None if self.outlier_augment else labels >= 0
+        # labels may be None (callbacks transform unlabelled images)
+        rows = labels >= 0 if training and not self.outlier_augment and labels is not None else None
         return self.transform(images, augment=training, augment_rows=rows)
 
 
