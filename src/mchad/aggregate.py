@@ -3,9 +3,9 @@
 Usage::
 
     python -m mchad.aggregate logs/multiruns/2026-11-28_12-00-00 [more folders...]
-        [--out DIR] [--score headline|distance|msp|cac] [--baseline MCHAD]
+        [--out DIR] [--score headline|distance|msp|cac|cac_published] [--baseline MCHAD]
         [--spread sem|std] [--alpha 0.05] [--per-ood-metric AUROC ...] [--decimals 2]
-        [--table-config tables.yaml]
+        [--table-config tables.yaml] [--published-aupr-names]
 
 Every ``results.csv`` below the given folders is read (one row per test case and OOD
 score, metrics as fractions). A Hydra run folder (one holding ``.hydra/``) without a
@@ -506,7 +506,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="decimals printed in the paper tables (default: 2)")
     parser.add_argument("--table-config", type=Path, default=None,
                         help="YAML with method order, display names and scores (default: mchad/tables.yaml)")
+    parser.add_argument(
+        "--published-aupr-names",
+        action="store_true",
+        help="name the AUPR columns as the published table (pytorch-ood 0.0.7): AUPR-IN = OOD positive",
+    )
     return parser.parse_args(argv)
+
+
+def published_aupr_names(results: pd.DataFrame) -> pd.DataFrame:
+    """``results`` with AUPR-IN and AUPR-OUT swapped: pytorch-ood 0.0.7 (the published tables)
+    called the PR curve with OOD as positive class AUPR-IN, today's AUPR-OUT."""
+    return results.rename(columns={"AUPR-IN": "AUPR-OUT", "AUPR-OUT": "AUPR-IN"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -520,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         options = TableOptions(spread=args.spread, alpha=args.alpha, decimals=args.decimals)
 
         results, missing = find_results(args.folders)
+        if args.published_aupr_names:
+            results = published_aupr_names(results)
         table = summary_table(results, score, config=config)
         per_ood = summary_table(results, score, by_ood=True, config=config)
         welch = welch_tests(results, baseline, score, config=config)
@@ -528,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
         paper = paper_table(table, welch, METRICS, config, options)
         per_ood_papers = {m: per_ood_paper_table(per_ood, welch_per_ood, m, config, options)
                           for m in args.per_ood_metric}
+        if args.published_aupr_names:
+            for written in (paper, *per_ood_papers.values()):
+                written.caption.append("AUPR names as published (AUPR-IN: OOD positive)")
 
         out_dir.mkdir(parents=True, exist_ok=True)
         table.to_csv(out_dir / "table.csv", index=False)
