@@ -15,10 +15,11 @@ from omegaconf.errors import OmegaConfBaseException
 from mchad.backbones import load_pretrained, output_width
 from mchad.errors import ConfigError, UserError
 from mchad.module import METRIC_KEYS, OODModel
+from mchad.provenance import COLUMNS as PROVENANCE_COLUMNS
 
 log = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed", "Accuracy", *METRIC_KEYS]
+RESULT_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed", "Accuracy", *METRIC_KEYS, *PROVENANCE_COLUMNS]
 
 
 def trainer_kwargs(trainer_cfg: DictConfig) -> DictConfig:
@@ -66,7 +67,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, OODModel]:
             f"the backbone outputs {width} values but model.n_embedding={cfg.model.n_embedding}"
         )
     if cfg.model.get("pretrained_checkpoint"):
-        load_pretrained(backbone, str(cfg.model.pretrained_checkpoint))
+        load_pretrained(backbone, str(cfg.model.pretrained_checkpoint), trust=bool(cfg.get("trust_checkpoint", False)))
     model = OODModel(
         backbone=backbone,
         method=_instantiate(cfg.model.method, "model.method"),
@@ -160,11 +161,15 @@ def _save_config(cfg: DictConfig, path: Path) -> None:
 
 
 def _remove_stale_results(output_dir: Path) -> Path:
-    """Remove a previous results.csv from the run folder: a run that fails must leave none."""
+    """Remove a previous results.csv (and its provenance.json) from the run folder: a run that
+    fails must leave none."""
+    from mchad.provenance import PROVENANCE_FILE
+
     path = output_dir / "results.csv"
     if path.exists():
         log.warning("Removing the previous %s (it is written again when this run ends)", path)
         path.unlink()
+    (output_dir / PROVENANCE_FILE).unlink(missing_ok=True)
     return path
 
 
@@ -178,6 +183,7 @@ def run(cfg: DictConfig) -> Path:
 
     A stale results.csv in the run folder is removed first, so a run that fails leaves none.
     """
+    from mchad import provenance
     from mchad.robust import (
         check_fits,
         checkpoint_file,
@@ -187,6 +193,8 @@ def run(cfg: DictConfig) -> Path:
     )
 
     ckpt_file: Path | None = None
+    trust = bool(cfg.get("trust_checkpoint", False))  # unpickle checkpoints fully (they may run code)
+    code = provenance.code_state()  # now: the code may be edited while the run trains
     resuming = bool(cfg.get("resume"))
     if resuming:
         if not cfg.get("train", True):
@@ -209,7 +217,7 @@ def run(cfg: DictConfig) -> Path:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     hint = "; resume from another of its checkpoints: resume=<run folder>/checkpoints/<name>.ckpt" if resuming else ""
-    checkpoint = load_checkpoint(ckpt_file, hint) if ckpt_file is not None else None
+    checkpoint = load_checkpoint(ckpt_file, hint, trust) if ckpt_file is not None else None
     datamodule, model = build(cfg)
     if checkpoint is not None:
         check_fits(model, checkpoint, ckpt_file)
@@ -222,7 +230,8 @@ def run(cfg: DictConfig) -> Path:
     trainer = make_trainer(cfg, loggers)
 
     if training:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt_file is None else str(ckpt_file))
+        # Lightning loads the file again: explicitly weights-only too (its None means torch's default)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt_file is None else str(ckpt_file), weights_only=not trust)
     else:
         model.load_state_dict(checkpoint["state_dict"])
         log.info("Testing %s (no training)", ckpt_file)
@@ -233,6 +242,7 @@ def run(cfg: DictConfig) -> Path:
         {"experiment": cfg.name, "id_dataset": datamodule.name, "method": cfg.model.name, "seed": cfg.seed, **row}
         for row in model.test_results
     ]
+    rows = provenance.record(cfg, code, datamodule, trainer, rows, output_dir, ckpt_file)
     write_results(rows, path)
     import pandas as pd
 
