@@ -87,7 +87,7 @@ def _hydra_config(overrides: list[str] | None = None):
 def test_sweeps_default_to_the_ray_launcher_with_a_cpu_share():
     hydra = _hydra_config()
     launcher = hydra.launcher
-    assert launcher._target_ == "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
+    assert launcher._target_ == "hydra_plugins.mchad_ray_launcher.MchadRayLauncher"
     assert launcher.ray.init.address == "local"
     assert launcher.ray.remote.num_cpus == 1 and launcher.ray.remote.num_gpus == 0
     env_vars = launcher.ray.init.runtime_env.env_vars

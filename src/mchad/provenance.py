@@ -8,7 +8,8 @@ each results row, which ``python -m mchad.aggregate`` checks before it averages 
 * ``data_fingerprint``: a hash of the fingerprints of the data behind the row (ID training
   and test set, outliers, the row's OOD test set; see :func:`mchad.data.sources.data_fingerprint`);
 * ``config_hash``: a hash of the resolved configuration without the seed and the run's
-  locations (``paths``, ``dataset_dir``, ``resume``, ``ckpt_path``, ``trust_checkpoint``).
+  locations and run mode (``paths``, ``dataset_dir``, ``resume``, ``ckpt_path``, ``train``,
+  ``trust_checkpoint``).
 
 The JSON file adds the library versions (Python, torch, CUDA, Lightning, pytorch-ood, numpy),
 the device, each data set's own fingerprint and the checkpoint a model was loaded from.
@@ -29,7 +30,7 @@ UNKNOWN = "unknown"
 PROVENANCE_FILE = "provenance.json"
 COLUMNS = ["code_version", "data_fingerprint", "config_hash"]
 #: configuration keys that locate or seed a run without changing what it computes
-_RUN_KEYS = ("paths", "seed", "dataset_dir", "resume", "ckpt_path", "trust_checkpoint", "hydra")
+_RUN_KEYS = ("paths", "seed", "dataset_dir", "resume", "ckpt_path", "train", "trust_checkpoint", "hydra")
 
 
 def _git(args: list[str], cwd: Path) -> bytes | None:
