@@ -41,15 +41,16 @@ def _git(args: list[str], cwd: Path) -> bytes | None:
     return result.stdout
 
 
-def code_state() -> dict[str, Any]:
-    """The package version and the git state of the code this process imported.
+def code_state(source: Path | None = None) -> dict[str, Any]:
+    """The package version and the git state of the code this process imported (``source``:
+    the package's folder by default).
 
     Called when a run starts (the code may be edited while it trains). Without git, or for an
     installed package outside a checkout, the commit is ``unknown``; never raises.
     """
     import mchad
 
-    source = Path(mchad.__file__).resolve().parent
+    source = Path(source) if source is not None else Path(mchad.__file__).resolve().parent
     commit = _git(["rev-parse", "HEAD"], source)
     state: dict[str, Any] = {"package_version": mchad.__version__, "git_commit": UNKNOWN, "git_dirty": None}
     if commit is None:
@@ -76,10 +77,13 @@ def config_hash(cfg) -> str:
     """Hash of the resolved configuration without the seed and the run's locations: those
     keys are left out and paths below the run's folders (e.g. the checkpoint callbacks'
     ``dirpath``) are written relative to them, so trials of one sweep share the hash."""
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
 
     from mchad.robust import replace_path_prefix
 
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.seed = 0  # also where it is interpolated (datamodule.seed: ${seed})
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     places = {**(container.get("paths") or {}), "dataset_dir": container.get("dataset_dir")}
     # longest first: output_dir lies below log_dir, which lies below root_dir
