@@ -51,3 +51,13 @@ def test_config_hash_ignores_seed_and_locations_but_not_settings(tmp_path):
     base = provenance.config_hash(compose_config(["seed=1"], tmp_path / "a"))
     assert provenance.config_hash(compose_config(["seed=2", f"dataset_dir={tmp_path}"], tmp_path / "b")) == base
     assert provenance.config_hash(compose_config(["seed=1", "model.weight_center=2"], tmp_path / "c")) != base
+
+
+def test_config_hash_of_a_saved_config_is_the_same(tmp_path):
+    """A resumed run starts from its resolved config.yaml (datamodule.seed written out, no
+    longer ${seed}): its hash equals the original run's."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(["seed=3"], tmp_path)
+    OmegaConf.save(cfg, tmp_path / "config.yaml", resolve=True)
+    assert provenance.config_hash(OmegaConf.load(tmp_path / "config.yaml")) == provenance.config_hash(cfg)

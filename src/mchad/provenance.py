@@ -77,14 +77,12 @@ def config_hash(cfg) -> str:
     """Hash of the resolved configuration without the seed and the run's locations: those
     keys are left out and paths below the run's folders (e.g. the checkpoint callbacks'
     ``dirpath``) are written relative to them, so trials of one sweep share the hash."""
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import OmegaConf
 
     from mchad.robust import replace_path_prefix
 
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        cfg.seed = 0  # also where it is interpolated (datamodule.seed: ${seed})
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    container = _without_seed(container, container.get("seed"))
     places = {**(container.get("paths") or {}), "dataset_dir": container.get("dataset_dir")}
     # longest first: output_dir lies below log_dir, which lies below root_dir
     prefixes = sorted(((str(v), f"<{k}>") for k, v in places.items() if isinstance(v, str) and v), key=lambda p: -len(p[0]))
@@ -92,6 +90,16 @@ def config_hash(cfg) -> str:
     for prefix, name in prefixes:
         content = replace_path_prefix(content, prefix, name)
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _without_seed(value: Any, seed: Any) -> Any:
+    """``value`` with every ``seed`` entry that holds the run's seed (``datamodule.seed: ${seed}``,
+    resolved or not: a resumed run's config.yaml is resolved) replaced by a placeholder."""
+    if isinstance(value, dict):
+        return {k: "<seed>" if k == "seed" and v == seed else _without_seed(v, seed) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_seed(v, seed) for v in value]
+    return value
 
 
 def _short_hash(*parts: str) -> str:
