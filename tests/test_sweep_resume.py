@@ -7,6 +7,7 @@ quick-start trials of one epoch on 2 batches; the Ray launcher goes through the 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,8 +50,6 @@ def test_a_completed_sweep_reruns_only_the_missing_trial_and_refuses_a_changed_c
     before = {num: path.stat().st_mtime_ns for num, path in results.items()}
 
     # the second trial is lost (e.g. killed): only it runs again, in its own folder
-    import shutil
-
     shutil.rmtree(sweep_dir / "1")
     again = _multirun(command, tmp_path)
     output = again.stdout + again.stderr
@@ -220,3 +219,18 @@ def test_optuna_search_on_the_quick_start_optimises_the_validation_objective(tmp
         assert trial.value not in test_values
     assert best.best_value == max(t.value for t in study.trials) == best.validation.value
     assert best.best_trial_dir == str(sweep_dir / str(study.best_trial.number))
+
+    # continued in the same folder: 2 more trials, in new folders, with new parameters
+    more = _multirun(
+        ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", *QUICK,
+         f"hydra.sweep.dir={sweep_dir}", f"paths.log_dir={tmp_path}/logs"],
+        tmp_path,
+    )
+    assert more.returncode == 0, (more.stdout + more.stderr)[-3000:]
+    assert "6 trial(s) finished, 0 failed; 4 done before, 2 run now" in more.stdout
+    study = optuna.load_study(study_name="digits-mchad", storage=f"sqlite:///{sweep_dir}/optuna.db")
+    assert [t.number for t in study.trials] == list(range(6))
+    for trial in study.trials[4:]:
+        assert trial.value == OmegaConf.load(sweep_dir / str(trial.number) / OBJECTIVE_FILE).value
+        assert all(trial.params != earlier.params for earlier in study.trials[:4])
+    assert OmegaConf.load(sweep_dir / "optimization_results.yaml").study.trials == 6

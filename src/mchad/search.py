@@ -13,7 +13,8 @@ What this module adds to the plugin (:func:`run_search`, called by
   before Optuna opens it;
 - the same command with ``hydra.sweep.dir=<that folder>`` continues the study: its trials
   keep their numbers, and trial ``n`` runs in ``<sweep>/<n>`` (the plugin would number the
-  new trials from 0 again and overwrite the earlier folders);
+  new trials from 0 again and overwrite the earlier folders); a seeded sampler's seed moves
+  on by the number of earlier trials, so the new trials are new draws;
 - ``outlier_params`` (``model.weight_oe``) join the search space only for runs with outliers;
 - ``<sweep>/optimization_results.yaml`` (the plugin's: best parameters and value) gets the
   best trial's folder and validation metrics, the objective's definition and the counts.
@@ -55,6 +56,20 @@ def search_params(params: DictConfig | None, outlier_params: DictConfig | None, 
     return OmegaConf.create(merged)
 
 
+def continued_sampler(config: DictConfig, sampler: Any, earlier: int) -> Any:
+    """A seeded sampler again, its seed moved on by the number of earlier trials.
+
+    A study continued with the sampler of the same seed would propose the earlier trials'
+    parameters again (Optuna's random start-up draws do not look at the stored trials).
+    """
+    sampler_cfg = OmegaConf.select(config, "hydra.sweeper.sampler")
+    if sampler_cfg is None or sampler_cfg.get("seed") is None or sampler_cfg.get("_partial_"):
+        return sampler
+    from hydra.utils import instantiate
+
+    return instantiate(sampler_cfg, seed=int(sampler_cfg.seed) + earlier)
+
+
 def run_search(impl: Any, arguments: list[str], outlier_params: DictConfig | None) -> Any:
     """Run hydra-optuna-sweeper's ``OptunaSweeperImpl.sweep`` with the additions above."""
     config = impl.config
@@ -66,6 +81,8 @@ def run_search(impl: Any, arguments: list[str], outlier_params: DictConfig | Non
     if earlier:
         log.info("Continuing study %s (%d earlier trial(s)) in %s", impl.study_name, earlier, sweep_dir)
     impl.job_idx = earlier  # the plugin numbers jobs from job_idx: trial n -> <sweep>/<n>
+    if earlier:
+        impl.sampler = continued_sampler(config, impl.sampler, earlier)
     record(sweep_dir, done=earlier, run_now=impl.n_trials)
     try:
         result = impl.sweep(arguments)
