@@ -48,8 +48,8 @@ class DeviceMismatch(RuntimeError):
 
 def _where() -> str:
     """The innermost frame of the project (src/ or tests/) that led here."""
-    frames = [f for f in traceback.extract_stack()[:-3] if "/src/mchad/" in f.filename]
-    frame = frames[-1] if frames else traceback.extract_stack()[-4]
+    frames = [f for f in traceback.extract_stack()[:-2] if "/src/mchad/" in f.filename]
+    frame = frames[-1] if frames else traceback.extract_stack()[-3]
     return f"{frame.filename}:{frame.lineno} ({frame.line})"
 
 

@@ -96,3 +96,113 @@ def test_every_tensor_factory_in_the_package_says_where_its_tensor_goes():
 )
 def test_the_static_check_flags_factories_without_a_decision(code, flagged):
     assert bool(unplaced_factories(code)) == flagged
+
+
+# ----------------------------------------------------------------------------- dynamic
+
+
+def test_the_emulated_device_refuses_what_a_gpu_refuses():
+    import numpy as np
+
+    with on_emulated_device() as mode:
+        x = torch.ones(3).to(EMULATED)
+        assert x.device == EMULATED and (x + 1).device == EMULATED
+        assert (torch.zeros(3, device=x.device) + x).device == EMULATED
+        assert (x + torch.tensor(2.0)).device == EMULATED  # a host 0-dim tensor mixes, as on CUDA
+        assert x[torch.tensor([0, 2])].device == EMULATED  # a host index into a device tensor
+        assert x.cpu().device == torch.device("cpu") and mode.is_device(x)
+        for mix in (
+            lambda: torch.cat([x, torch.zeros(3)]),
+            lambda: x * torch.from_numpy(np.ones(3)),
+            lambda: x.numpy(),
+            lambda: torch.nn.Linear(3, 2)(x.view(1, 3)),
+        ):
+            with pytest.raises(DeviceMismatch):
+                mix()
+
+
+def _emulated_overrides(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "trainer.enable_progress_bar=false",
+        "trainer.max_epochs=1",
+        "trainer.min_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "model.backbone.width=8",
+        "datamodule.test_cases.GaussianNoise.n=64",
+        "datamodule.test_cases.UniformNoise.n=64",
+        *(f"callbacks.{c}.{k}=64" for c in ("validation_views", "embedding_animation") for k in ("max_samples", "unknown_samples")),
+        "+trainer.strategy._target_=pytorch_lightning.strategies.SingleDeviceStrategy",
+        f"+trainer.strategy.device={EMULATED}",
+        f"dataset_dir={tmp_path / 'data'}",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def emulated_data_device(monkeypatch):
+    """``datamodule.data_on_device=true`` gathers on the emulated device (the datamodule only
+    puts data on CUDA devices otherwise)."""
+    from mchad.data.datamodule import OODDataModule
+
+    original = OODDataModule._device
+
+    def device(self):
+        root = self.trainer.strategy.root_device if self.trainer is not None else None
+        return root if root == EMULATED and self.data_on_device is True else original(self)
+
+    monkeypatch.setattr(OODDataModule, "_device", device)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # the original bug: validation images on the device, the callbacks' noise on the host
+        ["model.n_embedding=2", "model.weight_center=10", "++datamodule.data_on_device=true"],
+        ["model=gmchad", "datamodule/outliers=photos", "++datamodule.data_on_device=true"],
+        ["model=ii", "++datamodule.data_on_device=false"],
+    ],
+    ids=["mchad-2d", "gmchad", "ii-host-data"],
+)
+def test_training_callbacks_and_testing_keep_to_the_device(overrides, tmp_path, emulated_data_device):
+    """The quick-start with the default callbacks, the model on the emulated device (and with
+    data_on_device its data sets too): nothing mixes a host tensor into device computations,
+    and results.csv, the plots and (2-D) the GIF are written."""
+    from mchad.train import run
+
+    cfg = compose_config(_emulated_overrides(tmp_path, *overrides), output_dir=tmp_path / "run")
+    with on_emulated_device():
+        path = run(cfg)
+    frame = pd.read_csv(path)
+    assert frame[["Accuracy", "AUROC"]].notna().all().all()
+    assert list((tmp_path / "run" / "plots").glob("*_roc.png"))
+    if "model.n_embedding=2" in overrides:
+        assert (tmp_path / "run" / "embedding.gif").is_file()
+
+
+def test_resume_and_evaluation_only_keep_to_the_device(tmp_path, emulated_data_device):
+    from mchad.train import run
+
+    overrides = _emulated_overrides(tmp_path, "++datamodule.data_on_device=true")
+    with on_emulated_device():
+        run(compose_config(overrides, output_dir=tmp_path / "run"))
+        resumed = compose_config([*overrides, f"resume={tmp_path / 'run'}", "trainer.max_epochs=2"], output_dir=tmp_path / "run")
+        run(resumed)
+        tested = compose_config([*overrides, "train=false", f"ckpt_path={tmp_path / 'run'}"], output_dir=tmp_path / "eval")
+        assert pd.read_csv(run(tested))["AUROC"].notna().all()
+
+
+def test_the_non_finite_loss_guard_on_the_device():
+    """The guard's device path (no host sync per step) on device tensors."""
+    from types import SimpleNamespace
+
+    from mchad.errors import NonFiniteLossError
+    from mchad.robust import NonFiniteLossGuard
+
+    guard = NonFiniteLossGuard(sync_every_step=False)
+    trainer = SimpleNamespace(global_step=1, log_every_n_steps=2, current_epoch=0)
+    with on_emulated_device():
+        guard.on_train_batch_end(trainer, None, torch.tensor(1.0).to(EMULATED), None, 0)
+        trainer.global_step = 2
+        with pytest.raises(NonFiniteLossError, match="at step 1"):
+            guard.on_train_batch_end(trainer, None, torch.tensor(float("nan")).to(EMULATED), None, 1)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from mchad.data.sources import ImageArray
+from mchad.devices import HOST
 
 
 def _seed(*values: int) -> int:
@@ -72,7 +73,7 @@ class TensorBatchLoader:
 
     def tensors(self) -> tuple[Tensor, Tensor]:
         """Images and labels where batches are gathered: on ``device`` (copied once) or the host."""
-        if self.device is None or self.device.type == "cpu":
+        if self.device is None or self.device == HOST:
             return self.data.images, self.data.labels
         if self._on_device is None:
             self._on_device = (
