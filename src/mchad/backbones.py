@@ -178,7 +178,7 @@ def _registry_state(name: str) -> dict[str, Tensor]:
             "(e.g. wrn-40-2/imagenet32-nocifar/crossentropy, see pytorch_ood.model.list_models())"
         ) from None
     try:
-        return load_model(name).state_dict()
+        return load_model(name, map_location="cpu").state_dict()  # into the host backbone, as files are
     except Exception as error:
         reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
         raise ConfigError(
