@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import ROOT, compose_config
-from device_emulation import EMULATED, DeviceMismatch, EmulatedDevice, on_emulated_device
+from device_emulation import EMULATED, DeviceMismatch, on_emulated_device
 
 SRC = ROOT / "src" / "mchad"
 
