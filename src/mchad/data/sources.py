@@ -140,7 +140,7 @@ def fit_image(image: Image.Image, size: int, resize: str = "crop") -> np.ndarray
         return np.asarray(_resize_center_crop(image, size), dtype=np.uint8)
     if resize != "squash":
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-    array = torch.from_numpy(np.asarray(image, dtype=np.float32))
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32))  # cpu: decoding into host memory
     x = (array.unsqueeze(-1) if array.ndim == 2 else array).permute(2, 0, 1).unsqueeze(0) / 255
     # torchvision 0.12's tensor Resize: interpolate(bilinear, align_corners=False), no antialiasing;
     # the result is stored as uint8 (rounded: at most 0.5/255 from the published floats)
