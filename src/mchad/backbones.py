@@ -68,11 +68,13 @@ class ConvNet(nn.Module):
 
 @torch.no_grad()
 def output_width(backbone: nn.Module, input_shape: tuple[int, int, int]) -> int:
-    """Width of the backbone's output for one input of ``input_shape`` (C, H, W)."""
+    """Width of the backbone's output for one input of ``input_shape`` (C, H, W), computed
+    where the backbone's weights are."""
     was_training = backbone.training
+    device = next(iter(backbone.parameters()), torch.empty(0)).device  # cpu: no weights, no device to match
     backbone.eval()
     try:
-        return backbone(torch.zeros(1, *input_shape)).shape[1]
+        return backbone(torch.zeros(1, *input_shape, device=device)).shape[1]
     finally:
         backbone.train(was_training)
 

@@ -16,6 +16,7 @@ from mchad.backbones import load_pretrained, output_width
 from mchad.errors import ConfigError, UserError
 from mchad.module import METRIC_KEYS, OODModel
 from mchad.provenance import COLUMNS as PROVENANCE_COLUMNS
+from mchad.objective import OBJECTIVE_FILE, check_objective, write_objective
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ def _remove_stale_results(output_dir: Path) -> Path:
         log.warning("Removing the previous %s (it is written again when this run ends)", path)
         path.unlink()
     (output_dir / PROVENANCE_FILE).unlink(missing_ok=True)
+    (output_dir / OBJECTIVE_FILE).unlink(missing_ok=True)
     return path
 
 
@@ -206,6 +208,8 @@ def run(cfg: DictConfig) -> Path:
         if cfg.get("ckpt_path"):
             ckpt_file = checkpoint_file(cfg.ckpt_path)
     training = bool(cfg.get("train", True))
+    if training and cfg.get("objective") is not None:
+        check_objective(cfg.objective)
     if not training and ckpt_file is None:
         raise ConfigError("train=false only tests a trained model: give it with ckpt_path=<run folder or .ckpt file>")
 
@@ -232,6 +236,8 @@ def run(cfg: DictConfig) -> Path:
     if training:
         # Lightning loads the file again: explicitly weights-only too (its None means torch's default)
         trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt_file is None else str(ckpt_file), weights_only=not trust)
+        if cfg.get("objective") is not None:  # validation data only, before any test set is scored
+            write_objective(cfg.objective, trainer, model, output_dir)
     else:
         model.load_state_dict(checkpoint["state_dict"])
         log.info("Testing %s (no training)", ckpt_file)
@@ -261,17 +267,20 @@ def _multirun_trial() -> DictConfig | None:
     return hydra_cfg if hydra_cfg.mode == RunMode.MULTIRUN else None
 
 
-def main(cfg: DictConfig) -> dict | None:
+def main(cfg: DictConfig) -> float | None:
     """Hydra task: a user error ends the process with one line and exit status 1.
 
     In a multirun (``-m``, e.g. in a Ray worker) a failing trial writes its cause to
-    ``<trial>/FAILED.txt`` and returns, so the other trials go on (see mchad.sweep).
+    ``<trial>/FAILED.txt`` and returns, so the other trials go on (see mchad.sweep); the
+    trial returns its validation objective (mchad.objective), which a search sweeper
+    (``hydra/sweeper=optuna``) optimises, or None when it failed.
     """
     trial = _multirun_trial()
     if trial is not None:
+        from mchad.objective import trial_objective
         from mchad.sweep import run_trial
 
-        return run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd)
+        return trial_objective(run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd))
     try:
         run(cfg)
     except UserError as error:
