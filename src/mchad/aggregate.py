@@ -12,6 +12,10 @@ score, metrics as fractions). A Hydra run folder (one holding ``.hydra/``) witho
 ``results.csv`` counts as a missing or failed trial; a failed sweep trial's cause (first
 line of its ``FAILED.txt``, written by mchad.sweep) is listed with it.
 
+Trials are only averaged when they share their provenance (``code_version`` and
+``data_fingerprint`` columns, written by mchad.provenance): a table cell whose trials ran on
+different code or data is refused with one line naming them, unless ``--allow-mixed``.
+
 How the numbers are aggregated: every spread is over independent runs (seeds).
 
 * Per seed, each metric (in %) becomes one number: ``table.*`` averages that seed's rows
@@ -79,6 +83,9 @@ REQUIRED_COLUMNS = KEY_COLUMNS + METRICS
 # open-set recognition (mchad.osr): the test case of the unknown classes and the reported metrics
 UNKNOWN_CASE = "Unknown"
 OPENSET_METRICS = ["Accuracy", "AUROC", "OSCR"]
+# written by mchad.provenance; "unknown" for results.csv files from before it
+PROVENANCE_COLUMNS = ["code_version", "data_fingerprint", "config_hash"]
+UNKNOWN = "unknown"
 STATISTICS = ["mean", "std", "sem"]
 
 # Column names of the written tables (display order and names: mchad/tables.yaml).
@@ -171,7 +178,8 @@ def _read_results(path: Path) -> pd.DataFrame:
     # written before OSCR existed lack it
     split = pd.to_numeric(frame["split"], errors="coerce") if "split" in frame.columns else np.nan
     oscr = pd.to_numeric(frame["OSCR"], errors="coerce") if "OSCR" in frame.columns else np.nan
-    frame = frame[REQUIRED_COLUMNS].copy()
+    provenance = {c: frame[c].fillna(UNKNOWN).astype(str) if c in frame.columns else UNKNOWN for c in PROVENANCE_COLUMNS}
+    frame = frame[REQUIRED_COLUMNS].assign(**provenance)
     frame["split"], frame["OSCR"] = split, oscr
     frame["run_dir"] = str(path.parent)
     # a run lists its headline score first (distance; msp for Softmax)
@@ -218,6 +226,56 @@ def _read_overrides(path: Path) -> list[str]:
             value = value[1:-1].replace('\\"', '"')
         overrides.append(value)
     return overrides
+
+
+class MixedProvenanceError(AggregateError):
+    """Trials of one table cell ran on different code or data."""
+
+
+def check_provenance(df: pd.DataFrame, allow_mixed: bool = False) -> list[str]:
+    """Refuse table cells that mix code versions or data; returns notes to print.
+
+    A cell is one ID dataset and model (all its trials are averaged into one table row); its
+    trials must share ``code_version``. Per OOD set they must also share ``data_fingerprint``
+    (ID training/test data, outliers and that OOD set). Differences raise
+    :class:`MixedProvenanceError` naming the first such cell and its runs; with
+    ``allow_mixed`` they become notes. Differing ``config_hash`` is only noted (a sweep over
+    hyperparameters varies it on purpose).
+    """
+    checks = [
+        ("code", "code_version", ["id_dataset", "method"]),
+        ("data", "data_fingerprint", ["id_dataset", "method", "test_case"]),
+    ]
+    notes = []
+    for what, column, cell in checks:
+        mixed = [(key, rows) for key, rows in df.groupby(cell, sort=True) if rows[column].nunique() > 1]
+        if not mixed:
+            continue
+        key, rows = mixed[0]
+        versions = "; ".join(
+            f"{value} ({_list_runs(group['run_dir'].unique())})" for value, group in rows.groupby(column, sort=True)
+        )
+        others = f" (and {len(mixed) - 1} more cell(s))" if len(mixed) > 1 else ""
+        line = f"trials with different {what} ({column}) in one table cell, {' / '.join(map(str, key))}: {versions}{others}"
+        if not allow_mixed:
+            raise MixedProvenanceError(f"{line}; re-run them alike, or pass --allow-mixed to aggregate them anyway")
+        notes.append(f"note: --allow-mixed: {line}")
+    configs = [key for key, rows in df.groupby(["id_dataset", "method"], sort=True) if rows["config_hash"].nunique() > 1]
+    if configs:
+        notes.append(f"note: {len(configs)} table cell(s) mix configurations (config_hash), e.g. "
+                     f"{' / '.join(configs[0])}; intended for a hyperparameter sweep, else compare the runs' config.yaml")
+    unrecorded = df.loc[df["code_version"] == UNKNOWN, "run_dir"].nunique()
+    if unrecorded:
+        notes.append(f"note: {unrecorded} run(s) record no provenance (results.csv from before it): not checked")
+    no_git = df.loc[df["code_version"].str.endswith("+" + UNKNOWN), "run_dir"].nunique()
+    if no_git:
+        notes.append(f"note: {no_git} run(s) ran outside a git checkout: their code versions cannot be told apart")
+    return notes
+
+
+def _list_runs(runs, shown: int = 3) -> str:
+    more = f", +{len(runs) - shown} more" if len(runs) > shown else ""
+    return ", ".join(map(str, runs[:shown])) + more
 
 
 # ----------------------------------------------------------------------------- tables
@@ -553,6 +611,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="name the AUPR columns as the published table (pytorch-ood 0.0.7): AUPR-IN = OOD positive",
     )
+    parser.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="average trials of one table cell even if they ran on different code or data (default: refuse)",
+    )
     return parser.parse_args(argv)
 
 
@@ -573,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         options = TableOptions(spread=args.spread, alpha=args.alpha, decimals=args.decimals)
 
         results, missing = find_results(args.folders)
+        provenance_notes = check_provenance(results, args.allow_mixed)
         openset, results = split_openset(results)
         openset_files = write_openset_tables(openset, out_dir, score)
         if results.empty:  # open-set runs only
@@ -617,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     for run in missing:
         print(f"  {'failed' if run.cause else 'missing'}: {run}")
     _print_notes(results, score, baseline, welch)
+    for note in provenance_notes:
+        print(note)
     per_ood_names = ", ".join(f"table_per_ood_{_safe_name(m)}.md|tex" for m in per_ood_papers)
     print(f"written to {out_dir}: table.md|tex|csv, {per_ood_names}, table_per_ood.csv, welch.*, "
           "welch_per_ood.*, missing.txt, " + ", ".join(p.name for p in plots))

@@ -15,10 +15,12 @@ from omegaconf.errors import OmegaConfBaseException
 from mchad.backbones import load_pretrained, output_width
 from mchad.errors import ConfigError, UserError
 from mchad.module import METRIC_KEYS, OODModel
+from mchad.provenance import COLUMNS as PROVENANCE_COLUMNS
+from mchad.objective import OBJECTIVE_FILE, check_objective, write_objective
 
 log = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed", "Accuracy", *METRIC_KEYS, "OSCR"]
+RESULT_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed", "Accuracy", *METRIC_KEYS, "OSCR", *PROVENANCE_COLUMNS]
 
 
 def trainer_kwargs(trainer_cfg: DictConfig) -> DictConfig:
@@ -66,7 +68,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, OODModel]:
             f"the backbone outputs {width} values but model.n_embedding={cfg.model.n_embedding}"
         )
     if cfg.model.get("pretrained_checkpoint"):
-        load_pretrained(backbone, str(cfg.model.pretrained_checkpoint))
+        load_pretrained(backbone, str(cfg.model.pretrained_checkpoint), trust=bool(cfg.get("trust_checkpoint", False)))
     model = OODModel(
         backbone=backbone,
         method=_instantiate(cfg.model.method, "model.method"),
@@ -161,11 +163,16 @@ def _save_config(cfg: DictConfig, path: Path) -> None:
 
 
 def _remove_stale_results(output_dir: Path) -> Path:
-    """Remove a previous results.csv from the run folder: a run that fails must leave none."""
+    """Remove a previous results.csv (and its provenance.json) from the run folder: a run that
+    fails must leave none."""
+    from mchad.provenance import PROVENANCE_FILE
+
     path = output_dir / "results.csv"
     if path.exists():
         log.warning("Removing the previous %s (it is written again when this run ends)", path)
         path.unlink()
+    (output_dir / PROVENANCE_FILE).unlink(missing_ok=True)
+    (output_dir / OBJECTIVE_FILE).unlink(missing_ok=True)
     return path
 
 
@@ -179,6 +186,7 @@ def run(cfg: DictConfig) -> Path:
 
     A stale results.csv in the run folder is removed first, so a run that fails leaves none.
     """
+    from mchad import provenance
     from mchad.robust import (
         check_fits,
         checkpoint_file,
@@ -188,6 +196,8 @@ def run(cfg: DictConfig) -> Path:
     )
 
     ckpt_file: Path | None = None
+    trust = bool(cfg.get("trust_checkpoint", False))  # unpickle checkpoints fully (they may run code)
+    code = provenance.code_state()  # now: the code may be edited while the run trains
     resuming = bool(cfg.get("resume"))
     if resuming:
         if not cfg.get("train", True):
@@ -199,6 +209,8 @@ def run(cfg: DictConfig) -> Path:
         if cfg.get("ckpt_path"):
             ckpt_file = checkpoint_file(cfg.ckpt_path)
     training = bool(cfg.get("train", True))
+    if training and cfg.get("objective") is not None:
+        check_objective(cfg.objective)
     if not training and ckpt_file is None:
         raise ConfigError("train=false only tests a trained model: give it with ckpt_path=<run folder or .ckpt file>")
 
@@ -210,7 +222,7 @@ def run(cfg: DictConfig) -> Path:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     hint = "; resume from another of its checkpoints: resume=<run folder>/checkpoints/<name>.ckpt" if resuming else ""
-    checkpoint = load_checkpoint(ckpt_file, hint) if ckpt_file is not None else None
+    checkpoint = load_checkpoint(ckpt_file, hint, trust) if ckpt_file is not None else None
     datamodule, model = build(cfg)
     if checkpoint is not None:
         check_fits(model, checkpoint, ckpt_file)
@@ -223,7 +235,10 @@ def run(cfg: DictConfig) -> Path:
     trainer = make_trainer(cfg, loggers)
 
     if training:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt_file is None else str(ckpt_file))
+        # Lightning loads the file again: explicitly weights-only too (its None means torch's default)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt_file is None else str(ckpt_file), weights_only=not trust)
+        if cfg.get("objective") is not None:  # validation data only, before any test set is scored
+            write_objective(cfg.objective, trainer, model, output_dir)
     else:
         model.load_state_dict(checkpoint["state_dict"])
         log.info("Testing %s (no training)", ckpt_file)
@@ -235,6 +250,7 @@ def run(cfg: DictConfig) -> Path:
         {"experiment": cfg.name, "id_dataset": datamodule.name, "method": cfg.model.name, "seed": cfg.seed, **extra, **row}
         for row in model.test_results
     ]
+    rows = provenance.record(cfg, code, datamodule, trainer, rows, output_dir, ckpt_file)
     write_results(rows, path)
     import pandas as pd
 
@@ -253,17 +269,20 @@ def _multirun_trial() -> DictConfig | None:
     return hydra_cfg if hydra_cfg.mode == RunMode.MULTIRUN else None
 
 
-def main(cfg: DictConfig) -> dict | None:
+def main(cfg: DictConfig) -> float | None:
     """Hydra task: a user error ends the process with one line and exit status 1.
 
     In a multirun (``-m``, e.g. in a Ray worker) a failing trial writes its cause to
-    ``<trial>/FAILED.txt`` and returns, so the other trials go on (see mchad.sweep).
+    ``<trial>/FAILED.txt`` and returns, so the other trials go on (see mchad.sweep); the
+    trial returns its validation objective (mchad.objective), which a search sweeper
+    (``hydra/sweeper=optuna``) optimises, or None when it failed.
     """
     trial = _multirun_trial()
     if trial is not None:
+        from mchad.objective import trial_objective
         from mchad.sweep import run_trial
 
-        return run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd)
+        return trial_objective(run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd))
     try:
         run(cfg)
     except UserError as error:
