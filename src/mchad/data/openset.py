@@ -37,12 +37,14 @@ class ClassSubset(Source):
         array = self.source.load(dataset_dir)
         self._check(array)
         labels = array.labels
+        # cpu: a data source's labels live in host memory until the datamodule places them
         keep = torch.isin(labels, torch.tensor(self.classes))
         index = keep.nonzero().squeeze(1)
         if self.outlier:
-            new_labels = torch.full((len(index),), -1, dtype=torch.long)
+            new_labels = torch.full((len(index),), -1, dtype=torch.long)  # cpu: as above
         else:
-            relabel = torch.full((self.n_classes,), -1, dtype=torch.long)
+            relabel = torch.full((self.n_classes,), -1, dtype=torch.long)  # cpu: as above
+            # cpu: as above
             relabel[torch.tensor(self.classes)] = torch.arange(len(self.classes))
             new_labels = relabel[labels[index]]
         names = [array.classes[c] for c in self.classes] if array.classes else None

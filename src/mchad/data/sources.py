@@ -327,6 +327,7 @@ class TorchvisionSource(Source):
                 checked = [md5 for _, md5 in (data.train_list if self.split == "train" else data.test_list)]
             # torchvision verified the files' MD5 sums while loading: they identify the content for free
             fingerprint = hashlib.sha256(f"torchvision|{self.name}|{self.split}|{checked}".encode()).hexdigest()[:16]
+            # cpu: a data source decodes into host memory (mchad.devices)
             return ImageArray(images, torch.as_tensor(labels).long(), classes, fingerprint)
         except Exception as error:  # torchvision raises URLError, RuntimeError, OSError... when offline
             raise _missing(
@@ -418,6 +419,7 @@ class TinyImageNetSource(Source):
 
         def build() -> ImageArray:
             images = decode_files(list(data.paths), self.size, desc=f"decoding {self.name}")
+            # cpu: a data source decodes into host memory (mchad.devices)
             return ImageArray(images, torch.tensor(data.labels, dtype=torch.long), classes)
 
         return _cached(root, key, build)
