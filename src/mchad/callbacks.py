@@ -39,8 +39,10 @@ and use their own random generators: training is unchanged by them. Plots are re
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,10 @@ __all__ = [
 
 #: label of the unknown samples scored at validation
 UNKNOWN = -1
+
+# In DDP Lightning recommends sync_dist for every epoch-level value, also for those logged by
+# rank 0 alone with rank_zero_only=True (the validation views), where a sync would hang.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/unknown/")
 
 #: the latest validation sample per trainer (shared by the callbacks of one run)
 _CACHE: "weakref.WeakKeyDictionary[pl.Trainer, tuple[tuple, ValidationSample]]" = weakref.WeakKeyDictionary()
@@ -236,7 +242,9 @@ class ValidationSample:
 def _raw_val_batches(datamodule: Any, max_samples: int) -> tuple[Tensor, Tensor]:
     """The first ``max_samples`` validation images and labels, on the host (the loader may
     gather them on the GPU: ``datamodule.data_on_device``)."""
-    loader = datamodule.val_dataloader()
+    # the whole set in every world size (OODDataModule shards it for Lightning's loop)
+    whole = "sharded" in inspect.signature(datamodule.val_dataloader).parameters
+    loader = datamodule.val_dataloader(sharded=False) if whole else datamodule.val_dataloader()
     if isinstance(loader, (list, tuple)):
         loader = loader[0]
     images, labels, n = [], [], 0
@@ -431,7 +439,8 @@ class ValidationViews(_ValidationCallback):
             if self.log_auroc and sample.n_known and (~known).any():
                 auroc = _auroc(score[known], score[~known])
                 if math.isfinite(auroc):
-                    pl_module.log(f"val/unknown/{name}/AUROC", auroc)
+                    # rank 0 alone scores the sample (in DDP too): rank_zero_only tells Lightning
+                    pl_module.log(f"val/unknown/{name}/AUROC", auroc, rank_zero_only=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or not (self.projector or self.histogram_image) or self.every_n_epochs == 0:

@@ -29,6 +29,7 @@ from pytorch_ood.utils import pairwise_distances
 from torch import Tensor, nn
 
 from mchad import losses
+from mchad.distributed import all_reduce_sum_, distributed_world
 from mchad.losses import Semantics
 
 
@@ -297,6 +298,20 @@ class II(Method):
         return {"embedding": e, "distances": pairwise_distances(e, self.running.centers)}
 
     @torch.no_grad()
+    def _global_class_means(self, e: Tensor, target: Tensor, means: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        """The class means and presence mask of the global batch: in DDP the class sums and
+        counts of every rank summed, so every rank moves its running centres alike (as one
+        process would with the whole batch); in one process the local ones. The loss keeps
+        the local means (a gradient through the other ranks' embeddings needs their graphs)."""
+        if distributed_world() == 1:
+            return means, present
+        mask = losses.class_mask(target, self.n_classes, e.dtype)
+        sums = torch.cat([mask.t() @ e, mask.sum(dim=0).unsqueeze(1)], dim=1)
+        all_reduce_sum_(sums)
+        counts = sums[:, -1]
+        return sums[:, :-1] / counts.clamp(min=1).unsqueeze(1), (counts > 0).to(e.dtype)
+
+    @torch.no_grad()
     def _update(self, means: Tensor, present: Tensor) -> None:
         """``RunningCenters.update`` without indexing by ``unique()`` (no host sync): the
         classes present in the batch move to the cumulative mean of their batch means."""
@@ -309,7 +324,7 @@ class II(Method):
         e = out["embedding"]
         means, present = losses.batch_class_means(e, target, self.n_classes)
         if self.training:
-            self._update(means.detach(), present)
+            self._update(*self._global_class_means(e.detach(), target, means.detach(), present))
             centers = means
         else:
             centers = self.running.centers

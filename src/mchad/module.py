@@ -12,6 +12,7 @@ from pytorch_ood.metrics import OODMetrics
 from torch import Tensor, nn
 
 from mchad.devices import to_host
+from mchad.distributed import gather_rows
 from mchad.methods import Method
 from mchad.metrics import oscr
 
@@ -94,10 +95,14 @@ class OODModel(pl.LightningModule):
         sums = self._train_sums
         if sums is None:
             return
-        means = sums[: len(self._train_keys)] / self._train_steps
+        # DDP: the sums of all processes (every rank takes the same number of steps); the logged
+        # values are then equal on every rank and sync_dist's mean of them changes nothing
+        steps = self._train_steps * self.trainer.world_size
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        means = sums[: len(self._train_keys)] / steps
         for k, v in zip(self._train_keys, means):
-            self.log(f"train/{k}_epoch", v, on_step=False, on_epoch=True)
-        self.log("train/acc", sums[-2] / sums[-1].clamp(min=1), on_step=False, on_epoch=True, prog_bar=True)
+            self.log(f"train/{k}_epoch", v, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("train/acc", sums[-2] / sums[-1].clamp(min=1), on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self._train_sums = None
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -105,8 +110,10 @@ class OODModel(pl.LightningModule):
         out = self(images)
         terms = self._loss(out, labels)
         acc = (self.method.predict(out) == labels).float().mean()
-        self.log_dict({f"val/{k}": v for k, v in terms.items()})
-        self.log("val/acc", acc, prog_bar=True)
+        # sync_dist: Lightning sums value x batch size and the batch sizes over the ranks, i.e.
+        # the mean over the whole validation set, as in one process
+        self.log_dict({f"val/{k}": v for k, v in terms.items()}, sync_dist=True)
+        self.log("val/acc", acc, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
@@ -135,14 +142,38 @@ class OODModel(pl.LightningModule):
         if dataloader_idx == 0:
             buffer["predictions"].append(self.method.predict(out))
 
-    def on_test_epoch_end(self) -> None:
-        outputs = {i: {k: torch.cat(v) for k, v in d.items()} for i, d in self._test_outputs.items()}
+    def _joined_test_outputs(self) -> dict[int, dict[str, Tensor]]:
+        """Per test dataloader the scores, labels (and ID predictions) of the whole set: in DDP
+        every rank scored its contiguous part, joined here in rank order on every rank."""
+        local = {i: {k: torch.cat(v) for k, v in d.items()} for i, d in self._test_outputs.items()}
         self._test_outputs = {}
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if world_size == 1:
+            return local
+        # a rank whose part of a set was empty has no entry: every rank must join every tensor
+        n_sets = len(self.test_case_names) + 1
+        keys = {name: torch.float32 for name in self.method.score_names}
+        keys["labels"] = torch.long
+        joined = {}
+        for index in range(n_sets):
+            mine = local.get(index, {})
+            names = {**keys, "predictions": torch.long} if index == 0 else keys
+            joined[index] = {
+                key: gather_rows(
+                    self.trainer.strategy,
+                    mine[key] if key in mine else torch.empty(0, dtype=dtype, device=self.device),
+                )
+                for key, dtype in names.items()
+            }
+        return {i: d for i, d in joined.items() if len(d["labels"])}
+
+    def on_test_epoch_end(self) -> None:
+        outputs = self._joined_test_outputs()
         ind = outputs.get(0)
         if ind is None:
             raise RuntimeError("the ID test set (test dataloader 0) produced no batches")
         accuracy = (ind["predictions"] == ind["labels"]).double().mean().item()
-        self.log("test/acc", accuracy)
+        self.log("test/acc", accuracy, sync_dist=True)
         names = self.test_case_names or [f"ood{i}" for i in range(1, len(outputs))]
         # handed to the plotting callbacks: on the host, like everything leaving the device
         self.test_outputs = to_host({"ID": ind, **{case: outputs[i] for i, case in enumerate(names, start=1)}})
@@ -158,4 +189,5 @@ class OODModel(pl.LightningModule):
                 row["OSCR"] = oscr(ind[score], ind["predictions"] == ind["labels"], ood[score])
                 self.test_results.append(row)
                 for column in [*METRIC_KEYS, "OSCR"]:
-                    self.log(f"test/{case}/{score}/{column}", row[column])
+                    # equal on every rank (computed from the joined scores): sync_dist is a no-op
+                    self.log(f"test/{case}/{score}/{column}", row[column], sync_dist=True)

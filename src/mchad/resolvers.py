@@ -13,6 +13,7 @@ so every trial writes below the driver's ``<sweep dir>/<job num>/``.
 import os
 import secrets
 import warnings
+from datetime import datetime
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -28,6 +29,33 @@ def project_root() -> str:
 def run_id() -> str:
     """This process's id, or the sweep driver's (``MCHAD_RUN_ID``) inside its Ray workers."""
     return os.environ.get("MCHAD_RUN_ID") or _RUN_ID
+
+
+def launch_id() -> str | None:
+    """The name every process of one multi-process launch shares (DDP under torchrun or srun,
+    each process composing its own config): torchrun's rendezvous id (``--standalone`` draws
+    one, else ``--rdzv-id``), or SLURM's job and step; None for a process started alone."""
+    env = os.environ
+    if int(env.get("WORLD_SIZE", "1")) > 1 and env.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and env.get("SLURM_JOB_ID"):
+        step = env.get("SLURM_STEP_ID")
+        return f"slurm-{env['SLURM_JOB_ID']}" + (f".{step}" if step else "")
+    return None
+
+
+_RUN_NAME: str | None = None
+
+
+def run_name() -> str:
+    """``<date>/<time>_<run id>`` of a new run folder, fixed at the first call in a process; for
+    the processes of one torchrun/srun launch the same ``ddp/<launch id>`` (:func:`launch_id`),
+    so that all of them use rank 0's folder."""
+    global _RUN_NAME
+    if _RUN_NAME is None:
+        shared = launch_id()
+        _RUN_NAME = f"ddp/{shared}" if shared else f"{datetime.now():%Y-%m-%d/%H-%M-%S}_{run_id()}"
+    return _RUN_NAME
 
 
 def locate_resume(resume: str | Path) -> tuple[Path, Path]:
@@ -65,6 +93,7 @@ def by_semantics(semantics: str, published, paper):
 def register() -> None:
     OmegaConf.register_new_resolver("run_dir", run_dir, replace=True)
     OmegaConf.register_new_resolver("run_id", run_id, replace=True)
+    OmegaConf.register_new_resolver("run_name", run_name, replace=True)
     OmegaConf.register_new_resolver("project_root", project_root, replace=True)
     # e.g. the backbone's input channels from the datamodule's normalisation: ${len:${datamodule.mean}}
     OmegaConf.register_new_resolver("len", lambda value: len(value), replace=True)

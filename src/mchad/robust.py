@@ -333,7 +333,12 @@ class NonFiniteLossGuard(pl.Callback):
         step = trainer.global_step - 1  # the optimiser step this loss belongs to (0-based)
         sync = loss.device.type == "cpu" if self.sync_every_step is None else self.sync_every_step
         if sync:
-            if not torch.isfinite(loss).all():
+            finite = bool(torch.isfinite(loss).all())
+            # DDP: every rank stops when any rank's loss is bad (a rank stopping alone would
+            # leave the others waiting in the next gradient all-reduce)
+            if trainer.world_size > 1 and not trainer.strategy.reduce_boolean_decision(finite, all=True):
+                self._fail(trainer, step, float(loss.float().sum()) if not finite else None, elsewhere=finite)
+            elif not finite:
                 self._fail(trainer, step, float(loss.float().sum()))
             return
         if self._first_bad is None:
@@ -348,13 +353,24 @@ class NonFiniteLossGuard(pl.Callback):
         self._check(trainer)
 
     def _check(self, trainer) -> None:
-        if self._first_bad is not None and (first := int(self._first_bad)) >= 0:
-            self._fail(trainer, first, None)
+        if self._first_bad is None:
+            if trainer.world_size == 1:
+                return
+            # another rank may have recorded a bad step: every rank takes part in the reduction
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=trainer.strategy.root_device)
+        first = self._first_bad
+        if trainer.world_size > 1:  # the earliest bad step of any rank (-1 = none) reaches all
+            never = torch.iinfo(torch.long).max
+            earliest = trainer.strategy.reduce(torch.where(first < 0, never, first), reduce_op="min")
+            first = torch.where(earliest == never, -1, earliest)
+        if (step := int(first)) >= 0:
+            self._fail(trainer, step, None, elsewhere=int(self._first_bad) != step)
 
     @staticmethod
-    def _fail(trainer, step: int, value: float | None) -> None:
+    def _fail(trainer, step: int, value: float | None, elsewhere: bool = False) -> None:
         what = "NaN" if value is not None and value != value else ("infinite" if value is not None else "NaN or infinite")
+        where = " in another process" if elsewhere else ""
         raise NonFiniteLossError(
-            f"the training loss became {what} at step {step} (epoch {trainer.current_epoch}); training stopped. "
+            f"the training loss became {what}{where} at step {step} (epoch {trainer.current_epoch}); training stopped. "
             "Lower model.optimizer.lr or the loss weights, or check the data"
         )

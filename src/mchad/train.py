@@ -134,6 +134,25 @@ def make_trainer(cfg: DictConfig, loggers: list | None = None, extra_callbacks: 
     return _instantiate(kwargs, "trainer", logger=loggers, callbacks=callbacks, **plugins)
 
 
+class SharedRunFolder(pl.Callback):
+    """DDP: stops every process, before any training, when they resolved different run
+    folders (each process started by torchrun or srun composes its own; rank 0 writes into
+    its folder, so the others' checkpoints to resume from would be elsewhere)."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = str(Path(output_dir).resolve())
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size == 1:
+            return
+        folder = trainer.strategy.broadcast(self.output_dir, src=0)
+        if not trainer.strategy.reduce_boolean_decision(folder == self.output_dir, all=True):
+            raise ConfigError(
+                f"the {trainer.world_size} processes resolved different run folders (rank 0: {folder}); "
+                "give them one with hydra.run.dir=<folder> (see README, Multi-GPU and multi-node)"
+            )
+
+
 def write_results(rows: list[dict], path: Path) -> None:
     """Write results.csv atomically: a reader sees the whole file or none."""
     import pandas as pd  # here, not at start-up (python -m mchad.bench)
@@ -195,6 +214,9 @@ def run(cfg: DictConfig) -> Path:
         resume_config,
     )
 
+    from mchad.distributed import is_launch_rank_zero
+
+    writer = is_launch_rank_zero()  # DDP: rank 0 alone writes files (the others only compute)
     ckpt_file: Path | None = None
     trust = bool(cfg.get("trust_checkpoint", False))  # unpickle checkpoints fully (they may run code)
     code = provenance.code_state()  # now: the code may be edited while the run trains
@@ -205,7 +227,8 @@ def run(cfg: DictConfig) -> Path:
         cfg, ckpt_file = resume_config(cfg, _command_overrides())
         log.info("Resuming %s from %s", cfg.paths.output_dir, ckpt_file)
     else:
-        _remove_stale_results(Path(cfg.paths.output_dir))
+        if writer:
+            _remove_stale_results(Path(cfg.paths.output_dir))
         if cfg.get("ckpt_path"):
             ckpt_file = checkpoint_file(cfg.ckpt_path)
     training = bool(cfg.get("train", True))
@@ -216,7 +239,7 @@ def run(cfg: DictConfig) -> Path:
 
     output_dir = Path(cfg.paths.output_dir)
     path = output_dir / "results.csv"
-    if not resuming:  # a resumed run's folder changes only once its checkpoint is known to fit
+    if not resuming and writer:  # a resumed run's folder changes only once its checkpoint is known to fit
         output_dir.mkdir(parents=True, exist_ok=True)
         _save_config(cfg, output_dir / "config.yaml")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -226,24 +249,26 @@ def run(cfg: DictConfig) -> Path:
     datamodule, model = build(cfg)
     if checkpoint is not None:
         check_fits(model, checkpoint, ckpt_file)
-    if resuming:
+    if resuming and writer:
         _remove_stale_results(output_dir)
         _save_config(cfg, output_dir / "config.yaml")
     loggers = make_loggers(cfg)
-    if training and checkpoint is not None:
+    if training and checkpoint is not None and writer:
         keep_csv_history(loggers, int(checkpoint.get("global_step", 0)))
-    trainer = make_trainer(cfg, loggers)
+    trainer = make_trainer(cfg, loggers, extra_callbacks=(SharedRunFolder(output_dir),))
 
     if training:
         # Lightning loads the file again: explicitly weights-only too (its None means torch's default)
         trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt_file is None else str(ckpt_file), weights_only=not trust)
-        if cfg.get("objective") is not None:  # validation data only, before any test set is scored
+        if cfg.get("objective") is not None and trainer.is_global_zero:  # validation data only, before any test set is scored
             write_objective(cfg.objective, trainer, model, output_dir)
     else:
         model.load_state_dict(checkpoint["state_dict"])
         log.info("Testing %s (no training)", ckpt_file)
     del checkpoint
     trainer.test(model, datamodule=datamodule, verbose=False)
+    if not trainer.is_global_zero:  # its scores are in rank 0's results
+        return path
 
     extra = getattr(datamodule, "result_columns", {})  # e.g. the open-set split
     rows = [
@@ -256,6 +281,21 @@ def run(cfg: DictConfig) -> Path:
 
     log.info("Results: %s\n%s", path, pd.DataFrame(rows, columns=RESULT_COLUMNS).to_string(index=False))
     return path
+
+
+def _console_logging_only() -> None:
+    """DDP ranks > 0 log to the console only: Hydra opened a log file in the run folder for
+    every process (Lightning's children name theirs ``train_ddp_process_<rank>.log``), which
+    belongs to rank 0 alone."""
+    import logging as logging_module
+
+    root = logging_module.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging_module.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+        path = Path(handler.baseFilename)
+        if path.name.startswith("train_ddp_process_") and path.is_file() and path.stat().st_size == 0:
+            path.unlink()  # a child's own, still empty file (rank 0's file is left to rank 0)
 
 
 def _multirun_trial() -> DictConfig | None:
@@ -283,8 +323,13 @@ def main(cfg: DictConfig) -> float | None:
         from mchad.sweep import run_trial
 
         return trial_objective(run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd))
+    from mchad.distributed import is_launch_rank_zero
+
+    if not is_launch_rank_zero():
+        _console_logging_only()
     try:
         run(cfg)
     except UserError as error:
         log.error("%s", error)
-        raise SystemExit(f"error: {error}") from None
+        # DDP: the one `error:` line comes from rank 0 (every rank stops with status 1)
+        raise SystemExit(f"error: {error}" if is_launch_rank_zero() else 1) from None

@@ -179,7 +179,22 @@ class OODDataModule(pl.LightningDataModule):
                 return None
         return device
 
+    def _shard(self) -> dict[str, int]:
+        """This process's rank and the number of processes (DDP), from the trainer."""
+        if self.trainer is None:
+            return {"rank": 0, "world_size": 1}
+        return {"rank": self.trainer.global_rank, "world_size": self.trainer.world_size}
+
     def train_dataloader(self):
+        """``batch_size`` and ``outlier_batch_size`` are global: in DDP each of the N processes
+        trains on 1/N of every batch (the published effective batch on any number of GPUs)."""
+        shard = self._shard()
+        for key in ("batch_size", "outlier_batch_size"):
+            if getattr(self, key) % shard["world_size"]:
+                raise ConfigError(
+                    f"datamodule.{key}={getattr(self, key)} is the global batch, split over "
+                    f"{shard['world_size']} processes: it must be a multiple of {shard['world_size']}"
+                )
         inliers = TensorBatchLoader(
             self.data["train"],
             self.batch_size,
@@ -189,6 +204,7 @@ class OODDataModule(pl.LightningDataModule):
             seed=self.seed,
             epoch=self._epoch,
             device=self._device(),
+            **shard,
         )
         if self.outliers is None:
             return inliers
@@ -200,17 +216,22 @@ class OODDataModule(pl.LightningDataModule):
             seed=self.seed + 1,
             epoch=self._epoch,
             device=self._device(),
+            **shard,
         )
         return OutlierExposureLoader(inliers, outliers, cycle_shorter=self.full_train_set)
 
-    def val_dataloader(self):
-        return TensorBatchLoader(self.data["val"], self.test_batch_size, device=self._device())
+    def val_dataloader(self, sharded: bool = True):
+        """This process's part of the validation set (all of it with ``sharded=False``: the
+        validation views and the objective score the same sample in any world size)."""
+        shard = self._shard() if sharded else {}
+        return TensorBatchLoader(self.data["val"], self.test_batch_size, device=self._device(), split="set", **shard)
 
     def test_dataloader(self):
-        """The ID test set first, then every OOD test case (``dataloader_idx`` 1, 2, ...)."""
+        """The ID test set first, then every OOD test case (``dataloader_idx`` 1, 2, ...);
+        in DDP this process's contiguous part of each (joined by ``OODModel``)."""
         sets = [self.data["test"], *self.test_cases.values()]
-        device = self._device()
-        return [TensorBatchLoader(data, self.test_batch_size, device=device) for data in sets]
+        device, shard = self._device(), self._shard()
+        return [TensorBatchLoader(data, self.test_batch_size, device=device, split="set", **shard) for data in sets]
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch

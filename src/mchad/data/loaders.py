@@ -22,6 +22,7 @@ from torch import Tensor
 
 from mchad.data.sources import ImageArray
 from mchad.devices import HOST
+from mchad.distributed import shard_bounds
 
 
 def _seed(*values: int) -> int:
@@ -34,6 +35,17 @@ class TensorBatchLoader:
 
     The order is a permutation seeded by ``(seed, epoch())``, so it is driven by the run's
     seed and the same after resuming at an epoch boundary; it does not depend on ``device``.
+
+    In several processes (``world_size > 1``) each rank yields its part only (Lightning's
+    DistributedSampler applies to torch DataLoaders, not to this loader):
+
+    - ``split="batch"`` (training): ``batch_size`` is the global batch; each global batch is
+      cut into ``world_size`` parts (``torch.tensor_split``) and rank ``rank`` yields part
+      ``rank``. The ranks together see every sample once per epoch, in the batches and order
+      of a single process, whatever the world size. A last global batch with fewer rows than
+      ranks is dropped (no rank may get an empty batch);
+    - ``split="set"`` (validation, testing): rank ``rank`` batches its contiguous part of the
+      set (:func:`mchad.distributed.shard_bounds`); joined in rank order they are the set.
     """
 
     def __init__(
@@ -46,9 +58,17 @@ class TensorBatchLoader:
         epoch: Callable[[], int] = lambda: 0,
         device: torch.device | str | None = None,
         pin_memory: bool | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        split: str = "batch",
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if split not in ("batch", "set"):
+            raise ValueError(f"split must be batch or set, got {split!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a world of {world_size}")
+        self.rank, self.world_size, self.split = rank, world_size, split
         self.data = data
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -60,16 +80,42 @@ class TensorBatchLoader:
         self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._on_device: tuple[Tensor, Tensor] | None = None
 
+    def _rows(self) -> int:
+        """How many samples the batches are drawn from: all, or this rank's part (``split="set"``)."""
+        if self.split == "set" and self.world_size > 1:
+            start, stop = shard_bounds(len(self.data), self.rank, self.world_size)
+            return stop - start
+        return len(self.data)
+
     def __len__(self) -> int:
-        n = len(self.data)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        n, size = self._rows(), self.batch_size
+        if self.drop_last:
+            return n // size
+        batches = -(-n // size)
+        if self.split == "batch" and 0 < n % size < self.world_size:
+            batches -= 1  # a last global batch too small to give every rank a row
+        return batches
 
     def order(self) -> Tensor:
+        """The global order of the samples (the same for every rank and world size)."""
         if not self.shuffle:
             return torch.arange(len(self.data))  # cpu: moved to the data's device in __iter__
         # cpu: the order does not depend on the device (moved in __iter__)
         generator = torch.Generator().manual_seed(_seed(self.seed, self.epoch()))
         return torch.randperm(len(self.data), generator=generator)  # cpu: as the generator
+
+    def batch_indices(self, order: Tensor | None = None) -> Iterator[Tensor]:
+        """The sample indices of each batch this rank yields."""
+        order = self.order() if order is None else order
+        size = self.batch_size
+        if self.split == "set" and self.world_size > 1:
+            start, stop = shard_bounds(len(self.data), self.rank, self.world_size)
+            order = order[start:stop]
+        for i in range(len(self)):
+            index = order[i * size : (i + 1) * size]
+            if self.split == "batch" and self.world_size > 1:
+                index = torch.tensor_split(index, self.world_size)[self.rank]
+            yield index
 
     def tensors(self) -> tuple[Tensor, Tensor]:
         """Images and labels where batches are gathered: on ``device`` (copied once) or the host."""
@@ -85,10 +131,8 @@ class TensorBatchLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         images, labels = self.tensors()
         order = self.order().to(images.device, non_blocking=True)
-        n, size = len(self), self.batch_size
         pin = self.pin and images.device.type == "cpu"
-        for i in range(n):
-            index = order[i * size : (i + 1) * size]
+        for index in self.batch_indices(order):
             if pin:  # gather straight into pinned memory: one copy, then an async transfer
                 # cpu: a pinned host buffer, for the asynchronous transfer
                 batch = torch.empty((len(index), *images.shape[1:]), dtype=images.dtype, pin_memory=True)

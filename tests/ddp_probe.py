@@ -1,0 +1,53 @@
+"""A callback the DDP tests add to `python run.py` (tests/ on PYTHONPATH): each rank writes
+what it trained on to ``<out>/rank<r>.json``; optionally one rank's batch becomes NaN.
+
+- ``epochs``: per epoch the hashes of the training rows this rank saw (run without
+  augmentation, ``datamodule.crop_padding=0``, so a row is the normalised image);
+- ``all_rows`` (rank 0): the hashes of every training image, normalised the same way;
+- ``centers``: II's running centres at the end of training (else null).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+
+def _row_hashes(images: torch.Tensor) -> list[str]:
+    rows = images.detach().float().cpu().contiguous().numpy()
+    return [hashlib.sha1(row.tobytes()).hexdigest()[:16] for row in rows]
+
+
+class SampleProbe(pl.Callback):
+    def __init__(self, out: str, nan_rank: int = -1, nan_step: int = -1):
+        self.out = Path(out)
+        self.nan_rank, self.nan_step = nan_rank, nan_step
+        self.epochs: dict[int, list[str]] = {}
+        self.batch_sizes: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        images, labels = batch
+        self.epochs.setdefault(trainer.current_epoch, []).extend(_row_hashes(images))
+        self.batch_sizes.append(len(images))
+        if trainer.global_rank == self.nan_rank and trainer.global_step == self.nan_step:
+            images.fill_(float("nan"))
+
+    def on_train_end(self, trainer, pl_module):
+        datamodule = trainer.datamodule
+        train = datamodule.data["train"].images
+        method = pl_module.method
+        centers = method.running.running_centers.tolist() if hasattr(method, "running") else None
+        content = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "epochs": {str(e): rows for e, rows in self.epochs.items()},
+            "batch_sizes": self.batch_sizes,
+            "all_rows": _row_hashes(datamodule.transform(train, augment=False)) if trainer.is_global_zero else None,
+            "centers": centers,
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(content))

@@ -1,0 +1,197 @@
+"""DDP (several processes): sharded training batches, joined test scores, one writer.
+
+Loader tests run in this process. The end-to-end tests start `python run.py` with two CPU
+processes (Lightning's DDP over gloo, its subprocess launcher) on the quick-start digits,
+with tests/ddp_probe.py recording what each rank trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT
+from mchad.data.loaders import TensorBatchLoader
+from mchad.data.sources import ImageArray
+from mchad.distributed import shard_bounds
+
+TESTS = Path(__file__).resolve().parent
+METRICS = ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95", "OSCR"]
+
+
+def _array(n: int) -> ImageArray:
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1)
+    return ImageArray(images, torch.arange(n) % 3, ["a", "b", "c"])
+
+
+def _batches(n: int, batch_size: int, world_size: int, rank: int, **kwargs) -> list[list[int]]:
+    loader = TensorBatchLoader(_array(n), batch_size, rank=rank, world_size=world_size, pin_memory=False, **kwargs)
+    batches = [images.view(-1).tolist() for images, _ in loader]
+    assert len(batches) == len(loader)
+    return batches
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_training_batches_are_the_single_process_batches_split_over_the_ranks(world_size, drop_last):
+    """Guards the sharding: at every step the ranks' parts together are exactly the batch one
+    process takes (same seeded order for any world size), no sample twice, equal parts."""
+    n, batch_size = 51, 12  # last batch: 3 rows (kept for 2 and 3 ranks, too small for 4)
+    single = _batches(n, batch_size, 1, 0, shuffle=True, seed=7, drop_last=drop_last)
+    parts = [_batches(n, batch_size, world_size, r, shuffle=True, seed=7, drop_last=drop_last) for r in range(world_size)]
+    steps = len(single) - (1 if not drop_last and world_size > 3 else 0)
+    assert all(len(p) == steps for p in parts)  # every rank takes the same number of steps
+    for step, batch in enumerate(single[:steps]):
+        joined = [i for rank in range(world_size) for i in parts[rank][step]]
+        assert joined == batch
+        sizes = [len(parts[rank][step]) for rank in range(world_size)]
+        assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    seen = [i for p in parts for b in p for i in b]
+    assert len(seen) == len(set(seen)) == sum(len(b) for b in single[:steps])
+    assert len(seen) == (48 if drop_last or world_size > 3 else 51)
+
+
+def test_a_last_batch_smaller_than_the_world_is_dropped():
+    """50 = 4 x 12 + 2: with 3 ranks the 2-row last batch would leave a rank empty."""
+    assert len(_batches(50, 12, 2, 0)) == 5
+    for rank in range(3):
+        assert len(_batches(50, 12, 3, rank)) == 4
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 10])
+def test_evaluation_parts_joined_in_rank_order_are_the_set(n):
+    world_size = 3
+    joined = [i for r in range(world_size) for b in _batches(n, 2, world_size, r, split="set") for i in b]
+    assert joined == list(range(n))
+    bounds = [shard_bounds(n, r, world_size) for r in range(world_size)]
+    assert [stop - start for start, stop in bounds] == [len(x) for x in np.array_split(np.arange(n), world_size)]
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def _run(*overrides: str, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _quick(logs: Path, probe: Path | None = None, *more: str) -> list[str]:
+    """The quick-start, tiny and fast, without augmentation (the probe identifies rows)."""
+    args = [
+        f"paths.log_dir={logs}",
+        "trainer.accelerator=cpu",
+        "trainer.max_epochs=2",
+        "trainer.min_epochs=2",
+        "trainer.enable_progress_bar=false",
+        "datamodule.crop_padding=0",
+        "~callbacks.validation_views",
+        "~callbacks.embedding_animation",
+        "~callbacks.test_plots",
+    ]
+    if probe is not None:
+        args += ["+callbacks.probe._target_=ddp_probe.SampleProbe", f"+callbacks.probe.out={probe}"]
+    return [*args, *more]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """II trained by two processes, then its checkpoint tested by one (`train=false`)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    logs, probe = tmp / "logs", tmp / "probe"
+    # full_train_set: every training image in every epoch (the last, smaller batch kept)
+    result = _run(*_quick(logs, probe, "model=ii", "trainer.devices=2", "+datamodule.full_train_set=true"), cwd=tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p.parent for p in logs.glob("runs/*/*/config.yaml"))
+    assert len(runs) == 1, runs
+    single = _run(*_quick(logs / "single", None, "model=ii", "+datamodule.full_train_set=true", "train=false", f"ckpt_path={runs[0]}"), cwd=tmp)
+    assert single.returncode == 0, single.stderr[-3000:]
+    return {"result": result, "run": runs[0], "probe": probe, "single": single, "logs": logs}
+
+
+def test_two_processes_split_every_epoch_and_write_once(two_process_run):
+    """Guards sharding and the one writer end to end: per epoch each rank trains on half the
+    training images and together on all, each once; one results.csv, one printed table."""
+    ranks = [json.loads((two_process_run["probe"] / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    everything = Counter(ranks[0]["all_rows"])
+    assert len(everything) > 700  # the 724 digits training images 0-5 (a few duplicate rows)
+    for epoch in ("0", "1"):
+        parts = [Counter(r["epochs"][epoch]) for r in ranks]
+        assert parts[0] + parts[1] == everything
+        assert abs(sum(parts[0].values()) - sum(parts[1].values())) <= 1
+    # batch_size 64 is global: 32 rows per rank, and half of the last, smaller batch each
+    n = len(ranks[0]["all_rows"])
+    assert n % 64 and ranks[0]["batch_sizes"] == ranks[1]["batch_sizes"] == ([32] * (n // 64) + [n % 64 // 2]) * 2
+    run_dir = two_process_run["run"]
+    logs = two_process_run["logs"]
+    assert len(list(logs.glob("runs/**/results.csv"))) == 1
+    assert not list(run_dir.glob("train_ddp_process_*"))
+    out = two_process_run["result"].stdout + two_process_run["result"].stderr
+    assert out.count("Results: ") == 1
+    assert "sync_dist" not in out
+
+
+def test_running_centres_are_equal_on_every_rank(two_process_run):
+    """Guards II's all-reduced statistics: without them each rank's last update (from its half
+    of the last batch) would leave different running centres."""
+    centers = [json.loads((two_process_run["probe"] / f"rank{r}.json").read_text())["centers"] for r in (0, 1)]
+    assert centers[0] is not None
+    np.testing.assert_allclose(np.array(centers[0]), np.array(centers[1]), rtol=1e-6, atol=1e-7)
+
+
+def test_two_process_metrics_equal_a_single_process_test_of_the_checkpoint(two_process_run):
+    """Guards the joined test scores: every rank scored its part of each set; the metrics equal
+    those of one process testing the same checkpoint."""
+    ddp = pd.read_csv(two_process_run["run"] / "results.csv")
+    single_runs = list((two_process_run["logs"] / "single").glob("runs/*/*/results.csv"))
+    assert len(single_runs) == 1
+    single = pd.read_csv(single_runs[0])
+    keys = ["test_case", "score"]
+    ddp, single = ddp.sort_values(keys).reset_index(drop=True), single.sort_values(keys).reset_index(drop=True)
+    assert ddp[keys].equals(single[keys]) and len(ddp) == 6
+    np.testing.assert_allclose(ddp[METRICS].to_numpy(), single[METRICS].to_numpy(), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
+    """Guards the NaN guard in DDP: rank 1's batch at step 3 turns NaN; both processes stop
+    (no hang), with status 1, one `error:` line and no results.csv."""
+    logs = tmp_path / "logs"
+    overrides = _quick(logs, tmp_path / "probe", "trainer.devices=2", "+callbacks.probe.nan_rank=1", "+callbacks.probe.nan_step=3")
+    result = _run(*overrides, cwd=tmp_path, timeout=180)
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "at step 3" in errors[0], result.stderr[-3000:]
+    assert not list(logs.glob("runs/**/results.csv"))
+
+
+@pytest.mark.slow
+def test_resume_and_evaluation_only_in_two_processes(tmp_path):
+    """Resume and `train=false` under DDP: one results.csv each, equal to one process's test."""
+    logs = tmp_path / "logs"
+    first = _run(*_quick(logs, None, "trainer.devices=2", "trainer.max_epochs=1", "trainer.min_epochs=1"), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run_dir,) = [p.parent for p in logs.glob("runs/*/*/config.yaml")]
+    resumed = _run(f"resume={run_dir}", "trainer.max_epochs=2", "trainer.devices=2", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (resumed.stdout + resumed.stderr).count("Results: ") == 1
+    tested = _run(*_quick(logs / "eval2", None, "trainer.devices=2", "train=false", f"ckpt_path={run_dir}"), cwd=tmp_path)
+    single = _run(*_quick(logs / "eval1", None, "train=false", f"ckpt_path={run_dir}"), cwd=tmp_path)
+    assert tested.returncode == 0 and single.returncode == 0, tested.stderr[-3000:] + single.stderr[-3000:]
+    (two,) = list((logs / "eval2").glob("runs/*/*/results.csv"))
+    (one,) = list((logs / "eval1").glob("runs/*/*/results.csv"))
+    keys = ["test_case", "score"]
+    a, b = pd.read_csv(two).sort_values(keys), pd.read_csv(one).sort_values(keys)
+    np.testing.assert_allclose(a[METRICS].to_numpy(), b[METRICS].to_numpy(), rtol=1e-6, atol=1e-9)
