@@ -51,3 +51,32 @@ class SampleProbe(pl.Callback):
         }
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(content))
+
+
+class EpochTimer(pl.Callback):
+    """Seconds of each training epoch (its batches, without validation) and rows trained per
+    epoch on this rank, written to ``<out>/timing<rank>.json`` (the measurement in the README)."""
+
+    def __init__(self, out: str):
+        self.out = Path(out)
+        self.seconds: list[float] = []
+        self.rows: list[int] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        import time
+
+        self._start = time.perf_counter()
+        self.rows.append(0)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rows[-1] += len(batch[1])
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        import time
+
+        self.seconds.append(time.perf_counter() - self._start)
+
+    def on_train_end(self, trainer, pl_module):
+        self.out.mkdir(parents=True, exist_ok=True)
+        content = {"world_size": trainer.world_size, "seconds": self.seconds, "rows": self.rows}
+        (self.out / f"timing{trainer.global_rank}.json").write_text(json.dumps(content))

@@ -309,6 +309,11 @@ class RNGState(pl.Callback):
         log.info("Restored the random number generators' states from the checkpoint")
 
 
+def _world_size(trainer) -> int:
+    """The trainer's number of processes (1 for stand-ins without one)."""
+    return int(getattr(trainer, "world_size", 1))
+
+
 class NonFiniteLossGuard(pl.Callback):
     """Stops training with :class:`NonFiniteLossError` once the training loss is NaN or inf.
 
@@ -336,7 +341,7 @@ class NonFiniteLossGuard(pl.Callback):
             finite = bool(torch.isfinite(loss).all())
             # DDP: every rank stops when any rank's loss is bad (a rank stopping alone would
             # leave the others waiting in the next gradient all-reduce)
-            if trainer.world_size > 1 and not trainer.strategy.reduce_boolean_decision(finite, all=True):
+            if _world_size(trainer) > 1 and not trainer.strategy.reduce_boolean_decision(finite, all=True):
                 self._fail(trainer, step, float(loss.float().sum()) if not finite else None, elsewhere=finite)
             elif not finite:
                 self._fail(trainer, step, float(loss.float().sum()))
@@ -354,12 +359,12 @@ class NonFiniteLossGuard(pl.Callback):
 
     def _check(self, trainer) -> None:
         if self._first_bad is None:
-            if trainer.world_size == 1:
+            if _world_size(trainer) == 1:
                 return
             # another rank may have recorded a bad step: every rank takes part in the reduction
             self._first_bad = torch.full((), -1, dtype=torch.long, device=trainer.strategy.root_device)
         first = self._first_bad
-        if trainer.world_size > 1:  # the earliest bad step of any rank (-1 = none) reaches all
+        if _world_size(trainer) > 1:  # the earliest bad step of any rank (-1 = none) reaches all
             never = torch.iinfo(torch.long).max
             earliest = trainer.strategy.reduce(torch.where(first < 0, never, first), reduce_op="min")
             first = torch.where(earliest == never, -1, earliest)
