@@ -122,6 +122,31 @@ def test_running_centres_follow_the_global_batch(tmp_path):
     torch.testing.assert_close(centres[0], single())
 
 
+@pytest.mark.parametrize(
+    "env, name",
+    [
+        ({"WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "abc"}, "ddp/torchrun-abc"),
+        ({"WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "none"}, None),  # torchrun without a rendezvous id
+        ({"SLURM_NTASKS": "8", "SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0"}, "ddp/slurm-77.0"),
+        ({"SLURM_NTASKS": "1", "SLURM_JOB_ID": "77"}, None),  # one task: a plain run
+    ],
+)
+def test_the_processes_of_one_launch_share_a_run_folder(monkeypatch, env, name):
+    """Guards the shared folder under torchrun/srun, where every process composes its own
+    config: the folder name comes from the launch, not from the process id or the clock."""
+    from mchad import resolvers
+
+    for key in ("WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(resolvers, "_RUN_NAME", None)
+    if name is None:
+        assert resolvers.run_name().endswith(f"_{resolvers.run_id()}")
+    else:
+        assert resolvers.run_name() == name
+
+
 # ------------------------------------------------------------------------------ end to end
 
 

@@ -109,8 +109,9 @@ def test_run_folders_are_unique_within_the_same_second():
     from omegaconf import OmegaConf
 
     hydra_cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "config" / "hydra" / "default.yaml"))
-    assert "${run_id:}" in hydra_cfg["run"]["dir"] and "${run_id:}" in hydra_cfg["sweep"]["dir"]
-    code = "import mchad; from omegaconf import OmegaConf; print(OmegaConf.create({'a': '${run_id:}'}).a)"
+    # ${run_name:} is <date>/<time>_${run_id:} (one torchrun/srun launch shares one, tests/test_ddp.py)
+    assert "${run_name:}" in hydra_cfg["run"]["dir"] and "${run_id:}" in hydra_cfg["sweep"]["dir"]
+    code = "import mchad; from omegaconf import OmegaConf; print(OmegaConf.create({'a': '${run_name:}'}).a)"
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
     ids = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert all(ids) and ids[0] != ids[1]
