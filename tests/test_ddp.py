@@ -147,6 +147,31 @@ def test_the_processes_of_one_launch_share_a_run_folder(monkeypatch, env, name):
         assert resolvers.run_name() == name
 
 
+@pytest.mark.parametrize("same", [True, False])
+def test_processes_with_different_run_folders_stop_before_training(tmp_path, same):
+    """Guards the run-folder check: every rank compares its folder with rank 0's, and all stop
+    together (a collective decision) when any differs."""
+    from types import SimpleNamespace
+
+    from mchad.errors import ConfigError
+    from mchad.train import SharedRunFolder
+
+    rank0 = str((tmp_path / "a").resolve())
+    decisions = []
+    strategy = SimpleNamespace(
+        broadcast=lambda value, src: rank0,
+        reduce_boolean_decision=lambda decision, all: decisions.append(decision) or decision,
+    )
+    trainer = SimpleNamespace(world_size=2, strategy=strategy)
+    check = SharedRunFolder(tmp_path / ("a" if same else "b"))
+    if same:
+        check.setup(trainer, None, "fit")
+    else:
+        with pytest.raises(ConfigError, match="different run folders"):
+            check.setup(trainer, None, "fit")
+    assert decisions == [same]
+
+
 # ------------------------------------------------------------------------------ end to end
 
 
