@@ -14,11 +14,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mchad.backbones import load_pretrained, output_width
 from mchad.errors import ConfigError, UserError
-from mchad.module import METRIC_KEYS, OODModel
+from mchad.detectors import DetectorBank, check_detectors
+from mchad.metrics import METRIC_COLUMNS
+from mchad.module import OODModel
 
 log = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed", "Accuracy", *METRIC_KEYS]
+RESULT_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed", *METRIC_COLUMNS]
 
 
 def trainer_kwargs(trainer_cfg: DictConfig) -> DictConfig:
@@ -67,15 +69,26 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, OODModel]:
         )
     if cfg.model.get("pretrained_checkpoint"):
         load_pretrained(backbone, str(cfg.model.pretrained_checkpoint))
+    method = _instantiate(cfg.model.method, "model.method")
     model = OODModel(
         backbone=backbone,
-        method=_instantiate(cfg.model.method, "model.method"),
+        method=method,
         optimizer=_instantiate(cfg.model.optimizer, "model.optimizer"),
         scheduler=_instantiate(cfg.model.scheduler, "model.scheduler") if cfg.model.get("scheduler") else None,
         test_case_names=datamodule.test_case_names,
+        detectors=make_detectors(cfg, method),
     )
     apply_performance_options(cfg, datamodule, model)
     return datamodule, model
+
+
+def make_detectors(cfg: DictConfig, method) -> DetectorBank:
+    """The post-hoc detectors of ``cfg.detectors``, refused here (before training) when unknown
+    or not applicable to the method."""
+    args = OmegaConf.to_container(cfg.get("detector_args") or {}, resolve=True)
+    fit_samples = cfg.get("detector_fit_samples", 10000)
+    names = check_detectors(cfg.get("detectors"), method, cfg.model.get("name", type(method).__name__), args, fit_samples)
+    return DetectorBank(names, args, fit_samples, seed=int(cfg.seed))
 
 
 def _on_gpu(cfg: DictConfig) -> bool:
@@ -160,11 +173,14 @@ def _save_config(cfg: DictConfig, path: Path) -> None:
 
 
 def _remove_stale_results(output_dir: Path) -> Path:
-    """Remove a previous results.csv from the run folder: a run that fails must leave none."""
+    """Remove a previous results.csv (and scores file) from the run folder: a run that fails must leave none."""
+    from mchad.scores import SCORES_FILE
+
     path = output_dir / "results.csv"
-    if path.exists():
-        log.warning("Removing the previous %s (it is written again when this run ends)", path)
-        path.unlink()
+    for stale in (path, output_dir / SCORES_FILE):
+        if stale.exists():
+            log.warning("Removing the previous %s (it is written again when this run ends)", stale)
+            stale.unlink()
     return path
 
 
@@ -229,10 +245,12 @@ def run(cfg: DictConfig) -> Path:
     del checkpoint
     trainer.test(model, datamodule=datamodule, verbose=False)
 
-    rows = [
-        {"experiment": cfg.name, "id_dataset": datamodule.name, "method": cfg.model.name, "seed": cfg.seed, **row}
-        for row in model.test_results
-    ]
+    meta = {"experiment": cfg.name, "id_dataset": datamodule.name, "method": cfg.model.name, "seed": cfg.seed}
+    rows = [{**meta, **row} for row in model.test_results]
+    from mchad.scores import SCORES_FILE, save_scores
+
+    # the per-sample scores first: results.csv, written last, marks a finished run
+    save_scores(model.test_outputs, model.score_names, meta, output_dir / SCORES_FILE)
     write_results(rows, path)
     import pandas as pd
 
