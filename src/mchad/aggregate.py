@@ -46,8 +46,10 @@ RESULTS_FILE = "results.csv"
 FAILED_FILE = "FAILED.txt"
 HEADLINE = "headline"
 KEY_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed"]
-METRICS = ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95"]
-REQUIRED_COLUMNS = KEY_COLUMNS + METRICS
+METRICS = ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95", "OSCR"]
+# results.csv files written before OSCR existed lack it (NaN in the tables)
+OPTIONAL_METRICS = ["OSCR"]
+REQUIRED_COLUMNS = KEY_COLUMNS + [m for m in METRICS if m not in OPTIONAL_METRICS]
 STATISTICS = ["mean", "std", "sem"]
 
 # Display order of the paper; names not listed follow alphabetically.
@@ -134,6 +136,9 @@ def _read_results(path: Path) -> pd.DataFrame:
     absent = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if absent:
         raise ResultsFormatError(f"{path}: missing column(s) {', '.join(absent)}")
+    for column in OPTIONAL_METRICS:
+        if column not in frame.columns:
+            frame[column] = math.nan
 
     for column in METRICS:
         values = pd.to_numeric(frame[column], errors="coerce")
@@ -152,7 +157,7 @@ def _read_results(path: Path) -> pd.DataFrame:
     for column in ["experiment", "id_dataset", "method", "test_case", "score"]:
         frame[column] = frame[column].astype(str)
 
-    frame = frame[REQUIRED_COLUMNS].copy()
+    frame = frame[KEY_COLUMNS + METRICS].copy()
     frame["run_dir"] = str(path.parent)
     # a run lists its headline score first (distance; msp for Softmax)
     frame["headline"] = frame["score"] == frame["score"].iloc[0] if len(frame) else []
@@ -433,7 +438,26 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "Softmax), or a score name such as distance, msp, cac",
     )
     parser.add_argument("--baseline", default="MCHAD", help="model the t-tests compare against (default: MCHAD)")
+    parser.add_argument(
+        "--from-scores",
+        action="store_true",
+        help="recompute every metric from the runs' per-sample scores.npz instead of reading results.csv",
+    )
     return parser.parse_args(argv)
+
+
+def find_results_from_scores(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, list[MissingRun]]:
+    """Like :func:`find_results`, with the metrics recomputed from every ``scores.npz`` below ``paths``."""
+    from mchad.scores import SCORES_FILE, find_score_files, results_from_scores
+
+    roots = [Path(p) for p in paths]
+    for root in roots:
+        if not root.is_dir():
+            raise NoResultsError(f"no such folder: {root}")
+    files = find_score_files(roots)
+    if not files:
+        raise NoResultsError(f"no {SCORES_FILE} found below {', '.join(map(str, roots))}")
+    return results_from_scores(files), _find_missing(roots, files)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -441,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     out_dir = args.out if args.out is not None else args.folders[0] / "aggregate"
     try:
-        results, missing = find_results(args.folders)
+        results, missing = (find_results_from_scores if args.from_scores else find_results)(args.folders)
         table = summary_table(results, args.score)
         per_ood = summary_table(results, args.score, by_ood=True)
         welch = welch_tests(results, args.baseline, args.score)
