@@ -310,7 +310,8 @@ def welch_tests(
     per OOD set with ``by_ood``. ``t > 0`` means the baseline's mean is higher. p is NaN
     with fewer than two seeds on either side.
     """
-    metrics = metrics or METRICS
+    # metrics that older results.csv files lack (OSCR) are all NaN there: no test for them
+    metrics = metrics or [m for m in METRICS if df[m].notna().any()]
     per_seed = _per_seed(df, score, by_ood)
     group_keys = ["id_dataset"] + (["test_case"] if by_ood else [])
     records = []
