@@ -7,8 +7,11 @@ Usage::
 
 Every ``results.csv`` below the given folders is read (one row per test case and OOD
 score, metrics as fractions). A Hydra run folder (one holding ``.hydra/``) without a
-``results.csv`` counts as a missing or failed trial; a failed sweep trial's cause (first
-line of its ``FAILED.txt``, written by mchad.sweep) is listed with it.
+``results.csv`` counts as a missing or failed trial; a failed run's cause (first line of its
+``FAILED.txt``, written by mchad.train for single runs and mchad.sweep for trials) is listed
+with it. Each trained model counts once: the rows of an eval-only run (``evaluated_from``,
+with the seed of the run it tested) are dropped where the training run's own rows already
+hold that test case and score.
 
 How the numbers are aggregated (the paper's protocol):
 
@@ -119,10 +122,31 @@ def find_results(paths: str | Path | Iterable[str | Path]) -> tuple[pd.DataFrame
         raise NoResultsError(f"no {RESULTS_FILE} found below {', '.join(map(str, roots))}")
 
     frames = [_read_results(f) for f in files]
-    results = pd.concat(frames, ignore_index=True)
+    results = _count_models_once(pd.concat(frames, ignore_index=True))
     if results.empty:
         raise NoResultsError(f"the {len(files)} {RESULTS_FILE} files found hold no rows")
     return results, _find_missing(roots, files)
+
+
+def _count_models_once(results: pd.DataFrame) -> pd.DataFrame:
+    """Each trained model counts once: an eval-only run's row (``evaluated_from`` = the
+    checkpoint it tested) is dropped where the training run itself, or an earlier evaluation
+    of the same checkpoint, has that test case and score. A trained run's rows stand for its
+    ``checkpoints/last.ckpt`` (the model it tested). Eval-only rows whose seed is unknown
+    are left out with a warning."""
+    unknown_seed = (results["evaluated_from"] != "") & results["seed"].isna()
+    if unknown_seed.any():
+        warnings.warn(f"{int(unknown_seed.sum())} eval-only row(s) without a seed are left out "
+                      "(their checkpoint is not in a run folder with a config.yaml)", stacklevel=2)
+    results = results[~unknown_seed]
+    evaluated = results["evaluated_from"] != ""
+    checkpoint = results["evaluated_from"].where(evaluated, results["run_dir"].map(lambda d: str(Path(d, "checkpoints", "last.ckpt"))))
+    model = checkpoint.map(lambda p: str(Path(p).resolve()))
+    # trained runs' rows first: they are the ones kept
+    order = results.assign(_evaluated=evaluated, _model=model).sort_values("_evaluated", kind="stable")
+    kept = order.drop_duplicates(["_model", "test_case", "score"]).sort_index().drop(columns=["_evaluated", "_model"])
+    kept["seed"] = kept["seed"].astype("int64")
+    return kept.reset_index(drop=True)
 
 
 def _read_results(path: Path) -> pd.DataFrame:
@@ -145,14 +169,16 @@ def _read_results(path: Path) -> pd.DataFrame:
             raise ResultsFormatError(f"{path}: {column} outside [0, 1] (percent instead of fractions?)")
         frame[column] = values.astype(float)
 
+    # written by the runs since eval-only rows carry their checkpoint's seed
+    frame["evaluated_from"] = frame.get("evaluated_from", pd.Series("", index=frame.index)).fillna("").astype(str)
     seeds = pd.to_numeric(frame["seed"], errors="coerce")
-    if seeds.isna().any() or (seeds != seeds.round()).any():
+    if (seeds.isna() & (frame["evaluated_from"] == "")).any() or (seeds != seeds.round()).any():
         raise ResultsFormatError(f"{path}: seed must be an integer in every row")
-    frame["seed"] = seeds.astype("int64")
+    frame["seed"] = seeds
     for column in ["experiment", "id_dataset", "method", "test_case", "score"]:
         frame[column] = frame[column].astype(str)
 
-    frame = frame[REQUIRED_COLUMNS].copy()
+    frame = frame[[*REQUIRED_COLUMNS, "evaluated_from"]].copy()
     frame["run_dir"] = str(path.parent)
     # a run lists its headline score first (distance; msp for Softmax)
     frame["headline"] = frame["score"] == frame["score"].iloc[0] if len(frame) else []

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import sys
+import traceback
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -13,12 +16,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from mchad.backbones import load_pretrained, output_width
+from mchad.cli import FILE_ONLY, on_terminal, show_tracebacks
 from mchad.errors import ConfigError, UserError
 from mchad.module import METRIC_KEYS, OODModel
+from mchad.validate import check_config, check_training_data
 
 log = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed", "Accuracy", *METRIC_KEYS]
+# evaluated_from: the checkpoint an eval-only run (train=false) tested, empty for a trained run
+RESULT_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed", "Accuracy", *METRIC_KEYS, "evaluated_from"]
 
 
 def trainer_kwargs(trainer_cfg: DictConfig) -> DictConfig:
@@ -59,6 +65,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, OODModel]:
         )
     datamodule = _instantiate(cfg.datamodule, "datamodule")
     datamodule.setup("fit")
+    check_training_data(datamodule)
     backbone = _instantiate(cfg.model.backbone, "model.backbone")
     width = output_width(backbone, datamodule.image_shape)
     if width != cfg.model.n_embedding:
@@ -124,6 +131,8 @@ def make_trainer(cfg: DictConfig, loggers: list | None = None, extra_callbacks: 
     kwargs = trainer_kwargs(cfg.trainer)
     with open_dict(kwargs):
         kwargs.update(overrides)
+        if kwargs.get("enable_progress_bar", "auto") in ("auto", None):  # drawn only for a person watching
+            kwargs.enable_progress_bar = on_terminal()
     if not kwargs.get("enable_progress_bar", True):
         # Lightning refuses a configured progress bar next to enable_progress_bar=false
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
@@ -200,6 +209,9 @@ def run(cfg: DictConfig) -> Path:
     training = bool(cfg.get("train", True))
     if not training and ckpt_file is None:
         raise ConfigError("train=false only tests a trained model: give it with ckpt_path=<run folder or .ckpt file>")
+    check_config(cfg)
+    if not resuming:
+        cfg.name = experiment_name(cfg)
 
     output_dir = Path(cfg.paths.output_dir)
     path = output_dir / "results.csv"
@@ -221,16 +233,30 @@ def run(cfg: DictConfig) -> Path:
         keep_csv_history(loggers, int(checkpoint.get("global_step", 0)))
     trainer = make_trainer(cfg, loggers)
 
-    if training:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt_file is None else str(ckpt_file))
-    else:
-        model.load_state_dict(checkpoint["state_dict"])
-        log.info("Testing %s (no training)", ckpt_file)
-    del checkpoint
-    trainer.test(model, datamodule=datamodule, verbose=False)
+    try:
+        if training:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt_file is None else str(ckpt_file))
+        else:
+            model.load_state_dict(checkpoint["state_dict"])
+            log.info("Testing %s (no training)", ckpt_file)
+        del checkpoint
+        trainer.test(model, datamodule=datamodule, verbose=False)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into SystemExit(1)
+            raise KeyboardInterrupt from None
+        raise
 
+    # an eval-only run's rows belong to the model it tested: that run's seed
+    seed, evaluated_from = (cfg.seed, "") if training else (checkpoint_seed(ckpt_file), str(ckpt_file))
     rows = [
-        {"experiment": cfg.name, "id_dataset": datamodule.name, "method": cfg.model.name, "seed": cfg.seed, **row}
+        {
+            "experiment": cfg.name,
+            "id_dataset": datamodule.name,
+            "method": cfg.model.name,
+            "seed": seed,
+            **row,
+            "evaluated_from": evaluated_from,
+        }
         for row in model.test_results
     ]
     write_results(rows, path)
@@ -238,6 +264,29 @@ def run(cfg: DictConfig) -> Path:
 
     log.info("Results: %s\n%s", path, pd.DataFrame(rows, columns=RESULT_COLUMNS).to_string(index=False))
     return path
+
+
+def experiment_name(cfg: DictConfig) -> str:
+    """results.csv's ``experiment``: ``name=`` when given on the command line, else
+    ``<datamodule>-<model>`` of the config groups that ran (``digits-cac`` for
+    ``model=cac``, ``imagefolder-mchad`` for an image folder)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or any(o.lstrip("+").split("=")[0] == "name" for o in _command_overrides()):
+        return cfg.name
+    choices = HydraConfig.get().runtime.choices
+    data, model = choices.get("datamodule"), choices.get("model")
+    return f"{data}-{model}" if data and model else cfg.name
+
+
+def checkpoint_seed(ckpt_file: Path) -> int | None:
+    """The seed of the run that wrote ``<run>/checkpoints/<name>.ckpt`` (its config.yaml), None if unknown."""
+    config = ckpt_file.parent.parent / "config.yaml"
+    seed = OmegaConf.select(OmegaConf.load(config), "seed", default=None) if config.is_file() else None
+    if not isinstance(seed, int):
+        log.warning("The seed of %s is unknown (no config.yaml of its run): the seed column is left empty", ckpt_file)
+        return None
+    return seed
 
 
 def _multirun_trial() -> DictConfig | None:
@@ -252,18 +301,39 @@ def _multirun_trial() -> DictConfig | None:
 
 
 def main(cfg: DictConfig) -> dict | None:
-    """Hydra task: a user error ends the process with one line and exit status 1.
+    """Hydra task: a user error ends the process with one line and exit status 1; Ctrl-C
+    with one line saying how to resume (exit status 130). A failed run writes its cause to
+    ``<run folder>/FAILED.txt`` (removed again once the run, resumed, succeeds).
 
     In a multirun (``-m``, e.g. in a Ray worker) a failing trial writes its cause to
     ``<trial>/FAILED.txt`` and returns, so the other trials go on (see mchad.sweep).
     """
+    from mchad.sweep import FAILED_FILE, record_failure, run_trial
+
     trial = _multirun_trial()
     if trial is not None:
-        from mchad.sweep import run_trial
-
         return run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd)
+    output_dir = Path(cfg.paths.output_dir)
     try:
         run(cfg)
     except UserError as error:
-        log.error("%s", error)
-        raise SystemExit(f"error: {error}") from None
+        cause = record_failure(output_dir, error)
+        log.error("%s", cause, extra=FILE_ONLY)  # run.log; the console gets the one line below
+        if show_tracebacks():
+            traceback.print_exc()
+        raise SystemExit(f"error: {cause}") from None
+    except KeyboardInterrupt:
+        from mchad.robust import LAST_CHECKPOINT
+
+        if (output_dir / LAST_CHECKPOINT).is_file():
+            message = f"interrupted; continue this run with: python run.py resume={shlex.quote(str(output_dir))}"
+        else:
+            message = "interrupted before the first epoch ended (no checkpoint to resume from); start it again"
+        record_failure(output_dir, message)
+        log.warning("%s", message, extra=FILE_ONLY)
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except Exception as error:  # a bug: its cause and traceback in FAILED.txt, then raised on
+        record_failure(output_dir, error)
+        raise
+    (output_dir / FAILED_FILE).unlink(missing_ok=True)  # e.g. an interrupted run, resumed

@@ -108,9 +108,10 @@ class OODDataModule(pl.LightningDataModule):
         self.data["val"], self.data["train"] = full.subset(order[:n_val]), full.subset(order[n_val:])
         shape = self.image_shape
         for name, source in self.test_case_sources.items():
-            self.test_cases[name] = conform(source.load(self.dataset_dir).as_outliers(), shape)
+            self.test_cases[name] = conform(source.load(self.dataset_dir).as_outliers(), shape, f"test case {name}: {source.describe()}")
         if self.outlier_source is not None:
-            self.outliers = conform(self.outlier_source.load(self.dataset_dir).as_outliers(), shape)
+            outliers = self.outlier_source.load(self.dataset_dir).as_outliers()
+            self.outliers = conform(outliers, shape, f"outliers: {self.outlier_source.describe()}")
         log.info(
             "%s: %d train, %d val, %d test; test cases %s%s",
             self.name,
@@ -189,10 +190,16 @@ class OODDataModule(pl.LightningDataModule):
         return self.transform(images, augment=training), labels
 
 
-def conform(array: ImageArray, shape: tuple[int, int, int]) -> ImageArray:
-    """Bring OOD images to the ID image shape: channels (grey <-> RGB) and size (bilinear)."""
+def conform(array: ImageArray, shape: tuple[int, int, int], what: str = "") -> ImageArray:
+    """Bring OOD images to the ID image shape: channels (grey <-> RGB) and size (bilinear);
+    a conversion is announced in one warning naming ``what``."""
     images = array.images
     channels, height, width = shape
+    if what and tuple(images.shape[1:]) != tuple(shape):
+        log.warning(
+            "%s: %d images of %s converted to the model's input shape %s",
+            what, len(images), "x".join(map(str, images.shape[1:])), "x".join(map(str, shape)),
+        )
     if images.shape[1] != channels:
         if channels == 1:
             weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
