@@ -9,9 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from conftest import EXPERIMENTS, compose_config, make_image_folder
 from mchad.errors import ConfigError, DataNotFoundError
+from mchad.module import OODModel
 from mchad.train import build, run
 
 DATASETS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
@@ -23,47 +25,66 @@ OUTLIER_EXPOSURE = {"gmchad", "gcenter", "gcac"}
 #: the one experiment that keeps the WideResNet-40-2 backbone (the others use a small CNN)
 WRN_EXPERIMENT = "cifar10-gmchad"
 
-# PAPER.md's table; rows it does not list follow the cifar10 row, n_classes/n_embedding adapted
-PAPER = {
-    "cifar10-mchad": dict(n_embedding=16, margin=4.0, weight_center=0.5, weight_ce=1.0, weight_oe=0.0),
-    "cifar10-gmchad": dict(n_embedding=16, margin=4.0, weight_center=1.0, weight_ce=1.5, weight_oe=1e-5),
-    "cifar10-center": dict(n_embedding=16, weight_center=0.5, weight_oe=0.0),
-    "cifar10-gcenter": dict(n_embedding=16, margin=4.0, weight_center=1.0, weight_ce=1.5, weight_oe=8e-6),
-    "cifar10-cac": dict(n_embedding=10, weight_center=2.0, magnitude=2.0, weight_oe=0.0),
-    "cifar10-gcac": dict(n_embedding=10, margin=1.0, weight_center=2.0, weight_ce=1.5, weight_oe=5e-4, magnitude=2.0),
-    "cifar10-ii": dict(n_embedding=16, weight_sep=100.0),
-    "cifar100-mchad": dict(n_embedding=64, margin=8.0, weight_center=0.5, weight_ce=1.5, weight_oe=0.0),
-    "cifar100-gmchad": dict(n_embedding=64, margin=8.0, weight_center=1.0, weight_ce=1.5, weight_oe=5e-4),
-    "cifar100-cac": dict(n_embedding=100, weight_center=2.0, magnitude=10.0),
-    "cifar100-gcac": dict(n_embedding=100, margin=1.0, weight_center=2.0, weight_ce=1.5, weight_oe=5e-4, magnitude=2.0),
-    "svhn-mchad": dict(n_embedding=16, margin=4.0, weight_center=0.5, weight_ce=1.5, weight_oe=0.0),
-    "svhn-gmchad": dict(n_embedding=16, margin=4.0, weight_center=1.0, weight_ce=1.5, weight_oe=5e-4),
-    "svhn-cac": dict(n_embedding=10, weight_center=1.0, magnitude=1.0),
-    "svhn-gcac": dict(n_embedding=10, margin=1.0, weight_center=2.0, weight_ce=1.5, weight_oe=5e-4, magnitude=2.0),
-    "svhn-ii": dict(n_embedding=16, weight_sep=100.0),
-}
+#: the published runs' effective values, one row per experiment, with their source in
+#: published-mchad (see the README's method table)
+EFFECTIVE = pd.read_csv(Path(__file__).parent / "data" / "published_effective.csv").set_index("experiment")
+WEIGHT_COLUMNS = {c[2:]: c for c in EFFECTIVE.columns if c.startswith("w_")}
 
 
 def test_every_dataset_method_pair_has_an_experiment():
     assert sorted(EXPERIMENTS) == sorted(f"{d}-{m}" for d, m in product(DATASETS, METHODS))
+    assert sorted(EFFECTIVE.index) == sorted(EXPERIMENTS)
 
 
-@pytest.mark.parametrize("experiment", sorted(PAPER))
-def test_published_hyperparameters(experiment):
+def given(row: pd.Series, column: str) -> bool:
+    return not pd.isna(row[column])
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_builds_the_published_loss(experiment):
+    """Compose the experiment, build its method, optimiser and scheduler, and compare every
+    effective value with the table: the weight of each loss term (the method's own weights and
+    the loss it computes), margin, radius, magnitude, n_embedding, epochs, batch sizes, batch
+    limits, optimiser and scheduler period."""
+    row = EFFECTIVE.loc[experiment]
     cfg = compose_config([f"experiment={experiment}"])
-    for key, value in PAPER[experiment].items():
-        assert cfg.model[key] == pytest.approx(value), key
-    dataset, method = experiment.split("-")
-    assert cfg.model.name == METHODS[method]
+    dataset, method_key = experiment.split("-")
+    assert cfg.model.name == row.method == METHODS[method_key]
     assert cfg.datamodule.n_classes == DATASETS[dataset]
-    assert cfg.trainer.max_epochs == (20 if dataset == "cifar100" else 10)
-    assert cfg.trainer.limit_train_batches == 392 and cfg.datamodule.batch_size == 128
+    method = instantiate(cfg.model.method)
+    expected = {term: row[column] for term, column in WEIGHT_COLUMNS.items() if given(row, column)}
+    assert method.weights == pytest.approx(expected)
+    # the loss built from them: sum of weight * term
+    torch.manual_seed(0)
+    z = torch.randn(6, int(row.n_embedding))
+    labels = torch.tensor([0, 1, 2, 0, -1, -1] if method_key in OUTLIER_EXPOSURE else [0, 1, 2, 0, 1, 2])
+    terms = method.loss(method(z), labels)
+    assert terms["loss"].item() == pytest.approx(sum(w * terms[t].item() for t, w in expected.items()), rel=1e-5)
+    if given(row, "margin"):
+        assert method.push.margin == row.margin
+    if given(row, "radius"):
+        assert getattr(method, "pull_radius", 0.0) == row.radius
+    if given(row, "magnitude"):
+        assert torch.equal(method.centers, row.magnitude * torch.eye(int(row.n_embedding)))
+    width = {"II": lambda: method.norm.num_features, "Softmax": lambda: method.head.in_features}
+    assert width.get(row.method, lambda: method.centers.shape[1])() == row.n_embedding == cfg.model.n_embedding
+    # training
+    assert (cfg.trainer.min_epochs, cfg.trainer.max_epochs) == (row.min_epochs, row.max_epochs)
+    assert cfg.datamodule.batch_size == row.batch_size
+    assert (cfg.trainer.limit_train_batches, cfg.trainer.limit_val_batches) == (row.limit_train_batches, row.limit_val_batches)
     assert cfg.model.backbone._target_ == "mchad.backbones.WideResNetBackbone"
-    if method in OUTLIER_EXPOSURE:
+    if method_key in OUTLIER_EXPOSURE:
         assert cfg.datamodule.outliers._target_ == "mchad.data.TinyImages300kSource"
-        assert cfg.datamodule.outlier_batch_size == 256
+        assert cfg.datamodule.outlier_batch_size == row.outlier_batch_size
     else:
-        assert cfg.datamodule.get("outliers") is None
+        assert cfg.datamodule.get("outliers") is None and not given(row, "outlier_batch_size")
+    model = OODModel(torch.nn.Linear(1, 1), method, instantiate(cfg.model.optimizer), instantiate(cfg.model.scheduler))
+    built = model.configure_optimizers()
+    optimizer, scheduler = built["optimizer"], built["lr_scheduler"]
+    assert type(optimizer).__name__ == row.optimizer
+    assert optimizer.defaults["lr"] == row.lr and optimizer.defaults["weight_decay"] == row.weight_decay
+    assert isinstance(scheduler["scheduler"], torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert scheduler["interval"] == "step" and scheduler["scheduler"].T_max == row.scheduler_period
 
 
 @pytest.fixture(scope="module")

@@ -91,9 +91,11 @@ def test_cac_loss_terms():
     assert losses.tuplet(d, y).item() == pytest.approx(0.326563, abs=1e-6)
     method = CAC(3, 3, magnitude=2.0, margin=1.0, weight_center=2.0, weight_ce=1.5, weight_oe=0.1)
     terms = method.loss({"distances": d}, y)
-    # 2 * anchor + 1.5 * tuplet; no outliers -> L_reg = 0
+    # the published G-CAC weighting: weight_ce * (weight_center * anchor + tuplet) = 1.5 * (2 * 1 + tuplet);
+    # no outliers -> L_reg = 0
+    assert method.weights == {"anchor": 3.0, "tuplet": 1.5, "oe": 0.1}
     assert terms["oe"].item() == 0.0
-    assert terms["loss"].item() == pytest.approx(2.0 * 1.0 + 1.5 * 0.326563, abs=1e-5)
+    assert terms["loss"].item() == pytest.approx(1.5 * (2.0 * 1.0 + 0.326563), abs=1e-5)
 
 
 def test_ii_terms():

@@ -52,6 +52,9 @@ def weighted(terms: dict[str, Tensor], weights: dict[str, float]) -> dict[str, T
 class Method(nn.Module):
     """Base class; see the module docstring for the interface."""
 
+    #: effective weight of each loss term (``loss = sum weights[t] * terms[t]``)
+    weights: dict[str, float] = {}
+
     #: outlier scores this method reports; the first is the headline score
     score_names: tuple[str, ...] = ()
 
@@ -176,8 +179,12 @@ class Center(CenterMethod):
 
 class CAC(CenterMethod):
     """Class Anchor Clustering (Miller et al. 2021): fixed anchors ``magnitude * e_c`` in an
-    embedding of dimension ``C``; ``weight_center * anchor + weight_ce * tuplet``
-    (+ ``weight_oe * L_reg`` for G-CAC).
+    embedding of dimension ``C``;
+    ``loss = weight_ce * (weight_center * anchor + tuplet) + weight_oe * L_reg`` (L_reg for
+    G-CAC), the published ``gcac.py`` weighting: ``weight_ce`` scales the whole CAC loss and
+    ``weight_center`` is CAC's ``alpha``. :attr:`weights` holds the effective weight of each
+    term. (The published ``cac.py`` used ``alpha = weight_anchor = 1`` and no ``weight_ce``:
+    the CAC experiments set ``weight_center = weight_ce = 1``.)
 
     Scores: ``distance`` (headline, as in the paper's table), ``cac`` = CAC's rejection score
     ``min_c gamma_c`` with ``gamma = d * (1 - softmin(d))`` (the CAC paper and its code;
@@ -205,7 +212,7 @@ class CAC(CenterMethod):
         check_non_negative(magnitude=magnitude, margin=margin, weight_center=weight_center, weight_ce=weight_ce, weight_oe=weight_oe)
         # pytorch-ood's CACLoss creates the fixed anchors (not learnable)
         super().__init__(CACLoss(n_classes, magnitude=magnitude).centers, margin, 0.0, semantics)
-        self.weights = {"anchor": weight_center, "tuplet": weight_ce, "oe": weight_oe}
+        self.weights = {"anchor": weight_ce * weight_center, "tuplet": weight_ce, "oe": weight_oe}
 
     def loss(self, out: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
         d = out["distances"]
@@ -240,6 +247,7 @@ class II(Method):
         check_non_negative(weight_sep=weight_sep)
         self.n_classes = n_classes
         self.weight_sep = weight_sep
+        self.weights = {"spread": 1.0, "separation": -weight_sep}
         self.norm = nn.BatchNorm1d(n_embedding)
         self.running = RunningCenters(n_classes, n_embedding)
 
@@ -271,9 +279,7 @@ class II(Method):
             centers = means
         else:
             centers = self.running.centers
-        terms = losses.ii_terms(e, target, centers, present)
-        terms["loss"] = terms["spread"] - self.weight_sep * terms["separation"]
-        return terms
+        return weighted(losses.ii_terms(e, target, centers, present), self.weights)
 
     def predict(self, out: dict[str, Tensor]) -> Tensor:
         return out["distances"].argmin(dim=1)
@@ -294,13 +300,13 @@ class Softmax(Method):
     def __init__(self, n_classes: int, n_embedding: int):
         super().__init__()
         self.head = nn.Linear(n_embedding, n_classes)
+        self.weights = {"nll": 1.0}
 
     def forward(self, z: Tensor) -> dict[str, Tensor]:
         return {"embedding": z, "logits": self.head(z)}
 
     def loss(self, out: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
-        nll = losses.cross_entropy_known(out["logits"], target)
-        return {"nll": nll, "loss": nll}
+        return weighted({"nll": losses.cross_entropy_known(out["logits"], target)}, self.weights)
 
     def predict(self, out: dict[str, Tensor]) -> Tensor:
         return out["logits"].argmax(dim=1)

@@ -110,8 +110,12 @@ class OODModel(pl.LightningModule):
         optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
-        # the published period is min_epochs * limit_train_batches, i.e. the whole run
-        scheduler = self.scheduler_factory(optimizer, T_max=max(1, int(self.trainer.estimated_stepping_batches)))
+        # a period set in the config (the experiments: the published min_epochs *
+        # limit_train_batches) is kept; otherwise it spans the whole run
+        period = {} if "T_max" in getattr(self.scheduler_factory, "keywords", {}) else {
+            "T_max": max(1, int(self.trainer.estimated_stepping_batches))
+        }
+        scheduler = self.scheduler_factory(optimizer, **period)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- testing --------------------------------------------------------------------------

@@ -61,6 +61,8 @@ def register() -> None:
     OmegaConf.register_new_resolver("project_root", project_root, replace=True)
     # e.g. the backbone's input channels from the datamodule's normalisation: ${len:${datamodule.mean}}
     OmegaConf.register_new_resolver("len", lambda value: len(value), replace=True)
+    # e.g. the published scheduler period: ${mul:${trainer.min_epochs},${trainer.limit_train_batches}}
+    OmegaConf.register_new_resolver("mul", lambda a, b: a * b, replace=True)
 
 
 register()
