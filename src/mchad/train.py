@@ -269,13 +269,15 @@ def run(cfg: DictConfig) -> Path:
 def experiment_name(cfg: DictConfig) -> str:
     """results.csv's ``experiment``: ``name=`` when given on the command line, else
     ``<datamodule>-<model>`` of the config groups that ran (``digits-cac`` for
-    ``model=cac``, ``imagefolder-mchad`` for an image folder)."""
+    ``model=cac``; an image folder by its folder's name: ``cifar10-jpeg-mchad``)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized() or any(o.lstrip("+").split("=")[0] == "name" for o in _command_overrides()):
         return cfg.name
     choices = HydraConfig.get().runtime.choices
     data, model = choices.get("datamodule"), choices.get("model")
+    if data == "imagefolder" and cfg.datamodule.get("root"):
+        data = Path(str(cfg.datamodule.root)).name  # the user's folder, e.g. cifar10-jpeg
     return f"{data}-{model}" if data and model else cfg.name
 
 

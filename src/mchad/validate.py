@@ -76,17 +76,17 @@ def _check_writable(folder: Path, what: str, how: str) -> None:
 
 
 def check_training_data(datamodule) -> None:
-    """Every class of the training set has images, and the training set (after the
+    """Every class the training source lists has images, and the training set (after the
     validation hold-out) fills at least one batch; logs how many steps an epoch has."""
     train = datamodule.data["train"]
+    # the classes the source lists (an image folder: its class folders, empty ones included)
+    classes = train.classes or []
     present = set(train.labels.unique().tolist()) | set(datamodule.data["val"].labels.unique().tolist())
-    absent = [c for c in range(datamodule.n_classes) if c not in present]
+    absent = [name for label, name in enumerate(classes) if label not in present]
     if absent:
-        classes = train.classes or [str(c) for c in range(datamodule.n_classes)]
-        names = [classes[c] if c < len(classes) else str(c) for c in absent]
         raise DataError(
-            f"{datamodule.name}: the training set has no images of class(es) {', '.join(names)} "
-            f"(datamodule.n_classes={datamodule.n_classes}); add images or remove the class folder"
+            f"{datamodule.name}: the training set has no images of class(es) {', '.join(absent)}; "
+            "add images or remove the class folder"
         )
     steps = len(train) // datamodule.batch_size  # the training loader drops the last partial batch
     if steps == 0:
