@@ -7,6 +7,7 @@ import math
 import statistics
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.image import imread
 from scipy import stats
@@ -95,28 +96,40 @@ def test_find_results_reads_all_runs_and_lists_the_failed_one(sweep):
     assert missing[0].overrides == ["experiment=cifar10-mchad", "seed=4"]
 
 
-def test_summary_table_mean_std_sem_over_seed_and_ood_rows(sweep):
+def test_summary_table_spread_is_over_seeds_after_averaging_the_ood_sets(sweep):
     results, _ = find_results(sweep)
     table = summary_table(results)
     assert list(table["Model"]) == ["MCHAD", "CAC"]  # the paper's order, not alphabetical
 
     mchad = _row(table, Dataset="CIFAR10", Model="MCHAD")
-    # AUROC rows 90, 92, 94, 80, 82, 84: mean 87, squared deviations sum to 166.
+    # Per seed, AUROC averaged over the OOD sets: (90+80)/2, (92+82)/2, (94+84)/2 = 85, 87, 89.
     assert mchad["AUROC mean"] == pytest.approx(87.0)
-    assert mchad["AUROC std"] == pytest.approx(math.sqrt(166 / 5))
-    assert mchad["AUROC sem"] == pytest.approx(math.sqrt(166 / 5) / math.sqrt(6))
+    assert mchad["AUROC std"] == pytest.approx(2.0)
+    assert mchad["AUROC sem"] == pytest.approx(2.0 / math.sqrt(3))
     assert mchad["FPR95 mean"] == pytest.approx(13.0)
+    assert mchad["FPR95 std"] == pytest.approx(2.0)
     assert mchad["AUPR-OUT mean"] == pytest.approx(77.0)
-    # Accuracy rows 93, 93, 94, 94, 95, 95: squared deviations sum to 4.
+    # Accuracy is one number per run (93, 94, 95): its spread must not shrink with the
+    # number of OOD sets (over the 6 (seed, OOD set) rows the std would be sqrt(4/5)).
     assert mchad["Accuracy mean"] == pytest.approx(94.0)
-    assert mchad["Accuracy std"] == pytest.approx(math.sqrt(4 / 5))
-    assert (mchad["Seeds"], mchad["OOD sets"], mchad["Rows"]) == (3, 2, 6)
+    assert mchad["Accuracy std"] == pytest.approx(1.0)
+    assert mchad["Accuracy sem"] == pytest.approx(1.0 / math.sqrt(3))
+    assert (mchad["Seeds"], mchad["OOD sets"], mchad["Seed list"], mchad["Score"]) == (3, 2, "1 2 3", "distance")
 
     cac = _row(table, Dataset="CIFAR10", Model="CAC")
-    cac_rows = [100 * v for ood in OODS for v in AUROC["CAC"][ood]]
-    assert cac["AUROC mean"] == pytest.approx(statistics.mean(cac_rows))
-    assert cac["AUROC std"] == pytest.approx(statistics.stdev(cac_rows))
-    assert cac["AUROC sem"] == pytest.approx(statistics.stdev(cac_rows) / math.sqrt(6))
+    cac_seeds = [65.0, 68.5, 75.0]  # (70+60)/2, (75+62)/2, (80+70)/2
+    assert cac["AUROC mean"] == pytest.approx(statistics.mean(cac_seeds))
+    assert cac["AUROC std"] == pytest.approx(statistics.stdev(cac_seeds))
+    assert cac["AUROC sem"] == pytest.approx(statistics.stdev(cac_seeds) / math.sqrt(3))
+
+
+def test_summary_table_counts_a_repeated_seed_once(sweep, tmp_path):
+    """The same model evaluated twice (same seed) is one independent run, not two."""
+    results, _ = find_results(sweep)
+    repeated = results[(results["method"] == "MCHAD") & (results["seed"] == 1)].assign(run_dir="copy")
+    table = summary_table(pd.concat([results, repeated], ignore_index=True))
+    mchad = _row(table, Model="MCHAD")
+    assert mchad["Seeds"] == 3 and mchad["AUROC std"] == pytest.approx(2.0)
 
 
 def test_summary_table_other_score_selects_only_its_rows(sweep):
@@ -194,7 +207,7 @@ def test_write_tables_writes_four_formats(sweep, tmp_path):
     lines = markdown.strip().splitlines()
     assert len(lines) == 2 + 2  # header, rule, MCHAD, CAC
     assert len({line.count("|") for line in lines}) == 1
-    assert "| MCHAD" in lines[2] and "87.00" in lines[2] and f"{math.sqrt(166 / 5):.2f}" in lines[2]
+    assert "| MCHAD" in lines[2] and "87.00" in lines[2] and "2.00" in lines[2]
     assert "<table" in paths["html"].read_text() and "87.00" in paths["html"].read_text()
     tex = paths["tex"].read_text()
     assert "\\begin{tabular}" in tex and "87.00" in tex
@@ -204,14 +217,14 @@ def test_write_tables_writes_four_formats(sweep, tmp_path):
 def test_main_writes_everything(sweep, tmp_path, capsys):
     out = tmp_path / "agg"
     assert main([str(sweep), "--out", str(out)]) == 0
-    for stem in ("table", "table_per_ood", "welch"):
-        for ext in ("csv", "md", "html", "tex"):
-            assert (out / f"{stem}.{ext}").is_file(), f"{stem}.{ext}"
+    for name in ("table.csv", "table.md", "table.tex", "table_per_ood.csv", "table_per_ood_AUROC.md",
+                 "table_per_ood_AUROC.tex", "welch.csv", "welch.md", "welch_per_ood.csv"):
+        assert (out / name).is_file(), name
     assert imread(out / "auroc_CIFAR10.png").ndim == 3
     missing = (out / "missing.txt").read_text()
     assert str(sweep / "6") in missing and "seed=4" in missing
     printed = capsys.readouterr().out
-    assert "87.00 ± 5.76" in printed
+    assert "87.00 ± 1.15" in printed  # MCHAD's AUROC: mean ± sem over the 3 seeds
     assert "runs found: 6" in printed and "missing/failed trials: 1" in printed
 
 

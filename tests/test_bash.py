@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 
 def _script(name: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items()
-                if k not in ("EXPERIMENTS", "EXPERIMENT", "DATASETS", "METHODS", "SEEDS", "RADII", "PARAMETERS")}
+                if k not in ("EXPERIMENTS", "EXPERIMENT", "DATASETS", "METHODS", "SEEDS", "RADII", "PARAMETERS", "PRETRAINED")}
     full_env.update(PYTHON=sys.executable, **env)
     return subprocess.run(["bash", str(BASH / name), *args], env=full_env, capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
@@ -52,6 +52,35 @@ def test_run_experiments_dry_run_sweeps_all_existing_experiments_and_seeds():
     assert _sweep(args["experiment"]) == expected
     assert _sweep(args["seed"]) == [str(s) for s in range(1, 21)]
     assert command[-2:] == ["dataset_dir=/data", "trainer.gpus=1"]  # passed through, last
+
+
+def test_run_experiments_starts_from_the_pretrained_checkpoint(tmp_path):
+    """Every published run started from Hendrycks' ImageNet WRN: the dry run shows it (from
+    dataset_dir or PRETRAINED); a real run without the file stops with one line."""
+    checkpoint = tmp_path / "imagenet_wrn_baseline_epoch_99.pt"
+    checkpoint.write_bytes(b"")
+    (command,) = _commands(_script("run-experiments.sh", "-n", f"dataset_dir={tmp_path}"))
+    assert _overrides(command)["++model.pretrained_checkpoint"] == str(checkpoint)
+    other = tmp_path / "elsewhere.pt"
+    other.write_bytes(b"")
+    result = _script("run-experiments.sh", "-n", f"dataset_dir={tmp_path}", PRETRAINED=str(other))
+    assert _overrides(_commands(result)[0])["++model.pretrained_checkpoint"] == str(other)
+    assert result.stderr == ""
+    # missing: the dry run warns and still shows it; a real run stops before starting anything
+    missing = tmp_path / "missing"
+    dry = _script("run-experiments.sh", "-n", f"dataset_dir={missing}")
+    assert _overrides(_commands(dry)[0])["++model.pretrained_checkpoint"] == str(missing / checkpoint.name)
+    assert "warning: pretrained checkpoint" in dry.stderr
+    real = _script("run-experiments.sh", f"dataset_dir={missing}", SEEDS="1")
+    assert real.returncode == 1 and real.stdout == ""
+    (line,) = real.stderr.splitlines()
+    assert line.startswith(f"error: pretrained checkpoint {missing / checkpoint.name} not found")
+    assert "github.com/hendrycks/pre-training" in line and "PRETRAINED=" in line
+    # from scratch on request; the quick-start has no WRN to start from
+    (scratch,) = _commands(_script("run-experiments.sh", "-n", PRETRAINED="none"))
+    assert "++model.pretrained_checkpoint" not in _overrides(scratch)
+    (quick,) = _commands(_script("run-experiments.sh", "-n", EXPERIMENTS="none"))
+    assert "++model.pretrained_checkpoint" not in _overrides(quick)
 
 
 def test_run_experiments_lists_from_the_environment_and_missing_configs(tmp_path):

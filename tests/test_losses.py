@@ -53,14 +53,15 @@ def test_push_term_both_readings():
 
 
 @pytest.mark.parametrize(
-    "semantics, center, oe",
-    [("published", 0.125, 3.0), ("paper", 0.1875, 8.5)],
+    "semantics, center, oe, rows",
+    # published: the means run over all 3 rows (the outlier counts as 0): pull 0.5 / (3 x 2)
+    [("published", 0.5 / 6, 3.0, 3), ("paper", 0.1875, 8.5, 2)],
 )
-def test_mchad_loss_weighs_the_three_terms(semantics, center, oe):
+def test_mchad_loss_weighs_the_three_terms(semantics, center, oe, rows):
     method = MCHAD(2, 2, radius=0.5, margin=2.0, weight_center=0.5, weight_ce=1.5, weight_oe=0.1, semantics=semantics)
     terms = method.loss({"distances": D}, Y)
-    nll = (math.log1p(math.exp(-3)) + math.log1p(math.exp(-8.75))) / 2
-    assert terms["center"].item() == pytest.approx(center, abs=1e-9)
+    nll = (math.log1p(math.exp(-3)) + math.log1p(math.exp(-8.75))) / rows
+    assert terms["center"].item() == pytest.approx(center, rel=1e-6)
     assert terms["nll"].item() == pytest.approx(nll, rel=1e-5)
     assert terms["oe"].item() == pytest.approx(oe)
     # 0.5 * center + 1.5 * nll + 0.1 * oe
@@ -70,15 +71,15 @@ def test_mchad_loss_weighs_the_three_terms(semantics, center, oe):
 def test_center_method_loss():
     # Center: weight_ce * CE(logits) + weight_center * L_center (r = 0) + weight_oe * L_reg
     # logits (known rows): row 0 (2, 0), y=0: log(1 + e^-2) = 0.126928; row 1 (0, 0), y=1: log 2 = 0.693147
-    # L_center (r = 0): (1 + 0.25) / 4 = 0.3125;  L_reg (published, m = 2): 3 (see above)
-    method = Center(2, 2, margin=2.0, weight_center=0.5, weight_ce=1.5, weight_oe=0.1)
+    # L_center (r = 0): (1 + 0.25) / 4 = 0.3125;  L_reg (paper, r = 0, m = 2): (4 - 1) + (4 - 3) = 4
+    method = Center(2, 2, margin=2.0, weight_center=0.5, weight_ce=1.5, weight_oe=0.1, semantics="paper")
     logits = torch.tensor([[2.0, 0.0], [0.0, 0.0], [5.0, -5.0]])
     terms = method.loss({"distances": D, "logits": logits}, Y)
     nll = (math.log1p(math.exp(-2)) + math.log(2)) / 2
     assert terms["nll"].item() == pytest.approx(nll, rel=1e-6)
     assert terms["center"].item() == pytest.approx(0.3125, abs=1e-9)
-    assert terms["oe"].item() == pytest.approx(3.0)
-    assert terms["loss"].item() == pytest.approx(1.5 * nll + 0.5 * 0.3125 + 0.1 * 3.0, rel=1e-6)
+    assert terms["oe"].item() == pytest.approx(4.0)
+    assert terms["loss"].item() == pytest.approx(1.5 * nll + 0.5 * 0.3125 + 0.1 * 4.0, rel=1e-6)
 
 
 def test_cac_loss_terms():
@@ -89,7 +90,7 @@ def test_cac_loss_terms():
     y = torch.tensor([0])
     assert losses.anchor_pull(d, y).item() == pytest.approx(1.0)
     assert losses.tuplet(d, y).item() == pytest.approx(0.326563, abs=1e-6)
-    method = CAC(3, 3, magnitude=2.0, margin=1.0, weight_center=2.0, weight_ce=1.5, weight_oe=0.1)
+    method = CAC(3, 3, magnitude=2.0, margin=1.0, weight_center=2.0, weight_ce=1.5, weight_oe=0.1, semantics="paper")
     terms = method.loss({"distances": d}, y)
     # the published G-CAC weighting: weight_ce * (weight_center * anchor + tuplet) = 1.5 * (2 * 1 + tuplet);
     # no outliers -> L_reg = 0
@@ -135,10 +136,17 @@ def test_equal_to_pytorch_ood(outliers):
     assert torch.allclose(losses.cross_entropy_known(d, y), cross_entropy(d, y), atol=1e-7)
     push = CenterRegularizationLoss(margin=2.5, reduction="sum")
     assert torch.allclose(losses.OutlierPush(2.5)(d, y), push(d, y), atol=1e-6)
-    # the whole MCHAD loss (published reading) = pytorch-ood's MCHADLoss
+    # the whole MCHAD loss (published reading) = pytorch-ood 0.4's MCHADLoss, whose means run over
+    # the known rows only: with outliers, the published centre and CE terms are n_known / n of them
     lib = MCHADLoss(4, 3, radius=0.7, margin=2.5, weight_center=0.5, weight_nll=1.5, weight_oe=0.01)
     ours = MCHAD(4, 3, radius=0.7, margin=2.5, weight_center=0.5, weight_ce=1.5, weight_oe=0.01)
-    assert torch.allclose(ours.loss({"distances": d}, y)["loss"], lib(d, y), atol=1e-6)
+    terms = ours.loss({"distances": d}, y)
+    share = known.sum().item() / len(y)
+    if known.any():
+        assert torch.allclose(terms["center"], lib_center(d, y) * share, atol=1e-6)
+        assert torch.allclose(terms["nll"], cross_entropy(-d, y) * share, atol=1e-6)
+    if outliers == 0:
+        assert torch.allclose(terms["loss"], lib(d, y), atol=1e-6)
     # CAC: anchor term always; the tuplet term where the library is right (label C-1, see losses.tuplet)
     cac = CACLoss(4, magnitude=2.0, alpha=2.0)
     last = torch.where(known, torch.full_like(y, 3), y)

@@ -3,7 +3,9 @@
 Usage::
 
     python -m mchad.aggregate logs/multiruns/2026-11-28_12-00-00 [more folders...]
-        [--out DIR] [--score headline|distance|msp|cac] [--baseline MCHAD]
+        [--out DIR] [--score headline|distance|msp|cac|cac_published] [--baseline MCHAD]
+        [--spread sem|std] [--alpha 0.05] [--per-ood-metric AUROC ...] [--decimals 2]
+        [--table-config tables.yaml] [--published-aupr-names]
 
 Every ``results.csv`` below the given folders is read (one row per test case and OOD
 score, metrics as fractions). A Hydra run folder (one holding ``.hydra/``) without a
@@ -13,24 +15,29 @@ with it. Each trained model counts once: the rows of an eval-only run (``evaluat
 with the seed of the run it tested) are dropped where the training run's own rows already
 hold that test case and score.
 
-How the numbers are aggregated (the paper's protocol):
+How the numbers are aggregated: every spread is over independent runs (seeds).
 
-* ``table.*``: one row per ID dataset and model. Mean, ``std`` and ``sem`` are taken over
-  *all (seed, OOD set) rows* of that model, in %. ``std`` is the sample standard deviation
-  (ddof=1) of those rows, so it mixes the spread across seeds with the spread across OOD
-  sets, as the published "±" does. ``sem`` is that ``std / sqrt(number of rows)``; the rows
-  of one seed are not independent, so ``sem`` understates the uncertainty of the mean and
-  is no test of significance; use ``welch.*`` for that.
-* ``table_per_ood.*``: the same per OOD set, i.e. over seeds only.
+* Per seed, each metric (in %) becomes one number: ``table.*`` averages that seed's rows
+  over the OOD sets (Accuracy is the same in every row of a run, so it stays the run's
+  accuracy); ``table_per_ood.*`` takes the seed's row of one OOD set. Rows that repeat a
+  seed (the same model evaluated twice) are averaged into that seed's number first.
+* Over those per-seed numbers: mean, ``std`` (sample standard deviation, ddof=1) and
+  ``sem`` (``std / sqrt(seeds)``); NaN with a single seed.
 * ``welch.*``: Welch's t-test of the baseline (MCHAD) against every other model per ID
-  dataset, on the per-seed AUROC and accuracy averaged over the OOD sets (one value per
-  seed, so the samples are independent).
+  dataset and metric, on the same per-seed numbers (``welch_per_ood.*``: per OOD set).
 * ``auroc_<dataset>.png``: AUROC per OOD set and model, error bars = std over seeds.
+
+The paper-form tables (``table.md|tex``, ``table_per_ood_<metric>.md|tex``) are laid out by
+``mchad.tables``: method order, display names and each method's score come from
+``tables.yaml`` (``--table-config``); ``table.csv`` and ``table_per_ood.csv`` hold every
+statistic at full precision for machines.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import math
 import re
 import sys
@@ -45,6 +52,24 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
 
+from mchad.tables import (
+    DATASET,
+    MODEL,
+    OOD_SET,
+    SEED_LIST,
+    SPREADS,
+    TableConfig,
+    TableConfigError,
+    TableOptions,
+    load_table_config,
+    ordered,
+    paper_table,
+    per_ood_paper_table,
+    render_markdown,
+    to_markdown,
+    write_paper_table,
+)
+
 RESULTS_FILE = "results.csv"
 FAILED_FILE = "FAILED.txt"
 HEADLINE = "headline"
@@ -53,24 +78,8 @@ METRICS = ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95"]
 REQUIRED_COLUMNS = KEY_COLUMNS + METRICS
 STATISTICS = ["mean", "std", "sem"]
 
-# Display order of the paper; names not listed follow alphabetically.
-DATASET_ORDER = ["CIFAR10", "CIFAR100", "SVHN"]
-METHOD_ORDER = ["MCHAD", "G-MCHAD", "CAC", "Center", "G-CAC", "G-Center", "II", "Softmax"]
-OOD_ORDER = [
-    "Textures",
-    "TinyImageNetCrop",
-    "TinyImageNetResize",
-    "LSUNCrop",
-    "LSUNResize",
-    "GaussianNoise",
-    "UniformNoise",
-]
-WELCH_METRICS = ["AUROC", "Accuracy"]
-
-# Column names of the written tables.
-DATASET, MODEL, OOD_SET = "Dataset", "Model", "OOD set"
+# Column names of the written tables (display order and names: mchad/tables.yaml).
 _DISPLAY_NAMES = {"id_dataset": DATASET, "method": MODEL, "test_case": OOD_SET}
-_ORDERS = {DATASET: DATASET_ORDER, MODEL: METHOD_ORDER, OOD_SET: OOD_ORDER}
 
 # p-values can be tiny; two decimals would print them as 0.00.
 DEFAULT_FORMATS = {"p": "{:.3g}", "t": "{:.3f}"}
@@ -229,81 +238,117 @@ def _read_overrides(path: Path) -> list[str]:
 # ----------------------------------------------------------------------------- tables
 
 
-def _select_score(df: pd.DataFrame, score: str) -> pd.DataFrame:
-    """Rows of one score, or with ``score="headline"`` each run's headline score (the paper's
-    table: distance for the centre-based models, msp for the Softmax reference)."""
-    rows = df[df["headline"]] if score == HEADLINE else df[df["score"] == score]
+def _select_score(df: pd.DataFrame, score: str | Mapping[str, str]) -> pd.DataFrame:
+    """Rows of one score; with ``score="headline"`` each run's headline score (distance for
+    the centre-based models, msp for the Softmax reference); with a mapping method -> score
+    (the table config's) each method's own, the headline for methods it does not name."""
+    if isinstance(score, Mapping):
+        wanted = df["method"].map(score)
+        rows = df[(df["score"] == wanted) | (wanted.isna() & df["headline"])]
+        label = "configured"
+    else:
+        rows = df[df["headline"]] if score == HEADLINE else df[df["score"] == score]
+        label = f"'{score}'"
     if rows.empty:
         present = ", ".join(sorted(df["score"].astype(str).unique()))
-        raise NoResultsError(f"no rows with score '{score}' (scores present: {present})")
+        raise NoResultsError(f"no rows with the {label} score (scores present: {present})")
     return rows
 
 
-def summary_table(df: pd.DataFrame, score: str = "distance", by_ood: bool = False) -> pd.DataFrame:
-    """Mean, std and sem (in %) per ID dataset and model (and OOD set if ``by_ood``).
+def summary_table(
+    df: pd.DataFrame,
+    score: str | Mapping[str, str] = "distance",
+    by_ood: bool = False,
+    config: TableConfig | None = None,
+) -> pd.DataFrame:
+    """Mean, std and sem (in %) over seeds per ID dataset and model (and OOD set if ``by_ood``).
 
-    Statistics run over all (seed, OOD set) rows of a group; per OOD set over seeds.
+    Each seed first becomes one number per metric: its rows averaged over the OOD sets
+    (or its row of the one OOD set), so every spread is over independent runs.
     """
     rows = _select_score(df, score)
+    per_seed = _per_seed_values(rows, by_ood)
     keys = ["id_dataset", "method"] + (["test_case"] if by_ood else [])
-    percent = rows[["id_dataset", "method", "test_case", "seed"]].assign(**{m: rows[m] * 100.0 for m in METRICS})
-    grouped = percent.groupby(keys, sort=False)
+    grouped = per_seed.groupby(keys, sort=False)
 
     stats_table = grouped[METRICS].agg(STATISTICS)
     stats_table.columns = [f"{metric} {stat}" for metric, stat in stats_table.columns]
-    counts = grouped.agg(**{"OOD sets": ("test_case", "nunique"), "Seeds": ("seed", "nunique"), "Rows": ("seed", "size")})
-    if by_ood:
-        counts = counts.drop(columns="OOD sets")
+    counts = grouped.agg(
+        Seeds=("seed", "nunique"), **{SEED_LIST: ("seed", lambda s: " ".join(map(str, sorted(set(s)))))}
+    )
+    rows_grouped = rows.groupby(keys, sort=False)
+    counts.insert(0, "Score", rows_grouped["score"].agg(lambda s: "/".join(dict.fromkeys(s))))
+    if not by_ood:
+        counts.insert(1, "OOD sets", rows_grouped["test_case"].nunique())
 
     table = counts.join(stats_table).reset_index().rename(columns=_DISPLAY_NAMES)
-    return _sort_rows(table)
+    return _sort_rows(table, config)
 
 
-def _sort_rows(table: pd.DataFrame) -> pd.DataFrame:
+def _sort_rows(table: pd.DataFrame, config: TableConfig | None = None) -> pd.DataFrame:
     keys = [c for c in (DATASET, MODEL, OOD_SET) if c in table.columns]
     if table.empty:
         return table.reset_index(drop=True)
-    return table.sort_values(keys, key=_display_order, kind="stable").reset_index(drop=True)
+    return table.sort_values(keys, key=lambda c: _display_order(c, config), kind="stable").reset_index(drop=True)
 
 
-def _display_order(column: pd.Series) -> pd.Series:
-    preferred = _ORDERS.get(column.name, [])
-    present = set(column)
-    categories = [v for v in preferred if v in present] + sorted(present - set(preferred))
+@functools.cache
+def _default_table_config() -> TableConfig:
+    return load_table_config()
+
+
+def _orders(config: TableConfig | None) -> dict[str, tuple[str, ...] | list[str]]:
+    config = config or _default_table_config()
+    return {DATASET: config.datasets, MODEL: config.method_order, OOD_SET: config.ood_sets}
+
+
+def _display_order(column: pd.Series, config: TableConfig | None = None) -> pd.Series:
+    categories = ordered(column, _orders(config).get(column.name, []))
     return pd.Series(pd.Categorical(column, categories=categories, ordered=True), index=column.index)
 
 
-def _per_seed(df: pd.DataFrame, score: str, by_ood: bool) -> pd.DataFrame:
-    """One value per seed (in %); duplicated rows of a seed are averaged first."""
-    rows = _select_score(df, score)
+def _per_seed_values(rows: pd.DataFrame, by_ood: bool) -> pd.DataFrame:
+    """One value per seed (in %); rows repeating a seed (and the OOD sets unless ``by_ood``) are averaged."""
     keys = ["id_dataset", "method"] + (["test_case"] if by_ood else []) + ["seed"]
     return (rows[keys + METRICS].groupby(keys, sort=False)[METRICS].mean() * 100.0).reset_index()
 
 
-def welch_tests(df: pd.DataFrame, baseline: str = "MCHAD", score: str = "distance") -> pd.DataFrame:
-    """Welch's t-test of ``baseline`` against every other model per ID dataset.
+def _per_seed(df: pd.DataFrame, score: str | Mapping[str, str], by_ood: bool) -> pd.DataFrame:
+    return _per_seed_values(_select_score(df, score), by_ood)
 
-    Samples: per-seed AUROC and accuracy (in %), each averaged over the OOD sets.
-    ``t > 0`` means the baseline's mean is higher. p is NaN with fewer than two seeds.
+
+def welch_tests(
+    df: pd.DataFrame,
+    baseline: str = "MCHAD",
+    score: str | Mapping[str, str] = "distance",
+    metrics: list[str] | None = None,
+    by_ood: bool = False,
+    config: TableConfig | None = None,
+) -> pd.DataFrame:
+    """Welch's t-test of ``baseline`` against every other model per ID dataset and metric.
+
+    Samples: the per-seed values (in %) of ``summary_table``: averaged over the OOD sets, or
+    per OOD set with ``by_ood``. ``t > 0`` means the baseline's mean is higher. p is NaN
+    with fewer than two seeds on either side.
     """
-    per_seed = _per_seed(df, score, by_ood=False)
+    metrics = metrics or METRICS
+    per_seed = _per_seed(df, score, by_ood)
+    group_keys = ["id_dataset"] + (["test_case"] if by_ood else [])
     records = []
-    datasets = _display_order(pd.Series(per_seed["id_dataset"].unique(), name=DATASET)).sort_values()
-    for dataset in datasets:
-        of_dataset = per_seed[per_seed["id_dataset"] == dataset]
-        base = of_dataset[of_dataset["method"] == baseline]
+    for group, of_group in per_seed.groupby(group_keys, sort=False):
+        group = dict(zip(group_keys, group if isinstance(group, tuple) else (group,)))
+        base = of_group[of_group["method"] == baseline]
         if base.empty:
             continue
-        others = _display_order(pd.Series(of_dataset["method"].unique(), name=MODEL)).sort_values()
-        for metric in WELCH_METRICS:
+        others = [m for m in ordered(of_group["method"], _orders(config)[MODEL]) if m != baseline]
+        for metric in metrics:
             for method in others:
-                if method == baseline:
-                    continue
                 a = base[metric].dropna().to_numpy()
-                b = of_dataset.loc[of_dataset["method"] == method, metric].dropna().to_numpy()
+                b = of_group.loc[of_group["method"] == method, metric].dropna().to_numpy()
                 records.append(
                     {
-                        DATASET: dataset,
+                        DATASET: group["id_dataset"],
+                        **({OOD_SET: group["test_case"]} if by_ood else {}),
                         "Metric": metric,
                         "Baseline": baseline,
                         MODEL: method,
@@ -315,9 +360,18 @@ def welch_tests(df: pd.DataFrame, baseline: str = "MCHAD", score: str = "distanc
                         "Model seeds": b.size,
                     }
                 )
-    columns = [DATASET, "Metric", "Baseline", MODEL, "Baseline mean", "Model mean",
-               "Difference", "t", "p", "Baseline seeds", "Model seeds"]
-    return pd.DataFrame.from_records(records, columns=columns)
+    columns = [DATASET] + ([OOD_SET] if by_ood else []) + [
+        "Metric", "Baseline", MODEL, "Baseline mean", "Model mean",
+        "Difference", "t", "p", "Baseline seeds", "Model seeds"]
+    welch = pd.DataFrame.from_records(records, columns=columns)
+    if welch.empty:
+        return welch
+    # the table's order: dataset (OOD set), metric, model
+    welch["_metric"] = welch["Metric"].map({m: i for i, m in enumerate(metrics)})
+    keys = [DATASET] + ([OOD_SET] if by_ood else [])
+    welch = welch.sort_values(keys + ["_metric"], key=lambda c: c if c.name == "_metric" else _display_order(c, config),
+                              kind="stable")
+    return welch.drop(columns="_metric").reset_index(drop=True)
 
 
 def _welch(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
@@ -333,7 +387,13 @@ def _welch(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 # ----------------------------------------------------------------------------- plots
 
 
-def plot_auroc_bars(df: pd.DataFrame, dataset: str, path: str | Path, score: str = "distance") -> Figure:
+def plot_auroc_bars(
+    df: pd.DataFrame,
+    dataset: str,
+    path: str | Path,
+    score: str | Mapping[str, str] = "distance",
+    config: TableConfig | None = None,
+) -> Figure:
     """Grouped bars of AUROC (%) per OOD set and model for one ID dataset; saves a PNG.
 
     Bar = mean over seeds, error bar = std over seeds (0 with a single seed).
@@ -345,8 +405,8 @@ def plot_auroc_bars(df: pd.DataFrame, dataset: str, path: str | Path, score: str
 
     summary = per_seed.groupby(["test_case", "method"])["AUROC"].agg(["mean", "std"]).reset_index()
     summary["std"] = summary["std"].fillna(0.0)
-    ood_sets = list(_display_order(pd.Series(summary["test_case"].unique(), name=OOD_SET)).sort_values())
-    methods = list(_display_order(pd.Series(summary["method"].unique(), name=MODEL)).sort_values())
+    ood_sets = ordered(summary["test_case"], _orders(config)[OOD_SET])
+    methods = ordered(summary["method"], _orders(config)[MODEL])
 
     # Figure + Agg canvas directly: no pyplot, so the caller's backend stays untouched.
     fig = Figure(figsize=(max(6.0, 0.9 * len(ood_sets) + 0.12 * len(ood_sets) * len(methods)) + 1.5, 4.5))
@@ -368,7 +428,8 @@ def plot_auroc_bars(df: pd.DataFrame, dataset: str, path: str | Path, score: str
     ax.set_xticklabels(ood_sets, rotation=20, ha="right")
     ax.set_ylabel("AUROC (%), mean ± std over seeds")
     ax.set_ylim(0, 105)
-    ax.set_title(f"{dataset}: AUROC per OOD set ({score} score)")
+    score_name = "configured" if isinstance(score, Mapping) else score
+    ax.set_title(f"{dataset}: AUROC per OOD set ({score_name} score)")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -419,21 +480,6 @@ def _format_cells(table: pd.DataFrame, formats: Mapping[str, str]) -> pd.DataFra
     )
 
 
-def to_markdown(table: pd.DataFrame, right_align: list[bool] | None = None) -> str:
-    """Render a (string) DataFrame as a GitHub-flavoured Markdown table."""
-    headers = [str(c) for c in table.columns]
-    cells = [[str(v).replace("|", "\\|") for v in row] for row in table.itertuples(index=False)]
-    right_align = right_align or [False] * len(headers)
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-
-    def line(values: list[str]) -> str:
-        padded = [v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right_align)]
-        return "| " + " | ".join(padded) + " |"
-
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(widths, right_align)) + "|"
-    return "\n".join([line(headers), rule] + [line(r) for r in cells]) + "\n"
-
-
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
@@ -445,6 +491,20 @@ def _one_line(exc: BaseException | str) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
+def _metric_name(text: str) -> str:
+    by_lower = {m.lower(): m for m in METRICS}
+    if text.lower() not in by_lower:
+        raise argparse.ArgumentTypeError(f"unknown metric '{text}' (choose from {', '.join(METRICS)})")
+    return by_lower[text.lower()]
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie between 0 and 1, not {text}")
+    return value
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m mchad.aggregate",
@@ -454,12 +514,36 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: FIRST_FOLDER/aggregate)")
     parser.add_argument(
         "--score",
-        default=HEADLINE,
-        help="OOD score to report: 'headline' (default: each run's first score, i.e. distance, and msp for "
-        "Softmax), or a score name such as distance, msp, cac",
+        default=None,
+        help="OOD score to report: by default each method's score from the table config (distance; msp for "
+        "Softmax); 'headline' (each run's first score) or a score name such as distance, msp, cac for all",
     )
-    parser.add_argument("--baseline", default="MCHAD", help="model the t-tests compare against (default: MCHAD)")
+    parser.add_argument("--baseline", default=None,
+                        help="model the t-tests and significance markers compare against (default: the table "
+                        "config's, MCHAD)")
+    parser.add_argument("--spread", choices=SPREADS, default="sem",
+                        help="what ± shows: standard error of the mean over seeds (default) or standard deviation")
+    parser.add_argument("--alpha", type=_fraction, default=0.05,
+                        help="significance threshold of Welch's t-test for the † markers (default: 0.05)")
+    parser.add_argument("--per-ood-metric", type=_metric_name, nargs="+", default=["AUROC"], metavar="METRIC",
+                        help=f"metric(s) of the per-OOD-set tables, one table each ({', '.join(METRICS)}; "
+                        "default: AUROC)")
+    parser.add_argument("--decimals", type=int, choices=range(0, 5), default=2, metavar="{0..4}",
+                        help="decimals printed in the paper tables (default: 2)")
+    parser.add_argument("--table-config", type=Path, default=None,
+                        help="YAML with method order, display names and scores (default: mchad/tables.yaml)")
+    parser.add_argument(
+        "--published-aupr-names",
+        action="store_true",
+        help="name the AUPR columns as the published table (pytorch-ood 0.0.7): AUPR-IN = OOD positive",
+    )
     return parser.parse_args(argv)
+
+
+def published_aupr_names(results: pd.DataFrame) -> pd.DataFrame:
+    """``results`` with AUPR-IN and AUPR-OUT swapped: pytorch-ood 0.0.7 (the published tables)
+    called the PR curve with OOD as positive class AUPR-IN, today's AUPR-OUT."""
+    return results.rename(columns={"AUPR-IN": "AUPR-OUT", "AUPR-OUT": "AUPR-IN"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -467,20 +551,40 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     out_dir = args.out if args.out is not None else args.folders[0] / "aggregate"
     try:
-        results, missing = find_results(args.folders)
-        table = summary_table(results, args.score)
-        per_ood = summary_table(results, args.score, by_ood=True)
-        welch = welch_tests(results, args.baseline, args.score)
+        config = load_table_config(args.table_config)
+        score = args.score if args.score is not None else config.scores()
+        baseline = args.baseline if args.baseline is not None else config.baseline
+        options = TableOptions(spread=args.spread, alpha=args.alpha, decimals=args.decimals)
 
-        write_tables(table, out_dir, "table")
-        write_tables(per_ood, out_dir, "table_per_ood")
+        results, missing = find_results(args.folders)
+        if args.published_aupr_names:
+            results = published_aupr_names(results)
+        table = summary_table(results, score, config=config)
+        per_ood = summary_table(results, score, by_ood=True, config=config)
+        welch = welch_tests(results, baseline, score, config=config)
+        welch_per_ood = welch_tests(results, baseline, score, by_ood=True, config=config)
+        config = dataclasses.replace(config, baseline=baseline)
+        paper = paper_table(table, welch, METRICS, config, options)
+        per_ood_papers = {m: per_ood_paper_table(per_ood, welch_per_ood, m, config, options)
+                          for m in args.per_ood_metric}
+        if args.published_aupr_names:
+            for written in (paper, *per_ood_papers.values()):
+                written.caption.append("AUPR names as published (AUPR-IN: OOD positive)")
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out_dir / "table.csv", index=False)
+        per_ood.to_csv(out_dir / "table_per_ood.csv", index=False)
+        write_paper_table(paper, out_dir, "table")
+        for metric, per_ood_paper in per_ood_papers.items():
+            write_paper_table(per_ood_paper, out_dir, f"table_per_ood_{_safe_name(metric)}")
         write_tables(welch, out_dir, "welch")
+        write_tables(welch_per_ood, out_dir, "welch_per_ood")
         plots = []
         for dataset in table[DATASET].unique():
             plot_path = out_dir / f"auroc_{_safe_name(dataset)}.png"
-            plot_auroc_bars(results, dataset, plot_path, args.score)
+            plot_auroc_bars(results, dataset, plot_path, score, config)
             plots.append(plot_path)
-    except AggregateError as exc:
+    except (AggregateError, TableConfigError) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
@@ -488,42 +592,34 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "missing.txt").write_text(header + "".join(f"{m}\n" for m in missing), encoding="utf-8")
 
     n_runs = results["run_dir"].nunique()
-    print(f"Score: {args.score}; mean ± std over all (seed, OOD set) rows, in %\n")
-    print(to_markdown(_paper_view(table), [False, False] + [True] * len(METRICS)))
+    print(render_markdown(paper))
     print(f"runs found: {n_runs} ({len(results)} rows); missing/failed trials: {len(missing)}")
     for run in missing:
         print(f"  {'failed' if run.cause else 'missing'}: {run}")
-    _print_notes(results, args.score, args.baseline, welch)
-    print(f"written to {out_dir}: table.*, table_per_ood.*, welch.*, missing.txt, "
-          + ", ".join(p.name for p in plots))
+    _print_notes(results, score, baseline, welch)
+    per_ood_names = ", ".join(f"table_per_ood_{_safe_name(m)}.md|tex" for m in per_ood_papers)
+    print(f"written to {out_dir}: table.md|tex|csv, {per_ood_names}, table_per_ood.csv, welch.*, "
+          "welch_per_ood.*, missing.txt, " + ", ".join(p.name for p in plots))
     return 0
 
 
-def _paper_view(table: pd.DataFrame) -> pd.DataFrame:
-    """Compact 'mean ± std' view of the summary table, like the paper's."""
-    view = table[[DATASET, MODEL]].copy()
-    for metric in METRICS:
-        view[metric] = [
-            f"{m:.2f} ± {s:.2f}" for m, s in zip(table[f"{metric} mean"], table[f"{metric} std"])
-        ]
-    return view
-
-
-def _print_notes(results: pd.DataFrame, score: str, baseline: str, welch: pd.DataFrame) -> None:
-    selected = results["headline"] if score == HEADLINE else results["score"] == score
+def _print_notes(results: pd.DataFrame, score: str | Mapping[str, str], baseline: str, welch: pd.DataFrame) -> None:
+    selected = results.index.isin(_select_score(results, score).index)
+    score_name = "configured" if isinstance(score, Mapping) else f"'{score}'"
     without_score = sorted(set(results["method"]) - set(results.loc[selected, "method"]))
     if without_score:
-        print(f"note: no '{score}' rows for {', '.join(without_score)} (not in the table; see --score)")
+        print(f"note: no rows with the {score_name} score for {', '.join(without_score)} (not in the table; "
+              "see --score, --table-config)")
     duplicated = results.duplicated(subset=KEY_COLUMNS, keep=False)
     if duplicated.any():
         print(f"note: {int(duplicated.sum())} rows share experiment/dataset/method/test case/score/seed "
-              "with another run (each counts as a row in table.*; averaged per seed elsewhere)")
+              "with another run (averaged into one value for that seed)")
     if welch.empty:
         scored = results.loc[selected, "method"]
         if (scored == baseline).any():
-            print(f"note: no t-tests: no model besides the baseline '{baseline}' has '{score}' rows")
+            print(f"note: no t-tests: no model besides the baseline '{baseline}' has {score_name} rows")
         else:
-            print(f"note: no t-tests: baseline '{baseline}' has no '{score}' rows")
+            print(f"note: no t-tests: baseline '{baseline}' has no {score_name} rows")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,18 @@ their initialisation.
 Two readings of MCHAD (Kirchheim et al., *Multi-Class Hypersphere Anomaly Detection*, ICPR
 2022, https://ieeexplore.ieee.org/document/9956337) are available:
 
-``published`` (default; produced the published numbers, = ``pytorch_ood.loss.MCHADLoss``)
-    pull  ``max(0, d_y - r)``, mean over the B x C matrix;
+``published`` (default; what the published code computed with pytorch-ood 0.0.7)
+    pull  ``max(0, d_y - r)``, mean over the B x C matrix *including the outlier rows*
+    (they count as 0), and the separation term's mean over all rows likewise;
     push  ``sum_i max(0, m^2 - d_i^2)`` summed over outliers, i.e. ``m^2 - ||f(x)-mu_i||^4``
-    (= ``pytorch_ood.loss.mchad.CenterRegularizationLoss``).
+    (= ``pytorch_ood.loss.mchad.CenterRegularizationLoss``). Without outliers in the batch
+    this equals ``pytorch_ood.loss.MCHADLoss`` (0.4, which averages over known rows).
 ``paper`` (the equations as printed; ``r`` and ``m`` are Euclidean lengths)
-    pull  ``max(0, d_y - r^2)``, mean over the B x C matrix;
+    pull  ``max(0, d_y - r^2)``, mean over the known rows of the B x C matrix;
     push  ``sum_i max(0, (r + m)^2 - d_i)`` summed over outliers.
+
+The switches each term takes (``all_rows`` of the means, ``first_classes`` of CAC's tuplet)
+are set by the methods from their ``semantics`` (see :mod:`mchad.methods`).
 
 The separation term is the same in both: ``CE(-d, y) = log(1 + sum_{i!=y} exp(d_y - d_i))``.
 The push term is shared by G-MCHAD, G-Center and G-CAC (:class:`OutlierPush`).
@@ -54,34 +59,43 @@ def outlier_mask(target: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return (target < 0).to(dtype)
 
 
-def _mean_over_known(values: Tensor, target: Tensor) -> Tensor:
+def _mean_over_known(values: Tensor, target: Tensor, all_rows: bool = False) -> Tensor:
     """Mean of per-sample ``values`` (already zero for outliers) over the known samples; 0
-    (with gradient) when there are none."""
+    (with gradient) when there are none. ``all_rows``: over every row of the batch instead,
+    outliers counting as 0 (pytorch-ood 0.0.7, which produced the published numbers)."""
+    if all_rows:
+        return values.sum() / max(1, len(values))
     return values.sum() / known_mask(target, values.dtype).sum().clamp(min=1)
 
 
 # --- terms -------------------------------------------------------------------------------
-def center_pull(distances: Tensor, target: Tensor, radius: float = 0.0) -> Tensor:
+def center_pull(distances: Tensor, target: Tensor, radius: float = 0.0, all_rows: bool = False) -> Tensor:
     """``max(0, d_y - r)``, averaged over the known rows of the B x C matrix (non-target
     entries count as zero), as ``pytorch_ood.loss.CenterLoss.forward`` (including its clamp
-    of every entry to ``[1e-12, 1e12]``)."""
+    of every entry to ``[1e-12, 1e12]``). ``all_rows``: over all B x C entries, outlier rows
+    included (pytorch-ood 0.0.7's ``CenterLoss``: with 128 ID + 256 outliers the mean is
+    divided by 384 rows, a third of the known-only mean)."""
     n_classes = distances.shape[1]
     target_entries = class_mask(target, n_classes, distances.dtype)
     entries = ((distances - radius).relu() * target_entries).clamp(min=1e-12, max=1e12)
+    if all_rows:
+        return entries.mean()
     known = known_mask(target, distances.dtype)
     return (entries * known.unsqueeze(1)).sum() / (known.sum() * n_classes).clamp(min=1)
 
 
-def cross_entropy_known(logits: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy averaged over the known samples (= ``pytorch_ood...cross_entropy``)."""
+def cross_entropy_known(logits: Tensor, target: Tensor, all_rows: bool = False) -> Tensor:
+    """Cross-entropy averaged over the known samples (= ``pytorch_ood...cross_entropy``);
+    ``all_rows``: over all rows, 0 for outliers (pytorch-ood 0.0.7)."""
     masked = torch.where(target >= 0, target, torch.full_like(target, -100))
     per_sample = F.cross_entropy(logits, masked, ignore_index=-100, reduction="none")
-    return _mean_over_known(per_sample, target)
+    return _mean_over_known(per_sample, target, all_rows)
 
 
-def softmin_nll(distances: Tensor, target: Tensor) -> Tensor:
-    """``CE(-d, y) = log(1 + sum_{i!=y} exp(d_y - d_i))`` averaged over the known samples."""
-    return cross_entropy_known(-distances, target)
+def softmin_nll(distances: Tensor, target: Tensor, all_rows: bool = False) -> Tensor:
+    """``CE(-d, y) = log(1 + sum_{i!=y} exp(d_y - d_i))`` averaged over the known samples
+    (``all_rows``: over all rows, see :func:`cross_entropy_known`)."""
+    return cross_entropy_known(-distances, target, all_rows)
 
 
 def anchor_pull(distances: Tensor, target: Tensor) -> Tensor:
@@ -90,18 +104,22 @@ def anchor_pull(distances: Tensor, target: Tensor) -> Tensor:
     return _mean_over_known(d_true, target)
 
 
-def tuplet(distances: Tensor, target: Tensor) -> Tensor:
+def tuplet(distances: Tensor, target: Tensor, first_classes: bool = False) -> Tensor:
     """CAC's tuplet term ``log(1 + sum_{i!=y} exp(d_y - d_i))`` over the known samples, with
-    the exponent clamped at 50 as in the CAC code.
+    the exponent clamped at 50 as in the CAC code: the equation of the CAC paper (and of its
+    reference code).
 
-    pytorch-ood 0.4's ``CACLoss`` compares ``d_y`` with classes ``0..C-2`` for every label
-    (it includes ``i = y`` and leaves out class ``C-1`` unless ``y = C-1``); this is the
-    equation of the CAC paper (and of its reference code), equal to the library for
-    ``y = C-1``.
+    ``first_classes``: the sum runs over classes ``0..C-2`` for every label, as pytorch-ood
+    0.0.7 (the published numbers) and 0.4 compute it: it includes ``i = y`` (a term
+    ``e^0 = 1``) and leaves out class ``C-1``; equal to the equation for ``y = C-1``.
     """
     mask = class_mask(target, distances.shape[1], distances.dtype)
     d_true = (distances * mask).sum(dim=1, keepdim=True)
-    others = (d_true - distances).clamp(max=50).exp() * (1 - mask)
+    if first_classes:
+        compared = (torch.arange(distances.shape[1], device=distances.device) < distances.shape[1] - 1).to(distances.dtype)
+    else:
+        compared = 1 - mask
+    others = (d_true - distances).clamp(max=50).exp() * compared
     per_sample = torch.log(1 + others.sum(dim=1)) * known_mask(target, distances.dtype)
     return _mean_over_known(per_sample, target)
 

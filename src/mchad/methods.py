@@ -82,6 +82,9 @@ class CenterMethod(Method):
         super().__init__()
         self.class_centers = centers
         self.push = losses.OutlierPush(margin, radius, semantics)
+        self.semantics = semantics
+        # published: means over all rows of a batch, outliers counting as 0 (pytorch-ood 0.0.7)
+        self.all_rows = semantics == "published"
 
     @property
     def centers(self) -> Tensor:
@@ -130,8 +133,8 @@ class MCHAD(CenterMethod):
     def loss(self, out: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
         d = out["distances"]
         terms = {
-            "center": losses.center_pull(d, target, self.pull_radius),
-            "nll": losses.softmin_nll(d, target),
+            "center": losses.center_pull(d, target, self.pull_radius, self.all_rows),
+            "nll": losses.softmin_nll(d, target, self.all_rows),
             "oe": self.push(d, target),
         }
         return weighted(terms, self.weights)
@@ -140,8 +143,10 @@ class MCHAD(CenterMethod):
 class Center(CenterMethod):
     """Center loss (Wen et al. 2016): a linear classifier on the embedding trained with
     ``weight_ce * CE(logits) + weight_center * L_center`` (+ ``weight_oe * L_reg`` for
-    G-Center). Prediction by the classifier; scores ``distance`` (headline) and ``msp``
-    of the classifier's logits."""
+    G-Center). Prediction by the classifier, except G-Center (``weight_oe > 0``) with
+    ``published``: nearest centre, as the published ``gcenter.py``. Scores ``distance``
+    (headline) and ``msp`` of the classifier's logits. ``published`` averages the CE and
+    centre terms over all rows, outliers included (see :mod:`mchad.losses`)."""
 
     def __init__(
         self,
@@ -157,6 +162,8 @@ class Center(CenterMethod):
         super().__init__(CenterLoss(n_classes, n_embedding).centers, margin, 0.0, semantics)
         self.head = nn.Linear(n_embedding, n_classes)
         self.weights = {"center": weight_center, "nll": weight_ce, "oe": weight_oe}
+        # the published G-Center (gcenter.py) predicts by the nearest centre, Center by its classifier
+        self.predict_by_centre = semantics == "published" and weight_oe > 0
 
     def forward(self, z: Tensor) -> dict[str, Tensor]:
         return {**super().forward(z), "logits": self.head(z)}
@@ -164,13 +171,15 @@ class Center(CenterMethod):
     def loss(self, out: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
         d = out["distances"]
         terms = {
-            "center": losses.center_pull(d, target),
-            "nll": losses.cross_entropy_known(out["logits"], target),
+            "center": losses.center_pull(d, target, all_rows=self.all_rows),
+            "nll": losses.cross_entropy_known(out["logits"], target, self.all_rows),
             "oe": self.push(d, target),
         }
         return weighted(terms, self.weights)
 
     def predict(self, out: dict[str, Tensor]) -> Tensor:
+        if self.predict_by_centre:
+            return out["distances"].argmin(dim=1)
         return out["logits"].argmax(dim=1)
 
     def scores(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -186,9 +195,17 @@ class CAC(CenterMethod):
     term. (The published ``cac.py`` used ``alpha = weight_anchor = 1`` and no ``weight_ce``:
     the CAC experiments set ``weight_center = weight_ce = 1``.)
 
+    Distances: ``published`` works on ``||f(x) - a_c||^4`` (pytorch-ood 0.0.7 squared the
+    squared distances) and sums the tuplet over classes ``0..C-2`` (see
+    :func:`mchad.losses.tuplet`); ``paper`` on squared distances ``||f(x) - a_c||^2`` (the
+    notation of the MCHAD paper, like every other method here; the CAC paper itself uses the
+    plain norm ``||.||``) with the tuplet over ``i != y``. Rankings by ``distance`` are the
+    same under any power.
+
     Scores: ``distance`` (headline, as in the paper's table), ``cac`` = CAC's rejection score
     ``min_c gamma_c`` with ``gamma = d * (1 - softmin(d))`` (the CAC paper and its code;
-    larger = more anomalous), and ``msp`` of ``-d``.
+    larger = more anomalous), ``msp`` of ``-d``, and with ``published`` also
+    ``cac_published`` = ``max_c gamma_c``, the ``cac`` score of the published tables.
 
     pytorch-ood 0.4's ``CACLoss.score`` returns ``-max_c gamma_c``: negated *and* a maximum,
     which ranks far-away inputs as the most normal ones, so it is not used.
@@ -213,23 +230,40 @@ class CAC(CenterMethod):
         # pytorch-ood's CACLoss creates the fixed anchors (not learnable)
         super().__init__(CACLoss(n_classes, magnitude=magnitude).centers, margin, 0.0, semantics)
         self.weights = {"anchor": weight_ce * weight_center, "tuplet": weight_ce, "oe": weight_oe}
+        # published: pytorch-ood 0.0.7 squares the (already squared) distances, ||f(x) - a_c||^4
+        self.distance_power = 2 if semantics == "published" else 1
+        if semantics == "published":
+            self.score_names = (*self.score_names, "cac_published")
+
+    def forward(self, z: Tensor) -> dict[str, Tensor]:
+        return {"embedding": z, "distances": self.class_centers(z).pow(self.distance_power)}
 
     def loss(self, out: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
         d = out["distances"]
         terms = {
             "anchor": losses.anchor_pull(d, target),
-            "tuplet": losses.tuplet(d, target),
+            # CAC's anchor and tuplet terms are means over known rows in every reading
+            "tuplet": losses.tuplet(d, target, first_classes=self.semantics == "published"),
             "oe": self.push(d, target),
         }
         return weighted(terms, self.weights)
 
     @staticmethod
-    def rejection_score(distances: Tensor) -> Tensor:
-        """``min_c d_c (1 - softmin(d)_c)`` — larger = more anomalous."""
-        return (distances * (1 - (-distances).softmax(dim=1))).min(dim=1).values
+    def gamma(distances: Tensor) -> Tensor:
+        """CAC's ``gamma_c = d_c (1 - softmin(d)_c)``."""
+        return distances * (1 - (-distances).softmax(dim=1))
+
+    @classmethod
+    def rejection_score(cls, distances: Tensor) -> Tensor:
+        """``min_c gamma_c`` — larger = more anomalous."""
+        return cls.gamma(distances).min(dim=1).values
 
     def scores(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {**super().scores(out), "cac": self.rejection_score(out["distances"])}
+        scores = {**super().scores(out), "cac": self.rejection_score(out["distances"])}
+        if "cac_published" in self.score_names:
+            # the published `cac` score: max_c gamma_c (pytorch-ood 0.0.7's CACLoss.score, un-negated)
+            scores["cac_published"] = self.gamma(out["distances"]).max(dim=1).values
+        return scores
 
 
 class II(Method):

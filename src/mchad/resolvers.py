@@ -55,6 +55,13 @@ def run_dir(resume: str | None, new: str) -> str:
     return str(folder) if (folder / "config.yaml").is_file() else new
 
 
+def by_semantics(semantics: str, published, paper):
+    """The value of ``model.semantics``'s reading: ``published`` or ``paper``."""
+    if semantics not in ("published", "paper"):
+        raise ValueError(f"model.semantics must be published or paper, got {semantics!r}")
+    return published if semantics == "published" else paper
+
+
 def register() -> None:
     OmegaConf.register_new_resolver("run_dir", run_dir, replace=True)
     OmegaConf.register_new_resolver("run_id", run_id, replace=True)
@@ -63,6 +70,8 @@ def register() -> None:
     OmegaConf.register_new_resolver("len", lambda value: len(value), replace=True)
     # e.g. the published scheduler period: ${mul:${trainer.min_epochs},${trainer.limit_train_batches}}
     OmegaConf.register_new_resolver("mul", lambda a, b: a * b, replace=True)
+    # a value per reading: ${by_semantics:${model.semantics},<published value>,<paper value>}
+    OmegaConf.register_new_resolver("by_semantics", by_semantics, replace=True)
 
 
 register()

@@ -35,7 +35,9 @@ class BatchTransform(nn.Module):
         self.flip = flip
         self.channels_last = channels_last
 
-    def forward(self, images: Tensor, augment: bool = False) -> Tensor:
+    def forward(self, images: Tensor, augment: bool = False, augment_rows: Tensor | None = None) -> Tensor:
+        """``augment_rows`` (bool per image): with ``augment``, only these images are cropped
+        and flipped (e.g. not the outliers of a batch)."""
         if images.dtype != torch.uint8:
             raise TypeError(f"expected uint8 images, got {images.dtype}")
         if self.mean.device != images.device:  # moved once, not per batch
@@ -43,7 +45,9 @@ class BatchTransform(nn.Module):
         padding = self.crop_padding if augment else 0
         flip = self.flip and augment
         if padding > 0 or flip:
-            images = crop_flip(images, padding, flip)
+            augmented = crop_flip(images, padding, flip)
+            # a select, not indexing: static shapes, no host sync
+            images = augmented if augment_rows is None else torch.where(augment_rows.view(-1, 1, 1, 1), augmented, images)
         x = images.float()
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)

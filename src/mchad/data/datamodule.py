@@ -27,6 +27,13 @@ class OODDataModule(pl.LightningDataModule):
       ``batch_size`` ID and ``outlier_batch_size`` outlier images, the latter labelled -1);
     - validation is a hold-out of ``val_fraction`` of the training set drawn with ``seed``
       (never the test set);
+    - ``full_train_set``: train on *all* training images as the published runs did (the last
+      batch kept: 391 steps per CIFAR epoch, 392 with outliers, where the shorter loader is
+      cycled as Lightning 1.6 did); validation then uses the same seeded ``val_fraction``
+      subset, which is part of the training data: it shows the fit, not generalisation;
+    - ``outlier_augment``: crop and flip the outliers like the ID images (ours) or not
+      (published: outliers got the test transform); ``outlier_fraction``: the share of the
+      outlier source used, a seeded subset (published: a 90 % split of TinyImages300k);
     - ``root``: the dataset's folder, for configs whose sources interpolate it (image folders).
 
     Images stay uint8 in memory; the batch transform (normalise, and at training time random
@@ -56,10 +63,18 @@ class OODDataModule(pl.LightningDataModule):
         seed: int = 0,
         root: str | None = None,
         data_on_device: bool | str = "auto",
+        full_train_set: bool = False,
+        outlier_augment: bool = True,
+        outlier_fraction: float = 1.0,
     ):
         super().__init__()
         if not 0 < val_fraction < 1:
             raise ConfigError(f"datamodule.val_fraction must be in (0, 1), got {val_fraction}")
+        if not 0 < outlier_fraction <= 1:
+            raise ConfigError(f"datamodule.outlier_fraction must be in (0, 1], got {outlier_fraction}")
+        self.full_train_set = full_train_set
+        self.outlier_augment = outlier_augment
+        self.outlier_fraction = outlier_fraction
         if len(mean) != len(std):
             raise ConfigError(f"datamodule.mean has {len(mean)} channels but std has {len(std)}")
         self.name = name
@@ -105,13 +120,17 @@ class OODDataModule(pl.LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed)
         order = torch.randperm(len(full), generator=generator)
         n_val = max(1, round(len(full) * self.val_fraction))
-        self.data["val"], self.data["train"] = full.subset(order[:n_val]), full.subset(order[n_val:])
+        self.data["val"] = full.subset(order[:n_val])
+        self.data["train"] = full if self.full_train_set else full.subset(order[n_val:])
         shape = self.image_shape
         for name, source in self.test_case_sources.items():
             self.test_cases[name] = conform(source.load(self.dataset_dir).as_outliers(), shape, f"test case {name}: {source.describe()}")
         if self.outlier_source is not None:
-            outliers = self.outlier_source.load(self.dataset_dir).as_outliers()
-            self.outliers = conform(outliers, shape, f"outliers: {self.outlier_source.describe()}")
+            outliers = conform(self.outlier_source.load(self.dataset_dir).as_outliers(), shape, f"outliers: {self.outlier_source.describe()}")
+            if self.outlier_fraction < 1:
+                keep = torch.randperm(len(outliers), generator=torch.Generator().manual_seed(self.seed + 2))
+                outliers = outliers.subset(keep[: max(1, round(len(outliers) * self.outlier_fraction))])
+            self.outliers = outliers
         log.info(
             "%s: %d train, %d val, %d test; test cases %s%s",
             self.name,
@@ -157,7 +176,8 @@ class OODDataModule(pl.LightningDataModule):
             self.data["train"],
             self.batch_size,
             shuffle=True,
-            drop_last=True,
+            # the published DataLoader kept the last, smaller batch (391 steps on CIFAR)
+            drop_last=not self.full_train_set,
             seed=self.seed,
             epoch=self._epoch,
             device=self._device(),
@@ -173,7 +193,7 @@ class OODDataModule(pl.LightningDataModule):
             epoch=self._epoch,
             device=self._device(),
         )
-        return OutlierExposureLoader(inliers, outliers)
+        return OutlierExposureLoader(inliers, outliers, cycle_shorter=self.full_train_set)
 
     def val_dataloader(self):
         return TensorBatchLoader(self.data["val"], self.test_batch_size, device=self._device())
@@ -187,7 +207,13 @@ class OODDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
         training = self.trainer is not None and self.trainer.training
-        return self.transform(images, augment=training), labels
+        return self.batch_transform(images, labels, training), labels
+
+    def batch_transform(self, images: Tensor, labels: Tensor, training: bool) -> Tensor:
+        """Normalise; in training also crop/flip (the outliers only with ``outlier_augment``)."""
+        # labels may be None (callbacks transform unlabelled images)
+        rows = labels >= 0 if training and not self.outlier_augment and labels is not None else None
+        return self.transform(images, augment=training, augment_rows=rows)
 
 
 def conform(array: ImageArray, shape: tuple[int, int, int], what: str = "") -> ImageArray:

@@ -97,23 +97,28 @@ class TensorBatchLoader:
 class OutlierExposureLoader:
     """Each ID batch concatenated with a batch of outliers (label -1), cycling the outliers.
 
-    The outlier draw is a fresh seeded permutation each time the outlier set is exhausted.
+    An epoch has as many steps as the ID loader; with ``cycle_shorter`` as many as the longer
+    of the two, the shorter one cycled (Lightning 1.6's ``max_size_cycle``, which the published
+    runs used: 391 ID batches cycled to 392 steps by ``limit_train_batches``). Each loader
+    draws a fresh seeded permutation every time it is exhausted.
     """
 
-    def __init__(self, inliers: TensorBatchLoader, outliers: TensorBatchLoader):
+    def __init__(self, inliers: TensorBatchLoader, outliers: TensorBatchLoader, cycle_shorter: bool = False):
         self.inliers = inliers
         self.outliers = outliers
-        self.base_seed = outliers.seed
+        self.cycle_shorter = cycle_shorter
+        self.base_seeds = (inliers.seed, outliers.seed)
         # pinned once after concatenating, not per part
         self.pin = inliers.pin
         inliers.pin = outliers.pin = False
 
     def __len__(self) -> int:
-        return len(self.inliers)
+        return max(len(self.inliers), len(self.outliers)) if self.cycle_shorter else len(self.inliers)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        outlier_batches = self._cycle()
-        for images, labels in self.inliers:
+        outlier_batches = self._cycle(self.outliers, self.base_seeds[1])
+        inlier_batches = self._cycle(self.inliers, self.base_seeds[0]) if self.cycle_shorter else iter(self.inliers)
+        for _, (images, labels) in zip(range(len(self)), inlier_batches):
             out_images, _ = next(outlier_batches)
             out_labels = torch.full((len(out_images),), -1, dtype=labels.dtype, device=labels.device)
             images, labels = torch.cat([images, out_images]), torch.cat([labels, out_labels])
@@ -121,9 +126,10 @@ class OutlierExposureLoader:
                 images, labels = images.pin_memory(), labels.pin_memory()
             yield images, labels
 
-    def _cycle(self) -> Iterator[tuple[Tensor, Tensor]]:
+    @staticmethod
+    def _cycle(loader: TensorBatchLoader, base_seed: int) -> Iterator[tuple[Tensor, Tensor]]:
         rounds = 0
         while True:
-            self.outliers.seed = hash((self.base_seed, rounds))
-            yield from self.outliers
+            loader.seed = hash((base_seed, rounds))
+            yield from loader
             rounds += 1

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -119,15 +120,37 @@ def _cached(dataset_dir: Path, key: str, build) -> ImageArray:
     return array
 
 
-def _decode(path: str, size: int | None, mode: str) -> np.ndarray:
+#: how images of another size are brought to ``size x size``: ``crop`` = short side resized
+#: (antialiased) and the centre cropped (ours); ``squash`` = the whole image resized to
+#: ``size x size``, aspect not kept, bilinear without antialiasing, as the published test sets
+#: were (a tensor ``Resize((32, 32))`` of torchvision 0.12 after ``ToTensor``)
+RESIZE_MODES = ("crop", "squash")
+
+
+def _decode(path: str, size: int | None, mode: str, resize: str = "crop") -> np.ndarray:
     try:
         with Image.open(path) as image:
             image = image.convert(mode)
             if size is not None and image.size != (size, size):
-                image = _resize_center_crop(image, size)
+                return fit_image(image, size, resize)
             return np.asarray(image, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError) as error:  # PIL: unidentified, truncated, broken files
         raise DataError(f"cannot read the image {path} ({_short(error)}); remove or replace the file") from error
+
+
+def fit_image(image: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
+    """``image`` as a uint8 ``size x size`` array, resized by ``resize`` (see RESIZE_MODES)."""
+    if resize == "crop":
+        return np.asarray(_resize_center_crop(image, size), dtype=np.uint8)
+    if resize != "squash":
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32))
+    x = (array.unsqueeze(-1) if array.ndim == 2 else array).permute(2, 0, 1).unsqueeze(0) / 255
+    # torchvision 0.12's tensor Resize: interpolate(bilinear, align_corners=False), no antialiasing;
+    # the result is stored as uint8 (rounded: at most 0.5/255 from the published floats)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    out = (x[0].permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    return out[..., 0] if array.ndim == 2 else out
 
 
 def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -140,8 +163,9 @@ def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def decode_files(files: list[str], size: int | None, mode: str = "RGB", desc: str = "decoding") -> Tensor:
-    """Decode image files in parallel threads (PIL releases the GIL) into uint8 N x C x H x W."""
+def decode_files(files: list[str], size: int | None, mode: str = "RGB", desc: str = "decoding", resize: str = "crop") -> Tensor:
+    """Decode image files in parallel threads (PIL releases the GIL) into uint8 N x C x H x W,
+    images of another size brought to ``size`` by ``resize`` (see RESIZE_MODES)."""
     if not files:
         raise ValueError("no image files to decode")
     global DECODED_IMAGES
@@ -150,7 +174,7 @@ def decode_files(files: list[str], size: int | None, mode: str = "RGB", desc: st
     with ThreadPoolExecutor(workers) as pool:
         arrays = list(
             # disable=None: no bar when the output is not a terminal
-            tqdm(pool.map(lambda f: _decode(f, size, mode), files, chunksize=256), total=len(files), desc=desc,
+            tqdm(pool.map(lambda f: _decode(f, size, mode, resize), files, chunksize=256), total=len(files), desc=desc,
                  leave=False, disable=None)
         )
     shapes = {a.shape for a in arrays}
@@ -293,12 +317,16 @@ class TorchvisionSource(Source):
 class PytorchOODSource(Source):
     """An OOD dataset from pytorch-ood (``Textures``, ``TinyImageNetCrop``, ``TinyImageNetResize``,
     ``LSUNCrop``, ``LSUNResize``, ...), downloaded into ``dataset_dir``, resized to ``size`` and
-    decoded once into the cache. All labels are -1."""
+    decoded once into the cache. All labels are -1. ``resize``: how images of another size
+    (Textures) are fitted, ``crop`` or ``squash`` (published), see ``RESIZE_MODES``."""
 
-    def __init__(self, name: str, size: int = 32, download: bool = True):
+    def __init__(self, name: str, size: int = 32, download: bool = True, resize: str = "crop"):
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         self.name = name
         self.size = size
         self.download = download
+        self.resize = resize
 
     def load(self, dataset_dir: str | Path) -> ImageArray:
         import pytorch_ood.dataset.img as datasets
@@ -307,7 +335,7 @@ class PytorchOODSource(Source):
         if cls is None:
             raise ValueError(f"pytorch-ood has no image dataset {self.name!r}")
         root = Path(dataset_dir)
-        key = f"pytorch-ood|{self.name}|{root.resolve()}|{self.size}"
+        key = f"pytorch-ood|{self.name}|{root.resolve()}|{self.size}" + ("" if self.resize == "crop" else f"|{self.resize}")
         path = _cache_file(root, key)
 
         def build() -> ImageArray:
@@ -325,9 +353,9 @@ class PytorchOODSource(Source):
             # the file-based sets list their files; decode them in parallel instead of via __getitem__
             files = [os.path.join(dataset.basedir, f) for f in getattr(dataset, "files", [])]
             if files:
-                images = decode_files(files, self.size, desc=f"decoding {self.name}")
+                images = decode_files(files, self.size, desc=f"decoding {self.name}", resize=self.resize)
             else:
-                images = _to_uint8_nchw(np.stack([np.asarray(_resize_center_crop(dataset[i][0].convert("RGB"), self.size)) for i in range(len(dataset))]))
+                images = _to_uint8_nchw(np.stack([fit_image(dataset[i][0].convert("RGB"), self.size, self.resize) for i in range(len(dataset))]))
             return ImageArray(images, torch.full((len(images),), -1, dtype=torch.long))
 
         if not path.exists():
