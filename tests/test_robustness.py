@@ -119,7 +119,10 @@ def test_eval_only_reproduces_and_tests_new_modules(reference, fast, tmp_path):
     checkpoint without training (same results as the run itself), and with other test modules
     (`testmodules=noise`) writes their rows in a new run folder."""
     same = run(compose_config([*fast, "train=false", f"ckpt_path={reference}"], tmp_path / "same"))
-    metrics_equal(reference / "results.csv", same)
+    trained, evaluated = pd.read_csv(reference / "results.csv"), pd.read_csv(same)
+    # the same rows, marked as an evaluation of the reference's checkpoint (issue 21)
+    assert (evaluated.pop("evaluated_from") == str(reference / "checkpoints" / "last.ckpt")).all()
+    pd.testing.assert_frame_equal(trained.drop(columns="evaluated_from"), evaluated, check_exact=True)
     assert not (tmp_path / "same" / "checkpoints").exists()  # nothing was trained
     other = run(compose_config([*fast, "train=false", f"ckpt_path={reference}/checkpoints/last.ckpt", "testmodules=noise"], tmp_path / "noise"))
     frame = pd.read_csv(other)
