@@ -20,13 +20,13 @@ import mchad  # noqa: E402  (registers the config resolvers)
 
 
 @hydra.main(version_base="1.3", config_path="config", config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     from mchad.cli import quiet_console
 
     quiet_console()  # before torch and Lightning are imported: their notices go to run.log only
     from mchad.train import main as train_main  # heavy imports after Hydra parsed the command line
 
-    train_main(cfg)
+    return train_main(cfg)  # a sweep trial's validation objective, for search sweepers
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@
 #   WEIGHTS_CE     [0,0.1,...,1.0]     (range(0,1.1,0.1))
 #   WEIGHTS_CENTER [0,0.1,...,1.0]
 #   PARAMETERS     [weight_oe weight_ce weight_center]  which ablations to run
+# The alternative to grids: a search on validation data, e.g.
+#   python run.py -m hydra/sweeper=optuna experiment=cifar10-gmchad hydra.sweeper.n_trials=40
+# (README, "Hyperparameter search on validation data").
 # Hydra's own float range() overshoots (range(0,1.1,0.1) also yields 1.1), hence the lists.
 # results.csv's experiment column reads e.g. ablation-weight_oe-1e-06 (the swept value).
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"

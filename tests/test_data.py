@@ -56,6 +56,7 @@ def test_outlier_exposure_batches():
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
+@pytest.mark.gpu
 @needs_gpu
 def test_pinned_batches_when_asked():
     loader = TensorBatchLoader(array(20), 8, shuffle=True, pin_memory=True)
@@ -63,6 +64,7 @@ def test_pinned_batches_when_asked():
     assert images.is_pinned() and labels.is_pinned()
 
 
+@pytest.mark.gpu
 @needs_gpu
 def test_gathered_on_the_gpu_when_the_data_live_there():
     data = array(20)

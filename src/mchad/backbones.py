@@ -68,11 +68,13 @@ class ConvNet(nn.Module):
 
 @torch.no_grad()
 def output_width(backbone: nn.Module, input_shape: tuple[int, int, int]) -> int:
-    """Width of the backbone's output for one input of ``input_shape`` (C, H, W)."""
+    """Width of the backbone's output for one input of ``input_shape`` (C, H, W), computed
+    where the backbone's weights are."""
     was_training = backbone.training
+    device = next(iter(backbone.parameters()), torch.empty(0)).device  # cpu: no weights, no device to match
     backbone.eval()
     try:
-        return backbone(torch.zeros(1, *input_shape)).shape[1]
+        return backbone(torch.zeros(1, *input_shape, device=device)).shape[1]
     finally:
         backbone.train(was_training)
 
@@ -176,7 +178,7 @@ def _registry_state(name: str) -> dict[str, Tensor]:
             "(e.g. wrn-40-2/imagenet32-nocifar/crossentropy, see pytorch_ood.model.list_models())"
         ) from None
     try:
-        return load_model(name).state_dict()
+        return load_model(name, map_location="cpu").state_dict()  # into the host backbone, as files are
     except Exception as error:
         reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
         raise ConfigError(

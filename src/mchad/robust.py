@@ -226,7 +226,7 @@ class RNGState(pl.Callback):
             "torch": torch.get_rng_state(),
             # plain tensors and tuples only: loadable with torch.load(weights_only=True)
             "numpy": {
-                "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),  # cpu: RNG state for the file
                 "pos": int(np_state["state"]["pos"]),
                 "has_gauss": int(np_state["has_gauss"]),
                 "gauss": float(np_state["gauss"]),

@@ -7,7 +7,8 @@
   (hydra-ray-launcher's ``ray.get`` would otherwise stop the sweep at the first failure).
 * :class:`SweepReport` (a Hydra callback, see ``config/hydra/default.yaml``) lists the
   failed and missing trials when the sweep ends (path + cause) and makes the command exit
-  with status 1 if there is any.
+  with status 1 if there is any; it counts the trials done before this command and run now
+  (a completed sweep, :mod:`mchad.sweep_resume`).
 * :func:`worker_setup` runs once in every Ray worker process (``runtime_env``
   ``worker_process_setup_hook`` in ``config/hydra/launcher/ray.yaml``).
 
@@ -183,8 +184,10 @@ class SweepReport(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
         if not sweep_dir.is_dir():
             return
+        from mchad.sweep_resume import counts_note
+
         finished, failed = sweep_status(sweep_dir)
-        lines = [f"sweep {sweep_dir}: {len(finished)} trial(s) finished, {len(failed)} failed"]
+        lines = [f"sweep {sweep_dir}: {len(finished)} trial(s) finished, {len(failed)} failed{counts_note(sweep_dir)}"]
         lines += [f"  FAILED {trial}: {cause}" for trial, cause in failed]
         if failed:
             lines.append(f"  (causes in <trial>/{FAILED_FILE}; aggregate with: python -m mchad.aggregate {sweep_dir})")

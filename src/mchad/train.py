@@ -20,6 +20,7 @@ from mchad.cli import FILE_ONLY, on_terminal, show_tracebacks
 from mchad.errors import ConfigError, UserError
 from mchad.module import METRIC_KEYS, OODModel
 from mchad.validate import check_config, check_training_data
+from mchad.objective import OBJECTIVE_FILE, check_objective, write_objective
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,7 @@ def _remove_stale_results(output_dir: Path) -> Path:
     if path.exists():
         log.warning("Removing the previous %s (it is written again when this run ends)", path)
         path.unlink()
+    (output_dir / OBJECTIVE_FILE).unlink(missing_ok=True)
     return path
 
 
@@ -207,6 +209,8 @@ def run(cfg: DictConfig) -> Path:
         if cfg.get("ckpt_path"):
             ckpt_file = checkpoint_file(cfg.ckpt_path)
     training = bool(cfg.get("train", True))
+    if training and cfg.get("objective") is not None:
+        check_objective(cfg.objective)
     if not training and ckpt_file is None:
         raise ConfigError("train=false only tests a trained model: give it with ckpt_path=<run folder or .ckpt file>")
     check_config(cfg)
@@ -236,6 +240,8 @@ def run(cfg: DictConfig) -> Path:
     try:
         if training:
             trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt_file is None else str(ckpt_file))
+            if cfg.get("objective") is not None:  # validation data only, before any test set is scored
+                write_objective(cfg.objective, trainer, model, output_dir)
         else:
             model.load_state_dict(checkpoint["state_dict"])
             log.info("Testing %s (no training)", ckpt_file)
@@ -302,19 +308,23 @@ def _multirun_trial() -> DictConfig | None:
     return hydra_cfg if hydra_cfg.mode == RunMode.MULTIRUN else None
 
 
-def main(cfg: DictConfig) -> dict | None:
+def main(cfg: DictConfig) -> float | None:
     """Hydra task: a user error ends the process with one line and exit status 1; Ctrl-C
     with one line saying how to resume (exit status 130). A failed run writes its cause to
     ``<run folder>/FAILED.txt`` (removed again once the run, resumed, succeeds).
 
     In a multirun (``-m``, e.g. in a Ray worker) a failing trial writes its cause to
-    ``<trial>/FAILED.txt`` and returns, so the other trials go on (see mchad.sweep).
+    ``<trial>/FAILED.txt`` and returns, so the other trials go on (see mchad.sweep); the
+    trial returns its validation objective (mchad.objective), which a search sweeper
+    (``hydra/sweeper=optuna``) optimises, or None when it failed.
     """
     from mchad.sweep import FAILED_FILE, record_failure, run_trial
 
     trial = _multirun_trial()
     if trial is not None:
-        return run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd)
+        from mchad.objective import trial_objective
+
+        return trial_objective(run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd))
     output_dir = Path(cfg.paths.output_dir)
     try:
         run(cfg)

@@ -117,8 +117,8 @@ class OODDataModule(pl.LightningDataModule):
             raise ConfigError(
                 f"{self.name} has {channels} channels but datamodule.mean/std have {self.transform.mean.numel()}"
             )
-        generator = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(len(full), generator=generator)
+        generator = torch.Generator().manual_seed(self.seed)  # cpu: the split is the same on any machine
+        order = torch.randperm(len(full), generator=generator)  # cpu: splits host data
         n_val = max(1, round(len(full) * self.val_fraction))
         self.data["val"] = full.subset(order[:n_val])
         self.data["train"] = full if self.full_train_set else full.subset(order[n_val:])
@@ -228,7 +228,7 @@ def conform(array: ImageArray, shape: tuple[int, int, int], what: str = "") -> I
         )
     if images.shape[1] != channels:
         if channels == 1:
-            weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # cpu: converts host data
             images = (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
         elif images.shape[1] == 1:
             images = images.expand(-1, channels, -1, -1).contiguous()

@@ -89,7 +89,7 @@ def _to_uint8_nchw(images: np.ndarray, channels_last: bool = True) -> Tensor:
     array = np.ascontiguousarray(images)
     if array.ndim == 3:
         array = array[..., None] if channels_last else array[:, None]
-    tensor = torch.from_numpy(array)
+    tensor = torch.from_numpy(array)  # cpu: data sets live in host memory (mchad.devices)
     return tensor.permute(0, 3, 1, 2).contiguous() if channels_last else tensor.contiguous()
 
 
@@ -103,7 +103,7 @@ def _cached(dataset_dir: Path, key: str, build) -> ImageArray:
     path = _cache_file(Path(dataset_dir), key)
     if path.exists():
         try:
-            data = torch.load(path, weights_only=True, mmap=True)
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             global CACHE_LOADS
             CACHE_LOADS += 1
             return ImageArray(data["images"], data["labels"], data.get("classes"))
@@ -144,7 +144,7 @@ def fit_image(image: Image.Image, size: int, resize: str = "crop") -> np.ndarray
         return np.asarray(_resize_center_crop(image, size), dtype=np.uint8)
     if resize != "squash":
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-    array = torch.from_numpy(np.asarray(image, dtype=np.float32))
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32))  # cpu: decoding into host memory
     x = (array.unsqueeze(-1) if array.ndim == 2 else array).permute(2, 0, 1).unsqueeze(0) / 255
     # torchvision 0.12's tensor Resize: interpolate(bilinear, align_corners=False), no antialiasing;
     # the result is stored as uint8 (rounded: at most 0.5/255 from the published floats)
@@ -272,7 +272,7 @@ class ImageFolderSource(Source):
 
         def build() -> ImageArray:
             images = decode_files(files, self.size, "L" if self.grayscale else "RGB", desc=f"decoding {folder}")
-            return ImageArray(images, torch.tensor(labels, dtype=torch.long), classes)
+            return ImageArray(images, torch.tensor(labels, dtype=torch.long), classes)  # cpu: host data
 
         array = _cached(Path(dataset_dir), key, build)
         return array.as_outliers() if self.outlier else array
@@ -299,10 +299,12 @@ class TorchvisionSource(Source):
         try:
             if self.name == "SVHN":
                 data = tvd.SVHN(str(root), split=self.split, download=self.download)
-                return ImageArray(_to_uint8_nchw(data.data, channels_last=False), torch.as_tensor(data.labels).long())
+                labels = torch.as_tensor(data.labels).long()  # cpu: host data
+                return ImageArray(_to_uint8_nchw(data.data, channels_last=False), labels)
             cls = getattr(tvd, self.name)
             data = cls(str(root), train=self.split == "train", download=self.download)
-            return ImageArray(_to_uint8_nchw(data.data), torch.as_tensor(data.targets).long(), list(data.classes))
+            labels = torch.as_tensor(data.targets).long()  # cpu: host data
+            return ImageArray(_to_uint8_nchw(data.data), labels, list(data.classes))
         except Exception as error:  # torchvision raises URLError, RuntimeError, OSError... when offline
             raise _missing(
                 f"{self.name} ({self.split})",
@@ -356,7 +358,7 @@ class PytorchOODSource(Source):
                 images = decode_files(files, self.size, desc=f"decoding {self.name}", resize=self.resize)
             else:
                 images = _to_uint8_nchw(np.stack([fit_image(dataset[i][0].convert("RGB"), self.size, self.resize) for i in range(len(dataset))]))
-            return ImageArray(images, torch.full((len(images),), -1, dtype=torch.long))
+            return ImageArray(images, torch.full((len(images),), -1, dtype=torch.long))  # cpu: host data
 
         if not path.exists():
             log.info("Preparing %s (decoded once, cached in %s)", self.name, path)
@@ -386,7 +388,7 @@ class TinyImages300kSource(Source):
                 error,
             ) from error
         images = _to_uint8_nchw(data)
-        return ImageArray(images, torch.full((len(images),), -1, dtype=torch.long))
+        return ImageArray(images, torch.full((len(images),), -1, dtype=torch.long))  # cpu: host data
 
 
 class NoiseSource(Source):
@@ -418,6 +420,7 @@ class NoiseSource(Source):
             values = np.clip(rng.normal(128, 128, size=shape), 0, 255)
         else:
             values = rng.uniform(0, 255, size=shape)
+        # cpu: host data, like every source
         return ImageArray(torch.from_numpy(values.astype(np.uint8)), torch.full((self.n,), -1, dtype=torch.long))
 
 
@@ -467,7 +470,7 @@ class DigitsSource(Source):
         keep = (in_test if self.split == "test" else ~in_test) & np.isin(target, self.classes)
         relabel = {c: i for i, c in enumerate(self.classes)}
         labels = np.array([-1 if self.outlier else relabel[t] for t in target[keep]], dtype=np.int64)
-        return ImageArray(_to_uint8_nchw(images[keep]), torch.from_numpy(labels), [str(c) for c in self.classes])
+        return ImageArray(_to_uint8_nchw(images[keep]), torch.from_numpy(labels), [str(c) for c in self.classes])  # cpu: host data
 
 
 class PhotoPatchesSource(Source):
@@ -496,4 +499,4 @@ class PhotoPatchesSource(Source):
             left = rng.integers(0, photo.shape[1] - self.size + 1)
             patches.append(photo[top : top + self.size, left : left + self.size])
         images = _to_uint8_nchw(np.stack(patches))
-        return ImageArray(images, torch.full((self.n,), -1, dtype=torch.long))
+        return ImageArray(images, torch.full((self.n,), -1, dtype=torch.long))  # cpu: host data
