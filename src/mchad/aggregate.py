@@ -15,6 +15,10 @@ with it. Each trained model counts once: the rows of an eval-only run (``evaluat
 with the seed of the run it tested) are dropped where the training run's own rows already
 hold that test case and score.
 
+Trials are only averaged when they share their provenance (``code_version`` and
+``data_fingerprint`` columns, written by mchad.provenance): a table cell whose trials ran on
+different code or data is refused with one line naming them, unless ``--allow-mixed``.
+
 How the numbers are aggregated: every spread is over independent runs (seeds).
 
 * Per seed, each metric (in %) becomes one number: ``table.*`` averages that seed's rows
@@ -26,6 +30,9 @@ How the numbers are aggregated: every spread is over independent runs (seeds).
 * ``welch.*``: Welch's t-test of the baseline (MCHAD) against every other model per ID
   dataset and metric, on the same per-seed numbers (``welch_per_ood.*``: per OOD set).
 * ``auroc_<dataset>.png``: AUROC per OOD set and model, error bars = std over seeds.
+* ``openset_<setting>.*`` (open-set runs, mchad.osr: rows with a ``split``): per model, mean
+  and std (ddof=1) over all runs (five splits x seeds) of Accuracy, AUROC and OSCR of the
+  ``Unknown`` test case, in %; these runs stay out of the tables above.
 
 The paper-form tables (``table.md|tex``, ``table_per_ood_<metric>.md|tex``) are laid out by
 ``mchad.tables``: method order, display names and each method's score come from
@@ -76,6 +83,12 @@ HEADLINE = "headline"
 KEY_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed"]
 METRICS = ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95"]
 REQUIRED_COLUMNS = KEY_COLUMNS + METRICS
+# open-set recognition (mchad.osr): the test case of the unknown classes and the reported metrics
+UNKNOWN_CASE = "Unknown"
+OPENSET_METRICS = ["Accuracy", "AUROC", "OSCR"]
+# written by mchad.provenance; "unknown" for results.csv files from before it
+PROVENANCE_COLUMNS = ["code_version", "data_fingerprint", "config_hash"]
+UNKNOWN = "unknown"
 STATISTICS = ["mean", "std", "sem"]
 
 # Column names of the written tables (display order and names: mchad/tables.yaml).
@@ -187,7 +200,13 @@ def _read_results(path: Path) -> pd.DataFrame:
     for column in ["experiment", "id_dataset", "method", "test_case", "score"]:
         frame[column] = frame[column].astype(str)
 
-    frame = frame[[*REQUIRED_COLUMNS, "evaluated_from"]].copy()
+    # open-set runs (mchad.osr) say which known/unknown split they trained on; results.csv files
+    # written before OSCR existed lack it
+    split = pd.to_numeric(frame["split"], errors="coerce") if "split" in frame.columns else np.nan
+    oscr = pd.to_numeric(frame["OSCR"], errors="coerce") if "OSCR" in frame.columns else np.nan
+    provenance = {c: frame[c].fillna(UNKNOWN).astype(str) if c in frame.columns else UNKNOWN for c in PROVENANCE_COLUMNS}
+    frame = frame[[*REQUIRED_COLUMNS, "evaluated_from"]].assign(**provenance)
+    frame["split"], frame["OSCR"] = split, oscr
     frame["run_dir"] = str(path.parent)
     # a run lists its headline score first (distance; msp for Softmax)
     frame["headline"] = frame["score"] == frame["score"].iloc[0] if len(frame) else []
@@ -233,6 +252,56 @@ def _read_overrides(path: Path) -> list[str]:
             value = value[1:-1].replace('\\"', '"')
         overrides.append(value)
     return overrides
+
+
+class MixedProvenanceError(AggregateError):
+    """Trials of one table cell ran on different code or data."""
+
+
+def check_provenance(df: pd.DataFrame, allow_mixed: bool = False) -> list[str]:
+    """Refuse table cells that mix code versions or data; returns notes to print.
+
+    A cell is one ID dataset and model (all its trials are averaged into one table row); its
+    trials must share ``code_version``. Per OOD set they must also share ``data_fingerprint``
+    (ID training/test data, outliers and that OOD set). Differences raise
+    :class:`MixedProvenanceError` naming the first such cell and its runs; with
+    ``allow_mixed`` they become notes. Differing ``config_hash`` is only noted (a sweep over
+    hyperparameters varies it on purpose).
+    """
+    checks = [
+        ("code", "code_version", ["id_dataset", "method"]),
+        ("data", "data_fingerprint", ["id_dataset", "method", "test_case"]),
+    ]
+    notes = []
+    for what, column, cell in checks:
+        mixed = [(key, rows) for key, rows in df.groupby(cell, sort=True) if rows[column].nunique() > 1]
+        if not mixed:
+            continue
+        key, rows = mixed[0]
+        versions = "; ".join(
+            f"{value} ({_list_runs(group['run_dir'].unique())})" for value, group in rows.groupby(column, sort=True)
+        )
+        others = f" (and {len(mixed) - 1} more cell(s))" if len(mixed) > 1 else ""
+        line = f"trials with different {what} ({column}) in one table cell, {' / '.join(map(str, key))}: {versions}{others}"
+        if not allow_mixed:
+            raise MixedProvenanceError(f"{line}; re-run them alike, or pass --allow-mixed to aggregate them anyway")
+        notes.append(f"note: --allow-mixed: {line}")
+    configs = [key for key, rows in df.groupby(["id_dataset", "method"], sort=True) if rows["config_hash"].nunique() > 1]
+    if configs:
+        notes.append(f"note: {len(configs)} table cell(s) mix configurations (config_hash), e.g. "
+                     f"{' / '.join(configs[0])}; intended for a hyperparameter sweep, else compare the runs' config.yaml")
+    unrecorded = df.loc[df["code_version"] == UNKNOWN, "run_dir"].nunique()
+    if unrecorded:
+        notes.append(f"note: {unrecorded} run(s) record no provenance (results.csv from before it): not checked")
+    no_git = df.loc[df["code_version"].str.endswith("+" + UNKNOWN), "run_dir"].nunique()
+    if no_git:
+        notes.append(f"note: {no_git} run(s) ran outside a git checkout: their code versions cannot be told apart")
+    return notes
+
+
+def _list_runs(runs, shown: int = 3) -> str:
+    more = f", +{len(runs) - shown} more" if len(runs) > shown else ""
+    return ", ".join(map(str, runs[:shown])) + more
 
 
 # ----------------------------------------------------------------------------- tables
@@ -283,6 +352,37 @@ def summary_table(
 
     table = counts.join(stats_table).reset_index().rename(columns=_DISPLAY_NAMES)
     return _sort_rows(table, config)
+
+
+def split_openset(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(open-set rows, the other rows)``: open-set runs have a ``split``."""
+    openset = results["split"].notna()
+    return results[openset], results[~openset]
+
+
+def openset_table(df: pd.DataFrame, score: str | Mapping[str, str] = HEADLINE) -> pd.DataFrame:
+    """Open-set recognition: mean and std (in %) per setting and model over all runs (every
+    split and seed) of their ``Unknown`` test case; each run gives one row."""
+    rows = _select_score(df[df["test_case"] == UNKNOWN_CASE], score)
+    metrics = [m for m in OPENSET_METRICS if m in rows.columns]
+    percent = rows[["id_dataset", "method", "split", "seed"]].assign(**{m: rows[m] * 100.0 for m in metrics})
+    grouped = percent.groupby(["id_dataset", "method"], sort=False)
+    stats_table = grouped[metrics].agg(["mean", "std"])
+    stats_table.columns = [f"{metric} {stat}" for metric, stat in stats_table.columns]
+    counts = grouped.agg(Splits=("split", "nunique"), Seeds=("seed", "nunique"), Runs=("seed", "size"))
+    table = counts.join(stats_table).reset_index().rename(columns=_DISPLAY_NAMES)
+    return _sort_rows(table)
+
+
+def write_openset_tables(df: pd.DataFrame, out_dir: str | Path, score: str | Mapping[str, str] = HEADLINE) -> list[Path]:
+    """One table per open-set setting, ``openset_<setting>.csv|md|html|tex``; [] without open-set rows."""
+    if df.empty:
+        return []
+    table = openset_table(df, score)
+    written = []
+    for setting, part in table.groupby(DATASET, sort=False):
+        written.append(write_tables(part.reset_index(drop=True), out_dir, f"openset_{_safe_name(setting)}")["md"])
+    return written
 
 
 def _sort_rows(table: pd.DataFrame, config: TableConfig | None = None) -> pd.DataFrame:
@@ -537,6 +637,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="name the AUPR columns as the published table (pytorch-ood 0.0.7): AUPR-IN = OOD positive",
     )
+    parser.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="average trials of one table cell even if they ran on different code or data (default: refuse)",
+    )
     return parser.parse_args(argv)
 
 
@@ -557,6 +662,11 @@ def main(argv: list[str] | None = None) -> int:
         options = TableOptions(spread=args.spread, alpha=args.alpha, decimals=args.decimals)
 
         results, missing = find_results(args.folders)
+        provenance_notes = check_provenance(results, args.allow_mixed)
+        openset, results = split_openset(results)
+        openset_files = write_openset_tables(openset, out_dir, score)
+        if results.empty:  # open-set runs only
+            return _report_openset(openset, openset_files, missing, out_dir, score)
         if args.published_aupr_names:
             results = published_aupr_names(results)
         table = summary_table(results, score, config=config)
@@ -597,9 +707,33 @@ def main(argv: list[str] | None = None) -> int:
     for run in missing:
         print(f"  {'failed' if run.cause else 'missing'}: {run}")
     _print_notes(results, score, baseline, welch)
+    for note in provenance_notes:
+        print(note)
     per_ood_names = ", ".join(f"table_per_ood_{_safe_name(m)}.md|tex" for m in per_ood_papers)
     print(f"written to {out_dir}: table.md|tex|csv, {per_ood_names}, table_per_ood.csv, welch.*, "
           "welch_per_ood.*, missing.txt, " + ", ".join(p.name for p in plots))
+    if openset_files:
+        _report_openset(openset, openset_files, None, out_dir, score)
+    return 0
+
+
+def _report_openset(openset: pd.DataFrame, files: list[Path], missing: list[MissingRun] | None, out_dir: Path,
+                    score: str | Mapping[str, str]) -> int:
+    """Print the open-set tables; with ``missing`` (open-set runs only) also write missing.txt."""
+    if missing is not None:
+        header = f"# {len(missing)} missing/failed trial(s): run folders without {RESULTS_FILE}\n"
+        (out_dir / "missing.txt").write_text(header + "".join(f"{m}\n" for m in missing), encoding="utf-8")
+    table = openset_table(openset, score)
+    metrics = [m for m in OPENSET_METRICS if f"{m} mean" in table.columns]
+    view = table[[DATASET, MODEL, "Splits", "Seeds"]].astype(str)
+    for metric in metrics:
+        view[metric] = [f"{m:.2f} ± {s:.2f}" for m, s in zip(table[f"{metric} mean"], table[f"{metric} std"])]
+    score_name = score if isinstance(score, str) else "configured per method"
+    print(f"\nOpen-set recognition (score: {score_name}; mean ± std over splits and seeds, in %)\n")
+    print(to_markdown(view, [False, False, True, True] + [True] * len(metrics)))
+    for run in missing or []:
+        print(f"  {'failed' if run.cause else 'missing'}: {run}")
+    print(f"written to {out_dir}: " + ", ".join(p.with_suffix(".*").name for p in files))
     return 0
 
 

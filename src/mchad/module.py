@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from mchad.devices import to_host
 from mchad.methods import Method
+from mchad.metrics import oscr
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ class OODModel(pl.LightningModule):
                 values = metrics.compute()
                 row = {"test_case": case, "score": score, "Accuracy": accuracy}
                 row.update({column: float(values[key]) for column, key in METRIC_KEYS.items()})
+                row["OSCR"] = oscr(ind[score], ind["predictions"] == ind["labels"], ood[score])
                 self.test_results.append(row)
-                for column in METRIC_KEYS:
+                for column in [*METRIC_KEYS, "OSCR"]:
                     self.log(f"test/{case}/{score}/{column}", row[column])

@@ -19,13 +19,15 @@ from mchad.backbones import load_pretrained, output_width
 from mchad.cli import FILE_ONLY, on_terminal, show_tracebacks
 from mchad.errors import ConfigError, UserError
 from mchad.module import METRIC_KEYS, OODModel
+from mchad.provenance import COLUMNS as PROVENANCE_COLUMNS
 from mchad.validate import check_config, check_training_data
 from mchad.objective import OBJECTIVE_FILE, check_objective, write_objective
 
 log = logging.getLogger(__name__)
 
 # evaluated_from: the checkpoint an eval-only run (train=false) tested, empty for a trained run
-RESULT_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed", "Accuracy", *METRIC_KEYS, "evaluated_from"]
+RESULT_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed", "Accuracy", *METRIC_KEYS, "OSCR",
+                  "evaluated_from", *PROVENANCE_COLUMNS]
 
 
 def trainer_kwargs(trainer_cfg: DictConfig) -> DictConfig:
@@ -74,7 +76,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, OODModel]:
             f"the backbone outputs {width} values but model.n_embedding={cfg.model.n_embedding}"
         )
     if cfg.model.get("pretrained_checkpoint"):
-        load_pretrained(backbone, str(cfg.model.pretrained_checkpoint))
+        load_pretrained(backbone, str(cfg.model.pretrained_checkpoint), trust=bool(cfg.get("trust_checkpoint", False)))
     model = OODModel(
         backbone=backbone,
         method=_instantiate(cfg.model.method, "model.method"),
@@ -146,7 +148,8 @@ def write_results(rows: list[dict], path: Path) -> None:
     """Write results.csv atomically: a reader sees the whole file or none."""
     import pandas as pd  # here, not at start-up (python -m mchad.bench)
 
-    frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    extra = [key for key in (rows[0] if rows else {}) if key not in RESULT_COLUMNS]
+    frame = pd.DataFrame(rows, columns=RESULT_COLUMNS + extra)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         frame.to_csv(tmp, index=False)
@@ -170,11 +173,15 @@ def _save_config(cfg: DictConfig, path: Path) -> None:
 
 
 def _remove_stale_results(output_dir: Path) -> Path:
-    """Remove a previous results.csv from the run folder: a run that fails must leave none."""
+    """Remove a previous results.csv (and its provenance.json) from the run folder: a run that
+    fails must leave none."""
+    from mchad.provenance import PROVENANCE_FILE
+
     path = output_dir / "results.csv"
     if path.exists():
         log.warning("Removing the previous %s (it is written again when this run ends)", path)
         path.unlink()
+    (output_dir / PROVENANCE_FILE).unlink(missing_ok=True)
     (output_dir / OBJECTIVE_FILE).unlink(missing_ok=True)
     return path
 
@@ -189,6 +196,7 @@ def run(cfg: DictConfig) -> Path:
 
     A stale results.csv in the run folder is removed first, so a run that fails leaves none.
     """
+    from mchad import provenance
     from mchad.robust import (
         check_fits,
         checkpoint_file,
@@ -198,6 +206,8 @@ def run(cfg: DictConfig) -> Path:
     )
 
     ckpt_file: Path | None = None
+    trust = bool(cfg.get("trust_checkpoint", False))  # unpickle checkpoints fully (they may run code)
+    code = provenance.code_state()  # now: the code may be edited while the run trains
     resuming = bool(cfg.get("resume"))
     if resuming:
         if not cfg.get("train", True):
@@ -225,7 +235,7 @@ def run(cfg: DictConfig) -> Path:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     hint = "; resume from another of its checkpoints: resume=<run folder>/checkpoints/<name>.ckpt" if resuming else ""
-    checkpoint = load_checkpoint(ckpt_file, hint) if ckpt_file is not None else None
+    checkpoint = load_checkpoint(ckpt_file, hint, trust) if ckpt_file is not None else None
     datamodule, model = build(cfg)
     if checkpoint is not None:
         check_fits(model, checkpoint, ckpt_file)
@@ -239,7 +249,9 @@ def run(cfg: DictConfig) -> Path:
 
     try:
         if training:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt_file is None else str(ckpt_file))
+            # Lightning loads the file again: explicitly weights-only too (its None means torch's default)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt_file is None else str(ckpt_file),
+                        weights_only=not trust)
             if cfg.get("objective") is not None:  # validation data only, before any test set is scored
                 write_objective(cfg.objective, trainer, model, output_dir)
         else:
@@ -254,17 +266,20 @@ def run(cfg: DictConfig) -> Path:
 
     # an eval-only run's rows belong to the model it tested: that run's seed
     seed, evaluated_from = (cfg.seed, "") if training else (checkpoint_seed(ckpt_file), str(ckpt_file))
+    extra = getattr(datamodule, "result_columns", {})  # e.g. the open-set split
     rows = [
         {
             "experiment": cfg.name,
             "id_dataset": datamodule.name,
             "method": cfg.model.name,
             "seed": seed,
+            **extra,
             **row,
             "evaluated_from": evaluated_from,
         }
         for row in model.test_results
     ]
+    rows = provenance.record(cfg, code, datamodule, trainer, rows, output_dir, ckpt_file)
     write_results(rows, path)
     import pandas as pd
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from mchad.data.augment import BatchTransform
 from mchad.data.loaders import OutlierExposureLoader, TensorBatchLoader
-from mchad.data.sources import ImageArray, Source
+from mchad.data.sources import ImageArray, Source, data_fingerprint
 from mchad.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,9 @@ class OODDataModule(pl.LightningDataModule):
         self.data: dict[str, ImageArray] = {}
         self.test_cases: dict[str, ImageArray] = {}
         self.outliers: ImageArray | None = None
+        #: content fingerprint of every data set used, as loaded: id/train (before the validation
+        #: split), id/test, ood/<test case>, outliers
+        self.fingerprints: dict[str, str] = {}
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -108,9 +111,9 @@ class OODDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.data:
             return
-        full = self.sources["train"].load(self.dataset_dir)
+        full = self._load(self.sources["train"], "id/train")
         self._check_labels(full, "train")
-        self.data["test"] = self.sources["test"].load(self.dataset_dir)
+        self.data["test"] = self._load(self.sources["test"], "id/test")
         self._check_labels(self.data["test"], "test")
         channels = full.images.shape[1]
         if channels != len(self.transform.mean.view(-1)):
@@ -124,9 +127,9 @@ class OODDataModule(pl.LightningDataModule):
         self.data["train"] = full if self.full_train_set else full.subset(order[n_val:])
         shape = self.image_shape
         for name, source in self.test_case_sources.items():
-            self.test_cases[name] = conform(source.load(self.dataset_dir).as_outliers(), shape, f"test case {name}: {source.describe()}")
+            self.test_cases[name] = conform(self._load(source, f"ood/{name}").as_outliers(), shape, f"test case {name}: {source.describe()}")
         if self.outlier_source is not None:
-            outliers = conform(self.outlier_source.load(self.dataset_dir).as_outliers(), shape, f"outliers: {self.outlier_source.describe()}")
+            outliers = conform(self._load(self.outlier_source, "outliers").as_outliers(), shape, f"outliers: {self.outlier_source.describe()}")
             if self.outlier_fraction < 1:
                 keep = torch.randperm(len(outliers), generator=torch.Generator().manual_seed(self.seed + 2))
                 outliers = outliers.subset(keep[: max(1, round(len(outliers) * self.outlier_fraction))])
@@ -140,6 +143,11 @@ class OODDataModule(pl.LightningDataModule):
             {k: len(v) for k, v in self.test_cases.items()},
             f"; {len(self.outliers)} outliers" if self.outliers is not None else "",
         )
+
+    def _load(self, source: Source, name: str) -> ImageArray:
+        array = source.load(self.dataset_dir)
+        self.fingerprints[name] = data_fingerprint(array)
+        return array
 
     def _check_labels(self, array: ImageArray, split: str) -> None:
         labels = array.labels
