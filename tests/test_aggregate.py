@@ -291,3 +291,53 @@ def test_headline_score_takes_each_runs_first_score(tmp_path):
     assert softmax["AUROC mean"] == pytest.approx(100 * statistics.mean(softmax_auroc))
     cac = _row(table, Model="CAC")  # its first score is distance; the cac rows (AUROC 0.10) stay out
     assert cac["AUROC mean"] == pytest.approx(100 * statistics.mean(v for ood in OODS for v in AUROC["CAC"][ood]))
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def _stamp(sweep, code="0.1.0+aaaaaaaaaaaa", data="d1", config="c1", runs=range(6)):
+    """Give runs of the sweep fixture the provenance columns a run writes (mchad.provenance)."""
+    import pandas as pd
+
+    for run in runs:
+        path = sweep / str(run) / "results.csv"
+        frame = pd.read_csv(path).assign(code_version=code, data_fingerprint=data, config_hash=config)
+        frame.to_csv(path, index=False)
+
+
+def test_trials_of_one_cell_from_different_commits_are_refused(sweep, tmp_path, capsys):
+    """Guards the provenance check: one MCHAD seed made by another commit is refused in one
+    line naming the cell, both code versions and the runs; --allow-mixed accepts it with a note."""
+    _stamp(sweep)
+    _stamp(sweep, code="0.1.0+bbbbbbbbbbbb.dirty-123", runs=[2])
+    assert main([str(sweep), "--out", str(tmp_path / "agg")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: trials with different code")
+    assert "CIFAR10 / MCHAD" in err and "--allow-mixed" in err
+    assert f"0.1.0+aaaaaaaaaaaa ({sweep / '0'}, {sweep / '1'})" in err
+    assert f"0.1.0+bbbbbbbbbbbb.dirty-123 ({sweep / '2'})" in err
+    assert not (tmp_path / "agg" / "table.csv").exists()
+
+    assert main([str(sweep), "--out", str(tmp_path / "agg"), "--allow-mixed"]) == 0
+    assert "note: --allow-mixed: trials with different code" in capsys.readouterr().out
+    assert (tmp_path / "agg" / "table.csv").exists()
+
+
+def test_trials_of_one_cell_on_different_data_are_refused(sweep, tmp_path, capsys):
+    """Guards the data check: a CAC seed whose data fingerprint differs (another copy of a
+    dataset) is refused; different code across cells (MCHAD vs CAC) is fine."""
+    _stamp(sweep, code="0.1.0+aaaaaaaaaaaa", runs=[0, 1, 2])
+    _stamp(sweep, code="0.1.0+cccccccccccc", runs=[3, 4, 5])
+    assert main([str(sweep), "--out", str(tmp_path / "ok")]) == 0
+    _stamp(sweep, code="0.1.0+cccccccccccc", data="d2", runs=[5])
+    assert main([str(sweep), "--out", str(tmp_path / "agg")]) == 2
+    err = capsys.readouterr().err
+    assert "different data (data_fingerprint)" in err and "CIFAR10 / CAC / " in err
+    assert f"d2 ({sweep / '5'})" in err
+
+
+def test_results_without_provenance_still_aggregate_with_a_note(sweep, tmp_path, capsys):
+    """Results written before provenance existed carry none: aggregated, and said so."""
+    assert main([str(sweep), "--out", str(tmp_path / "agg")]) == 0
+    assert "note: 6 run(s) record no provenance" in capsys.readouterr().out

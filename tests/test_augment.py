@@ -105,6 +105,7 @@ def test_channels_last_and_dtype():
         BatchTransform(MEAN, STD)(x.float())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_same_result_on_gpu():
     x = images(16)

@@ -56,6 +56,7 @@ def test_outlier_exposure_batches():
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
+@pytest.mark.gpu
 @needs_gpu
 def test_pinned_batches_when_asked():
     loader = TensorBatchLoader(array(20), 8, shuffle=True, pin_memory=True)
@@ -63,6 +64,7 @@ def test_pinned_batches_when_asked():
     assert images.is_pinned() and labels.is_pinned()
 
 
+@pytest.mark.gpu
 @needs_gpu
 def test_gathered_on_the_gpu_when_the_data_live_there():
     data = array(20)
@@ -85,6 +87,69 @@ def test_image_folder_is_decoded_once_then_cached(image_folder: Path, tmp_path: 
     assert sources.CACHE_LOADS == loads + 1
     assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
     assert second.images.dtype == torch.uint8 and second.images.shape[1:] == (3, 32, 32)
+
+
+def _rewrite_image(path: Path, value: int) -> None:
+    """Overwrite an image file with a plain image of ``value`` (same name, same size: 32x32 PNG)."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((32, 32, 3), value, dtype=np.uint8)).save(path)
+
+
+def test_any_changed_image_rebuilds_the_cache(image_folder: Path, tmp_path: Path):
+    """Guards the cache key: replacing one image in the middle of the folder (or only touching
+    it, or adding one) decodes again and gives the new pixels; an unchanged folder does not."""
+    import os
+
+    source = ImageFolderSource(str(image_folder), split="train", size=32)
+    files = sources.image_files(image_folder / "train")
+    middle = Path(files[len(files) // 2])
+    first = source.load(tmp_path)
+    decoded = sources.DECODED_IMAGES
+
+    _rewrite_image(middle, 7)
+    changed = source.load(tmp_path)
+    assert sources.DECODED_IMAGES == decoded + len(files)
+    index = files.index(str(middle))
+    assert (changed.images[index] == 7).all() and not torch.equal(changed.images, first.images)
+    assert torch.equal(changed.images[:index], first.images[:index])
+    assert changed.fingerprint != first.fingerprint
+
+    stat = middle.stat()
+    os.utime(middle, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # same bytes, new time
+    source.load(tmp_path)
+    assert sources.DECODED_IMAGES == decoded + 2 * len(files)
+    (image_folder / "train" / "class1" / "extra.png").write_bytes(middle.read_bytes())
+    assert len(source.load(tmp_path)) == len(files) + 1
+    again = sources.DECODED_IMAGES
+    source.load(tmp_path)
+    assert sources.DECODED_IMAGES == again  # unchanged: from the cache
+
+
+def test_decode_settings_are_part_of_the_cache_key(image_folder: Path, tmp_path: Path):
+    """Guards the key's decode settings: another size or colour mode is another cache entry."""
+    rgb = ImageFolderSource(str(image_folder), split="train", size=32).load(tmp_path)
+    small = ImageFolderSource(str(image_folder), split="train", size=16).load(tmp_path)
+    grey = ImageFolderSource(str(image_folder), split="train", size=32, grayscale=True).load(tmp_path)
+    assert small.images.shape[2:] == (16, 16) and grey.images.shape[1] == 1 and rgb.images.shape[1] == 3
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
+    assert len({rgb.fingerprint, small.fingerprint, grey.fingerprint}) == 3
+
+
+def test_data_fingerprint_is_the_content(image_folder: Path, tmp_path: Path):
+    """Guards the provenance fingerprint: the same images in another folder (another cache entry)
+    give the same fingerprint; the cached one equals a fresh hash of the loaded tensors."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(image_folder, copy)
+    a = ImageFolderSource(str(image_folder), split="train", size=32).load(tmp_path / "data")
+    b = ImageFolderSource(str(copy), split="train", size=32).load(tmp_path / "data")
+    assert len(list((tmp_path / "data" / "cache").glob("*.pt"))) == 2
+    assert a.fingerprint == b.fingerprint
+    fresh = sources.data_fingerprint(sources.ImageArray(a.images.clone(), a.labels.clone(), a.classes))
+    assert fresh == a.fingerprint
 
 
 def test_digits_without_scikit_learn_import_match_scikit_learn():

@@ -94,7 +94,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(reference, fast, tm
         run(compose_config(fast, folder))
     monkeypatch.undo()
     assert (folder / "checkpoints" / "last.ckpt").is_file()
-    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
     assert not (folder / "results.csv").exists()
 
     result = run_cli(f"resume={folder}")
@@ -119,7 +119,10 @@ def test_eval_only_reproduces_and_tests_new_modules(reference, fast, tmp_path):
     checkpoint without training (same results as the run itself), and with other test modules
     (`testmodules=noise`) writes their rows in a new run folder."""
     same = run(compose_config([*fast, "train=false", f"ckpt_path={reference}"], tmp_path / "same"))
-    metrics_equal(reference / "results.csv", same)
+    trained, evaluated = pd.read_csv(reference / "results.csv"), pd.read_csv(same)
+    # the same rows, marked as an evaluation of the reference's checkpoint (issue 21)
+    assert (evaluated.pop("evaluated_from") == str(reference / "checkpoints" / "last.ckpt")).all()
+    pd.testing.assert_frame_equal(trained.drop(columns="evaluated_from"), evaluated, check_exact=True)
     assert not (tmp_path / "same" / "checkpoints").exists()  # nothing was trained
     other = run(compose_config([*fast, "train=false", f"ckpt_path={reference}/checkpoints/last.ckpt", "testmodules=noise"], tmp_path / "noise"))
     frame = pd.read_csv(other)
@@ -308,3 +311,64 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, path)
     assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+# ----------------------------------------------------------------------------- untrusted checkpoints
+
+
+class PlantedPayload:
+    """Unpickling this runs code: it creates ``marker`` (what a malicious checkpoint would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _planted(reference: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the reference run's last.ckpt with a pickle payload planted in it."""
+    marker = tmp_path / "payload-ran"
+    ckpt = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["extra"] = PlantedPayload(marker)
+    path = tmp_path / "shared.ckpt"
+    torch.save(ckpt, path)
+    return path, marker
+
+
+def test_project_checkpoints_load_weights_only(reference):
+    """Guards what the project writes: every checkpoint of a run (weights, optimiser, loops,
+    callbacks, RNG states) loads with torch.load(weights_only=True)."""
+    for path in (reference / "checkpoints").glob("*.ckpt"):
+        ckpt = torch.load(path, weights_only=True)
+        assert {"state_dict", "optimizer_states", "loops", "callbacks"} <= set(ckpt), path
+        assert "RNGState" in ckpt["callbacks"]
+
+
+def test_checkpoint_with_planted_payload_is_refused_and_never_runs(reference, fast, tmp_path):
+    """Guards loading a shared checkpoint: a file that needs arbitrary unpickling is refused in
+    one line (naming what it references and the opt-in) as ckpt_path (testing or training),
+    resume and pretrained weights, and its payload never runs."""
+    evil, marker = _planted(reference, tmp_path)
+    messages = [
+        _error_of([*fast, "train=false", f"ckpt_path={evil}"], tmp_path / "a"),
+        _error_of([*fast, f"ckpt_path={evil}"], tmp_path / "b"),
+        _error_of([*fast, f"++model.pretrained_checkpoint={evil}"], tmp_path / "c"),
+    ]
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    shutil.copy(evil, copy / "checkpoints" / "last.ckpt")
+    messages.append(_error_of([*fast, f"resume={copy}"], tmp_path / "d"))
+    for message in messages:
+        assert "was refused: loading it needs arbitrary unpickling" in message, message
+        assert "pathlib.PosixPath" in message and "trust_checkpoint=true" in message, message
+    assert not marker.exists()
+
+
+def test_trusted_checkpoint_loads_with_the_opt_in(reference, fast, tmp_path):
+    """Guards the opt-in: with trust_checkpoint=true the same file is unpickled fully (its
+    payload runs, as the user accepted) and the model tests as the reference run did."""
+    evil, marker = _planted(reference, tmp_path)
+    results = run(compose_config([*fast, "train=false", f"ckpt_path={evil}", "trust_checkpoint=true"], tmp_path / "run"))
+    assert marker.exists()
+    metrics_equal(reference / "results.csv", results)

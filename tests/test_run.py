@@ -71,7 +71,7 @@ def test_cli_run_on_an_image_folder_writes_everything(image_folder, tmp_path):
     assert len(runs) == 1
     run_dir = runs[0]
     frame = check_results(run_dir / "results.csv", {"GaussianNoise", "UniformNoise", "ImageFolder"})
-    assert (frame.experiment == "cifar10-mchad").all() and (frame.id_dataset == "ImageFolder").all()
+    assert (frame.experiment == f"{image_folder.name}-mchad").all() and (frame.id_dataset == "ImageFolder").all()
     assert frame.score.iloc[0] == "distance" and (frame.seed == 1).all()
     assert len(frame) == 3 * frame.score.nunique()  # one row per (test case, score)
     assert frame.Accuracy.nunique() == 1  # ID accuracy, the same for every test case
@@ -81,6 +81,15 @@ def test_cli_run_on_an_image_folder_writes_everything(image_folder, tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     # decoded once: the image folders are cached under dataset_dir
     assert list((tmp_path / "datasets" / "cache").glob("*.pt"))
+    # provenance: next to results.csv and in its rows
+    import json
+
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    assert set(provenance["datasets"]) == {"id/train", "id/test", "ood/GaussianNoise", "ood/UniformNoise", "ood/ImageFolder"}
+    assert provenance["environment"]["torch"] and provenance["environment"]["device"].startswith("CPU")
+    assert frame.code_version.nunique() == frame.config_hash.nunique() == 1
+    assert frame.code_version.iloc[0] == provenance["code"]["version"]
+    assert frame.groupby("test_case").data_fingerprint.nunique().eq(1).all() and frame.data_fingerprint.nunique() == 3
 
 
 def test_centres_are_saved_in_checkpoints(tmp_path):
@@ -88,7 +97,7 @@ def test_centres_are_saved_in_checkpoints(tmp_path):
     run(cfg)
     import torch
 
-    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     centres = [k for k in state if "centers" in k]
     assert centres, sorted(state)[:10]
     assert state[centres[0]].shape == (6, cfg.model.n_embedding)

@@ -24,9 +24,10 @@ from omegaconf import OmegaConf
 from conftest import ROOT, compose_config
 from mchad.aggregate import find_results
 from mchad.aggregate import main as aggregate_main
-from mchad.sweep import FAILED_FILE, SweepReport, run_trial, sweep_status
+from mchad.sweep import FAILED_FILE, SweepReport, collect_trials, run_trial, sweep_status
 
 RUN_PY = ROOT / "run.py"
+TESTS = Path(__file__).resolve().parent
 # quick-start trials of ~2 s of training
 TINY = ["trainer.max_epochs=2", "trainer.min_epochs=2", "~logger", "~callbacks"]
 
@@ -87,9 +88,10 @@ def _hydra_config(overrides: list[str] | None = None):
 def test_sweeps_default_to_the_ray_launcher_with_a_cpu_share():
     hydra = _hydra_config()
     launcher = hydra.launcher
-    assert launcher._target_ == "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
+    assert launcher._target_ == "hydra_plugins.mchad_ray_launcher.MchadRayLauncher"
     assert launcher.ray.init.address == "local"
     assert launcher.ray.remote.num_cpus == 1 and launcher.ray.remote.num_gpus == 0
+    assert launcher.ray.remote.max_retries == 0  # a dead worker's trial is reported, not re-run
     env_vars = launcher.ray.init.runtime_env.env_vars
     assert env_vars.MCHAD_ROOT == str(ROOT) and env_vars.MCHAD_RUN_ID
     assert OmegaConf.to_container(env_vars)["MCHAD_CWD"] == "${hydra.runtime.cwd}"  # resolved by the driver
@@ -193,7 +195,55 @@ def test_single_run_does_not_import_ray_and_fails_with_one_line(tmp_path):
     assert not [m for m in imported if m == "ray" or m.startswith("ray.")]
     messages = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
     assert messages[-1].startswith("error: model.method:")
-    assert FAILED_FILE not in {p.name for p in tmp_path.rglob("*")}
+    # a failed single run records its cause like a sweep trial (issue 21)
+    (failed,) = tmp_path.rglob(FAILED_FILE)
+    assert failed.read_text().splitlines()[0] == messages[-1]
+
+
+def test_collect_trials_reports_a_dead_worker_and_waits_for_the_rest(tmp_path, capsys):
+    """Guards the launcher's collection (without starting Ray): trial 1's worker died before
+    Hydra made its folder, trial 2 raised past run_trial, trials 0 and 3 finished after them.
+    Every trial is awaited, the dead and the raised ones get FAILED.txt (and .hydra/) with
+    their cause, and the sweep report lists them and exits 1."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from ray.exceptions import WorkerCrashedError
+
+    root = tmp_path / "sweep"
+    finished = {0: _fake_trial(root, 0, results=True), 3: _fake_trial(root, 3, results=True)}
+    outcomes = {
+        0: JobReturn(status=JobStatus.COMPLETED, _return_value={"status": "ok"}),
+        1: WorkerCrashedError(),
+        2: JobReturn(status=JobStatus.FAILED, _return_value=RuntimeError("CUDA error: an illegal memory access")),
+        3: JobReturn(status=JobStatus.COMPLETED, _return_value={"status": "ok"}),
+    }
+    order = [1, 2, 3, 0]  # the order the trials end in
+    config = {idx: OmegaConf.create({"hydra": {"sweep": {"dir": str(root), "subdir": "${hydra.job.num}"},
+                                                "job": {"num": idx}}}) for idx in outcomes}
+    trials = {f"ref{idx}": (idx, [f"seed={idx}"], config[idx]) for idx in outcomes}
+
+    def wait(pending, num_returns):
+        first = min(pending, key=lambda ref: order.index(int(ref[3:])))
+        return [first], [ref for ref in pending if ref != first]
+
+    def get(ref):
+        outcome = outcomes[int(ref[3:])]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    jobs = collect_trials(trials, wait, get)
+    assert [job.return_value["status"] for job in jobs] == ["ok", "failed", "failed", "ok"]
+    assert all(job.status == JobStatus.COMPLETED for job in jobs)  # Hydra's sweeper goes on
+    dead, raised = root / "1", root / "2"
+    assert (dead / FAILED_FILE).read_text().startswith("error: the trial's worker process died or was lost (WorkerCrashedError")
+    assert OmegaConf.load(dead / ".hydra" / "overrides.yaml") == ["seed=1"]
+    assert "CUDA error" in (raised / FAILED_FILE).read_text().splitlines()[0]
+    assert sweep_status(root)[0] == [finished[0], finished[3]]
+    with pytest.raises(SystemExit) as exit_info:
+        SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(root)}}}))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert f"FAILED {dead}: the trial's worker process died" in err and f"FAILED {raised}: the trial raised" in err
 
 
 # ----------------------------------------------------------------------------- Ray sweeps
@@ -230,6 +280,31 @@ def test_ray_sweep_runs_trials_apart_and_reports_a_failing_one(tmp_path):
     results, missing = find_results(sweep_dir)
     assert sorted(results["seed"].unique()) == [1, 2] and results["run_dir"].nunique() == 2
     assert sorted(m.path for m in missing) == sorted(bad)
+
+
+@needs_ray
+@pytest.mark.slow
+def test_ray_sweep_reports_a_trial_whose_worker_was_killed(tmp_path):
+    """A real kill: the seed-2 trial SIGKILLs its own Ray worker when training starts (as the
+    out-of-memory killer would; tests/sigkill_callback.py). The sweep does not hang: the other
+    trial finishes, the killed one is reported failed with Ray's cause, the exit status is 1.
+    (Slow: a local Ray start takes 20-60 s on 2 shared cores; the fast test above pins the
+    collection logic.)"""
+    env = _env(PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    killer = ["+callbacks.killer._target_=sigkill_callback.KillOnSeed", "+callbacks.killer.seed=${seed}",
+              "+callbacks.killer.kill_seed=2"]
+    result = _sweep(["seed=1,2", "paths.log_dir=logs", *TINY, *killer], tmp_path, env, timeout=400)
+    output = result.stdout + result.stderr
+    (sweep_dir,) = (tmp_path / "logs" / "multiruns").iterdir()
+    trials = _trials(sweep_dir)
+    assert (trials["seed=1"] / "results.csv").is_file(), output[-3000:]
+    killed = trials["seed=2"]
+    assert not (killed / "results.csv").exists()
+    cause = (killed / FAILED_FILE).read_text().splitlines()[0]
+    assert cause.startswith("error: the trial's worker process died"), cause
+    assert result.returncode == 1, output[-3000:]
+    assert "1 trial(s) finished, 1 failed" in result.stderr
+    assert f"FAILED {killed}: the trial's worker process died" in result.stderr
 
 
 # ----------------------------------------------------------------------------- existing cluster

@@ -1,8 +1,12 @@
 """Multi-Class Hypersphere Anomaly Detection (MCHAD) and its baselines for OOD detection.
 
-Importing the package registers the OmegaConf resolvers the configs use (cheap: no torch).
+Importing the package registers the OmegaConf resolvers the configs use and the generated
+open-set experiment configs (cheap: no torch).
 """
 
 from mchad import resolvers as _resolvers  # noqa: F401
+from mchad.osr import register_experiments as _register_experiments
+
+_register_experiments()
 
 __version__ = "0.1.0"

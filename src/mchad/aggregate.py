@@ -9,8 +9,15 @@ Usage::
 
 Every ``results.csv`` below the given folders is read (one row per test case and OOD
 score, metrics as fractions). A Hydra run folder (one holding ``.hydra/``) without a
-``results.csv`` counts as a missing or failed trial; a failed sweep trial's cause (first
-line of its ``FAILED.txt``, written by mchad.sweep) is listed with it.
+``results.csv`` counts as a missing or failed trial; a failed run's cause (first line of its
+``FAILED.txt``, written by mchad.train for single runs and mchad.sweep for trials) is listed
+with it. Each trained model counts once: the rows of an eval-only run (``evaluated_from``,
+with the seed of the run it tested) are dropped where the training run's own rows already
+hold that test case and score.
+
+Trials are only averaged when they share their provenance (``code_version`` and
+``data_fingerprint`` columns, written by mchad.provenance): a table cell whose trials ran on
+different code or data is refused with one line naming them, unless ``--allow-mixed``.
 
 How the numbers are aggregated: every spread is over independent runs (seeds).
 
@@ -23,6 +30,9 @@ How the numbers are aggregated: every spread is over independent runs (seeds).
 * ``welch.*``: Welch's t-test of the baseline (MCHAD) against every other model per ID
   dataset and metric, on the same per-seed numbers (``welch_per_ood.*``: per OOD set).
 * ``auroc_<dataset>.png``: AUROC per OOD set and model, error bars = std over seeds.
+* ``openset_<setting>.*`` (open-set runs, mchad.osr: rows with a ``split``): per model, mean
+  and std (ddof=1) over all runs (five splits x seeds) of Accuracy, AUROC and OSCR of the
+  ``Unknown`` test case, in %; these runs stay out of the tables above.
 
 The paper-form tables (``table.md|tex``, ``table_per_ood_<metric>.md|tex``) are laid out by
 ``mchad.tables``: method order, display names and each method's score come from
@@ -75,6 +85,12 @@ METRICS = ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95", "OSCR"]
 # results.csv files written before OSCR existed lack it (NaN in the tables)
 OPTIONAL_METRICS = ["OSCR"]
 REQUIRED_COLUMNS = KEY_COLUMNS + [m for m in METRICS if m not in OPTIONAL_METRICS]
+# open-set recognition (mchad.osr): the test case of the unknown classes and the reported metrics
+UNKNOWN_CASE = "Unknown"
+OPENSET_METRICS = ["Accuracy", "AUROC", "OSCR"]
+# written by mchad.provenance; "unknown" for results.csv files from before it
+PROVENANCE_COLUMNS = ["code_version", "data_fingerprint", "config_hash"]
+UNKNOWN = "unknown"
 STATISTICS = ["mean", "std", "sem"]
 
 # Column names of the written tables (display order and names: mchad/tables.yaml).
@@ -130,10 +146,31 @@ def find_results(paths: str | Path | Iterable[str | Path]) -> tuple[pd.DataFrame
         raise NoResultsError(f"no {RESULTS_FILE} found below {', '.join(map(str, roots))}")
 
     frames = [_read_results(f) for f in files]
-    results = pd.concat(frames, ignore_index=True)
+    results = _count_models_once(pd.concat(frames, ignore_index=True))
     if results.empty:
         raise NoResultsError(f"the {len(files)} {RESULTS_FILE} files found hold no rows")
     return results, _find_missing(roots, files)
+
+
+def _count_models_once(results: pd.DataFrame) -> pd.DataFrame:
+    """Each trained model counts once: an eval-only run's row (``evaluated_from`` = the
+    checkpoint it tested) is dropped where the training run itself, or an earlier evaluation
+    of the same checkpoint, has that test case and score. A trained run's rows stand for its
+    ``checkpoints/last.ckpt`` (the model it tested). Eval-only rows whose seed is unknown
+    are left out with a warning."""
+    unknown_seed = (results["evaluated_from"] != "") & results["seed"].isna()
+    if unknown_seed.any():
+        warnings.warn(f"{int(unknown_seed.sum())} eval-only row(s) without a seed are left out "
+                      "(their checkpoint is not in a run folder with a config.yaml)", stacklevel=2)
+    results = results[~unknown_seed]
+    evaluated = results["evaluated_from"] != ""
+    checkpoint = results["evaluated_from"].where(evaluated, results["run_dir"].map(lambda d: str(Path(d, "checkpoints", "last.ckpt"))))
+    model = checkpoint.map(lambda p: str(Path(p).resolve()))
+    # trained runs' rows first: they are the ones kept
+    order = results.assign(_evaluated=evaluated, _model=model).sort_values("_evaluated", kind="stable")
+    kept = order.drop_duplicates(["_model", "test_case", "score"]).sort_index().drop(columns=["_evaluated", "_model"])
+    kept["seed"] = kept["seed"].astype("int64")
+    return kept.reset_index(drop=True)
 
 
 def _read_results(path: Path) -> pd.DataFrame:
@@ -159,14 +196,22 @@ def _read_results(path: Path) -> pd.DataFrame:
             raise ResultsFormatError(f"{path}: {column} outside [0, 1] (percent instead of fractions?)")
         frame[column] = values.astype(float)
 
+    # written by the runs since eval-only rows carry their checkpoint's seed
+    frame["evaluated_from"] = frame.get("evaluated_from", pd.Series("", index=frame.index)).fillna("").astype(str)
     seeds = pd.to_numeric(frame["seed"], errors="coerce")
-    if seeds.isna().any() or (seeds != seeds.round()).any():
+    if (seeds.isna() & (frame["evaluated_from"] == "")).any() or (seeds != seeds.round()).any():
         raise ResultsFormatError(f"{path}: seed must be an integer in every row")
-    frame["seed"] = seeds.astype("int64")
+    frame["seed"] = seeds
     for column in ["experiment", "id_dataset", "method", "test_case", "score"]:
         frame[column] = frame[column].astype(str)
 
-    frame = frame[KEY_COLUMNS + METRICS].copy()
+    # open-set runs (mchad.osr) say which known/unknown split they trained on; results.csv files
+    # written before OSCR existed lack it
+    split = pd.to_numeric(frame["split"], errors="coerce") if "split" in frame.columns else np.nan
+    oscr = pd.to_numeric(frame["OSCR"], errors="coerce") if "OSCR" in frame.columns else np.nan
+    provenance = {c: frame[c].fillna(UNKNOWN).astype(str) if c in frame.columns else UNKNOWN for c in PROVENANCE_COLUMNS}
+    frame = frame[[*REQUIRED_COLUMNS, "evaluated_from"]].assign(**provenance)
+    frame["split"], frame["OSCR"] = split, oscr
     frame["run_dir"] = str(path.parent)
     # a run lists its headline score first (distance; msp for Softmax)
     frame["headline"] = frame["score"] == frame["score"].iloc[0] if len(frame) else []
@@ -212,6 +257,56 @@ def _read_overrides(path: Path) -> list[str]:
             value = value[1:-1].replace('\\"', '"')
         overrides.append(value)
     return overrides
+
+
+class MixedProvenanceError(AggregateError):
+    """Trials of one table cell ran on different code or data."""
+
+
+def check_provenance(df: pd.DataFrame, allow_mixed: bool = False) -> list[str]:
+    """Refuse table cells that mix code versions or data; returns notes to print.
+
+    A cell is one ID dataset and model (all its trials are averaged into one table row); its
+    trials must share ``code_version``. Per OOD set they must also share ``data_fingerprint``
+    (ID training/test data, outliers and that OOD set). Differences raise
+    :class:`MixedProvenanceError` naming the first such cell and its runs; with
+    ``allow_mixed`` they become notes. Differing ``config_hash`` is only noted (a sweep over
+    hyperparameters varies it on purpose).
+    """
+    checks = [
+        ("code", "code_version", ["id_dataset", "method"]),
+        ("data", "data_fingerprint", ["id_dataset", "method", "test_case"]),
+    ]
+    notes = []
+    for what, column, cell in checks:
+        mixed = [(key, rows) for key, rows in df.groupby(cell, sort=True) if rows[column].nunique() > 1]
+        if not mixed:
+            continue
+        key, rows = mixed[0]
+        versions = "; ".join(
+            f"{value} ({_list_runs(group['run_dir'].unique())})" for value, group in rows.groupby(column, sort=True)
+        )
+        others = f" (and {len(mixed) - 1} more cell(s))" if len(mixed) > 1 else ""
+        line = f"trials with different {what} ({column}) in one table cell, {' / '.join(map(str, key))}: {versions}{others}"
+        if not allow_mixed:
+            raise MixedProvenanceError(f"{line}; re-run them alike, or pass --allow-mixed to aggregate them anyway")
+        notes.append(f"note: --allow-mixed: {line}")
+    configs = [key for key, rows in df.groupby(["id_dataset", "method"], sort=True) if rows["config_hash"].nunique() > 1]
+    if configs:
+        notes.append(f"note: {len(configs)} table cell(s) mix configurations (config_hash), e.g. "
+                     f"{' / '.join(configs[0])}; intended for a hyperparameter sweep, else compare the runs' config.yaml")
+    unrecorded = df.loc[df["code_version"] == UNKNOWN, "run_dir"].nunique()
+    if unrecorded:
+        notes.append(f"note: {unrecorded} run(s) record no provenance (results.csv from before it): not checked")
+    no_git = df.loc[df["code_version"].str.endswith("+" + UNKNOWN), "run_dir"].nunique()
+    if no_git:
+        notes.append(f"note: {no_git} run(s) ran outside a git checkout: their code versions cannot be told apart")
+    return notes
+
+
+def _list_runs(runs, shown: int = 3) -> str:
+    more = f", +{len(runs) - shown} more" if len(runs) > shown else ""
+    return ", ".join(map(str, runs[:shown])) + more
 
 
 # ----------------------------------------------------------------------------- tables
@@ -262,6 +357,37 @@ def summary_table(
 
     table = counts.join(stats_table).reset_index().rename(columns=_DISPLAY_NAMES)
     return _sort_rows(table, config)
+
+
+def split_openset(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(open-set rows, the other rows)``: open-set runs have a ``split``."""
+    openset = results["split"].notna()
+    return results[openset], results[~openset]
+
+
+def openset_table(df: pd.DataFrame, score: str | Mapping[str, str] = HEADLINE) -> pd.DataFrame:
+    """Open-set recognition: mean and std (in %) per setting and model over all runs (every
+    split and seed) of their ``Unknown`` test case; each run gives one row."""
+    rows = _select_score(df[df["test_case"] == UNKNOWN_CASE], score)
+    metrics = [m for m in OPENSET_METRICS if m in rows.columns]
+    percent = rows[["id_dataset", "method", "split", "seed"]].assign(**{m: rows[m] * 100.0 for m in metrics})
+    grouped = percent.groupby(["id_dataset", "method"], sort=False)
+    stats_table = grouped[metrics].agg(["mean", "std"])
+    stats_table.columns = [f"{metric} {stat}" for metric, stat in stats_table.columns]
+    counts = grouped.agg(Splits=("split", "nunique"), Seeds=("seed", "nunique"), Runs=("seed", "size"))
+    table = counts.join(stats_table).reset_index().rename(columns=_DISPLAY_NAMES)
+    return _sort_rows(table)
+
+
+def write_openset_tables(df: pd.DataFrame, out_dir: str | Path, score: str | Mapping[str, str] = HEADLINE) -> list[Path]:
+    """One table per open-set setting, ``openset_<setting>.csv|md|html|tex``; [] without open-set rows."""
+    if df.empty:
+        return []
+    table = openset_table(df, score)
+    written = []
+    for setting, part in table.groupby(DATASET, sort=False):
+        written.append(write_tables(part.reset_index(drop=True), out_dir, f"openset_{_safe_name(setting)}")["md"])
+    return written
 
 
 def _sort_rows(table: pd.DataFrame, config: TableConfig | None = None) -> pd.DataFrame:
@@ -522,6 +648,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="recompute every metric from the runs' per-sample scores.npz instead of reading results.csv",
     )
+    parser.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="average trials of one table cell even if they ran on different code or data (default: refuse)",
+    )
     return parser.parse_args(argv)
 
 
@@ -542,7 +673,17 @@ def find_results_from_scores(paths: Iterable[str | Path]) -> tuple[pd.DataFrame,
     files = find_score_files(roots)
     if not files:
         raise NoResultsError(f"no {SCORES_FILE} found below {', '.join(map(str, roots))}")
-    return results_from_scores(files), _find_missing(roots, files)
+    results = results_from_scores(files)
+    # what the scores do not hold (provenance, open-set split, evaluated_from) comes from the
+    # run's results.csv, written with them
+    context = [*PROVENANCE_COLUMNS, "split", "evaluated_from"]
+    written = [_read_results(file.parent / RESULTS_FILE) for file in files if (file.parent / RESULTS_FILE).exists()]
+    if written:
+        on = ["run_dir", "test_case", "score"]
+        results = results.merge(pd.concat(written)[on + context], on=on, how="left")
+    for column, default in {**dict.fromkeys(PROVENANCE_COLUMNS, UNKNOWN), "split": np.nan, "evaluated_from": ""}.items():
+        results[column] = results[column].fillna(default) if column in results.columns else default
+    return _count_models_once(results), _find_missing(roots, files)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -556,6 +697,11 @@ def main(argv: list[str] | None = None) -> int:
         options = TableOptions(spread=args.spread, alpha=args.alpha, decimals=args.decimals)
 
         results, missing = (find_results_from_scores if args.from_scores else find_results)(args.folders)
+        provenance_notes = check_provenance(results, args.allow_mixed)
+        openset, results = split_openset(results)
+        openset_files = write_openset_tables(openset, out_dir, score)
+        if results.empty:  # open-set runs only
+            return _report_openset(openset, openset_files, missing, out_dir, score)
         if args.published_aupr_names:
             results = published_aupr_names(results)
         table = summary_table(results, score, config=config)
@@ -596,9 +742,33 @@ def main(argv: list[str] | None = None) -> int:
     for run in missing:
         print(f"  {'failed' if run.cause else 'missing'}: {run}")
     _print_notes(results, score, baseline, welch)
+    for note in provenance_notes:
+        print(note)
     per_ood_names = ", ".join(f"table_per_ood_{_safe_name(m)}.md|tex" for m in per_ood_papers)
     print(f"written to {out_dir}: table.md|tex|csv, {per_ood_names}, table_per_ood.csv, welch.*, "
           "welch_per_ood.*, missing.txt, " + ", ".join(p.name for p in plots))
+    if openset_files:
+        _report_openset(openset, openset_files, None, out_dir, score)
+    return 0
+
+
+def _report_openset(openset: pd.DataFrame, files: list[Path], missing: list[MissingRun] | None, out_dir: Path,
+                    score: str | Mapping[str, str]) -> int:
+    """Print the open-set tables; with ``missing`` (open-set runs only) also write missing.txt."""
+    if missing is not None:
+        header = f"# {len(missing)} missing/failed trial(s): run folders without {RESULTS_FILE}\n"
+        (out_dir / "missing.txt").write_text(header + "".join(f"{m}\n" for m in missing), encoding="utf-8")
+    table = openset_table(openset, score)
+    metrics = [m for m in OPENSET_METRICS if f"{m} mean" in table.columns]
+    view = table[[DATASET, MODEL, "Splits", "Seeds"]].astype(str)
+    for metric in metrics:
+        view[metric] = [f"{m:.2f} ± {s:.2f}" for m, s in zip(table[f"{metric} mean"], table[f"{metric} std"])]
+    score_name = score if isinstance(score, str) else "configured per method"
+    print(f"\nOpen-set recognition (score: {score_name}; mean ± std over splits and seeds, in %)\n")
+    print(to_markdown(view, [False, False, True, True] + [True] * len(metrics)))
+    for run in missing or []:
+        print(f"  {'failed' if run.cause else 'missing'}: {run}")
+    print(f"written to {out_dir}: " + ", ".join(p.with_suffix(".*").name for p in files))
     return 0
 
 

@@ -68,11 +68,13 @@ class ConvNet(nn.Module):
 
 @torch.no_grad()
 def output_width(backbone: nn.Module, input_shape: tuple[int, int, int]) -> int:
-    """Width of the backbone's output for one input of ``input_shape`` (C, H, W)."""
+    """Width of the backbone's output for one input of ``input_shape`` (C, H, W), computed
+    where the backbone's weights are."""
     was_training = backbone.training
+    device = next(iter(backbone.parameters()), torch.empty(0)).device  # cpu: no weights, no device to match
     backbone.eval()
     try:
-        return backbone(torch.zeros(1, *input_shape)).shape[1]
+        return backbone(torch.zeros(1, *input_shape, device=device)).shape[1]
     finally:
         backbone.train(was_training)
 
@@ -81,16 +83,18 @@ def output_width(backbone: nn.Module, input_shape: tuple[int, int, int]) -> int:
 OUTPUT_LAYER = "fc."
 
 
-def load_pretrained(backbone: nn.Module, source: str) -> dict[str, list[str]]:
+def load_pretrained(backbone: nn.Module, source: str, trust: bool = False) -> dict[str, list[str]]:
     """Initialise ``backbone`` from a checkpoint file or a pytorch-ood model name.
 
     ``source`` is either a file holding a state dict (Hendrycks' ImageNet WRN format: possibly
     nested under ``state_dict``/``model``/..., keys possibly prefixed with ``module.``) or a
     pytorch-ood registry name such as ``wrn-40-2/imagenet32-nocifar/crossentropy``
-    (downloaded by ``pytorch_ood.model.load_model``). The output layer ``fc`` is dropped.
-    Every other parameter of the backbone must be in the checkpoint with the same shape,
-    else :class:`~mchad.errors.ConfigError`. Returns the ``loaded``, ``dropped`` and
-    ``unexpected`` keys (also logged).
+    (the registry's hash-checked file, downloaded by torch.hub). The output layer ``fc`` is
+    dropped. Every other parameter of the backbone must be in the checkpoint with the same shape,
+    else :class:`~mchad.errors.ConfigError`. Files are read weights-only (nothing in them
+    runs); one that needs arbitrary unpickling is refused unless ``trust``
+    (``trust_checkpoint=true``). Returns the ``loaded``, ``dropped`` and ``unexpected`` keys
+    (also logged).
     """
     from pathlib import Path
 
@@ -98,7 +102,7 @@ def load_pretrained(backbone: nn.Module, source: str) -> dict[str, list[str]]:
 
     path = Path(str(source)).expanduser()
     if path.is_file():
-        state = _read_checkpoint(path)
+        state = _read_checkpoint(path, trust)
     elif path.exists():
         raise ConfigError(f"model.pretrained_checkpoint={source}: not a file")
     else:
@@ -142,11 +146,14 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def _read_checkpoint(path) -> dict[str, Tensor]:
-    from mchad.errors import ConfigError
+def _read_checkpoint(path, trust: bool = False) -> dict[str, Tensor]:
+    from mchad.errors import ConfigError, UnsafeCheckpointError
+    from mchad.robust import safe_torch_load
 
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = safe_torch_load(path, "model.pretrained_checkpoint", trust)
+    except UnsafeCheckpointError:
+        raise
     except Exception as error:
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
         raise ConfigError(f"model.pretrained_checkpoint={path} is not a readable PyTorch checkpoint ({reason})") from None
@@ -164,7 +171,7 @@ def _read_checkpoint(path) -> dict[str, Tensor]:
 
 
 def _registry_state(name: str) -> dict[str, Tensor]:
-    from pytorch_ood.model import get_model_info, load_model
+    from pytorch_ood.model import get_model_info
 
     from mchad.errors import ConfigError
 
@@ -176,7 +183,12 @@ def _registry_state(name: str) -> dict[str, Tensor]:
             "(e.g. wrn-40-2/imagenet32-nocifar/crossentropy, see pytorch_ood.model.list_models())"
         ) from None
     try:
-        return load_model(name).state_dict()
+        # pytorch-ood's load_model unpickles the download fully (torch.hub's weights_only=False);
+        # the same hash-checked file, read weights-only
+        state = torch.hub.load_state_dict_from_url(
+            entry.url, map_location="cpu", file_name=entry.file_name, check_hash=True, weights_only=True
+        )
+        return entry.state_dict_transform(state) if entry.state_dict_transform is not None else state
     except Exception as error:
         reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
         raise ConfigError(

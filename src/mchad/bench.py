@@ -56,11 +56,13 @@ def synthetic_source(n: int, seed: int = 0, labelled: bool = True, n_classes: in
 
     class Synthetic(Source):
         def load(self, dataset_dir=None) -> ImageArray:
+            # cpu: a data source, decoded into host memory like the others (mchad.devices)
             g = torch.Generator().manual_seed(seed)
             # smooth random images: 8x8 noise upsampled, plus fine noise
-            coarse = torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8)
+            coarse = torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8)  # cpu: as g
             images = coarse.repeat_interleave(4, 2).repeat_interleave(4, 3)
-            images = images.add_(torch.randint(0, 16, images.shape, generator=g, dtype=torch.uint8))
+            images = images.add_(torch.randint(0, 16, images.shape, generator=g, dtype=torch.uint8))  # cpu: as g
+            # cpu: as g
             labels = torch.randint(0, n_classes, (n,), generator=g) if labelled else torch.full((n,), -1)
             return ImageArray(images, labels, [str(c) for c in range(n_classes)])
 
@@ -336,7 +338,8 @@ def evaluation(cfg, args) -> dict[str, list[float]]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, model = build(cfg)
     n = args.eval_size
-    datamodule.data["test"] = datamodule.data["test"].subset(torch.arange(min(n, len(datamodule.data["test"]))))
+    subset = torch.arange(min(n, len(datamodule.data["test"])))  # cpu: indexes host data
+    datamodule.data["test"] = datamodule.data["test"].subset(subset)
     images = len(datamodule.data["test"]) + sum(len(a) for a in datamodule.test_cases.values())
 
     class TestTimer(pl.Callback):

@@ -54,6 +54,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 
 from mchad import plots
+from mchad.devices import to_host
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +87,11 @@ def headline_score(scores: dict[str, Any]) -> str:
 
 
 def method_centers(method: torch.nn.Module) -> Tensor | None:
-    """``method.centers`` as a ``(C, D)`` CPU tensor, or ``None`` for methods without centres."""
+    """``method.centers`` as a ``(C, D)`` host tensor, or ``None`` for methods without centres."""
     centers = getattr(method, "centers", None)
     if not isinstance(centers, Tensor) or centers.ndim != 2:
         return None
-    return centers.detach().float().cpu().clone()
+    return to_host(centers).float().clone()
 
 
 def sphere_geometry(method: torch.nn.Module) -> dict[str, Any]:
@@ -124,7 +125,8 @@ def sphere_geometry(method: torch.nn.Module) -> dict[str, Any]:
 
 
 def unknown_images(datamodule: Any, shape: tuple[int, ...], dtype: torch.dtype, n: int, seed: int) -> tuple[Tensor, str]:
-    """``n`` unknown images for validation and where they come from (never a test set).
+    """``n`` unknown images for validation and where they come from (never a test set), on
+    the host (:mod:`mchad.devices`).
 
     The outlier-exposure set (``datamodule.outliers``) if there is one (a fixed-seed subset),
     else noise of the ID image ``shape`` (half Gaussian, half uniform, see the module docs).
@@ -134,14 +136,15 @@ def unknown_images(datamodule: Any, shape: tuple[int, ...], dtype: torch.dtype, 
     images = getattr(outliers, "images", None)
     if isinstance(images, Tensor) and len(images) > 0 and tuple(images.shape[1:]) == tuple(shape):
         index = rng.choice(len(images), size=min(n, len(images)), replace=False)
-        return images[torch.from_numpy(np.sort(index))].clone(), "outliers"
+        index = torch.from_numpy(np.sort(index))  # cpu: indexes the host copy below
+        return to_host(images)[index].clone(), "outliers"
     n_gauss = n // 2
     gauss = np.clip(rng.normal(128, 128, size=(n_gauss, *shape)), 0, 255)
     uniform = rng.uniform(0, 255, size=(n - n_gauss, *shape))
     values = np.concatenate([gauss, uniform])
     if dtype == torch.uint8:
-        return torch.from_numpy(values.astype(np.uint8)), "noise"
-    return torch.from_numpy(values / 255.0).to(dtype), "noise"
+        return torch.from_numpy(values.astype(np.uint8)), "noise"  # cpu: host images, see mchad.devices
+    return torch.from_numpy(values / 255.0).to(dtype), "noise"  # cpu: host images, see mchad.devices
 
 
 def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -205,7 +208,8 @@ def _class_names(datamodule: Any, n_classes: int | None) -> list[str] | None:
 
 @dataclass
 class ValidationSample:
-    """Model outputs on (a sample of) the validation set plus the unknown images; CPU tensors."""
+    """Model outputs on (a sample of) the validation set plus the unknown images; host
+    tensors (:func:`mchad.devices.to_host`), wherever the model and the data live."""
 
     epoch: int
     step: int
@@ -230,6 +234,8 @@ class ValidationSample:
 
 
 def _raw_val_batches(datamodule: Any, max_samples: int) -> tuple[Tensor, Tensor]:
+    """The first ``max_samples`` validation images and labels, on the host (the loader may
+    gather them on the GPU: ``datamodule.data_on_device``)."""
     loader = datamodule.val_dataloader()
     if isinstance(loader, (list, tuple)):
         loader = loader[0]
@@ -243,11 +249,12 @@ def _raw_val_batches(datamodule: Any, max_samples: int) -> tuple[Tensor, Tensor]
             break
     if not images:
         raise RuntimeError("the validation dataloader produced no batches")
-    return torch.cat(images)[:max_samples], torch.cat(labels)[:max_samples]
+    return to_host(torch.cat(images)[:max_samples]), to_host(torch.cat(labels)[:max_samples])
 
 
 def _prepare(datamodule: Any, images: Tensor, device: torch.device) -> Tensor:
-    """Raw batch -> model input as at validation (normalised, no augmentation)."""
+    """Raw host batch -> model input on the model's ``device`` as at validation (normalised,
+    no augmentation)."""
     images = images.to(device)
     transform = getattr(datamodule, "transform", None)
     if transform is not None:
@@ -268,10 +275,10 @@ def _forward(pl_module: pl.LightningModule, inputs: Tensor, batch_size: int) -> 
             x = _prepare(datamodule, inputs[start : start + batch_size], pl_module.device)
             out = pl_module(x)
             for name, value in method.scores(out).items():
-                scores.setdefault(name, []).append(value.detach().float().cpu())
-            predictions.append(method.predict(out).detach().cpu())
+                scores.setdefault(name, []).append(to_host(value).float())
+            predictions.append(to_host(method.predict(out)))
             if isinstance(out.get("embedding"), Tensor):
-                embeddings.append(out["embedding"].detach().float().cpu())
+                embeddings.append(to_host(out["embedding"]).float())
     return {
         "scores": {k: torch.cat(v) for k, v in scores.items()},
         "predictions": torch.cat(predictions),
@@ -295,7 +302,9 @@ def validation_sample(
     images, labels = _raw_val_batches(datamodule, max_samples)
     unknown, source = unknown_images(datamodule, tuple(images.shape[1:]), images.dtype, unknown_samples, noise_seed)
     all_images = torch.cat([images, unknown]) if len(unknown) else images
-    all_labels = torch.cat([labels.long().cpu(), torch.full((len(unknown),), UNKNOWN, dtype=torch.long)])
+    # all on the host: the validation images may come from the GPU, the unknown ones never do
+    unknown_labels = torch.full((len(unknown),), UNKNOWN, dtype=torch.long, device=labels.device)
+    all_labels = torch.cat([labels.long(), unknown_labels])
     was_training = pl_module.training
     pl_module.eval()
     try:
@@ -460,7 +469,7 @@ class ValidationViews(_ValidationCallback):
         index = np.arange(n)
         if n > self.projector_max_points:
             index = np.sort(np.random.default_rng(0).choice(n, size=self.projector_max_points, replace=False))
-        idx = torch.from_numpy(index)
+        idx = torch.from_numpy(index)  # cpu: indexes the host sample
         names = sample.class_names
         score_name = sample.score_name
         metadata = []

@@ -21,5 +21,9 @@ class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or does not fit the configured model."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint needs arbitrary unpickling (it could run code) and was not trusted."""
+
+
 class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite."""

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from mchad.detectors import DetectorBank
+from mchad.devices import to_host
 from mchad.methods import Method
 from mchad.metrics import METRIC_COLUMNS, OOD_METRIC_KEYS, case_metrics
 
@@ -28,9 +29,9 @@ class OODModel(pl.LightningModule):
     stay on the device until the metrics are computed there (pytorch-ood's ``OODMetrics``).
     After testing, :attr:`test_results` holds one dict per (test case, score) and
     :attr:`test_outputs` the scores, labels (and ID predictions) per set (``"ID"`` and each
-    test case), for callbacks that plot them. ``detectors`` (a :class:`mchad.detectors.DetectorBank`)
-    adds post-hoc detectors' scores after the method's own; they are fitted on the training
-    split when testing starts.
+    test case) as host tensors (:mod:`mchad.devices`), for callbacks that plot them. ``detectors``
+    (a :class:`mchad.detectors.DetectorBank`) adds post-hoc detectors' scores after the method's own;
+    they are fitted on the training split when testing starts.
     """
 
     def __init__(
@@ -171,7 +172,8 @@ class OODModel(pl.LightningModule):
         accuracy = (ind["predictions"] == ind["labels"]).double().mean().item()
         self.log("test/acc", accuracy)
         names = self.test_case_names or [f"ood{i}" for i in range(1, len(outputs))]
-        self.test_outputs = {"ID": ind, **{case: outputs[i] for i, case in enumerate(names, start=1)}}
+        # handed to the plotting callbacks: on the host, like everything leaving the device
+        self.test_outputs = to_host({"ID": ind, **{case: outputs[i] for i, case in enumerate(names, start=1)}})
         for index, case in enumerate(names, start=1):
             ood = outputs[index]
             for score in self.score_names:

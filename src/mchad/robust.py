@@ -7,7 +7,9 @@
   checkpoint and restores them on resume, so that a resumed run draws the same augmentation
   and dropout as an uninterrupted one (Lightning itself does not restore them).
 * :func:`load_checkpoint` / :func:`check_fits` turn an unreadable or foreign checkpoint into
-  one clear :class:`~mchad.errors.CheckpointError`.
+  one clear :class:`~mchad.errors.CheckpointError`; :func:`safe_torch_load` reads every
+  checkpoint without running code from it (``weights_only=True``) unless the user trusts the
+  file (``trust_checkpoint=true``).
 * :class:`NonFiniteLossGuard` stops training when the loss becomes NaN/inf and names the step.
 """
 
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.plugins import TorchCheckpointIO
 
-from mchad.errors import CheckpointError, ConfigError, NonFiniteLossError
+from mchad.errors import CheckpointError, ConfigError, NonFiniteLossError, UnsafeCheckpointError
 from mchad.resolvers import locate_resume, project_root
 
 log = logging.getLogger(__name__)
@@ -80,7 +84,7 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Pa
         raise ConfigError(f"resume={cfg.resume}: cannot read {folder / CONFIG_FILE}: {_short(error)}") from error
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.key_or_group
-        if key in ("resume", "ckpt_path") or key.startswith("hydra."):
+        if key in ("resume", "ckpt_path", TRUST_KEY) or key.startswith("hydra."):
             continue
         if override.is_delete():  # e.g. ~callbacks.<name>: drop a callback from now on
             parent, _, leaf = key.rpartition(".")
@@ -101,17 +105,19 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Pa
     old = str(saved.paths.output_dir)
     if old != str(folder):
         container = OmegaConf.to_container(saved, resolve=False)
-        saved = OmegaConf.create(_replace_prefix(container, old, str(folder)))
+        saved = OmegaConf.create(replace_path_prefix(container, old, str(folder)))
     saved.resume = None
     saved.ckpt_path = None
+    saved[TRUST_KEY] = bool(cfg.get(TRUST_KEY, False))  # trust is the resuming command's, not the run's
     return saved, ckpt
 
 
-def _replace_prefix(value: Any, old: str, new: str) -> Any:
+def replace_path_prefix(value: Any, old: str, new: str) -> Any:
+    """``value`` (nested dicts/lists) with every string ``old`` or ``old/...`` starting with ``new``."""
     if isinstance(value, dict):
-        return {k: _replace_prefix(v, old, new) for k, v in value.items()}
+        return {k: replace_path_prefix(v, old, new) for k, v in value.items()}
     if isinstance(value, list):
-        return [_replace_prefix(v, old, new) for v in value]
+        return [replace_path_prefix(v, old, new) for v in value]
     if isinstance(value, str) and (value == old or value.startswith(old + "/")):
         return new + value[len(old) :]
     return value
@@ -130,12 +136,59 @@ def checkpoint_file(path: str | Path) -> Path:
     return p
 
 
-def load_checkpoint(path: str | Path, hint: str = "") -> dict:
-    """The checkpoint's contents (on the CPU); a :class:`CheckpointError` if it is unreadable."""
+#: the config key that lets a checkpoint be unpickled without restriction
+TRUST_KEY = "trust_checkpoint"
+
+
+def safe_torch_load(path: str | Path, what: str = "checkpoint", trust: bool = False) -> Any:
+    """``torch.load`` onto the CPU that runs no code from the file.
+
+    ``weights_only=True``: only tensors, plain containers, numbers and strings are rebuilt,
+    which is all this project writes (RNG states included, see :class:`RNGState`). A file
+    that needs any other class or function (a pickled object, or a planted payload) is
+    refused with :class:`~mchad.errors.UnsafeCheckpointError` naming what it references,
+    before anything from it runs. ``trust=True`` (``trust_checkpoint=true``) unpickles fully,
+    for files the user made or trusts. Other failures (truncated, not a checkpoint) are raised
+    as they come, for the caller to word.
+    """
+    if trust:
+        log.warning("Loading %s %s with full unpickling (%s=true): it can run code from the file", what, path, TRUST_KEY)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        unsafe = _unsafe_globals(path, error)
+        if not unsafe:
+            raise
+        more = f" (+{len(unsafe) - 3} more)" if len(unsafe) > 3 else ""
+        raise UnsafeCheckpointError(
+            f"{what} {path} was refused: loading it needs arbitrary unpickling (it references "
+            f"{', '.join(unsafe[:3])}{more}), which can run code from the file; if you trust the file, "
+            f"load it anyway with {TRUST_KEY}=true"
+        ) from None
+
+
+def _unsafe_globals(path: str | Path, error: BaseException) -> list[str]:
+    """What the weights-only unpickler refused in ``path``: the classes/functions it references."""
+    try:  # reads the pickle's opcodes only (zip-format files, torch >= 2.5)
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        if unsafe:
+            return sorted(unsafe)
+    except Exception:  # legacy (non-zip) format or no pickle in it: fall back to the message
+        pass
+    # torch's message names the first refused global ("... unsupported GLOBAL posix.system ...")
+    text = f"{error} {error.__context__ or ''}"
+    return sorted(set(re.findall(r"GLOBAL ([\w.]+)", text)))
+
+
+def load_checkpoint(path: str | Path, hint: str = "", trust: bool = False) -> dict:
+    """The checkpoint's contents (on the CPU); a :class:`CheckpointError` if it is unreadable,
+    an :class:`UnsafeCheckpointError` if it needs arbitrary unpickling and ``trust`` is off."""
     p = checkpoint_file(path)
     try:
-        # our own checkpoints hold optimiser and loop states besides tensors
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        ckpt = safe_torch_load(p, "checkpoint", trust)
+    except UnsafeCheckpointError:
+        raise
     except Exception as error:
         raise CheckpointError(f"checkpoint {p} is unreadable (truncated or corrupt?): {_short(error)}{hint}") from error
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
@@ -226,7 +279,7 @@ class RNGState(pl.Callback):
             "torch": torch.get_rng_state(),
             # plain tensors and tuples only: loadable with torch.load(weights_only=True)
             "numpy": {
-                "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),  # cpu: RNG state for the file
                 "pos": int(np_state["state"]["pos"]),
                 "has_gauss": int(np_state["has_gauss"]),
                 "gauss": float(np_state["gauss"]),

@@ -34,6 +34,7 @@ from mchad.metrics import METRIC_COLUMNS, case_metrics
 SCORES_FILE = "scores.npz"
 ID_SET = "ID"
 META_FIELDS = ("experiment", "id_dataset", "method", "seed")
+UNKNOWN_SEED = -1
 KEY_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed"]
 
 #: a metric of one test case: (ID scores, ID labels, ID predictions, OOD scores) -> float
@@ -75,6 +76,8 @@ def save_scores(outputs: dict[str, dict[str, torch.Tensor]], score_names: list[s
     "predictions": ...}, <case>: {score: ..., "labels": ...}}`` (tensors on any device).
     """
     path = Path(path)
+    # an eval-only run of a checkpoint whose seed is unknown: -1 (seeds are >= 0)
+    meta = {**meta, "seed": UNKNOWN_SEED if meta["seed"] is None else meta["seed"]}
     arrays = {f"meta/{field}": np.asarray(meta[field]) for field in META_FIELDS}
     arrays["meta/scores"] = np.asarray(list(score_names), dtype=str)
     arrays["meta/test_cases"] = np.asarray([name for name in outputs if name != ID_SET], dtype=str)
@@ -125,7 +128,7 @@ def recompute_metrics(scores: RunScores | str | Path, extra: dict[str, Metric] |
             id_scores = torch.from_numpy(ind[name])
             ood_scores = torch.from_numpy(scores.sets[case][name])
             row = {**{k: scores.meta[k] for k in ("experiment", "id_dataset", "method")}, "test_case": case,
-                   "score": name, "seed": int(scores.meta["seed"])}
+                   "score": name, "seed": None if int(scores.meta["seed"]) == UNKNOWN_SEED else int(scores.meta["seed"])}
             row.update(case_metrics(id_scores, labels, predictions, ood_scores))
             for metric, function in (extra or {}).items():
                 row[metric] = float(function(id_scores.double(), labels, predictions, ood_scores.double()))

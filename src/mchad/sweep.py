@@ -7,9 +7,13 @@
   (hydra-ray-launcher's ``ray.get`` would otherwise stop the sweep at the first failure).
 * :class:`SweepReport` (a Hydra callback, see ``config/hydra/default.yaml``) lists the
   failed and missing trials when the sweep ends (path + cause) and makes the command exit
-  with status 1 if there is any.
+  with status 1 if there is any; it counts the trials done before this command and run now
+  (a completed sweep, :mod:`mchad.sweep_resume`).
 * :func:`worker_setup` runs once in every Ray worker process (``runtime_env``
   ``worker_process_setup_hook`` in ``config/hydra/launcher/ray.yaml``).
+* :func:`launch_on_ray` starts the trials on Ray and waits for every one of them; a trial
+  whose worker process died (killed, out of memory, node lost) gets a FAILED.txt with Ray's
+  cause (:func:`record_dead_trial`) instead of ending the sweep without a report.
 
 This module is imported by single runs too (the callback): it must not import ray or torch
 at module level.
@@ -103,14 +107,29 @@ def run_trial(cfg: DictConfig, output_dir: str | Path, cwd: str | None = None) -
         prepare_worker(cwd)
         path = run(cfg)
     except (Exception, SystemExit) as error:  # noqa: BLE001 - every cause is recorded
-        cause = one_line(error)
-        detail = "" if isinstance(error, UserError) else "\n" + "".join(traceback.format_exception(error))
-        failed.write_text(f"error: {cause}\n{detail}", encoding="utf-8")
         # a partial results.csv would be counted as a finished trial
         (output_dir / RESULTS_FILE).unlink(missing_ok=True)
+        cause = record_failure(output_dir, error)
         log.error("trial failed: %s (%s)", cause, failed)
         return {"status": "failed", "dir": str(output_dir), "cause": cause}
     return {"status": "ok", "dir": str(output_dir), "results": str(path)}
+
+
+def record_failure(output_dir: str | Path, error: BaseException | str) -> str:
+    """Write the cause of a failed run to ``<output_dir>/FAILED.txt`` (a bug's traceback below
+    it) and return the cause in one line. A folder that holds a results.csv (a finished run
+    whose resume was refused) is left as it is."""
+    output_dir = Path(output_dir)
+    cause = one_line(error)
+    if (output_dir / RESULTS_FILE).exists():
+        return cause
+    detail = "" if isinstance(error, (str, UserError)) else "\n" + "".join(traceback.format_exception(error))
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / FAILED_FILE).write_text(f"error: {cause}\n{detail}", encoding="utf-8")
+    except OSError as write_error:  # e.g. a read-only run folder: the console has the cause
+        log.warning("could not write %s: %s", output_dir / FAILED_FILE, write_error)
+    return cause
 
 
 def one_line(error: BaseException | str) -> str:
@@ -123,6 +142,109 @@ def one_line(error: BaseException | str) -> str:
 
 
 # ----------------------------------------------------------------------------- driver side
+
+
+def launch_on_ray(launcher, job_overrides, initial_job_idx: int) -> list:
+    """hydra-ray-launcher's ``launch``, except for how the trials are awaited.
+
+    hydra-ray-launcher collects the trials with ``ray.get`` one after another: the first
+    trial whose worker died raises out of the launcher, the driver stops waiting for the
+    others (Ray stops them with it) and Hydra never calls :class:`SweepReport`. Here each
+    trial is awaited as it ends; a dead one is recorded (:func:`record_dead_trial`) and
+    returned as a completed job with a failed summary, so that the sweep goes on and reports
+    it (exit status 1). Ray does not retry a dead worker's trial (``max_retries: 0`` in
+    ray.yaml): a retried out-of-memory kill is retried without end by Ray's own default.
+    """
+    import ray
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import configure_log, filter_overrides, setup_globals
+    from hydra_plugins.hydra_ray_launcher._launcher_util import launch_job_on_ray, start_ray
+    from omegaconf import open_dict
+
+    setup_globals()
+    configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    log.info("Ray launcher: %d trial(s), sweep folder %s", len(job_overrides), sweep_dir)
+    start_ray(launcher.ray_cfg.init)
+    trials = {}
+    for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+        log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+        sweep_config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = f"job_id_for_{idx}"
+            sweep_config.hydra.job.num = idx
+        ref = launch_job_on_ray(
+            launcher.hydra_context, launcher.ray_cfg.remote, sweep_config, launcher.task_function, Singleton.get_state()
+        )
+        trials[ref] = (idx, list(overrides), sweep_config)
+    return collect_trials(trials, ray.wait, ray.get)
+
+
+def collect_trials(trials: dict, wait, get) -> list:
+    """The JobReturn of every trial (``{ref: (job number, overrides, sweep config)}``), in job
+    order, awaiting them as they end (``wait``/``get``: Ray's). A trial that did not return
+    normally (its worker died, or it raised past :func:`run_trial`) is recorded with
+    :func:`record_dead_trial` and returned as completed with a failed summary."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    results = {}
+    pending = list(trials)
+    while pending:
+        done, pending = wait(pending, num_returns=1)
+        for ref in done:
+            idx, overrides, sweep_config = trials[ref]
+            try:
+                job = get(ref)
+            except Exception as error:  # noqa: BLE001 - ray.exceptions.*: worker died, out of memory, node lost
+                cause, detail = trial_lost_cause(error), str(error)
+            else:
+                if job.status != JobStatus.FAILED:
+                    results[idx] = job
+                    continue
+                cause, detail = f"the trial raised {one_line(job._return_value)}", str(job._return_value)
+            trial_dir = _trial_dir(sweep_config, idx)
+            summary = record_dead_trial(trial_dir, overrides, cause, detail)
+            log.error("trial #%d: %s (%s)", idx, summary["cause"], trial_dir)
+            results[idx] = JobReturn(
+                overrides=overrides, working_dir=str(trial_dir), status=JobStatus.COMPLETED, _return_value=summary
+            )
+    return [results[idx] for idx in sorted(results)]
+
+
+def _trial_dir(sweep_config, idx: int) -> Path:
+    """The folder Hydra gives trial ``idx`` (hydra.sweep.dir / hydra.sweep.subdir)."""
+    sweep = sweep_config.hydra.sweep
+    try:
+        return Path(str(sweep.dir)) / str(sweep.subdir)
+    except Exception:  # noqa: BLE001 - an unresolvable custom subdir: the default layout
+        return Path(str(sweep.dir)) / str(idx)
+
+
+def trial_lost_cause(error: BaseException, limit: int = 300) -> str:
+    """One line for a trial Ray could not bring back: its worker process died (killed by a
+    signal or the out-of-memory monitor, Ray names the likely cause) or its node was lost."""
+    text = one_line(error)
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"the trial's worker process died or was lost ({text})"
+
+
+def record_dead_trial(trial_dir: Path, overrides: list[str], cause: str, detail: str = "") -> dict[str, Any]:
+    """Record a trial that ended without returning: ``FAILED.txt`` with ``cause`` (first line)
+    and ``detail``, and ``.hydra/overrides.yaml`` if the worker died before Hydra wrote it, so
+    that :class:`SweepReport` and ``mchad.aggregate`` list the trial. A trial that wrote its
+    results.csv (atomically, as its last step) before dying has finished and stays so."""
+    trial_dir = Path(trial_dir)
+    if (trial_dir / RESULTS_FILE).is_file():
+        return {"status": "ok", "dir": str(trial_dir), "results": str(trial_dir / RESULTS_FILE)}
+    overrides_file = trial_dir / ".hydra" / "overrides.yaml"
+    if not overrides_file.exists():
+        from omegaconf import OmegaConf
+
+        overrides_file.parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(list(overrides)), overrides_file)
+    (trial_dir / FAILED_FILE).write_text(f"error: {cause}\n\n{detail}\n", encoding="utf-8")
+    return {"status": "failed", "dir": str(trial_dir), "cause": cause}
 
 
 def failure_cause(trial_dir: Path) -> str:
@@ -168,8 +290,10 @@ class SweepReport(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
         if not sweep_dir.is_dir():
             return
+        from mchad.sweep_resume import counts_note
+
         finished, failed = sweep_status(sweep_dir)
-        lines = [f"sweep {sweep_dir}: {len(finished)} trial(s) finished, {len(failed)} failed"]
+        lines = [f"sweep {sweep_dir}: {len(finished)} trial(s) finished, {len(failed)} failed{counts_note(sweep_dir)}"]
         lines += [f"  FAILED {trial}: {cause}" for trial, cause in failed]
         if failed:
             lines.append(f"  (causes in <trial>/{FAILED_FILE}; aggregate with: python -m mchad.aggregate {sweep_dir})")

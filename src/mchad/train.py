@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import sys
+import traceback
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -13,14 +16,20 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from mchad.backbones import load_pretrained, output_width
+from mchad.cli import FILE_ONLY, on_terminal, show_tracebacks
 from mchad.errors import ConfigError, UserError
 from mchad.detectors import DetectorBank, check_detectors
 from mchad.metrics import METRIC_COLUMNS
 from mchad.module import OODModel
+from mchad.provenance import COLUMNS as PROVENANCE_COLUMNS
+from mchad.validate import check_config, check_training_data
+from mchad.objective import OBJECTIVE_FILE, check_objective, write_objective
 
 log = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed", *METRIC_COLUMNS]
+# evaluated_from: the checkpoint an eval-only run (train=false) tested, empty for a trained run
+RESULT_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed", *METRIC_COLUMNS,
+                  "evaluated_from", *PROVENANCE_COLUMNS]
 
 
 def trainer_kwargs(trainer_cfg: DictConfig) -> DictConfig:
@@ -61,6 +70,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, OODModel]:
         )
     datamodule = _instantiate(cfg.datamodule, "datamodule")
     datamodule.setup("fit")
+    check_training_data(datamodule)
     backbone = _instantiate(cfg.model.backbone, "model.backbone")
     width = output_width(backbone, datamodule.image_shape)
     if width != cfg.model.n_embedding:
@@ -68,7 +78,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, OODModel]:
             f"the backbone outputs {width} values but model.n_embedding={cfg.model.n_embedding}"
         )
     if cfg.model.get("pretrained_checkpoint"):
-        load_pretrained(backbone, str(cfg.model.pretrained_checkpoint))
+        load_pretrained(backbone, str(cfg.model.pretrained_checkpoint), trust=bool(cfg.get("trust_checkpoint", False)))
     method = _instantiate(cfg.model.method, "model.method")
     model = OODModel(
         backbone=backbone,
@@ -137,6 +147,8 @@ def make_trainer(cfg: DictConfig, loggers: list | None = None, extra_callbacks: 
     kwargs = trainer_kwargs(cfg.trainer)
     with open_dict(kwargs):
         kwargs.update(overrides)
+        if kwargs.get("enable_progress_bar", "auto") in ("auto", None):  # drawn only for a person watching
+            kwargs.enable_progress_bar = on_terminal()
     if not kwargs.get("enable_progress_bar", True):
         # Lightning refuses a configured progress bar next to enable_progress_bar=false
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
@@ -149,7 +161,8 @@ def write_results(rows: list[dict], path: Path) -> None:
     """Write results.csv atomically: a reader sees the whole file or none."""
     import pandas as pd  # here, not at start-up (python -m mchad.bench)
 
-    frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    extra = [key for key in (rows[0] if rows else {}) if key not in RESULT_COLUMNS]
+    frame = pd.DataFrame(rows, columns=RESULT_COLUMNS + extra)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         frame.to_csv(tmp, index=False)
@@ -173,14 +186,17 @@ def _save_config(cfg: DictConfig, path: Path) -> None:
 
 
 def _remove_stale_results(output_dir: Path) -> Path:
-    """Remove a previous results.csv (and scores file) from the run folder: a run that fails must leave none."""
+    """Remove a previous results.csv (and its scores, provenance and objective files) from the
+    run folder: a run that fails must leave none."""
+    from mchad.provenance import PROVENANCE_FILE
     from mchad.scores import SCORES_FILE
 
     path = output_dir / "results.csv"
-    for stale in (path, output_dir / SCORES_FILE):
-        if stale.exists():
-            log.warning("Removing the previous %s (it is written again when this run ends)", stale)
-            stale.unlink()
+    if path.exists():
+        log.warning("Removing the previous %s (it is written again when this run ends)", path)
+        path.unlink()
+    for stale in (SCORES_FILE, PROVENANCE_FILE, OBJECTIVE_FILE):
+        (output_dir / stale).unlink(missing_ok=True)
     return path
 
 
@@ -194,6 +210,7 @@ def run(cfg: DictConfig) -> Path:
 
     A stale results.csv in the run folder is removed first, so a run that fails leaves none.
     """
+    from mchad import provenance
     from mchad.robust import (
         check_fits,
         checkpoint_file,
@@ -203,6 +220,8 @@ def run(cfg: DictConfig) -> Path:
     )
 
     ckpt_file: Path | None = None
+    trust = bool(cfg.get("trust_checkpoint", False))  # unpickle checkpoints fully (they may run code)
+    code = provenance.code_state()  # now: the code may be edited while the run trains
     resuming = bool(cfg.get("resume"))
     if resuming:
         if not cfg.get("train", True):
@@ -214,8 +233,13 @@ def run(cfg: DictConfig) -> Path:
         if cfg.get("ckpt_path"):
             ckpt_file = checkpoint_file(cfg.ckpt_path)
     training = bool(cfg.get("train", True))
+    if training and cfg.get("objective") is not None:
+        check_objective(cfg.objective)
     if not training and ckpt_file is None:
         raise ConfigError("train=false only tests a trained model: give it with ckpt_path=<run folder or .ckpt file>")
+    check_config(cfg)
+    if not resuming:
+        cfg.name = experiment_name(cfg)
 
     output_dir = Path(cfg.paths.output_dir)
     path = output_dir / "results.csv"
@@ -225,7 +249,7 @@ def run(cfg: DictConfig) -> Path:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     hint = "; resume from another of its checkpoints: resume=<run folder>/checkpoints/<name>.ckpt" if resuming else ""
-    checkpoint = load_checkpoint(ckpt_file, hint) if ckpt_file is not None else None
+    checkpoint = load_checkpoint(ckpt_file, hint, trust) if ckpt_file is not None else None
     datamodule, model = build(cfg)
     if checkpoint is not None:
         check_fits(model, checkpoint, ckpt_file)
@@ -237,16 +261,29 @@ def run(cfg: DictConfig) -> Path:
         keep_csv_history(loggers, int(checkpoint.get("global_step", 0)))
     trainer = make_trainer(cfg, loggers)
 
-    if training:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt_file is None else str(ckpt_file))
-    else:
-        model.load_state_dict(checkpoint["state_dict"])
-        log.info("Testing %s (no training)", ckpt_file)
-    del checkpoint
-    trainer.test(model, datamodule=datamodule, verbose=False)
+    try:
+        if training:
+            # Lightning loads the file again: explicitly weights-only too (its None means torch's default)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt_file is None else str(ckpt_file),
+                        weights_only=not trust)
+            if cfg.get("objective") is not None:  # validation data only, before any test set is scored
+                write_objective(cfg.objective, trainer, model, output_dir)
+        else:
+            model.load_state_dict(checkpoint["state_dict"])
+            log.info("Testing %s (no training)", ckpt_file)
+        del checkpoint
+        trainer.test(model, datamodule=datamodule, verbose=False)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into SystemExit(1)
+            raise KeyboardInterrupt from None
+        raise
 
-    meta = {"experiment": cfg.name, "id_dataset": datamodule.name, "method": cfg.model.name, "seed": cfg.seed}
-    rows = [{**meta, **row} for row in model.test_results]
+    # an eval-only run's rows belong to the model it tested: that run's seed
+    seed, evaluated_from = (cfg.seed, "") if training else (checkpoint_seed(ckpt_file), str(ckpt_file))
+    meta = {"experiment": cfg.name, "id_dataset": datamodule.name, "method": cfg.model.name, "seed": seed}
+    extra = getattr(datamodule, "result_columns", {})  # e.g. the open-set split
+    rows = [{**meta, **extra, **row, "evaluated_from": evaluated_from} for row in model.test_results]
+    rows = provenance.record(cfg, code, datamodule, trainer, rows, output_dir, ckpt_file)
     from mchad.scores import SCORES_FILE, save_scores
 
     # the per-sample scores first: results.csv, written last, marks a finished run
@@ -256,6 +293,31 @@ def run(cfg: DictConfig) -> Path:
 
     log.info("Results: %s\n%s", path, pd.DataFrame(rows, columns=RESULT_COLUMNS).to_string(index=False))
     return path
+
+
+def experiment_name(cfg: DictConfig) -> str:
+    """results.csv's ``experiment``: ``name=`` when given on the command line, else
+    ``<datamodule>-<model>`` of the config groups that ran (``digits-cac`` for
+    ``model=cac``; an image folder by its folder's name: ``cifar10-jpeg-mchad``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or any(o.lstrip("+").split("=")[0] == "name" for o in _command_overrides()):
+        return cfg.name
+    choices = HydraConfig.get().runtime.choices
+    data, model = choices.get("datamodule"), choices.get("model")
+    if data == "imagefolder" and cfg.datamodule.get("root"):
+        data = Path(str(cfg.datamodule.root)).name  # the user's folder, e.g. cifar10-jpeg
+    return f"{data}-{model}" if data and model else cfg.name
+
+
+def checkpoint_seed(ckpt_file: Path) -> int | None:
+    """The seed of the run that wrote ``<run>/checkpoints/<name>.ckpt`` (its config.yaml), None if unknown."""
+    config = ckpt_file.parent.parent / "config.yaml"
+    seed = OmegaConf.select(OmegaConf.load(config), "seed", default=None) if config.is_file() else None
+    if not isinstance(seed, int):
+        log.warning("The seed of %s is unknown (no config.yaml of its run): the seed column is left empty", ckpt_file)
+        return None
+    return seed
 
 
 def _multirun_trial() -> DictConfig | None:
@@ -269,19 +331,44 @@ def _multirun_trial() -> DictConfig | None:
     return hydra_cfg if hydra_cfg.mode == RunMode.MULTIRUN else None
 
 
-def main(cfg: DictConfig) -> dict | None:
-    """Hydra task: a user error ends the process with one line and exit status 1.
+def main(cfg: DictConfig) -> float | None:
+    """Hydra task: a user error ends the process with one line and exit status 1; Ctrl-C
+    with one line saying how to resume (exit status 130). A failed run writes its cause to
+    ``<run folder>/FAILED.txt`` (removed again once the run, resumed, succeeds).
 
     In a multirun (``-m``, e.g. in a Ray worker) a failing trial writes its cause to
-    ``<trial>/FAILED.txt`` and returns, so the other trials go on (see mchad.sweep).
+    ``<trial>/FAILED.txt`` and returns, so the other trials go on (see mchad.sweep); the
+    trial returns its validation objective (mchad.objective), which a search sweeper
+    (``hydra/sweeper=optuna``) optimises, or None when it failed.
     """
+    from mchad.sweep import FAILED_FILE, record_failure, run_trial
+
     trial = _multirun_trial()
     if trial is not None:
-        from mchad.sweep import run_trial
+        from mchad.objective import trial_objective
 
-        return run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd)
+        return trial_objective(run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd))
+    output_dir = Path(cfg.paths.output_dir)
     try:
         run(cfg)
     except UserError as error:
-        log.error("%s", error)
-        raise SystemExit(f"error: {error}") from None
+        cause = record_failure(output_dir, error)
+        log.error("%s", cause, extra=FILE_ONLY)  # run.log; the console gets the one line below
+        if show_tracebacks():
+            traceback.print_exc()
+        raise SystemExit(f"error: {cause}") from None
+    except KeyboardInterrupt:
+        from mchad.robust import LAST_CHECKPOINT
+
+        if (output_dir / LAST_CHECKPOINT).is_file():
+            message = f"interrupted; continue this run with: python run.py resume={shlex.quote(str(output_dir))}"
+        else:
+            message = "interrupted before the first epoch ended (no checkpoint to resume from); start it again"
+        record_failure(output_dir, message)
+        log.warning("%s", message, extra=FILE_ONLY)
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except Exception as error:  # a bug: its cause and traceback in FAILED.txt, then raised on
+        record_failure(output_dir, error)
+        raise
+    (output_dir / FAILED_FILE).unlink(missing_ok=True)  # e.g. an interrupted run, resumed

@@ -1,6 +1,7 @@
 """Data: sources decoded once into uint8 tensors, batch loaders, on-device augmentation."""
 
 from mchad.data.datamodule import OODDataModule
+from mchad.data.openset import ClassSubset, OpenSetDataModule
 from mchad.data.sources import (
     DigitsSource,
     ImageArray,
@@ -9,19 +10,23 @@ from mchad.data.sources import (
     PhotoPatchesSource,
     PytorchOODSource,
     Source,
+    TinyImageNetSource,
     TinyImages300kSource,
     TorchvisionSource,
 )
 
 __all__ = [
+    "ClassSubset",
     "DigitsSource",
     "ImageArray",
     "ImageFolderSource",
     "NoiseSource",
     "OODDataModule",
+    "OpenSetDataModule",
     "PhotoPatchesSource",
     "PytorchOODSource",
     "Source",
+    "TinyImageNetSource",
     "TinyImages300kSource",
     "TorchvisionSource",
 ]

@@ -29,7 +29,9 @@ class BatchTransform(nn.Module):
         channels_last: bool = False,
     ):
         super().__init__()
+        # cpu: moved to the batches' device on first use (forward)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        # cpu: as mean
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.crop_padding = crop_padding
         self.flip = flip

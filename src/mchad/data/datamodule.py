@@ -12,7 +12,7 @@ from torch import Tensor
 
 from mchad.data.augment import BatchTransform
 from mchad.data.loaders import OutlierExposureLoader, TensorBatchLoader
-from mchad.data.sources import ImageArray, Source
+from mchad.data.sources import ImageArray, Source, data_fingerprint
 from mchad.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,9 @@ class OODDataModule(pl.LightningDataModule):
         self.data: dict[str, ImageArray] = {}
         self.test_cases: dict[str, ImageArray] = {}
         self.outliers: ImageArray | None = None
+        #: content fingerprint of every data set used, as loaded: id/train (before the validation
+        #: split), id/test, ood/<test case>, outliers
+        self.fingerprints: dict[str, str] = {}
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -108,25 +111,25 @@ class OODDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.data:
             return
-        full = self.sources["train"].load(self.dataset_dir)
+        full = self._load(self.sources["train"], "id/train")
         self._check_labels(full, "train")
-        self.data["test"] = self.sources["test"].load(self.dataset_dir)
+        self.data["test"] = self._load(self.sources["test"], "id/test")
         self._check_labels(self.data["test"], "test")
         channels = full.images.shape[1]
         if channels != len(self.transform.mean.view(-1)):
             raise ConfigError(
                 f"{self.name} has {channels} channels but datamodule.mean/std have {self.transform.mean.numel()}"
             )
-        generator = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(len(full), generator=generator)
+        generator = torch.Generator().manual_seed(self.seed)  # cpu: the split is the same on any machine
+        order = torch.randperm(len(full), generator=generator)  # cpu: splits host data
         n_val = max(1, round(len(full) * self.val_fraction))
         self.data["val"] = full.subset(order[:n_val])
         self.data["train"] = full if self.full_train_set else full.subset(order[n_val:])
         shape = self.image_shape
         for name, source in self.test_case_sources.items():
-            self.test_cases[name] = conform(source.load(self.dataset_dir).as_outliers(), shape)
+            self.test_cases[name] = conform(self._load(source, f"ood/{name}").as_outliers(), shape, f"test case {name}: {source.describe()}")
         if self.outlier_source is not None:
-            outliers = conform(self.outlier_source.load(self.dataset_dir).as_outliers(), shape)
+            outliers = conform(self._load(self.outlier_source, "outliers").as_outliers(), shape, f"outliers: {self.outlier_source.describe()}")
             if self.outlier_fraction < 1:
                 keep = torch.randperm(len(outliers), generator=torch.Generator().manual_seed(self.seed + 2))
                 outliers = outliers.subset(keep[: max(1, round(len(outliers) * self.outlier_fraction))])
@@ -140,6 +143,11 @@ class OODDataModule(pl.LightningDataModule):
             {k: len(v) for k, v in self.test_cases.items()},
             f"; {len(self.outliers)} outliers" if self.outliers is not None else "",
         )
+
+    def _load(self, source: Source, name: str) -> ImageArray:
+        array = source.load(self.dataset_dir)
+        self.fingerprints[name] = data_fingerprint(array)
+        return array
 
     def _check_labels(self, array: ImageArray, split: str) -> None:
         labels = array.labels
@@ -216,13 +224,19 @@ class OODDataModule(pl.LightningDataModule):
         return self.transform(images, augment=training, augment_rows=rows)
 
 
-def conform(array: ImageArray, shape: tuple[int, int, int]) -> ImageArray:
-    """Bring OOD images to the ID image shape: channels (grey <-> RGB) and size (bilinear)."""
+def conform(array: ImageArray, shape: tuple[int, int, int], what: str = "") -> ImageArray:
+    """Bring OOD images to the ID image shape: channels (grey <-> RGB) and size (bilinear);
+    a conversion is announced in one warning naming ``what``."""
     images = array.images
     channels, height, width = shape
+    if what and tuple(images.shape[1:]) != tuple(shape):
+        log.warning(
+            "%s: %d images of %s converted to the model's input shape %s",
+            what, len(images), "x".join(map(str, images.shape[1:])), "x".join(map(str, shape)),
+        )
     if images.shape[1] != channels:
         if channels == 1:
-            weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # cpu: converts host data
             images = (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
         elif images.shape[1] == 1:
             images = images.expand(-1, channels, -1, -1).contiguous()

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from mchad.data.sources import ImageArray
+from mchad.devices import HOST
 
 
 def _seed(*values: int) -> int:
@@ -65,13 +66,14 @@ class TensorBatchLoader:
 
     def order(self) -> Tensor:
         if not self.shuffle:
-            return torch.arange(len(self.data))
+            return torch.arange(len(self.data))  # cpu: moved to the data's device in __iter__
+        # cpu: the order does not depend on the device (moved in __iter__)
         generator = torch.Generator().manual_seed(_seed(self.seed, self.epoch()))
-        return torch.randperm(len(self.data), generator=generator)
+        return torch.randperm(len(self.data), generator=generator)  # cpu: as the generator
 
     def tensors(self) -> tuple[Tensor, Tensor]:
         """Images and labels where batches are gathered: on ``device`` (copied once) or the host."""
-        if self.device is None or self.device.type == "cpu":
+        if self.device is None or self.device == HOST:
             return self.data.images, self.data.labels
         if self._on_device is None:
             self._on_device = (
@@ -88,6 +90,7 @@ class TensorBatchLoader:
         for i in range(n):
             index = order[i * size : (i + 1) * size]
             if pin:  # gather straight into pinned memory: one copy, then an async transfer
+                # cpu: a pinned host buffer, for the asynchronous transfer
                 batch = torch.empty((len(index), *images.shape[1:]), dtype=images.dtype, pin_memory=True)
                 yield torch.index_select(images, 0, index, out=batch), labels[index].pin_memory()
             else:

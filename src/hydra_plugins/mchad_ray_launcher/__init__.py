@@ -1,0 +1,23 @@
+"""The Ray launcher of ``python run.py -m`` (config/hydra/launcher/ray.yaml).
+
+hydra-ray-launcher's ``RayLauncher`` with one change (see :func:`mchad.sweep.launch_on_ray`):
+a trial whose worker process dies (killed, out of memory) is recorded as a failed trial and
+the sweep goes on to report it, instead of the whole sweep stopping at the first dead worker.
+It lives here because Hydra only instantiates launchers from the ``hydra_plugins`` package.
+Importing it must stay cheap (Hydra imports every plugin at start-up, also for single runs):
+no ray, no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hydra.core.utils import JobReturn
+from hydra_plugins.hydra_ray_launcher.ray_launcher import RayLauncher
+
+
+class MchadRayLauncher(RayLauncher):
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from mchad.sweep import launch_on_ray
+
+        return launch_on_ray(self, job_overrides, initial_job_idx)

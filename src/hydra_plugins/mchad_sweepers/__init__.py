@@ -1,0 +1,1 @@
+"""mchad's Hydra sweepers (Hydra instantiates sweepers only from the ``hydra_plugins`` package)."""

@@ -1,0 +1,199 @@
+"""Completing a sweep: the same ``-m`` command again with ``hydra.sweep.dir=<its folder>``.
+
+The default sweeper of ``python run.py -m`` (``config/hydra/sweeper/resumable.yaml``,
+:class:`hydra_plugins.mchad_sweepers.sweepers.ResumableSweeper`) is Hydra's basic sweeper
+whose launches go through :class:`LaunchPending`: before the first trial starts, every
+trial of the sweep is composed and its folder looked at.
+
+- A trial whose folder holds ``results.csv`` is done: it is listed and not launched, so
+  no worker (Ray or the basic launcher) touches it.
+- Its saved config (``<trial>/.hydra/config.yaml``, Hydra's composed config, interpolations
+  unresolved) must equal the one the command now composes for that trial; otherwise the
+  sweep is refused with one line naming the trial(s) and the differing keys, before anything
+  runs.
+- The other trials are launched together (in parallel under Ray), each into its own folder:
+  a trial whose job number moves because done trials are left out gets its folder back with a
+  ``hydra.sweep.subdir`` override (a hydra override: not part of its task config or
+  ``overrides.yaml``), so ``hydra.job.num`` may differ from the folder name.
+
+Trials without ``results.csv`` (failed, killed, never started) are run from scratch.
+The counts (done before / run now) are kept per sweep folder in this process for
+:class:`mchad.sweep.SweepReport`; Hydra imports no torch here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mchad.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.csv"
+SAVED_CONFIG = Path(".hydra") / "config.yaml"
+#: differing keys named per trial in the refusal (the rest are counted)
+MAX_KEYS_SHOWN = 6
+
+#: sweep folder (absolute) -> {"done": trials done before this command, "run_now": trials launched}
+_COUNTS: dict[str, dict[str, int]] = {}
+
+
+@dataclass
+class Trial:
+    num: int
+    overrides: list[str]
+    dir: Path
+    done: bool
+
+
+def has_results(sweep_dir: Path) -> bool:
+    """Whether any trial folder below ``sweep_dir`` holds a results.csv (else nothing to skip)."""
+    return sweep_dir.is_dir() and any(sweep_dir.rglob(RESULTS_FILE))
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested containers -> ``{"model.weight_center": 0.5, ...}``; lists stay whole values."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        flat.update(flatten(value, f"{name}.") if isinstance(value, dict) and value else {name: value})
+    return flat
+
+
+_ABSENT = "<absent>"
+
+
+def config_differences(saved: dict, wanted: dict) -> list[str]:
+    """Keys whose value differs (or that exist on one side only), as ``key (old -> new)``."""
+    old, new = flatten(saved), flatten(wanted)
+    return [
+        f"{key} ({old.get(key, _ABSENT)} -> {new.get(key, _ABSENT)})"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key, _ABSENT) != new.get(key, _ABSENT)
+    ]
+
+
+def task_config(job_config: DictConfig) -> dict:
+    """The config a trial's task sees (Hydra's ``.hydra/config.yaml``): no ``hydra`` node, unresolved."""
+    container = OmegaConf.to_container(job_config, resolve=False)
+    container.pop("hydra", None)
+    return container
+
+
+def plan_trials(config_loader: Any, master_config: DictConfig, jobs: Sequence[Sequence[str]]) -> list[Trial]:
+    """Compose every job (number = its position) and find its folder; refuse a done trial whose
+    saved config differs from the one composed now (ConfigError, one line)."""
+    sweep_dir = Path(str(master_config.hydra.sweep.dir))
+    trials, mismatches = [], []
+    for num, overrides in enumerate(jobs):
+        job_config = config_loader.load_sweep_config(master_config, list(overrides))
+        with open_dict(job_config):
+            job_config.hydra.job.num = num
+        folder = sweep_dir / str(job_config.hydra.sweep.subdir)
+        done = (folder / RESULTS_FILE).is_file()
+        if done:
+            saved = folder / SAVED_CONFIG
+            if not saved.is_file():
+                mismatches.append(f"{folder}: no {SAVED_CONFIG} to compare")
+            else:
+                differences = config_differences(OmegaConf.to_container(OmegaConf.load(saved)), task_config(job_config))
+                if differences:
+                    shown = ", ".join(differences[:MAX_KEYS_SHOWN])
+                    more = f" and {len(differences) - MAX_KEYS_SHOWN} more" if len(differences) > MAX_KEYS_SHOWN else ""
+                    mismatches.append(f"{folder} differs in {shown}{more}")
+        trials.append(Trial(num, list(overrides), folder, done))
+    if mismatches:
+        raise ConfigError(
+            f"sweep {sweep_dir}: finished trial(s) were run with another config than this command asks for: "
+            + "; ".join(mismatches)
+            + " (complete a sweep with the command that started it, or give another hydra.sweep.dir)"
+        )
+    return trials
+
+
+def _override_value(text: str) -> str:
+    """``text`` as a value of a Hydra command-line override (quoted unless plain)."""
+    if re.fullmatch(r"[\w./-]+", text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class LaunchPending:
+    """Wraps a sweeper's launcher: trials already done are left out (see the module docs)."""
+
+    def __init__(self, launcher: Any, sweeper: Any) -> None:
+        self.launcher = launcher
+        self.sweeper = sweeper
+        self.trials: list[Trial] | None = None
+
+    def __getattr__(self, name: str) -> Any:  # anything else is the launcher's
+        return getattr(self.launcher, name)
+
+    def _plan(self) -> list[Trial] | None:
+        config = self.sweeper.config
+        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        all_jobs = [job for batch in self.sweeper.overrides for job in batch]
+        if not has_results(sweep_dir):
+            record(sweep_dir, done=0, run_now=len(all_jobs))
+            return None
+        try:
+            trials = plan_trials(self.sweeper.hydra_context.config_loader, config, all_jobs)
+        except ConfigError as error:
+            raise SystemExit(f"error: {error}") from None
+        done = [t for t in trials if t.done]
+        for trial in done:
+            log.info("#%d done (%s): %s -- not run again", trial.num, trial.dir / RESULTS_FILE, " ".join(trial.overrides))
+        log.info("sweep %s: %d of %d trial(s) done before, %d to run", sweep_dir, len(done), len(trials), len(trials) - len(done))
+        record(sweep_dir, done=len(done), run_now=len(trials) - len(done))
+        return trials
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[Any]:
+        from hydra.core.utils import JobReturn, JobStatus
+
+        if self.trials is None and initial_job_idx == 0:
+            self.trials = self._plan() or []
+        if not self.trials:
+            return self.launcher.launch(job_overrides, initial_job_idx=initial_job_idx)
+        batch = self.trials[initial_job_idx : initial_job_idx + len(job_overrides)]
+        pending = [t for t in batch if not t.done]
+        returns: dict[int, Any] = {}
+        if pending:
+            first = pending[0].num
+            launched = []
+            for position, trial in enumerate(pending):
+                overrides = list(trial.overrides)
+                if trial.num != first + position:  # its job number moved: keep its own folder
+                    subdir = trial.dir.relative_to(Path(str(self.sweeper.config.hydra.sweep.dir)))
+                    overrides.append(f"hydra.sweep.subdir={_override_value(str(subdir))}")
+                launched.append(overrides)
+            for trial, result in zip(pending, self.launcher.launch(launched, initial_job_idx=first)):
+                returns[trial.num] = result
+        from mchad.objective import read_objective
+
+        return [
+            returns[t.num]
+            if not t.done
+            else JobReturn(overrides=t.overrides, working_dir=str(t.dir), status=JobStatus.COMPLETED,
+                           _return_value=read_objective(t.dir))
+            for t in batch
+        ]
+
+
+def record(sweep_dir: Path, done: int, run_now: int) -> None:
+    _COUNTS[str(Path(sweep_dir).absolute())] = {"done": done, "run_now": run_now}
+
+
+def counts_note(sweep_dir: Path) -> str:
+    """``"; 2 done before, 1 run now"`` for the sweep report, "" when no sweeper recorded counts."""
+    counts = _COUNTS.get(str(Path(sweep_dir).absolute()))
+    if counts is None:
+        return ""
+    return f"; {counts['done']} done before, {counts['run_now']} run now"

@@ -1,0 +1,136 @@
+"""A second device on a CPU-only machine, for tests: CI has no GPU, yet must catch code that
+mixes tensors made on the host into computations on the training device.
+
+Inside :func:`on_emulated_device`, a :class:`~torch.overrides.TorchFunctionMode` tracks which
+tensors live on :data:`EMULATED` (``torch.device("cpu", 1)``: a device torch accepts and
+computes on the CPU, but that compares unequal to ``cpu``):
+
+- ``.to(EMULATED)`` (also ``module.to``, Lightning's batch transfer) and factories with
+  ``device=EMULATED`` make device tensors (a copy, as a real transfer does); operations on
+  device tensors give device tensors; ``.grad``/``.data`` follow their owner;
+- ``tensor.device`` says :data:`EMULATED` for device tensors, so ``device=x.device`` works as
+  on a GPU;
+- ``.cpu()``/``.to("cpu")`` copy back to the host; every other tensor is a host tensor
+  (factories without ``device=``, ``torch.from_numpy``, ``torch.load``, ...);
+- as CUDA does, an operation that meets device tensors and a host tensor of dimension > 0
+  raises :class:`DeviceMismatch` (host 0-dim tensors mix, host index tensors may index device
+  tensors, ``copy_`` and ``param.data = ...`` cross devices); ``.numpy()`` of a device tensor
+  raises.
+
+What it cannot see: code that never goes through torch's Python API (C++ internals, custom
+kernels), the accelerator-specific branches (``device.type == "cuda"``: the emulated device is
+of type ``cpu``), numerics (precision, compile), memory, and CUDA-only APIs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from collections.abc import Iterator
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakTensorKeyDictionary
+
+EMULATED = torch.device("cpu", 1)
+HOST = torch.device("cpu")
+
+#: operations that may take tensors of either device (transfers, copies, attribute setters)
+CROSS_DEVICE = {"copy_", "__set__", "_has_compatible_shallow_copy_type", "is_same_size", "set_"}
+#: indexing: a host index into a device tensor is fine on a GPU
+INDEXING = {"__getitem__", "__setitem__"}
+
+
+class DeviceMismatch(RuntimeError):
+    """A host tensor met device tensors (on a GPU: ``Expected all tensors to be on the same device``)."""
+
+
+def _where() -> str:
+    """The innermost frame of the project (src/ or tests/) that led here."""
+    frames = [f for f in traceback.extract_stack()[:-2] if "/src/mchad/" in f.filename]
+    frame = frames[-1] if frames else traceback.extract_stack()[-3]
+    return f"{frame.filename}:{frame.lineno} ({frame.line})"
+
+
+def _name(func) -> str:
+    return getattr(func, "__name__", "") or str(func)
+
+
+class EmulatedDevice(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_device = WeakTensorKeyDictionary()
+
+    # --- bookkeeping -------------------------------------------------------------------
+    def is_device(self, tensor: torch.Tensor) -> bool:
+        return tensor in self.on_device
+
+    def _place(self, value, on_device: bool):
+        for tensor in tree_flatten(value)[0]:
+            if isinstance(tensor, torch.Tensor):
+                if on_device:
+                    self.on_device[tensor] = True
+                else:
+                    self.on_device.pop(tensor, None)
+        return value
+
+    def _copy_to(self, tensor: torch.Tensor, out: torch.Tensor, on_device: bool) -> torch.Tensor:
+        if out is tensor and self.is_device(tensor) != on_device:
+            out = out.clone()  # a transfer copies; the source keeps its device
+        return self._place(out, on_device)
+
+    # --- the mode ----------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = _name(func)
+        owner = getattr(getattr(func, "__self__", None), "__name__", None)  # getset descriptors
+        if name == "__get__" and owner == "device":
+            return EMULATED if self.is_device(args[0]) else func(*args, **kwargs)
+        if name == "__set__":  # param.data = value, tensor.grad = value: the owner follows the value
+            out = func(*args, **kwargs)
+            if owner in ("data", "grad") and isinstance(args[1], torch.Tensor):
+                self._place(args[0], self.is_device(args[1]))
+            return out
+        if name in ("to", "cpu", "cuda", "numpy", "__array__") and args and isinstance(args[0], torch.Tensor):
+            return self._transfer(func, name, args, kwargs)
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        on_device = [t for t in tensors if self.is_device(t)]
+        if on_device and name not in CROSS_DEVICE:
+            host = [t for t in tensors if not self.is_device(t) and t.dim() > 0]
+            if name in INDEXING and self.is_device(args[0]):
+                host = []  # host indices and values (a copy) into a device tensor
+            if host:
+                raise DeviceMismatch(
+                    f"{name}: a host tensor {tuple(host[0].shape)} met tensors on the device {EMULATED} at {_where()}"
+                )
+        out = func(*args, **kwargs)
+        if name in CROSS_DEVICE or out is None:
+            return out
+        device = kwargs.get("device")
+        if device is not None:
+            return self._place(out, torch.device(device) == EMULATED)
+        return self._place(out, bool(on_device)) if on_device else out
+
+    def _transfer(self, func, name, args, kwargs):
+        tensor = args[0]
+        if name in ("numpy", "__array__"):
+            if self.is_device(tensor):
+                raise DeviceMismatch(f"{name}() of a tensor on the device {EMULATED} at {_where()} (call .cpu() first)")
+            return func(*args, **kwargs)
+        if name == "cuda":
+            raise DeviceMismatch(f".cuda() at {_where()}: use the device of the model or data")
+        out = func(*args, **kwargs)
+        if name == "cpu":
+            return self._copy_to(tensor, out, False)
+        device = torch._C._nn._parse_to(*args[1:], **kwargs)[0]
+        if device is None:  # a dtype or memory-format change stays where it is
+            return self._place(out, self.is_device(tensor))
+        return self._copy_to(tensor, out, torch.device(device) == EMULATED)
+
+
+@contextlib.contextmanager
+def on_emulated_device() -> Iterator[EmulatedDevice]:
+    """Track devices (see the module docs) while the block runs."""
+    with EmulatedDevice() as mode:
+        yield mode
