@@ -298,10 +298,13 @@ def run(cfg: DictConfig) -> Path:
 def experiment_name(cfg: DictConfig) -> str:
     """results.csv's ``experiment``: ``name=`` when given on the command line, else
     ``<datamodule>-<model>`` of the config groups that ran (``digits-cac`` for
-    ``model=cac``; an image folder by its folder's name: ``cifar10-jpeg-mchad``)."""
+    ``model=cac``; an image folder by its folder's name: ``cifar10-jpeg-mchad``); an open-set
+    experiment keeps its name (``osr-<setting>-<method>``)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized() or any(o.lstrip("+").split("=")[0] == "name" for o in _command_overrides()):
+        return cfg.name
+    if cfg.get("osr") is not None:  # open set: the setting is the data, wherever its images come from
         return cfg.name
     choices = HydraConfig.get().runtime.choices
     data, model = choices.get("datamodule"), choices.get("model")
