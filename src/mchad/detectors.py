@@ -127,8 +127,10 @@ def check_detectors(names, method: Method, method_name: str, args: dict | None =
 
 def fit_subset(n_train: int, n_samples: int, seed: int, device: torch.device | None = None) -> Tensor:
     """Sorted indices of a seeded subset of ``min(n_samples, n_train)`` training samples."""
+    # cpu: a seeded draw of indices, the same on every device; moved below
     generator = torch.Generator().manual_seed(seed)
-    index = torch.randperm(n_train, generator=generator)[: min(n_samples, n_train)].sort().values
+    index = torch.randperm(n_train, generator=generator)  # cpu: as above
+    index = index[: min(n_samples, n_train)].sort().values
     return index.to(device) if device is not None else index
 
 

@@ -121,12 +121,13 @@ def recompute_metrics(scores: RunScores | str | Path, extra: dict[str, Metric] |
     if not isinstance(scores, RunScores):
         scores = load_scores(scores)
     ind = scores.sets[ID_SET]
+    # cpu: read from the file into host memory; the metrics run wherever their inputs are
     labels, predictions = torch.from_numpy(ind["labels"]), torch.from_numpy(ind["predictions"])
     rows = []
     for case in scores.test_cases:
         for name in scores.score_names:
-            id_scores = torch.from_numpy(ind[name])
-            ood_scores = torch.from_numpy(scores.sets[case][name])
+            id_scores = torch.from_numpy(ind[name])  # cpu: as labels
+            ood_scores = torch.from_numpy(scores.sets[case][name])  # cpu: as labels
             row = {**{k: scores.meta[k] for k in ("experiment", "id_dataset", "method")}, "test_case": case,
                    "score": name, "seed": None if int(scores.meta["seed"]) == UNKNOWN_SEED else int(scores.meta["seed"])}
             row.update(case_metrics(id_scores, labels, predictions, ood_scores))
