@@ -3,7 +3,8 @@
 - continue an interrupted run in its folder: ``python run.py resume=logs/runs/<date>/<time>_<id>``
 - only test a trained model: ``python run.py [experiment=...] train=false ckpt_path=<run folder> [testmodules=...]``
 
-See README.md; the configuration lives in config/ (Hydra).
+An input mistake ends with one line ``error: <cause>`` (``MCHAD_TRACEBACK=1`` adds its
+traceback). See README.md; the configuration lives in config/ (Hydra).
 """
 
 import os
@@ -20,10 +21,15 @@ import mchad  # noqa: E402  (registers the config resolvers)
 
 @hydra.main(version_base="1.3", config_path="config", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from mchad.cli import quiet_console
+
+    quiet_console()  # before torch and Lightning are imported: their notices go to run.log only
     from mchad.train import main as train_main  # heavy imports after Hydra parsed the command line
 
     return train_main(cfg)  # a sweep trial's validation objective, for search sweepers
 
 
 if __name__ == "__main__":
-    main()
+    from mchad.cli import guard
+
+    guard(main, Path(__file__).resolve().parent / "config")  # input mistakes: one `error:` line

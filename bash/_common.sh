@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Shared by bash/run-*.sh (sourced, not run). Every script:
-#   * takes -n/--dry-run first: print the commands, run nothing;
+#   * takes -n/--dry-run anywhere among its arguments: print the commands, run nothing;
 #   * passes all further arguments through to run.py as Hydra overrides, e.g.
 #     dataset_dir=/data trainer.gpus=1 hydra/launcher=ray_gpu;
 #   * reads the lists it sweeps from environment variables (see each script), so that a
@@ -14,17 +14,33 @@ PYTHON="${PYTHON:-python}"
 DRY_RUN="${DRY_RUN:-0}"
 STATUS=0
 
-parse_dry_run() {  # sets DRY_RUN; the caller then shifts DRY_RUN_SHIFT arguments
-    DRY_RUN_SHIFT=0
-    if [[ $# -gt 0 && ( "$1" == "-n" || "$1" == "--dry-run" ) ]]; then
-        DRY_RUN=1
-        DRY_RUN_SHIFT=1
+parse_dry_run() {  # sets DRY_RUN and ARGS (the arguments without -n/--dry-run); then: set -- "${ARGS[@]}"
+    ARGS=()
+    local arg
+    for arg in "$@"; do
+        if [[ "$arg" == "-n" || "$arg" == "--dry-run" ]]; then
+            DRY_RUN=1
+        else
+            ARGS+=("$arg")
+        fi
+    done
+}
+
+quote() {  # an argument as the shell reads it back, quoted only where needed (printf %q writes \, for ,)
+    if [[ "$1" =~ ^[A-Za-z0-9_./=:,+@%-]+$ ]]; then
+        printf '%s' "$1"
+    else
+        printf "'%s'" "${1//\'/\'\\\'\'}"
     fi
 }
 
 run() {  # print a command (shell-quoted), then run it unless dry run; remember failures
     printf '+'
-    printf ' %q' "$@"
+    local arg
+    for arg in "$@"; do
+        printf ' '
+        quote "$arg"
+    done
     printf '\n'
     if [[ "$DRY_RUN" != 1 ]]; then
         "$@" || { STATUS=$?; echo "sweep failed (exit $STATUS): continuing" >&2; }

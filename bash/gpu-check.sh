@@ -23,9 +23,9 @@ set +e  # every step runs and reports, even after a failure
 
 fail() { echo "error: $*" >&2; exit 1; }
 
-parse_dry_run "$@"; shift "$DRY_RUN_SHIFT"
+parse_dry_run "$@"; set -- ${ARGS[@]+"${ARGS[@]}"}
 [[ $# -ge 1 && $# -le 2 ]] || fail "usage: bash/gpu-check.sh [-n|--dry-run] CIFAR10_FOLDER [WORK_DIR]"
-[[ "$1" != -* ]] || fail "unknown option $1 (only -n/--dry-run, first)"
+[[ "$1" != -* ]] || fail "unknown option $1 (only -n/--dry-run)"
 DATA="$1"
 [[ -d "$DATA/train" && -d "$DATA/test" ]] || fail "$DATA is not an image folder with train/ and test/ (CIFAR-10 as <split>/<class>/<image>)"
 DATA="$(cd "$DATA" && pwd)"

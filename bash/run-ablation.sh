@@ -2,7 +2,7 @@
 # The paper's weight ablations of G-MCHAD on CIFAR10: one multirun per weight, the other
 # weights at the experiment's values; 100 epochs, validating 10 times per epoch.
 #
-#   bash/run-ablation.sh [-n|--dry-run] [overrides...]
+#   bash/run-ablation.sh [overrides...] [-n|--dry-run]
 #   bash/run-ablation.sh dataset_dir=/path/to/datasets hydra/launcher=ray_gpu
 #
 # Environment (defaults in brackets):
@@ -20,7 +20,7 @@
 # Hydra's own float range() overshoots (range(0,1.1,0.1) also yields 1.1), hence the lists.
 # results.csv's experiment column reads e.g. ablation-weight_oe-1e-06 (the swept value).
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-parse_dry_run "$@"; shift "$DRY_RUN_SHIFT"
+parse_dry_run "$@"; set -- ${ARGS[@]+"${ARGS[@]}"}
 
 EXPERIMENT="${EXPERIMENT:-cifar10-gmchad}"
 EPOCHS="${EPOCHS:-100}"

@@ -2,7 +2,7 @@
 # All datasets x methods x seeds of the paper, one Hydra multirun (trials in parallel
 # through Ray; failed trials do not stop the others and are listed at the end).
 #
-#   bash/run-experiments.sh [-n|--dry-run] [overrides...]
+#   bash/run-experiments.sh [overrides...] [-n|--dry-run]
 #   bash/run-experiments.sh dataset_dir=/path/to/datasets hydra/launcher=ray_gpu
 #
 # Environment (defaults in brackets):
@@ -17,7 +17,7 @@
 #   PYTHON       [python]
 # Then: python -m mchad.aggregate <the sweep folder printed at the start>
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-parse_dry_run "$@"; shift "$DRY_RUN_SHIFT"
+parse_dry_run "$@"; set -- ${ARGS[@]+"${ARGS[@]}"}
 
 DATASETS="${DATASETS:-cifar10 cifar100 svhn}"
 METHODS="${METHODS:-mchad gmchad center gcenter cac gcac ii softmax}"

@@ -2,7 +2,7 @@
 # The paper's radius study: hypersphere radius r = 0..20 for MCHAD and G-MCHAD on CIFAR10,
 # one multirun over both experiments.
 #
-#   bash/run-vary-radius.sh [-n|--dry-run] [overrides...]
+#   bash/run-vary-radius.sh [overrides...] [-n|--dry-run]
 #   bash/run-vary-radius.sh dataset_dir=/path/to/datasets hydra/launcher=ray_gpu
 #
 # Environment (defaults in brackets):
@@ -10,7 +10,7 @@
 #   RADII        [range(0,21)]  Hydra sweep syntax: 0..20
 #   SEEDS        [1]
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-parse_dry_run "$@"; shift "$DRY_RUN_SHIFT"
+parse_dry_run "$@"; set -- ${ARGS[@]+"${ARGS[@]}"}
 
 EXPERIMENTS="${EXPERIMENTS:-cifar10-mchad cifar10-gmchad}"
 RADII="${RADII:-range(0,21)}"

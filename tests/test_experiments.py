@@ -125,7 +125,7 @@ def test_experiment_runs_one_training_and_test_step(experiment, tiny_folder, tmp
     frame = pd.read_csv(run(cfg))
     method = experiment.split("-")[1]
     assert (frame.method == METHODS[method]).all()
-    assert (frame.experiment == experiment).all()
+    assert (frame.experiment == f"{tiny_folder.name}-{method}").all()  # what ran: the experiment's model on the folder
     assert set(frame.test_case) == {"GaussianNoise", "UniformNoise"}
     scores = list(dict.fromkeys(frame.score))
     assert scores[0] == ("msp" if method == "softmax" else "distance")

@@ -58,10 +58,10 @@ def run_cli(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
     )
 
 
-def metrics_equal(a: Path, b: Path) -> None:
+def metrics_equal(a: Path, b: Path, ignore: tuple[str, ...] = ()) -> None:
     x, y = pd.read_csv(a), pd.read_csv(b)
     assert list(x.columns) == list(y.columns) == RESULT_COLUMNS
-    pd.testing.assert_frame_equal(x, y, check_exact=True)
+    pd.testing.assert_frame_equal(x.drop(columns=list(ignore)), y.drop(columns=list(ignore)), check_exact=True)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,10 @@ def test_eval_only_reproduces_and_tests_new_modules(reference, fast, tmp_path):
     checkpoint without training (same results as the run itself), and with other test modules
     (`testmodules=noise`) writes their rows in a new run folder."""
     same = run(compose_config([*fast, "train=false", f"ckpt_path={reference}"], tmp_path / "same"))
-    metrics_equal(reference / "results.csv", same)
+    trained, evaluated = pd.read_csv(reference / "results.csv"), pd.read_csv(same)
+    # the same rows, marked as an evaluation of the reference's checkpoint (issue 21)
+    assert (evaluated.pop("evaluated_from") == str(reference / "checkpoints" / "last.ckpt")).all()
+    pd.testing.assert_frame_equal(trained.drop(columns="evaluated_from"), evaluated, check_exact=True)
     assert not (tmp_path / "same" / "checkpoints").exists()  # nothing was trained
     other = run(compose_config([*fast, "train=false", f"ckpt_path={reference}/checkpoints/last.ckpt", "testmodules=noise"], tmp_path / "noise"))
     frame = pd.read_csv(other)
@@ -368,4 +371,6 @@ def test_trusted_checkpoint_loads_with_the_opt_in(reference, fast, tmp_path):
     evil, marker = _planted(reference, tmp_path)
     results = run(compose_config([*fast, "train=false", f"ckpt_path={evil}", "trust_checkpoint=true"], tmp_path / "run"))
     assert marker.exists()
-    metrics_equal(reference / "results.csv", results)
+    # the planted copy lies outside a run folder: its seed is unknown (empty), evaluated_from names it
+    metrics_equal(reference / "results.csv", results, ignore=("seed", "evaluated_from"))
+    assert pd.read_csv(results).seed.isna().all()

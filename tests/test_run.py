@@ -71,7 +71,7 @@ def test_cli_run_on_an_image_folder_writes_everything(image_folder, tmp_path):
     assert len(runs) == 1
     run_dir = runs[0]
     frame = check_results(run_dir / "results.csv", {"GaussianNoise", "UniformNoise", "ImageFolder"})
-    assert (frame.experiment == "cifar10-mchad").all() and (frame.id_dataset == "ImageFolder").all()
+    assert (frame.experiment == f"{image_folder.name}-mchad").all() and (frame.id_dataset == "ImageFolder").all()
     assert frame.score.iloc[0] == "distance" and (frame.seed == 1).all()
     assert len(frame) == 3 * frame.score.nunique()  # one row per (test case, score)
     assert frame.Accuracy.nunique() == 1  # ID accuracy, the same for every test case

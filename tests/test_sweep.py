@@ -195,7 +195,9 @@ def test_single_run_does_not_import_ray_and_fails_with_one_line(tmp_path):
     assert not [m for m in imported if m == "ray" or m.startswith("ray.")]
     messages = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
     assert messages[-1].startswith("error: model.method:")
-    assert FAILED_FILE not in {p.name for p in tmp_path.rglob("*")}
+    # a failed single run records its cause like a sweep trial (issue 21)
+    (failed,) = tmp_path.rglob(FAILED_FILE)
+    assert failed.read_text().splitlines()[0] == messages[-1]
 
 
 def test_collect_trials_reports_a_dead_worker_and_waits_for_the_rest(tmp_path, capsys):

@@ -187,6 +187,7 @@ def test_optuna_search_space_in_config_and_weight_oe_only_with_outliers():
     assert set(search_params(sweeper.params, sweeper.outlier_params, cfg)) == ablation | {"model.weight_oe"}
 
 
+@pytest.mark.slow  # about a minute of training; the search space and the objective are tested above
 def test_optuna_search_on_the_quick_start_optimises_the_validation_objective(tmp_path):
     """4 trials, 2 at a time: the study (SQLite) and the best parameters are in the sweep
     folder; the value told to Optuna for each trial is its validation objective, not a test metric."""

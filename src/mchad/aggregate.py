@@ -9,8 +9,11 @@ Usage::
 
 Every ``results.csv`` below the given folders is read (one row per test case and OOD
 score, metrics as fractions). A Hydra run folder (one holding ``.hydra/``) without a
-``results.csv`` counts as a missing or failed trial; a failed sweep trial's cause (first
-line of its ``FAILED.txt``, written by mchad.sweep) is listed with it.
+``results.csv`` counts as a missing or failed trial; a failed run's cause (first line of its
+``FAILED.txt``, written by mchad.train for single runs and mchad.sweep for trials) is listed
+with it. Each trained model counts once: the rows of an eval-only run (``evaluated_from``,
+with the seed of the run it tested) are dropped where the training run's own rows already
+hold that test case and score.
 
 Trials are only averaged when they share their provenance (``code_version`` and
 ``data_fingerprint`` columns, written by mchad.provenance): a table cell whose trials ran on
@@ -78,8 +81,10 @@ RESULTS_FILE = "results.csv"
 FAILED_FILE = "FAILED.txt"
 HEADLINE = "headline"
 KEY_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed"]
-METRICS = ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95"]
-REQUIRED_COLUMNS = KEY_COLUMNS + METRICS
+METRICS = ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95", "OSCR"]
+# results.csv files written before OSCR existed lack it (NaN in the tables)
+OPTIONAL_METRICS = ["OSCR"]
+REQUIRED_COLUMNS = KEY_COLUMNS + [m for m in METRICS if m not in OPTIONAL_METRICS]
 # open-set recognition (mchad.osr): the test case of the unknown classes and the reported metrics
 UNKNOWN_CASE = "Unknown"
 OPENSET_METRICS = ["Accuracy", "AUROC", "OSCR"]
@@ -141,10 +146,31 @@ def find_results(paths: str | Path | Iterable[str | Path]) -> tuple[pd.DataFrame
         raise NoResultsError(f"no {RESULTS_FILE} found below {', '.join(map(str, roots))}")
 
     frames = [_read_results(f) for f in files]
-    results = pd.concat(frames, ignore_index=True)
+    results = _count_models_once(pd.concat(frames, ignore_index=True))
     if results.empty:
         raise NoResultsError(f"the {len(files)} {RESULTS_FILE} files found hold no rows")
     return results, _find_missing(roots, files)
+
+
+def _count_models_once(results: pd.DataFrame) -> pd.DataFrame:
+    """Each trained model counts once: an eval-only run's row (``evaluated_from`` = the
+    checkpoint it tested) is dropped where the training run itself, or an earlier evaluation
+    of the same checkpoint, has that test case and score. A trained run's rows stand for its
+    ``checkpoints/last.ckpt`` (the model it tested). Eval-only rows whose seed is unknown
+    are left out with a warning."""
+    unknown_seed = (results["evaluated_from"] != "") & results["seed"].isna()
+    if unknown_seed.any():
+        warnings.warn(f"{int(unknown_seed.sum())} eval-only row(s) without a seed are left out "
+                      "(their checkpoint is not in a run folder with a config.yaml)", stacklevel=2)
+    results = results[~unknown_seed]
+    evaluated = results["evaluated_from"] != ""
+    checkpoint = results["evaluated_from"].where(evaluated, results["run_dir"].map(lambda d: str(Path(d, "checkpoints", "last.ckpt"))))
+    model = checkpoint.map(lambda p: str(Path(p).resolve()))
+    # trained runs' rows first: they are the ones kept
+    order = results.assign(_evaluated=evaluated, _model=model).sort_values("_evaluated", kind="stable")
+    kept = order.drop_duplicates(["_model", "test_case", "score"]).sort_index().drop(columns=["_evaluated", "_model"])
+    kept["seed"] = kept["seed"].astype("int64")
+    return kept.reset_index(drop=True)
 
 
 def _read_results(path: Path) -> pd.DataFrame:
@@ -156,6 +182,9 @@ def _read_results(path: Path) -> pd.DataFrame:
     absent = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if absent:
         raise ResultsFormatError(f"{path}: missing column(s) {', '.join(absent)}")
+    for column in OPTIONAL_METRICS:
+        if column not in frame.columns:
+            frame[column] = math.nan
 
     for column in METRICS:
         values = pd.to_numeric(frame[column], errors="coerce")
@@ -167,10 +196,12 @@ def _read_results(path: Path) -> pd.DataFrame:
             raise ResultsFormatError(f"{path}: {column} outside [0, 1] (percent instead of fractions?)")
         frame[column] = values.astype(float)
 
+    # written by the runs since eval-only rows carry their checkpoint's seed
+    frame["evaluated_from"] = frame.get("evaluated_from", pd.Series("", index=frame.index)).fillna("").astype(str)
     seeds = pd.to_numeric(frame["seed"], errors="coerce")
-    if seeds.isna().any() or (seeds != seeds.round()).any():
+    if (seeds.isna() & (frame["evaluated_from"] == "")).any() or (seeds != seeds.round()).any():
         raise ResultsFormatError(f"{path}: seed must be an integer in every row")
-    frame["seed"] = seeds.astype("int64")
+    frame["seed"] = seeds
     for column in ["experiment", "id_dataset", "method", "test_case", "score"]:
         frame[column] = frame[column].astype(str)
 
@@ -179,7 +210,7 @@ def _read_results(path: Path) -> pd.DataFrame:
     split = pd.to_numeric(frame["split"], errors="coerce") if "split" in frame.columns else np.nan
     oscr = pd.to_numeric(frame["OSCR"], errors="coerce") if "OSCR" in frame.columns else np.nan
     provenance = {c: frame[c].fillna(UNKNOWN).astype(str) if c in frame.columns else UNKNOWN for c in PROVENANCE_COLUMNS}
-    frame = frame[REQUIRED_COLUMNS].assign(**provenance)
+    frame = frame[[*REQUIRED_COLUMNS, "evaluated_from"]].assign(**provenance)
     frame["split"], frame["OSCR"] = split, oscr
     frame["run_dir"] = str(path.parent)
     # a run lists its headline score first (distance; msp for Softmax)
@@ -405,7 +436,8 @@ def welch_tests(
     per OOD set with ``by_ood``. ``t > 0`` means the baseline's mean is higher. p is NaN
     with fewer than two seeds on either side.
     """
-    metrics = metrics or METRICS
+    # metrics that older results.csv files lack (OSCR) are all NaN there: no test for them
+    metrics = metrics or [m for m in METRICS if df[m].notna().any()]
     per_seed = _per_seed(df, score, by_ood)
     group_keys = ["id_dataset"] + (["test_case"] if by_ood else [])
     records = []
@@ -612,6 +644,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="name the AUPR columns as the published table (pytorch-ood 0.0.7): AUPR-IN = OOD positive",
     )
     parser.add_argument(
+        "--from-scores",
+        action="store_true",
+        help="recompute every metric from the runs' per-sample scores.npz instead of reading results.csv",
+    )
+    parser.add_argument(
         "--allow-mixed",
         action="store_true",
         help="average trials of one table cell even if they ran on different code or data (default: refuse)",
@@ -625,6 +662,30 @@ def published_aupr_names(results: pd.DataFrame) -> pd.DataFrame:
     return results.rename(columns={"AUPR-IN": "AUPR-OUT", "AUPR-OUT": "AUPR-IN"})
 
 
+def find_results_from_scores(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, list[MissingRun]]:
+    """Like :func:`find_results`, with the metrics recomputed from every ``scores.npz`` below ``paths``."""
+    from mchad.scores import SCORES_FILE, find_score_files, results_from_scores
+
+    roots = [Path(p) for p in paths]
+    for root in roots:
+        if not root.is_dir():
+            raise NoResultsError(f"no such folder: {root}")
+    files = find_score_files(roots)
+    if not files:
+        raise NoResultsError(f"no {SCORES_FILE} found below {', '.join(map(str, roots))}")
+    results = results_from_scores(files)
+    # what the scores do not hold (provenance, open-set split, evaluated_from) comes from the
+    # run's results.csv, written with them
+    context = [*PROVENANCE_COLUMNS, "split", "evaluated_from"]
+    written = [_read_results(file.parent / RESULTS_FILE) for file in files if (file.parent / RESULTS_FILE).exists()]
+    if written:
+        on = ["run_dir", "test_case", "score"]
+        results = results.merge(pd.concat(written)[on + context], on=on, how="left")
+    for column, default in {**dict.fromkeys(PROVENANCE_COLUMNS, UNKNOWN), "split": np.nan, "evaluated_from": ""}.items():
+        results[column] = results[column].fillna(default) if column in results.columns else default
+    return _count_models_once(results), _find_missing(roots, files)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 on unusable results)."""
     args = _parse_args(argv)
@@ -635,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline = args.baseline if args.baseline is not None else config.baseline
         options = TableOptions(spread=args.spread, alpha=args.alpha, decimals=args.decimals)
 
-        results, missing = find_results(args.folders)
+        results, missing = (find_results_from_scores if args.from_scores else find_results)(args.folders)
         provenance_notes = check_provenance(results, args.allow_mixed)
         openset, results = split_openset(results)
         openset_files = write_openset_tables(openset, out_dir, score)

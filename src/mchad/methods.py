@@ -10,7 +10,11 @@ LightningModule (:class:`mchad.module.OODModel`) drives all of them through this
 - ``predict(out) -> Tensor`` of class indices;
 - ``scores(out) -> dict`` of outlier scores, **larger = more anomalous**; ``score_names``
   lists them, the headline score first (results.csv holds one row per test case and score);
-- ``on_train_epoch_start()`` for per-epoch state (II's running centres).
+- ``on_train_epoch_start()`` for per-epoch state (II's running centres);
+- for post-hoc detectors (:mod:`mchad.detectors`): ``features(out)`` (the embedding that the
+  head or the centres act on), ``logits(out)`` and ``logits_of(features)`` (the linear
+  classifier's logits; for methods without one the negated squared distances to the centres)
+  and ``linear_head`` (the ``nn.Linear`` classifier ``head``, or ``None``).
 
 Scores: ``distance`` = ``min_c d_c`` (squared distance to the nearest centre, the paper's
 score for every centre-based model); ``msp`` = ``-max_c softmax(logits)_c`` with the logits
@@ -70,6 +74,25 @@ class Method(nn.Module):
 
     def on_train_epoch_start(self) -> None:
         """Hook for per-epoch state (e.g. running centres)."""
+
+    @property
+    def linear_head(self) -> nn.Linear | None:
+        """The linear classifier ``head`` on the features, or ``None`` for methods without one."""
+        head = getattr(self, "head", None)
+        return head if isinstance(head, nn.Linear) else None
+
+    def features(self, out: dict[str, Tensor]) -> Tensor:
+        """The ``B x D`` features that the head or the centres act on."""
+        return out["embedding"]
+
+    def logits(self, out: dict[str, Tensor]) -> Tensor:
+        """The ``B x C`` logits: the classifier's, else the negated squared distances ``-d``."""
+        return out["logits"] if "logits" in out else -out["distances"]
+
+    def logits_of(self, features: Tensor) -> Tensor:
+        """What :meth:`logits` would be for these features (detectors that alter features)."""
+        head = self.linear_head
+        return head(features) if head is not None else -pairwise_distances(features, self.centers)
 
 
 class CenterMethod(Method):

@@ -8,18 +8,18 @@ from functools import partial
 
 import pytorch_lightning as pl
 import torch
-from pytorch_ood.metrics import OODMetrics
 from torch import Tensor, nn
 
+from mchad.detectors import DetectorBank
 from mchad.devices import to_host
 from mchad.distributed import gather_rows
 from mchad.methods import Method
-from mchad.metrics import oscr
+from mchad.metrics import METRIC_COLUMNS, OOD_METRIC_KEYS, case_metrics
 
 log = logging.getLogger(__name__)
 
-#: results.csv metric columns and the pytorch-ood keys they come from
-METRIC_KEYS = {"AUROC": "AUROC", "AUPR-IN": "AUPR-IN", "AUPR-OUT": "AUPR-OUT", "FPR95": "FPR95TPR"}
+#: results.csv columns from pytorch-ood's OODMetrics and the keys they come from
+METRIC_KEYS = OOD_METRIC_KEYS
 
 
 class OODModel(pl.LightningModule):
@@ -30,7 +30,9 @@ class OODModel(pl.LightningModule):
     stay on the device until the metrics are computed there (pytorch-ood's ``OODMetrics``).
     After testing, :attr:`test_results` holds one dict per (test case, score) and
     :attr:`test_outputs` the scores, labels (and ID predictions) per set (``"ID"`` and each
-    test case) as host tensors (:mod:`mchad.devices`), for callbacks that plot them.
+    test case) as host tensors (:mod:`mchad.devices`), for callbacks that plot them. ``detectors``
+    (a :class:`mchad.detectors.DetectorBank`) adds post-hoc detectors' scores after the method's own;
+    they are fitted on the training split when testing starts.
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class OODModel(pl.LightningModule):
         optimizer: partial,
         scheduler: partial | None = None,
         test_case_names: list[str] | None = None,
+        detectors: DetectorBank | None = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -47,6 +50,7 @@ class OODModel(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.test_case_names = list(test_case_names or [])
+        self.detectors = detectors if detectors is not None else DetectorBank([])
         self.test_results: list[dict] = []
         self.test_outputs: dict[str, dict[str, Tensor]] = {}
         self._test_outputs: dict[int, dict[str, list[Tensor]]] = {}
@@ -128,6 +132,27 @@ class OODModel(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- testing --------------------------------------------------------------------------
+    @property
+    def score_names(self) -> list[str]:
+        """Every score a test reports: the method's (headline first), then the detectors'."""
+        return [*self.method.score_names, *self.detectors.names]
+
+    def on_test_start(self) -> None:
+        """Fit the post-hoc detectors on the training split (the model is on its device, in eval mode)."""
+        if not len(self.detectors):
+            return
+        datamodule = self.trainer.datamodule
+        train = datamodule.data["train"]
+        self.detectors.fit(
+            self,
+            self.method,
+            train.images,
+            train.labels,
+            lambda images: datamodule.transform(images, augment=False),
+            self.device,
+            datamodule.test_batch_size,
+        )
+
     def on_test_epoch_start(self) -> None:
         self._test_outputs = defaultdict(lambda: defaultdict(list))
         self.test_results = []
@@ -136,7 +161,10 @@ class OODModel(pl.LightningModule):
         images, labels = batch
         out = self(images)
         buffer = self._test_outputs[dataloader_idx]
-        for name, score in self.method.scores(out).items():
+        scores = self.method.scores(out)
+        if len(self.detectors):
+            scores.update(self.detectors.scores(self.method, out))
+        for name, score in scores.items():
             buffer[name].append(score.float())
         buffer["labels"].append(labels)
         if dataloader_idx == 0:
@@ -152,7 +180,7 @@ class OODModel(pl.LightningModule):
             return local
         # a rank whose part of a set was empty has no entry: every rank must join every tensor
         n_sets = len(self.test_case_names) + 1
-        keys = {name: torch.float32 for name in self.method.score_names}
+        keys = {name: torch.float32 for name in self.score_names}
         keys["labels"] = torch.long
         joined = {}
         for index in range(n_sets):
@@ -179,15 +207,16 @@ class OODModel(pl.LightningModule):
         self.test_outputs = to_host({"ID": ind, **{case: outputs[i] for i, case in enumerate(names, start=1)}})
         for index, case in enumerate(names, start=1):
             ood = outputs[index]
-            for score in self.method.score_names:
-                metrics = OODMetrics(device=ind[score].device)
-                metrics.update(ind[score], ind["labels"])
-                metrics.update(ood[score], torch.full_like(ood["labels"], -1))
-                values = metrics.compute()
-                row = {"test_case": case, "score": score, "Accuracy": accuracy}
-                row.update({column: float(values[key]) for column, key in METRIC_KEYS.items()})
-                row["OSCR"] = oscr(ind[score], ind["predictions"] == ind["labels"], ood[score])
+            for score in self.score_names:
+                row = {"test_case": case, "score": score}
+                row.update(case_metrics(ind[score], ind["labels"], ind["predictions"], ood[score]))
                 self.test_results.append(row)
-                for column in [*METRIC_KEYS, "OSCR"]:
+                for column in METRIC_COLUMNS[1:]:
                     # equal on every rank (computed from the joined scores): sync_dist is a no-op
                     self.log(f"test/{case}/{score}/{column}", row[column], sync_dist=True)
+        for name, seconds in self.detectors.seconds.items():
+            # DDP: each rank's own seconds, their mean logged
+            self.log(f"test/seconds/{name}", seconds, sync_dist=True)
+        if self.detectors.seconds:
+            log.info("Detector seconds (fit + scoring): %s",
+                     ", ".join(f"{name} {seconds:.3f}" for name, seconds in self.detectors.seconds.items()))

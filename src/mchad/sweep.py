@@ -107,14 +107,29 @@ def run_trial(cfg: DictConfig, output_dir: str | Path, cwd: str | None = None) -
         prepare_worker(cwd)
         path = run(cfg)
     except (Exception, SystemExit) as error:  # noqa: BLE001 - every cause is recorded
-        cause = one_line(error)
-        detail = "" if isinstance(error, UserError) else "\n" + "".join(traceback.format_exception(error))
-        failed.write_text(f"error: {cause}\n{detail}", encoding="utf-8")
         # a partial results.csv would be counted as a finished trial
         (output_dir / RESULTS_FILE).unlink(missing_ok=True)
+        cause = record_failure(output_dir, error)
         log.error("trial failed: %s (%s)", cause, failed)
         return {"status": "failed", "dir": str(output_dir), "cause": cause}
     return {"status": "ok", "dir": str(output_dir), "results": str(path)}
+
+
+def record_failure(output_dir: str | Path, error: BaseException | str) -> str:
+    """Write the cause of a failed run to ``<output_dir>/FAILED.txt`` (a bug's traceback below
+    it) and return the cause in one line. A folder that holds a results.csv (a finished run
+    whose resume was refused) is left as it is."""
+    output_dir = Path(output_dir)
+    cause = one_line(error)
+    if (output_dir / RESULTS_FILE).exists():
+        return cause
+    detail = "" if isinstance(error, (str, UserError)) else "\n" + "".join(traceback.format_exception(error))
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / FAILED_FILE).write_text(f"error: {cause}\n{detail}", encoding="utf-8")
+    except OSError as write_error:  # e.g. a read-only run folder: the console has the cause
+        log.warning("could not write %s: %s", output_dir / FAILED_FILE, write_error)
+    return cause
 
 
 def one_line(error: BaseException | str) -> str:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import sys
+import traceback
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -13,14 +16,20 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from mchad.backbones import load_pretrained, output_width
+from mchad.cli import FILE_ONLY, on_terminal, show_tracebacks
 from mchad.errors import ConfigError, UserError
-from mchad.module import METRIC_KEYS, OODModel
+from mchad.detectors import DetectorBank, check_detectors
+from mchad.metrics import METRIC_COLUMNS
+from mchad.module import OODModel
 from mchad.provenance import COLUMNS as PROVENANCE_COLUMNS
+from mchad.validate import check_config, check_training_data
 from mchad.objective import OBJECTIVE_FILE, check_objective, write_objective
 
 log = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed", "Accuracy", *METRIC_KEYS, "OSCR", *PROVENANCE_COLUMNS]
+# evaluated_from: the checkpoint an eval-only run (train=false) tested, empty for a trained run
+RESULT_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed", *METRIC_COLUMNS,
+                  "evaluated_from", *PROVENANCE_COLUMNS]
 
 
 def trainer_kwargs(trainer_cfg: DictConfig) -> DictConfig:
@@ -61,6 +70,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, OODModel]:
         )
     datamodule = _instantiate(cfg.datamodule, "datamodule")
     datamodule.setup("fit")
+    check_training_data(datamodule)
     backbone = _instantiate(cfg.model.backbone, "model.backbone")
     width = output_width(backbone, datamodule.image_shape)
     if width != cfg.model.n_embedding:
@@ -69,15 +79,26 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, OODModel]:
         )
     if cfg.model.get("pretrained_checkpoint"):
         load_pretrained(backbone, str(cfg.model.pretrained_checkpoint), trust=bool(cfg.get("trust_checkpoint", False)))
+    method = _instantiate(cfg.model.method, "model.method")
     model = OODModel(
         backbone=backbone,
-        method=_instantiate(cfg.model.method, "model.method"),
+        method=method,
         optimizer=_instantiate(cfg.model.optimizer, "model.optimizer"),
         scheduler=_instantiate(cfg.model.scheduler, "model.scheduler") if cfg.model.get("scheduler") else None,
         test_case_names=datamodule.test_case_names,
+        detectors=make_detectors(cfg, method),
     )
     apply_performance_options(cfg, datamodule, model)
     return datamodule, model
+
+
+def make_detectors(cfg: DictConfig, method) -> DetectorBank:
+    """The post-hoc detectors of ``cfg.detectors``, refused here (before training) when unknown
+    or not applicable to the method."""
+    args = OmegaConf.to_container(cfg.get("detector_args") or {}, resolve=True)
+    fit_samples = cfg.get("detector_fit_samples", 10000)
+    names = check_detectors(cfg.get("detectors"), method, cfg.model.get("name", type(method).__name__), args, fit_samples)
+    return DetectorBank(names, args, fit_samples, seed=int(cfg.seed))
 
 
 def _on_gpu(cfg: DictConfig) -> bool:
@@ -126,6 +147,8 @@ def make_trainer(cfg: DictConfig, loggers: list | None = None, extra_callbacks: 
     kwargs = trainer_kwargs(cfg.trainer)
     with open_dict(kwargs):
         kwargs.update(overrides)
+        if kwargs.get("enable_progress_bar", "auto") in ("auto", None):  # drawn only for a person watching
+            kwargs.enable_progress_bar = on_terminal()
     if not kwargs.get("enable_progress_bar", True):
         # Lightning refuses a configured progress bar next to enable_progress_bar=false
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
@@ -182,16 +205,17 @@ def _save_config(cfg: DictConfig, path: Path) -> None:
 
 
 def _remove_stale_results(output_dir: Path) -> Path:
-    """Remove a previous results.csv (and its provenance.json) from the run folder: a run that
-    fails must leave none."""
+    """Remove a previous results.csv (and its scores, provenance and objective files) from the
+    run folder: a run that fails must leave none."""
     from mchad.provenance import PROVENANCE_FILE
+    from mchad.scores import SCORES_FILE
 
     path = output_dir / "results.csv"
     if path.exists():
         log.warning("Removing the previous %s (it is written again when this run ends)", path)
         path.unlink()
-    (output_dir / PROVENANCE_FILE).unlink(missing_ok=True)
-    (output_dir / OBJECTIVE_FILE).unlink(missing_ok=True)
+    for stale in (SCORES_FILE, PROVENANCE_FILE, OBJECTIVE_FILE):
+        (output_dir / stale).unlink(missing_ok=True)
     return path
 
 
@@ -206,6 +230,7 @@ def run(cfg: DictConfig) -> Path:
     A stale results.csv in the run folder is removed first, so a run that fails leaves none.
     """
     from mchad import provenance
+    from mchad.distributed import is_launch_rank_zero
     from mchad.robust import (
         check_fits,
         checkpoint_file,
@@ -213,8 +238,6 @@ def run(cfg: DictConfig) -> Path:
         load_checkpoint,
         resume_config,
     )
-
-    from mchad.distributed import is_launch_rank_zero
 
     writer = is_launch_rank_zero()  # DDP: rank 0 alone writes files (the others only compute)
     ckpt_file: Path | None = None
@@ -236,6 +259,9 @@ def run(cfg: DictConfig) -> Path:
         check_objective(cfg.objective)
     if not training and ckpt_file is None:
         raise ConfigError("train=false only tests a trained model: give it with ckpt_path=<run folder or .ckpt file>")
+    check_config(cfg)
+    if not resuming:
+        cfg.name = experiment_name(cfg)
 
     output_dir = Path(cfg.paths.output_dir)
     path = output_dir / "results.csv"
@@ -257,25 +283,36 @@ def run(cfg: DictConfig) -> Path:
         keep_csv_history(loggers, int(checkpoint.get("global_step", 0)))
     trainer = make_trainer(cfg, loggers, extra_callbacks=(SharedRunFolder(output_dir),))
 
-    if training:
-        # Lightning loads the file again: explicitly weights-only too (its None means torch's default)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt_file is None else str(ckpt_file), weights_only=not trust)
-        if cfg.get("objective") is not None and trainer.is_global_zero:  # validation data only, before any test set is scored
-            write_objective(cfg.objective, trainer, model, output_dir)
-    else:
-        model.load_state_dict(checkpoint["state_dict"])
-        log.info("Testing %s (no training)", ckpt_file)
-    del checkpoint
-    trainer.test(model, datamodule=datamodule, verbose=False)
-    if not trainer.is_global_zero:  # its scores are in rank 0's results
+    try:
+        if training:
+            # Lightning loads the file again: explicitly weights-only too (its None means torch's default)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt_file is None else str(ckpt_file),
+                        weights_only=not trust)
+            # validation data only, before any test set is scored; rank 0 alone (DDP)
+            if cfg.get("objective") is not None and trainer.is_global_zero:
+                write_objective(cfg.objective, trainer, model, output_dir)
+        else:
+            model.load_state_dict(checkpoint["state_dict"])
+            log.info("Testing %s (no training)", ckpt_file)
+        del checkpoint
+        trainer.test(model, datamodule=datamodule, verbose=False)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into SystemExit(1)
+            raise KeyboardInterrupt from None
+        raise
+    if not trainer.is_global_zero:  # DDP: its scores are in rank 0's results
         return path
 
+    # an eval-only run's rows belong to the model it tested: that run's seed
+    seed, evaluated_from = (cfg.seed, "") if training else (checkpoint_seed(ckpt_file), str(ckpt_file))
+    meta = {"experiment": cfg.name, "id_dataset": datamodule.name, "method": cfg.model.name, "seed": seed}
     extra = getattr(datamodule, "result_columns", {})  # e.g. the open-set split
-    rows = [
-        {"experiment": cfg.name, "id_dataset": datamodule.name, "method": cfg.model.name, "seed": cfg.seed, **extra, **row}
-        for row in model.test_results
-    ]
+    rows = [{**meta, **extra, **row, "evaluated_from": evaluated_from} for row in model.test_results]
     rows = provenance.record(cfg, code, datamodule, trainer, rows, output_dir, ckpt_file)
+    from mchad.scores import SCORES_FILE, save_scores
+
+    # the per-sample scores first: results.csv, written last, marks a finished run
+    save_scores(model.test_outputs, model.score_names, meta, output_dir / SCORES_FILE)
     write_results(rows, path)
     import pandas as pd
 
@@ -298,6 +335,34 @@ def _console_logging_only() -> None:
             path.unlink()  # a child's own, still empty file (rank 0's file is left to rank 0)
 
 
+def experiment_name(cfg: DictConfig) -> str:
+    """results.csv's ``experiment``: ``name=`` when given on the command line, else
+    ``<datamodule>-<model>`` of the config groups that ran (``digits-cac`` for
+    ``model=cac``; an image folder by its folder's name: ``cifar10-jpeg-mchad``); an open-set
+    experiment keeps its name (``osr-<setting>-<method>``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or any(o.lstrip("+").split("=")[0] == "name" for o in _command_overrides()):
+        return cfg.name
+    if cfg.get("osr") is not None:  # open set: the setting is the data, wherever its images come from
+        return cfg.name
+    choices = HydraConfig.get().runtime.choices
+    data, model = choices.get("datamodule"), choices.get("model")
+    if data == "imagefolder" and cfg.datamodule.get("root"):
+        data = Path(str(cfg.datamodule.root)).name  # the user's folder, e.g. cifar10-jpeg
+    return f"{data}-{model}" if data and model else cfg.name
+
+
+def checkpoint_seed(ckpt_file: Path) -> int | None:
+    """The seed of the run that wrote ``<run>/checkpoints/<name>.ckpt`` (its config.yaml), None if unknown."""
+    config = ckpt_file.parent.parent / "config.yaml"
+    seed = OmegaConf.select(OmegaConf.load(config), "seed", default=None) if config.is_file() else None
+    if not isinstance(seed, int):
+        log.warning("The seed of %s is unknown (no config.yaml of its run): the seed column is left empty", ckpt_file)
+        return None
+    return seed
+
+
 def _multirun_trial() -> DictConfig | None:
     """The Hydra config of this job when it is one trial of a multirun (``-m``), else None."""
     from hydra.core.hydra_config import HydraConfig
@@ -310,26 +375,55 @@ def _multirun_trial() -> DictConfig | None:
 
 
 def main(cfg: DictConfig) -> float | None:
-    """Hydra task: a user error ends the process with one line and exit status 1.
+    """Hydra task: a user error ends the process with one line and exit status 1; Ctrl-C
+    with one line saying how to resume (exit status 130). A failed run writes its cause to
+    ``<run folder>/FAILED.txt`` (removed again once the run, resumed, succeeds).
 
     In a multirun (``-m``, e.g. in a Ray worker) a failing trial writes its cause to
     ``<trial>/FAILED.txt`` and returns, so the other trials go on (see mchad.sweep); the
     trial returns its validation objective (mchad.objective), which a search sweeper
     (``hydra/sweeper=optuna``) optimises, or None when it failed.
     """
+    from mchad.sweep import FAILED_FILE, one_line, record_failure, run_trial
+
     trial = _multirun_trial()
     if trial is not None:
         from mchad.objective import trial_objective
-        from mchad.sweep import run_trial
 
         return trial_objective(run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd))
     from mchad.distributed import is_launch_rank_zero
 
-    if not is_launch_rank_zero():
+    writer = is_launch_rank_zero()  # DDP: rank 0 writes FAILED.txt and prints the one error line
+    if not writer:
         _console_logging_only()
+    output_dir = Path(cfg.paths.output_dir)
     try:
         run(cfg)
     except UserError as error:
-        log.error("%s", error)
-        # DDP: the one `error:` line comes from rank 0 (every rank stops with status 1)
-        raise SystemExit(f"error: {error}" if is_launch_rank_zero() else 1) from None
+        if not writer:  # every rank stops with status 1
+            log.error("%s", one_line(error))
+            raise SystemExit(1) from None
+        cause = record_failure(output_dir, error)
+        log.error("%s", cause, extra=FILE_ONLY)  # run.log; the console gets the one line below
+        if show_tracebacks():
+            traceback.print_exc()
+        raise SystemExit(f"error: {cause}") from None
+    except KeyboardInterrupt:
+        if not writer:
+            raise SystemExit(130) from None
+        from mchad.robust import LAST_CHECKPOINT
+
+        if (output_dir / LAST_CHECKPOINT).is_file():
+            message = f"interrupted; continue this run with: python run.py resume={shlex.quote(str(output_dir))}"
+        else:
+            message = "interrupted before the first epoch ended (no checkpoint to resume from); start it again"
+        record_failure(output_dir, message)
+        log.warning("%s", message, extra=FILE_ONLY)
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except Exception as error:  # a bug: its cause and traceback in FAILED.txt, then raised on
+        if writer:
+            record_failure(output_dir, error)
+        raise
+    if writer:
+        (output_dir / FAILED_FILE).unlink(missing_ok=True)  # e.g. an interrupted run, resumed

@@ -127,9 +127,9 @@ class OODDataModule(pl.LightningDataModule):
         self.data["train"] = full if self.full_train_set else full.subset(order[n_val:])
         shape = self.image_shape
         for name, source in self.test_case_sources.items():
-            self.test_cases[name] = conform(self._load(source, f"ood/{name}").as_outliers(), shape)
+            self.test_cases[name] = conform(self._load(source, f"ood/{name}").as_outliers(), shape, f"test case {name}: {source.describe()}")
         if self.outlier_source is not None:
-            outliers = conform(self._load(self.outlier_source, "outliers").as_outliers(), shape)
+            outliers = conform(self._load(self.outlier_source, "outliers").as_outliers(), shape, f"outliers: {self.outlier_source.describe()}")
             if self.outlier_fraction < 1:
                 keep = torch.randperm(len(outliers), generator=torch.Generator().manual_seed(self.seed + 2))
                 outliers = outliers.subset(keep[: max(1, round(len(outliers) * self.outlier_fraction))])
@@ -245,10 +245,16 @@ class OODDataModule(pl.LightningDataModule):
         return self.transform(images, augment=training, augment_rows=rows)
 
 
-def conform(array: ImageArray, shape: tuple[int, int, int]) -> ImageArray:
-    """Bring OOD images to the ID image shape: channels (grey <-> RGB) and size (bilinear)."""
+def conform(array: ImageArray, shape: tuple[int, int, int], what: str = "") -> ImageArray:
+    """Bring OOD images to the ID image shape: channels (grey <-> RGB) and size (bilinear);
+    a conversion is announced in one warning naming ``what``."""
     images = array.images
     channels, height, width = shape
+    if what and tuple(images.shape[1:]) != tuple(shape):
+        log.warning(
+            "%s: %d images of %s converted to the model's input shape %s",
+            what, len(images), "x".join(map(str, images.shape[1:])), "x".join(map(str, shape)),
+        )
     if images.shape[1] != channels:
         if channels == 1:
             weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # cpu: converts host data
