@@ -207,11 +207,16 @@ def two_process_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     logs, probe = tmp / "logs", tmp / "probe"
     # full_train_set: every training image in every epoch (the last, smaller batch kept)
-    result = _run(*_quick(logs, probe, "model=ii", "trainer.devices=2", "+datamodule.full_train_set=true"), cwd=tmp)
+    # a fitted detector too: its scores are joined like the method's
+    detectors = "detectors=[energy,mahalanobis]"
+    result = _run(*_quick(logs, probe, "model=ii", detectors, "trainer.devices=2", "+datamodule.full_train_set=true"), cwd=tmp)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p.parent for p in logs.glob("runs/*/*/config.yaml"))
     assert len(runs) == 1, runs
-    single = _run(*_quick(logs / "single", None, "model=ii", "+datamodule.full_train_set=true", "train=false", f"ckpt_path={runs[0]}"), cwd=tmp)
+    single = _run(
+        *_quick(logs / "single", None, "model=ii", detectors, "+datamodule.full_train_set=true", "train=false", f"ckpt_path={runs[0]}"),
+        cwd=tmp,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     return {"result": result, "run": runs[0], "probe": probe, "single": single, "logs": logs}
 
@@ -232,7 +237,7 @@ def test_two_processes_split_every_epoch_and_write_once(two_process_run):
     assert n % 64 and ranks[0]["batch_sizes"] == ranks[1]["batch_sizes"] == ([32] * (n // 64) + [n % 64 // 2]) * 2
     run_dir = two_process_run["run"]
     logs = two_process_run["logs"]
-    assert len(list(logs.glob("runs/**/results.csv"))) == 1
+    assert len(list(logs.glob("runs/**/results.csv"))) == len(list(logs.glob("runs/**/scores.npz"))) == 1
     assert not list(run_dir.glob("train_ddp_process_*"))
     out = two_process_run["result"].stdout + two_process_run["result"].stderr
     assert out.count("Results: ") == 1
@@ -256,8 +261,14 @@ def test_two_process_metrics_equal_a_single_process_test_of_the_checkpoint(two_p
     single = pd.read_csv(single_runs[0])
     keys = ["test_case", "score"]
     ddp, single = ddp.sort_values(keys).reset_index(drop=True), single.sort_values(keys).reset_index(drop=True)
-    assert ddp[keys].equals(single[keys]) and len(ddp) == 6
+    assert ddp[keys].equals(single[keys]) and len(ddp) == 3 * 4  # 3 test cases x (distance, msp, 2 detectors)
     np.testing.assert_allclose(ddp[METRICS].to_numpy(), single[METRICS].to_numpy(), rtol=1e-6, atol=1e-9)
+    # the per-sample scores too, in the sets' order (the ranks' parts joined in rank order)
+    with np.load(two_process_run["run"] / "scores.npz") as a, np.load(single_runs[0].parent / "scores.npz") as b:
+        arrays = [key for key in a.files if not key.startswith("meta/")]
+        assert sorted(arrays) == sorted(k for k in b.files if not k.startswith("meta/")) and len(arrays) > 12
+        for key in arrays:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 @pytest.mark.slow
@@ -271,6 +282,8 @@ def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "at step 3" in errors[0], result.stderr[-3000:]
     assert not list(logs.glob("runs/**/results.csv"))
+    (failed,) = list(logs.glob("runs/**/FAILED.txt"))  # rank 0's
+    assert "at step 3" in failed.read_text()
 
 
 @pytest.mark.slow
