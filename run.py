@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> float | None:
     from mchad.cli import quiet_console
 
     quiet_console()  # before torch and Lightning are imported: their notices go to run.log only
-    from mchad.train import main as train_main  # heavy imports after Hydra parsed the command line
+    from mchad.task import main as train_main  # heavy imports after Hydra parsed the command line
 
     return train_main(cfg)  # a sweep trial's validation objective, for search sweepers
 

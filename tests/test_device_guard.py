@@ -197,7 +197,7 @@ def test_the_non_finite_loss_guard_on_the_device():
     from types import SimpleNamespace
 
     from mchad.errors import NonFiniteLossError
-    from mchad.robust import NonFiniteLossGuard
+    from mchad.nan_guard import NonFiniteLossGuard
 
     guard = NonFiniteLossGuard(sync_every_step=False)
     trainer = SimpleNamespace(global_step=1, log_every_n_steps=2, current_epoch=0)

@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, compose_config, make_image_folder
-from mchad.train import RESULT_COLUMNS, main, run
+from mchad.task import main
+from mchad.train import RESULT_COLUMNS, run
 from test_robustness import SHORT, _error_of, _light_overrides, run_cli
 
 

@@ -20,7 +20,8 @@ from omegaconf import open_dict
 from conftest import ROOT, compose_config
 from mchad.errors import CheckpointError, NonFiniteLossError
 from mchad.module import OODModel
-from mchad.train import RESULT_COLUMNS, main, run, write_results
+from mchad.task import main
+from mchad.train import RESULT_COLUMNS, run, write_results
 
 METRICS = ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95"]
 # 3 short epochs; validation every epoch writes last.ckpt
@@ -131,7 +132,7 @@ def test_eval_only_reproduces_and_tests_new_modules(reference, fast, tmp_path):
 
 
 def _error_of(overrides: list[str], output_dir: Path) -> str:
-    """The one-line message `run.py` would exit with (mchad.train.main's SystemExit)."""
+    """The one-line message `run.py` would exit with (mchad.task.main's SystemExit)."""
     cfg = compose_config(overrides, output_dir)
     with pytest.raises(SystemExit) as info:
         main(cfg)
@@ -226,7 +227,7 @@ def test_nan_check_without_host_sync_reports_first_bad_step():
     step is kept on the device and reported at the next check (log interval / epoch end)."""
     from types import SimpleNamespace
 
-    from mchad.robust import NonFiniteLossGuard
+    from mchad.nan_guard import NonFiniteLossGuard
 
     guard = NonFiniteLossGuard(sync_every_step=False)
     trainer = SimpleNamespace(global_step=0, current_epoch=0, log_every_n_steps=50)
@@ -296,7 +297,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     file and renamed, so a failed write keeps the previous checkpoint and leaves no debris."""
     import lightning_fabric.plugins.io.torch_io as torch_io
 
-    from mchad.robust import AtomicCheckpointIO
+    from mchad.checkpoints import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"

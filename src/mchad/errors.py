@@ -27,3 +27,9 @@ class UnsafeCheckpointError(CheckpointError):
 
 class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its class name if it has none), at most 200 characters."""
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:200]

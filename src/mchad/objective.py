@@ -5,7 +5,7 @@ data only: the ID validation hold-out against the validation unknowns, the same 
 images the validation views use (:func:`mchad.callbacks.validation_sample`: the
 outlier-exposure set when one is configured, else fixed-seed noise; never a test set).
 Written to ``<run>/objective.yaml``; in a sweep, Hydra's task function returns its
-``value`` (``mchad.train.main``), which is what hydra-optuna-sweeper optimises.
+``value`` (``mchad.task.main``), which is what hydra-optuna-sweeper optimises.
 
 Configured by the ``objective`` node of ``config/train.yaml``:
 

@@ -79,7 +79,7 @@ def config_hash(cfg) -> str:
     ``dirpath``) are written relative to them, so trials of one sweep share the hash."""
     from omegaconf import OmegaConf
 
-    from mchad.robust import replace_path_prefix
+    from mchad.resume import replace_path_prefix
 
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     container = _without_seed(container, container.get("seed"))

@@ -1,6 +1,6 @@
 """Multirun (``python run.py -m ...``) support: trials in Ray workers, failures, the report.
 
-* :func:`run_trial` is what ``mchad.train.main`` runs for each trial of a sweep. It prepares
+* :func:`run_trial` is what ``mchad.task.main`` runs for each trial of a sweep. It prepares
   the process (a Ray worker: torch threads = the CPUs Ray gave the trial, the driver's
   working directory), runs the trial and, when it fails, writes the cause to
   ``<trial folder>/FAILED.txt`` and returns normally, so that the other trials go on
@@ -24,19 +24,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from mchad.errors import UserError
+from mchad.failures import FAILED_FILE, RESULTS_FILE, failure_cause, one_line, record_failure
 
 log = logging.getLogger(__name__)
-
-FAILED_FILE = "FAILED.txt"
-RESULTS_FILE = "results.csv"
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -113,32 +109,6 @@ def run_trial(cfg: DictConfig, output_dir: str | Path, cwd: str | None = None) -
         log.error("trial failed: %s (%s)", cause, failed)
         return {"status": "failed", "dir": str(output_dir), "cause": cause}
     return {"status": "ok", "dir": str(output_dir), "results": str(path)}
-
-
-def record_failure(output_dir: str | Path, error: BaseException | str) -> str:
-    """Write the cause of a failed run to ``<output_dir>/FAILED.txt`` (a bug's traceback below
-    it) and return the cause in one line. A folder that holds a results.csv (a finished run
-    whose resume was refused) is left as it is."""
-    output_dir = Path(output_dir)
-    cause = one_line(error)
-    if (output_dir / RESULTS_FILE).exists():
-        return cause
-    detail = "" if isinstance(error, (str, UserError)) else "\n" + "".join(traceback.format_exception(error))
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / FAILED_FILE).write_text(f"error: {cause}\n{detail}", encoding="utf-8")
-    except OSError as write_error:  # e.g. a read-only run folder: the console has the cause
-        log.warning("could not write %s: %s", output_dir / FAILED_FILE, write_error)
-    return cause
-
-
-def one_line(error: BaseException | str) -> str:
-    text = " ".join(str(error).split())
-    if isinstance(error, BaseException):
-        name = type(error).__name__
-        if not isinstance(error, UserError):
-            text = f"{name}: {text}" if text else name
-    return text
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -245,15 +215,6 @@ def record_dead_trial(trial_dir: Path, overrides: list[str], cause: str, detail:
         OmegaConf.save(OmegaConf.create(list(overrides)), overrides_file)
     (trial_dir / FAILED_FILE).write_text(f"error: {cause}\n\n{detail}\n", encoding="utf-8")
     return {"status": "failed", "dir": str(trial_dir), "cause": cause}
-
-
-def failure_cause(trial_dir: Path) -> str:
-    """First line of FAILED.txt without its ``error:`` prefix."""
-    try:
-        first = (trial_dir / FAILED_FILE).read_text(encoding="utf-8").splitlines()[0]
-    except (OSError, IndexError):
-        return "unknown cause"
-    return first.removeprefix("error: ")
 
 
 def sweep_status(sweep_dir: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:

@@ -1,0 +1,51 @@
+"""A failed run's or trial's cause in ``<run folder>/FAILED.txt``, read back by the sweep report
+and ``mchad.aggregate``."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+
+from mchad.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FAILED_FILE = "FAILED.txt"
+RESULTS_FILE = "results.csv"
+
+
+def record_failure(output_dir: str | Path, error: BaseException | str) -> str:
+    """Write the cause of a failed run to ``<output_dir>/FAILED.txt`` (a bug's traceback below
+    it) and return the cause in one line. A folder that holds a results.csv (a finished run
+    whose resume was refused) is left as it is."""
+    output_dir = Path(output_dir)
+    cause = one_line(error)
+    if (output_dir / RESULTS_FILE).exists():
+        return cause
+    detail = "" if isinstance(error, (str, UserError)) else "\n" + "".join(traceback.format_exception(error))
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / FAILED_FILE).write_text(f"error: {cause}\n{detail}", encoding="utf-8")
+    except OSError as write_error:  # e.g. a read-only run folder: the console has the cause
+        log.warning("could not write %s: %s", output_dir / FAILED_FILE, write_error)
+    return cause
+
+
+def one_line(error: BaseException | str) -> str:
+    """``error`` in one line; a bug (not a :class:`~mchad.errors.UserError`) named by its class."""
+    text = " ".join(str(error).split())
+    if isinstance(error, BaseException):
+        name = type(error).__name__
+        if not isinstance(error, UserError):
+            text = f"{name}: {text}" if text else name
+    return text
+
+
+def failure_cause(trial_dir: Path) -> str:
+    """First line of FAILED.txt without its ``error:`` prefix."""
+    try:
+        first = (trial_dir / FAILED_FILE).read_text(encoding="utf-8").splitlines()[0]
+    except (OSError, IndexError):
+        return "unknown cause"
+    return first.removeprefix("error: ")

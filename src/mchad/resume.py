@@ -1,0 +1,123 @@
+"""Resuming a run: ``resume=<run folder|ckpt>`` -> that run's configuration and checkpoint.
+
+:func:`resume_config` rebuilds the run's configuration (its saved ``config.yaml`` plus the
+value overrides of the resuming command); :func:`keep_csv_history` keeps the resumed run's
+earlier ``metrics.csv`` rows. The random states come back with :class:`mchad.rng_state.RNGState`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from mchad.checkpoints import TRUST_KEY
+from mchad.errors import CheckpointError, ConfigError, first_line
+from mchad.resolvers import locate_resume
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+
+
+def _is_group_override(saved: DictConfig, key: str, value: Any) -> bool:
+    node = OmegaConf.select(saved, key, default=None)
+    return "/" in key or key in ("experiment", "testmodules") or (
+        isinstance(node, DictConfig) and not isinstance(value, dict)
+    )
+
+
+def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Path]:
+    """The configuration and checkpoint to resume ``cfg.resume`` with.
+
+    The run's saved ``config.yaml`` is the base; the resuming command's own ``key=value``
+    overrides (e.g. ``trainer.max_epochs=40`` to train longer) are applied to it. Config
+    groups (``model=...``, ``experiment=...``) cannot change in a resumed run.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    folder, ckpt = locate_resume(cfg.resume)
+    if not (folder / CONFIG_FILE).is_file():
+        raise ConfigError(f"resume={cfg.resume}: {folder} is not a run folder (it has no {CONFIG_FILE})")
+    if not ckpt.is_file():
+        raise CheckpointError(
+            f"resume={cfg.resume}: {ckpt} does not exist (the run stopped before its first epoch ended; "
+            "start it again without resume=)"
+        )
+    try:
+        saved = OmegaConf.load(folder / CONFIG_FILE)
+    except Exception as error:
+        raise ConfigError(f"resume={cfg.resume}: cannot read {folder / CONFIG_FILE}: {first_line(error)}") from error
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if key in ("resume", "ckpt_path", TRUST_KEY) or key.startswith("hydra."):
+            continue
+        if override.is_delete():  # e.g. ~callbacks.<name>: drop a callback from now on
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(saved, parent) if parent else saved
+            if isinstance(node, DictConfig) and leaf in node:
+                del node[leaf]
+            continue
+        value = override.value()
+        if _is_group_override(saved, key, value):
+            raise ConfigError(
+                f"resume: {key}={override.get_value_element_as_str()} would change a config group of the run; "
+                "a resumed run keeps its configuration (only values such as trainer.max_epochs=40 can change)"
+            )
+        if OmegaConf.select(saved, key, default="\0missing") == "\0missing" and not override.is_add():
+            raise ConfigError(f"resume: the run's configuration has no key {key}")
+        OmegaConf.update(saved, key, value, merge=True, force_add=True)
+    # the run folder may have moved since: point every path below the old folder to the new one
+    old = str(saved.paths.output_dir)
+    if old != str(folder):
+        container = OmegaConf.to_container(saved, resolve=False)
+        saved = OmegaConf.create(replace_path_prefix(container, old, str(folder)))
+    saved.resume = None
+    saved.ckpt_path = None
+    saved[TRUST_KEY] = bool(cfg.get(TRUST_KEY, False))  # trust is the resuming command's, not the run's
+    return saved, ckpt
+
+
+def replace_path_prefix(value: Any, old: str, new: str) -> Any:
+    """``value`` (nested dicts/lists) with every string ``old`` or ``old/...`` starting with ``new``."""
+    if isinstance(value, dict):
+        return {k: replace_path_prefix(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [replace_path_prefix(v, old, new) for v in value]
+    if isinstance(value, str) and (value == old or value.startswith(old + "/")):
+        return new + value[len(old) :]
+    return value
+
+
+
+def keep_csv_history(loggers: list, global_step: int) -> None:
+    """Keep a resumed run's earlier ``metrics.csv`` rows (up to the checkpoint's step).
+
+    Lightning's CSVLogger deletes an existing metrics.csv when it starts; the rows logged
+    before the checkpoint are handed to it again, those of the lost part after it dropped.
+    """
+    import csv
+
+    from pytorch_lightning.loggers import CSVLogger
+
+    for logger in loggers:
+        if not isinstance(logger, CSVLogger):
+            continue
+        path = Path(logger.log_dir) / "metrics.csv"
+        if not path.is_file():
+            continue
+        try:
+            with open(path, newline="") as file:
+                rows = [
+                    {k: v for k, v in row.items() if v not in ("", None)}
+                    for row in csv.DictReader(file)
+                    if int(float(row.get("step") or 0)) <= global_step
+                ]
+        except (OSError, ValueError, csv.Error) as error:
+            log.warning("Starting a new %s: the previous one is unreadable (%s)", path, first_line(error))
+            continue
+        writer = logger.experiment  # created now: it removes the old file
+        writer.metrics = rows + writer.metrics
+

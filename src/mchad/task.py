@@ -1,0 +1,103 @@
+"""``run.py``'s Hydra task: one run, or one trial of a sweep; a failure's cause in FAILED.txt.
+
+The entry point above the orchestration: it calls :func:`mchad.train.run` (one run) or
+:func:`mchad.sweep.run_trial` (one trial of a multirun), and nothing below imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import traceback
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from mchad.cli import FILE_ONLY, show_tracebacks
+from mchad.errors import UserError
+from mchad.failures import FAILED_FILE, one_line, record_failure
+
+log = logging.getLogger(__name__)
+
+
+def _console_logging_only() -> None:
+    """DDP ranks > 0 log to the console only: Hydra opened a log file in the run folder for
+    every process (Lightning's children name theirs ``train_ddp_process_<rank>.log``), which
+    belongs to rank 0 alone."""
+    import logging as logging_module
+
+    root = logging_module.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging_module.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+        path = Path(handler.baseFilename)
+        if path.name.startswith("train_ddp_process_") and path.is_file() and path.stat().st_size == 0:
+            path.unlink()  # a child's own, still empty file (rank 0's file is left to rank 0)
+
+
+def _multirun_trial() -> DictConfig | None:
+    """The Hydra config of this job when it is one trial of a multirun (``-m``), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Hydra task: a user error ends the process with one line and exit status 1; Ctrl-C
+    with one line saying how to resume (exit status 130). A failed run writes its cause to
+    ``<run folder>/FAILED.txt`` (removed again once the run, resumed, succeeds).
+
+    In a multirun (``-m``, e.g. in a Ray worker) a failing trial writes its cause to
+    ``<trial>/FAILED.txt`` and returns, so the other trials go on (see mchad.sweep); the
+    trial returns its validation objective (mchad.objective), which a search sweeper
+    (``hydra/sweeper=optuna``) optimises, or None when it failed.
+    """
+    from mchad.sweep import run_trial
+    from mchad.train import run
+
+    trial = _multirun_trial()
+    if trial is not None:
+        from mchad.objective import trial_objective
+
+        return trial_objective(run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd))
+    from mchad.distributed import is_launch_rank_zero
+
+    writer = is_launch_rank_zero()  # DDP: rank 0 writes FAILED.txt and prints the one error line
+    if not writer:
+        _console_logging_only()
+    output_dir = Path(cfg.paths.output_dir)
+    try:
+        run(cfg)
+    except UserError as error:
+        if not writer:  # every rank stops with status 1
+            log.error("%s", one_line(error))
+            raise SystemExit(1) from None
+        cause = record_failure(output_dir, error)
+        log.error("%s", cause, extra=FILE_ONLY)  # run.log; the console gets the one line below
+        if show_tracebacks():
+            traceback.print_exc()
+        raise SystemExit(f"error: {cause}") from None
+    except KeyboardInterrupt:
+        if not writer:
+            raise SystemExit(130) from None
+        from mchad.checkpoints import LAST_CHECKPOINT
+
+        if (output_dir / LAST_CHECKPOINT).is_file():
+            message = f"interrupted; continue this run with: python run.py resume={shlex.quote(str(output_dir))}"
+        else:
+            message = "interrupted before the first epoch ended (no checkpoint to resume from); start it again"
+        record_failure(output_dir, message)
+        log.warning("%s", message, extra=FILE_ONLY)
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except Exception as error:  # a bug: its cause and traceback in FAILED.txt, then raised on
+        if writer:
+            record_failure(output_dir, error)
+        raise
+    if writer:
+        (output_dir / FAILED_FILE).unlink(missing_ok=True)  # e.g. an interrupted run, resumed
