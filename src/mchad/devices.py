@@ -6,7 +6,7 @@
 * **The host** (CPU memory) holds what is handed *out* of training and testing: the
   validation sample of the callbacks, ``OODModel.test_outputs`` (for the plots), metric
   values, checkpoints read back, and every file written. :func:`to_host` is the one way
-  there, applied where tensors leave the device (:func:`mchad.callbacks.validation_sample`,
+  there, applied where tensors leave the device (:func:`mchad.callbacks.sample.validation_sample`,
   ``OODModel.on_test_epoch_end``), so callbacks and plots only ever see host tensors.
   Data sources decode into host memory; loaders and the forward passes move batches to the
   device.

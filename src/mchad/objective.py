@@ -2,7 +2,7 @@
 
 Computed right after training and before any test set is loaded or scored, on validation
 data only: the ID validation hold-out against the validation unknowns, the same fixed
-images the validation views use (:func:`mchad.callbacks.validation_sample`: the
+images the validation views use (:func:`mchad.callbacks.sample.validation_sample`: the
 outlier-exposure set when one is configured, else fixed-seed noise; never a test set).
 Written to ``<run>/objective.yaml``; in a sweep, Hydra's task function returns its
 ``value`` (``mchad.task.main``), which is what hydra-optuna-sweeper optimises.
@@ -43,14 +43,14 @@ def check_objective(objective: DictConfig) -> None:
 
 def validation_objective(objective: DictConfig, trainer: Any, model: Any) -> dict[str, Any]:
     """The objective and the validation metrics it comes from (plain Python values)."""
-    from mchad.callbacks import _auroc, validation_sample
+    from mchad.callbacks.sample import known_vs_unknown_auroc, validation_sample
 
     sample = validation_sample(
         trainer, model, objective.max_samples, objective.unknown_samples, objective.noise_seed, objective.batch_size
     )
     score = sample.score_name
     known = sample.known
-    auroc = _auroc(sample.scores[score][known], sample.scores[score][~known])
+    auroc = known_vs_unknown_auroc(sample.scores[score][known], sample.scores[score][~known])
     values = {"val_acc": float(sample.val_acc), "val_auroc": float(auroc)}
     values["mean"] = (values["val_acc"] + values["val_auroc"]) / 2
     return {
