@@ -142,7 +142,7 @@ def find_score_files(roots: Iterable[Path]) -> list[Path]:
 
 
 def results_from_scores(files: Iterable[Path]):
-    """A results frame as :func:`mchad.aggregate.find_results` reads it, recomputed from score files."""
+    """A results frame as :func:`mchad.read_results.find_results` reads it, recomputed from score files."""
     import pandas as pd
 
     frames = []

@@ -15,12 +15,14 @@ only lays them out, as LaTeX (booktabs) and Markdown:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -410,3 +412,81 @@ def write_paper_table(table: PaperTable, out_dir: str | Path, stem: str) -> dict
     paths["md"].write_text(render_markdown(table), encoding="utf-8")
     paths["tex"].write_text(render_latex(table), encoding="utf-8")
     return paths
+
+
+# ----------------------------------------------------------------------------- any table: order and files
+
+# Column names of the written tables (display order and names: mchad/tables.yaml).
+DISPLAY_NAMES = {"id_dataset": DATASET, "method": MODEL, "test_case": OOD_SET}
+
+# p-values can be tiny; two decimals would print them as 0.00.
+DEFAULT_FORMATS = {"p": "{:.3g}", "t": "{:.3f}"}
+
+
+def sort_rows(table: pd.DataFrame, config: TableConfig | None = None) -> pd.DataFrame:
+    """``table`` sorted by dataset, model and OOD set in the table config's display order."""
+    keys = [c for c in (DATASET, MODEL, OOD_SET) if c in table.columns]
+    if table.empty:
+        return table.reset_index(drop=True)
+    return table.sort_values(keys, key=lambda c: display_order(c, config), kind="stable").reset_index(drop=True)
+
+
+@functools.cache
+def _default_table_config() -> TableConfig:
+    return load_table_config()
+
+
+def display_orders(config: TableConfig | None) -> dict[str, tuple[str, ...] | list[str]]:
+    config = config or _default_table_config()
+    return {DATASET: config.datasets, MODEL: config.method_order, OOD_SET: config.ood_sets}
+
+
+def display_order(column: pd.Series, config: TableConfig | None = None) -> pd.Series:
+    categories = ordered(column, display_orders(config).get(column.name, []))
+    return pd.Series(pd.Categorical(column, categories=categories, ordered=True), index=column.index)
+
+
+
+def write_tables(
+    table: pd.DataFrame,
+    out_dir: str | Path,
+    stem: str,
+    formats: Mapping[str, str] | None = None,
+) -> dict[str, Path]:
+    """Write ``stem``.csv (full precision), .md, .html and .tex (2 decimals) to ``out_dir``.
+
+    ``formats`` maps column names to format strings for the text formats
+    (default: floats ``{:.2f}``, plus ``DEFAULT_FORMATS``).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = _format_cells(table, {**DEFAULT_FORMATS, **(formats or {})})
+    numeric = [pd.api.types.is_numeric_dtype(table[c]) for c in table.columns]
+
+    paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("csv", "md", "html", "tex")}
+    table.to_csv(paths["csv"], index=False)
+    paths["md"].write_text(to_markdown(text, numeric), encoding="utf-8")
+    paths["html"].write_text(text.to_html(index=False, justify="center", border=0) + "\n", encoding="utf-8")
+    column_format = "".join("r" if n else "l" for n in numeric)
+    paths["tex"].write_text(text.to_latex(index=False, escape=True, column_format=column_format), encoding="utf-8")
+    return paths
+
+
+def _format_cells(table: pd.DataFrame, formats: Mapping[str, str]) -> pd.DataFrame:
+    def format_value(column: str, value: object) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "nan"
+        if isinstance(value, (float, np.floating)):
+            return formats.get(column, "{:.2f}").format(value)
+        return str(value)
+
+    return pd.DataFrame(
+        {c: [format_value(c, v) for v in table[c].tolist()] for c in table.columns},
+        index=range(len(table)),
+        columns=table.columns,
+    )
+
+
+def safe_name(name: str) -> str:
+    """``name`` as a file name part (runs of other characters become ``_``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
