@@ -61,11 +61,11 @@ class EmbeddingAnimation(ValidationCallback):
     :func:`sphere_geometry`). Unknown validation samples (see the module docs) are drawn
     grey when ``show_unknown``.
 
-    Args:
+    Args (and the sampling settings of :class:`~mchad.callbacks.sample.ValidationCallback`;
+    ``every_n_epochs``: a frame every this many epochs):
         dirpath: folder of the frames (default ``<run>/plots/embedding``).
         gif_path: the animation (default ``<run>/embedding.gif``); ``None`` with
             ``gif: false`` writes no GIF.
-        every_n_epochs: a frame every this many epochs (and at the last); 0 = never.
         max_points: at most this many known points per frame (fixed subset).
         max_unknown_points: at most this many unknown points per frame.
         show_unknown: draw the unknown samples.
@@ -78,19 +78,15 @@ class EmbeddingAnimation(ValidationCallback):
         self,
         dirpath: str | None = None,
         gif_path: str | None = None,
-        every_n_epochs: int = 1,
-        max_samples: int = 2000,
-        unknown_samples: int = 1000,
-        noise_seed: int = 20221,
-        batch_size: int = 512,
         max_points: int = 3000,
         max_unknown_points: int = 500,
         show_unknown: bool = True,
         frame_duration_ms: int = 300,
         pad: float = 0.15,
         gif: bool = True,
+        **sampling: Any,
     ):
-        super().__init__(every_n_epochs, max_samples, unknown_samples, noise_seed, batch_size)
+        super().__init__(**sampling)
         self.dirpath = dirpath
         self.gif_path = gif_path
         self.max_points = max_points

@@ -217,7 +217,15 @@ def validation_sample(
 
 
 class ValidationCallback(Callback):
-    """Shared switches: how often and on how many samples validation views are made."""
+    """Shared switches: how often and on how many samples validation views are made.
+
+    Args:
+        every_n_epochs: a view every this many epochs (and at the last); 0 = never.
+        max_samples: validation images scored (the first of the shuffled hold-out).
+        unknown_samples: unknown images scored beside them (see :mod:`mchad.callbacks`).
+        noise_seed: seed of the noise images when no outlier set is configured.
+        batch_size: batch size of the extra forward passes.
+    """
 
     def __init__(
         self,

@@ -27,12 +27,8 @@ class ValidationViews(ValidationCallback):
     """TensorBoard views at validation: known vs. unknown score histograms and AUROC;
     at the end of training the embeddings in the projector and a histogram image.
 
-    Args:
-        every_n_epochs: histograms every this many epochs (and at the last); 0 = never.
-        max_samples: validation images scored (the first of the shuffled hold-out).
-        unknown_samples: unknown images scored beside them (see the module docs).
-        noise_seed: seed of the noise images when no outlier set is configured.
-        batch_size: batch size of the extra forward passes.
+    Args (and the sampling settings of :class:`~mchad.callbacks.sample.ValidationCallback`;
+    ``every_n_epochs``: histograms every this many epochs):
         log_auroc: log ``val/unknown/<score>/AUROC`` (known vs. unknown) as a metric.
         histogram_image: at the end of training, log an image of the two score histograms.
         projector: at the end of training, add the embeddings to the TensorBoard projector.
@@ -42,18 +38,14 @@ class ValidationViews(ValidationCallback):
 
     def __init__(
         self,
-        every_n_epochs: int = 1,
-        max_samples: int = 2000,
-        unknown_samples: int = 1000,
-        noise_seed: int = 20221,
-        batch_size: int = 512,
         log_auroc: bool = True,
         histogram_image: bool = True,
         projector: bool = True,
         projector_max_points: int = 2000,
         projector_images: bool = True,
+        **sampling: Any,
     ):
-        super().__init__(every_n_epochs, max_samples, unknown_samples, noise_seed, batch_size)
+        super().__init__(**sampling)
         self.log_auroc = log_auroc
         self.histogram_image = histogram_image
         self.projector = projector
