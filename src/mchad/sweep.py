@@ -3,8 +3,9 @@
 * :func:`run_trial` is what ``mchad.task.main`` runs for each trial of a sweep. It prepares
   the process (a Ray worker: torch threads = the CPUs Ray gave the trial, the driver's
   working directory), runs the trial and, when it fails, writes the cause to
-  ``<trial folder>/FAILED.txt`` and returns normally, so that the other trials go on
-  (hydra-ray-launcher's ``ray.get`` would otherwise stop the sweep at the first failure).
+  ``<trial folder>/FAILED.txt`` (:mod:`mchad.failures`) and returns normally, so that the
+  other trials go on (hydra-ray-launcher's ``ray.get`` would otherwise stop the sweep at the
+  first failure).
 * :class:`SweepReport` (a Hydra callback, see ``config/hydra/default.yaml``) lists the
   failed and missing trials when the sweep ends (path + cause) and makes the command exit
   with status 1 if there is any; it counts the trials done before this command and run now
