@@ -115,8 +115,9 @@ def test_running_centres_follow_the_global_batch(tmp_path):
             method.loss(method(z), y)
         return method.running.running_centers
 
-    # fork: the children need no fresh interpreter (CPU only, nothing of CUDA initialised)
-    mp.start_processes(_ii_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: a child forked after this process ran torch's OpenMP pool (any earlier
+    # test) deadlocks in its first parallel op
+    mp.start_processes(_ii_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     centres = [torch.load(tmp_path / f"centres{r}.pt") for r in (0, 1)]
     torch.testing.assert_close(centres[0], centres[1])
     torch.testing.assert_close(centres[0], single())
