@@ -78,6 +78,13 @@ def test_training_set_smaller_than_one_batch_is_refused(fast, tmp_path):
     assert "do not fill one batch of datamodule.batch_size=128" in message and "13 training images" in message
 
 
+def test_a_run_without_test_cases_is_refused_before_training(fast, tmp_path):
+    """testmodules=none on the quick-start: no OOD test set, so results.csv would be empty."""
+    message = _error_of([*fast, "testmodules=none"], tmp_path / "run")
+    assert "no OOD test cases" in message and "testmodules=" in message
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def _read_only_folder(tmp_path: Path) -> Path:
     """A folder in which nothing can be created (root ignores file modes: a read-only mount then)."""
     if os.geteuid() != 0:

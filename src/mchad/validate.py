@@ -76,8 +76,9 @@ def _check_writable(folder: Path, what: str, how: str) -> None:
 
 
 def check_training_data(datamodule) -> None:
-    """Every class the training source lists has images, and the training set (after the
-    validation hold-out) fills at least one batch; logs how many steps an epoch has."""
+    """Every class the training source lists has images, the training set (after the
+    validation hold-out) fills at least one batch, and there is a test case to write results
+    for; logs how many steps an epoch has."""
     train = datamodule.data["train"]
     # the classes the source lists (an image folder: its class folders, empty ones included)
     classes = train.classes or []
@@ -94,6 +95,11 @@ def check_training_data(datamodule) -> None:
             f"{datamodule.name}: {len(train)} training images (after holding out {len(datamodule.data['val'])} for "
             f"validation) do not fill one batch of datamodule.batch_size={datamodule.batch_size}: an epoch would "
             f"train nothing; lower datamodule.batch_size (at most {len(train)}) or add images"
+        )
+    if not datamodule.test_case_names:  # e.g. testmodules=none, or a test-case config in the wrong package
+        raise ConfigError(
+            f"{datamodule.name}: no OOD test cases (datamodule.test_cases is empty): the run would write an empty "
+            "results.csv; choose testmodules=noise, cifar, digits or imagefolder"
         )
     outliers = datamodule.outliers
     if outliers is not None and len(outliers) < datamodule.outlier_batch_size:
