@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Shared by bash/run-*.sh (sourced, not run). Every script:
-#   * takes -n/--dry-run anywhere among its arguments: print the commands, run nothing;
+#   * takes -n/--dry-run anywhere among its arguments: print the commands, run nothing
+#     (sourced without arguments, this file removes it from the script's own "$@");
 #   * passes all further arguments through to run.py as Hydra overrides, e.g.
 #     dataset_dir=/data trainer.gpus=1 hydra/launcher=ray_gpu;
 #   * reads the lists it sweeps from environment variables (see each script), so that a
@@ -25,6 +26,9 @@ parse_dry_run() {  # sets DRY_RUN and ARGS (the arguments without -n/--dry-run);
         fi
     done
 }
+
+# sourced without arguments, `set --` here sets the sourcing script's own arguments
+parse_dry_run "$@"; set -- ${ARGS[@]+"${ARGS[@]}"}
 
 quote() {  # an argument as the shell reads it back, quoted only where needed (printf %q writes \, for ,)
     if [[ "$1" =~ ^[A-Za-z0-9_./=:,+@%-]+$ ]]; then

@@ -23,7 +23,6 @@ set +e  # every step runs and reports, even after a failure
 
 fail() { echo "error: $*" >&2; exit 1; }
 
-parse_dry_run "$@"; set -- ${ARGS[@]+"${ARGS[@]}"}
 [[ $# -ge 1 && $# -le 2 ]] || fail "usage: bash/gpu-check.sh [-n|--dry-run] CIFAR10_FOLDER [WORK_DIR]"
 [[ "$1" != -* ]] || fail "unknown option $1 (only -n/--dry-run)"
 DATA="$1"

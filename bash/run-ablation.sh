@@ -20,7 +20,6 @@
 # Hydra's own float range() overshoots (range(0,1.1,0.1) also yields 1.1), hence the lists.
 # results.csv's experiment column reads e.g. ablation-weight_oe-1e-06 (the swept value).
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-parse_dry_run "$@"; set -- ${ARGS[@]+"${ARGS[@]}"}
 
 EXPERIMENT="${EXPERIMENT:-cifar10-gmchad}"
 EPOCHS="${EPOCHS:-100}"

@@ -17,7 +17,6 @@
 #   PYTHON       [python]
 # Then: python -m mchad.aggregate <the sweep folder printed at the start>
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-parse_dry_run "$@"; set -- ${ARGS[@]+"${ARGS[@]}"}
 
 DATASETS="${DATASETS:-cifar10 cifar100 svhn}"
 METHODS="${METHODS:-mchad gmchad center gcenter cac gcac ii softmax}"

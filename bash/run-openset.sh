@@ -16,7 +16,6 @@
 #   PYTHON    [python]
 # Then: python -m mchad.aggregate <the sweep folder printed at the start>  (openset_<setting>.*)
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-parse_dry_run "$@"; set -- ${ARGS[@]+"${ARGS[@]}"}
 
 SETTINGS="${SETTINGS:-cifar10 cifarplus10 cifarplus50 tinyimagenet}"
 METHODS="${METHODS:-mchad gmchad center gcenter cac gcac ii softmax}"

@@ -10,7 +10,6 @@
 #   RADII        [range(0,21)]  Hydra sweep syntax: 0..20
 #   SEEDS        [1]
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-parse_dry_run "$@"; set -- ${ARGS[@]+"${ARGS[@]}"}
 
 EXPERIMENTS="${EXPERIMENTS:-cifar10-mchad cifar10-gmchad}"
 RADII="${RADII:-range(0,21)}"

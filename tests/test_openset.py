@@ -21,7 +21,7 @@ from conftest import ROOT, compose_config
 from mchad.aggregate import main as aggregate_main
 from mchad.aggregate import openset_table
 from mchad.errors import ConfigError, DataError, DataNotFoundError
-from mchad.osr import CIFAR10_CLASSES, CIFAR100_CLASSES, METHODS, SETTINGS, SPLITS, SplitError, class_split
+from mchad.osr import CIFAR10_CLASSES, CIFAR100_CLASSES, METHODS, SETTINGS, SplitError, class_split, splits
 from mchad.train import build, run
 
 # (known, unknown) classes per split and the size of the unknown dataset
@@ -32,7 +32,7 @@ PROTOCOLS = ["neal", "cac"]
 @pytest.mark.parametrize("protocol, setting", list(product(PROTOCOLS, SETTINGS)))
 def test_every_split_has_the_published_counts_and_disjoint_classes(protocol, setting):
     n_known, n_unknown, n_total = COUNTS[setting]
-    assert len(SPLITS[protocol][setting]) == 5
+    assert len(splits()[protocol][setting]) == 5
     for split in range(5):
         known, unknown = class_split(setting, split, protocol)
         assert (len(known), len(unknown)) == (n_known, n_unknown)

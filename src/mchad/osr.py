@@ -7,7 +7,7 @@ Settings (five splits each, ``split=0..4``):
   CIFAR-100 classes unknown;
 * ``tinyimagenet``: TinyImageNet, 20 known / 180 unknown classes.
 
-Two published families of lists (``osr.protocol``), copied as data, indices as in torchvision
+Two published families of lists (``osr.protocol``), copied as data into ``osr_splits.yaml``, indices as in torchvision
 (CIFAR) and in sorted WordNet-id order of TinyImageNet's ``train/`` folders (pytorch-ood, ImageFolder):
 
 * ``neal`` (default): the lists of the protocol of Neal et al., "Open Set Learning with
@@ -30,6 +30,9 @@ Known classes are relabelled ``0..k-1`` in the listed order. Nothing here import
 """
 
 from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
 
 #: torchvision's class names, in label order (= sorted folder names of an image folder)
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -55,101 +58,14 @@ CLASS_NAMES = {"CIFAR10": CIFAR10_CLASSES, "CIFAR100": CIFAR100_CLASSES}
 METHODS = ["mchad", "gmchad", "center", "gcenter", "cac", "gcac", "ii", "softmax"]
 N_SPLITS = 5
 
-_NEAL_CIFARPLUS_KNOWN = [[4, 7, 9, 1], [6, 7, 1, 9], [9, 6, 1, 7], [6, 4, 9, 1], [1, 0, 9, 8]]
-_CAC_CIFARPLUS_KNOWN = [[0, 1, 8, 9]] * N_SPLITS
 
+@cache  # read on first use: `import mchad` stays free of it
+def splits() -> dict[str, dict[str, list[dict[str, list[int]]]]]:
+    """protocol -> setting -> split -> ``{"known": [...], "unknown": [...]}`` from
+    ``osr_splits.yaml``; a missing ``"unknown"`` means all other classes of the dataset."""
+    import yaml
 
-def _pairs(known: list[list[int]], unknown: list[list[int]]) -> list[dict[str, list[int]]]:
-    return [{"known": k, "unknown": u} for k, u in zip(known, unknown, strict=True)]
-
-
-#: protocol -> setting -> split -> {"known": [...], "unknown": [...]}; a missing "unknown"
-#: means all other classes of the dataset
-SPLITS: dict[str, dict[str, list[dict[str, list[int]]]]] = {
-    "neal": {
-        "cifar10": [
-            {"known": [0, 6, 4, 9, 1, 7]},
-            {"known": [7, 6, 4, 9, 0, 1]},
-            {"known": [1, 5, 7, 3, 9, 4]},
-            {"known": [8, 6, 1, 9, 0, 7]},
-            {"known": [2, 4, 1, 7, 9, 6]},
-        ],
-        "cifarplus10": _pairs(
-            _NEAL_CIFARPLUS_KNOWN,
-            [
-                [30, 25, 1, 9, 8, 0, 46, 52, 49, 71],
-                [41, 9, 49, 40, 73, 60, 48, 30, 95, 71],
-                [8, 9, 49, 40, 73, 60, 48, 95, 30, 71],
-                [95, 60, 30, 73, 46, 49, 68, 99, 8, 71],
-                [33, 2, 3, 97, 46, 21, 64, 63, 88, 43],
-            ],
-        ),
-        "cifarplus50": _pairs(
-            _NEAL_CIFARPLUS_KNOWN,
-            [
-                [27, 94, 29, 77, 88, 26, 69, 48, 75, 5, 59, 93, 39, 57, 45, 40, 78, 20, 98, 47, 66, 70, 91, 76, 41,
-                 83, 99, 32, 53, 72, 2, 95, 21, 73, 84, 68, 35, 11, 55, 60, 30, 25, 1, 9, 8, 0, 46, 52, 49, 71],
-                [65, 97, 86, 24, 45, 67, 2, 3, 91, 98, 79, 29, 62, 82, 33, 76, 0, 35, 5, 16, 54, 11, 99, 52, 85,
-                 1, 25, 66, 28, 84, 23, 56, 75, 46, 21, 72, 55, 68, 8, 69, 41, 9, 49, 40, 73, 60, 48, 30, 95, 71],
-                [20, 83, 65, 97, 94, 2, 93, 16, 67, 29, 62, 33, 24, 98, 5, 86, 35, 54, 0, 91, 52, 66, 85, 84, 56,
-                 11, 1, 76, 25, 55, 21, 99, 72, 41, 23, 75, 28, 68, 69, 46, 8, 9, 49, 40, 73, 60, 48, 95, 30, 71],
-                [92, 82, 77, 64, 5, 33, 62, 56, 70, 0, 20, 28, 67, 14, 84, 53, 91, 29, 85, 2, 52, 83, 75, 35, 11,
-                 21, 72, 98, 55, 1, 41, 76, 25, 66, 69, 9, 48, 54, 40, 23, 95, 60, 30, 73, 46, 49, 68, 99, 8, 71],
-                [47, 6, 19, 0, 62, 93, 59, 65, 54, 70, 34, 55, 23, 38, 72, 76, 53, 31, 78, 96, 77, 27, 92, 18, 82,
-                 50, 98, 32, 1, 75, 83, 4, 51, 35, 80, 11, 74, 66, 36, 42, 33, 2, 3, 97, 46, 21, 64, 63, 88, 43],
-            ],
-        ),
-        "tinyimagenet": [
-            {"known": [108, 147, 17, 58, 193, 123, 72, 144, 75, 167, 134, 14, 81, 171, 44, 197, 152, 66, 1, 133]},
-            {"known": [198, 161, 91, 59, 57, 134, 61, 184, 90, 35, 29, 23, 199, 38, 133, 19, 186, 18, 85, 67]},
-            {"known": [177, 0, 119, 26, 78, 80, 191, 46, 134, 92, 31, 152, 27, 60, 114, 50, 51, 133, 162, 93]},
-            {"known": [98, 36, 158, 177, 189, 157, 170, 191, 82, 196, 138, 166, 43, 13, 152, 11, 75, 174, 193, 190]},
-            {"known": [95, 6, 145, 153, 0, 143, 31, 23, 189, 81, 20, 21, 89, 26, 36, 170, 102, 177, 108, 169]},
-        ],
-    },
-    "cac": {
-        "cifar10": [
-            {"known": [6, 8, 2, 4, 9, 3], "unknown": [1, 5, 7, 0]},
-            {"known": [5, 3, 4, 6, 7, 1], "unknown": [9, 0, 2, 8]},
-            {"known": [5, 1, 6, 8, 0, 4], "unknown": [2, 3, 9, 7]},
-            {"known": [9, 4, 7, 8, 1, 2], "unknown": [0, 3, 5, 6]},
-            {"known": [2, 6, 9, 0, 3, 1], "unknown": [4, 8, 7, 5]},
-        ],
-        "cifarplus10": _pairs(
-            _CAC_CIFARPLUS_KNOWN,
-            [
-                [43, 36, 24, 18, 80, 98, 30, 93, 78, 3],
-                [74, 91, 98, 79, 50, 66, 24, 26, 6, 42],
-                [79, 63, 36, 4, 29, 55, 75, 46, 72, 38],
-                [95, 93, 26, 43, 36, 27, 18, 30, 64, 32],
-                [88, 18, 19, 24, 65, 50, 4, 93, 35, 46],
-            ],
-        ),
-        "cifarplus50": _pairs(
-            _CAC_CIFARPLUS_KNOWN,
-            [
-                [73, 55, 99, 45, 26, 91, 29, 98, 93, 38, 64, 14, 3, 19, 32, 42, 15, 34, 79, 36, 27, 35, 18, 97, 2,
-                 1, 95, 78, 50, 44, 21, 72, 80, 31, 24, 6, 77, 74, 67, 88, 65, 63, 30, 46, 75, 43, 4, 66, 11, 7],
-                [66, 93, 77, 74, 36, 99, 91, 14, 73, 64, 27, 4, 97, 95, 1, 34, 79, 18, 75, 7, 44, 38, 43, 19, 42,
-                 65, 24, 21, 46, 15, 31, 78, 35, 88, 32, 72, 80, 45, 30, 50, 63, 6, 11, 3, 26, 29, 67, 98, 2, 55],
-                [45, 88, 36, 97, 3, 95, 27, 80, 78, 64, 31, 65, 73, 72, 18, 14, 29, 75, 63, 26, 30, 6, 19, 35, 67,
-                 32, 7, 11, 43, 93, 2, 42, 4, 46, 15, 50, 1, 66, 77, 38, 34, 21, 55, 24, 91, 79, 74, 98, 99, 44],
-                [65, 30, 21, 45, 72, 6, 44, 38, 63, 24, 7, 79, 99, 73, 67, 31, 35, 32, 46, 93, 2, 74, 78, 64, 43,
-                 18, 34, 27, 80, 42, 97, 98, 66, 14, 95, 19, 4, 91, 55, 1, 11, 88, 29, 3, 15, 36, 26, 75, 77, 50],
-                [6, 26, 79, 72, 19, 7, 80, 24, 88, 93, 43, 44, 64, 46, 2, 11, 98, 21, 65, 38, 29, 32, 97, 14, 55,
-                 77, 27, 15, 31, 95, 75, 78, 36, 42, 66, 63, 91, 73, 35, 74, 18, 34, 1, 50, 99, 45, 4, 67, 3, 30],
-            ],
-        ),
-        # the published files list the other 180 classes as unknown (shuffled): the complement
-        "tinyimagenet": [
-            {"known": [24, 50, 76, 189, 159, 46, 192, 142, 75, 199, 85, 147, 131, 123, 45, 126, 58, 87, 146, 49]},
-            {"known": [5, 6, 155, 113, 101, 144, 131, 159, 115, 168, 35, 140, 129, 57, 8, 176, 30, 81, 198, 51]},
-            {"known": [85, 196, 135, 28, 23, 127, 165, 52, 155, 22, 124, 4, 190, 199, 75, 92, 15, 114, 57, 29]},
-            {"known": [178, 142, 58, 43, 170, 21, 122, 196, 59, 125, 63, 46, 165, 50, 82, 81, 150, 71, 146, 101]},
-            {"known": [64, 25, 103, 154, 53, 104, 13, 144, 15, 49, 129, 80, 57, 152, 134, 65, 186, 72, 18, 1]},
-        ],
-    },
-}
+    return yaml.safe_load(Path(__file__).with_name("osr_splits.yaml").read_text())
 
 
 class SplitError(ValueError):
@@ -162,14 +78,15 @@ def class_split(setting: str, split: int, protocol: str = "neal") -> tuple[list[
     Known classes in the published order (their new labels 0..k-1); unknown classes of the
     unknown dataset (CIFAR-100 for CIFAR+N), in the published order or ascending.
     """
-    if protocol not in SPLITS:
-        raise SplitError(f"unknown open-set protocol {protocol!r}; choose from {sorted(SPLITS)}")
+    published = splits()
+    if protocol not in published:
+        raise SplitError(f"unknown open-set protocol {protocol!r}; choose from {sorted(published)}")
     if setting not in SETTINGS:
         raise SplitError(f"unknown open-set setting {setting!r}; choose from {sorted(SETTINGS)}")
-    splits = SPLITS[protocol][setting]
-    if isinstance(split, bool) or not isinstance(split, int) or not 0 <= split < len(splits):
-        raise SplitError(f"split must be an integer 0..{len(splits) - 1}, got {split!r}")
-    entry = splits[split]
+    entries = published[protocol][setting]
+    if isinstance(split, bool) or not isinstance(split, int) or not 0 <= split < len(entries):
+        raise SplitError(f"split must be an integer 0..{len(entries) - 1}, got {split!r}")
+    entry = entries[split]
     known = list(entry["known"])
     if "unknown" in entry:
         return known, list(entry["unknown"])
