@@ -19,7 +19,7 @@ from mchad.detectors import DetectorBank, check_detectors
 from mchad.metrics import METRIC_COLUMNS
 from mchad.module import OODModel
 from mchad.provenance import COLUMNS as PROVENANCE_COLUMNS
-from mchad.validate import check_config, check_training_data
+from mchad.validate import check_config, check_test_cases, check_training_data
 from mchad.objective import OBJECTIVE_FILE, check_objective, write_objective
 
 log = logging.getLogger(__name__)
@@ -267,6 +267,7 @@ def run(cfg: DictConfig) -> Path:
     hint = "; resume from another of its checkpoints: resume=<run folder>/checkpoints/<name>.ckpt" if resuming else ""
     checkpoint = load_checkpoint(ckpt_file, hint, trust) if ckpt_file is not None else None
     datamodule, model = build(cfg)
+    check_test_cases(datamodule)
     if checkpoint is not None:
         check_fits(model, checkpoint, ckpt_file)
     if resuming and writer:

@@ -5,6 +5,7 @@ line before any work (or, for the data, before any training step).
   embedding's dimension, a writable run folder -- right after the configuration is final;
 * :func:`check_training_data`: every training class has images and the training set fills
   at least one batch -- after the data is loaded, before the model is built;
+* :func:`check_test_cases`: a run has an OOD test case to write results for -- before training;
 * :func:`explain_config_error`: Hydra's composition errors (unknown key, unknown option of a
   config group, unparsable override) as one line with the closest valid names.
 
@@ -76,9 +77,8 @@ def _check_writable(folder: Path, what: str, how: str) -> None:
 
 
 def check_training_data(datamodule) -> None:
-    """Every class the training source lists has images, the training set (after the
-    validation hold-out) fills at least one batch, and there is a test case to write results
-    for; logs how many steps an epoch has."""
+    """Every class the training source lists has images, and the training set (after the
+    validation hold-out) fills at least one batch; logs how many steps an epoch has."""
     train = datamodule.data["train"]
     # the classes the source lists (an image folder: its class folders, empty ones included)
     classes = train.classes or []
@@ -95,11 +95,6 @@ def check_training_data(datamodule) -> None:
             f"{datamodule.name}: {len(train)} training images (after holding out {len(datamodule.data['val'])} for "
             f"validation) do not fill one batch of datamodule.batch_size={datamodule.batch_size}: an epoch would "
             f"train nothing; lower datamodule.batch_size (at most {len(train)}) or add images"
-        )
-    if not datamodule.test_case_names:  # e.g. testmodules=none, or a test-case config in the wrong package
-        raise ConfigError(
-            f"{datamodule.name}: no OOD test cases (datamodule.test_cases is empty): the run would write an empty "
-            "results.csv; choose testmodules=noise, cifar, digits or imagefolder"
         )
     outliers = datamodule.outliers
     if outliers is not None and len(outliers) < datamodule.outlier_batch_size:
@@ -174,3 +169,12 @@ def _flatten(node, prefix: str = "") -> list[str]:
                 keys += _flatten(child, path + ".")
     return keys
 
+
+def check_test_cases(datamodule) -> None:
+    """A run tests against at least one OOD test case: without one, results.csv would be empty.
+    (Not part of :func:`check_training_data`: the benchmark builds training-only data modules.)"""
+    if not datamodule.test_case_names:  # e.g. testmodules=none, or a test-case config in the wrong package
+        raise ConfigError(
+            f"{datamodule.name}: no OOD test cases (datamodule.test_cases is empty): the run would write an empty "
+            "results.csv; choose testmodules=noise, cifar, digits or imagefolder"
+        )
