@@ -42,10 +42,11 @@ def one_line(error: BaseException | str) -> str:
     return text
 
 
-def failure_cause(trial_dir: Path) -> str:
-    """First line of FAILED.txt without its ``error:`` prefix."""
+def failure_cause(run_dir: Path, missing: str = "unknown cause") -> str:
+    """First line of the run's FAILED.txt without its ``error:`` prefix; ``missing`` when
+    there is no such file (the aggregation: a run not finished is not necessarily failed)."""
     try:
-        first = (trial_dir / FAILED_FILE).read_text(encoding="utf-8").splitlines()[0]
-    except (OSError, IndexError):
-        return "unknown cause"
-    return first.removeprefix("error: ")
+        lines = (run_dir / FAILED_FILE).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return missing
+    return lines[0].removeprefix("error: ").strip() if lines else "unknown cause"

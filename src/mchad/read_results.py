@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mchad.failures import FAILED_FILE, RESULTS_FILE
+from mchad.failures import FAILED_FILE, RESULTS_FILE, failure_cause
 
 HEADLINE = "headline"
 KEY_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed"]
@@ -152,18 +152,9 @@ def _find_missing(roots: list[Path], result_files: list[Path]) -> list[MissingRu
         if any(run_dir == done or run_dir in done.parents for done in finished):
             continue
         missing.append(
-            MissingRun(run_dir, _read_overrides(run_dir / ".hydra" / "overrides.yaml"), _read_cause(run_dir / FAILED_FILE))
+            MissingRun(run_dir, _read_overrides(run_dir / ".hydra" / "overrides.yaml"), failure_cause(run_dir, missing=""))
         )
     return missing
-
-
-def _read_cause(path: Path) -> str:
-    """First line of a trial's FAILED.txt without its ``error:`` prefix, "" if none."""
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return ""
-    return lines[0].removeprefix("error: ").strip() if lines else "unknown cause"
 
 
 def _read_overrides(path: Path) -> list[str]:
