@@ -15,10 +15,16 @@ computes on the CPU, but that compares unequal to ``cpu``):
 - as CUDA does, an operation that meets device tensors and a host tensor of dimension > 0
   raises :class:`DeviceMismatch` (host 0-dim tensors mix, host index tensors may index device
   tensors, ``copy_`` and ``param.data = ...`` cross devices); ``.numpy()`` of a device tensor
-  raises.
+  raises;
+- while ``recording`` is on, every operation that would make the host wait for a GPU is
+  listed in ``syncs`` with where it was called from: reading a device tensor's value
+  (``.item()``, ``bool()``, ``float()``, ``.tolist()``, printing), a copy to the host, and the
+  operations whose output shape depends on the values (``nonzero``, boolean-mask indexing,
+  ``unique``, ``masked_select``, ...), which is what ``torch.cuda.set_sync_debug_mode``
+  reports on a GPU.
 
 What it cannot see: code that never goes through torch's Python API (C++ internals, custom
-kernels), the accelerator-specific branches (``device.type == "cuda"``: the emulated device is
+kernels, e.g. a synchronisation inside a CUDA kernel's launcher), the accelerator-specific branches (``device.type == "cuda"``: the emulated device is
 of type ``cpu``), numerics (precision, compile), memory, and CUDA-only APIs.
 """
 
@@ -40,6 +46,13 @@ HOST = torch.device("cpu")
 CROSS_DEVICE = {"copy_", "__set__", "_has_compatible_shallow_copy_type", "is_same_size", "set_"}
 #: indexing: a host index into a device tensor is fine on a GPU
 INDEXING = {"__getitem__", "__setitem__"}
+#: operations that read a device tensor's values on the host, or whose output shape depends on
+#: them: on a GPU the host waits until the device has computed everything queued before
+SYNCHRONISING = {
+    "item", "__bool__", "__int__", "__float__", "__index__", "__complex__", "tolist", "__repr__", "__format__",
+    "__str__", "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "equal", "allclose",
+    "repeat_interleave", "bincount", "masked_scatter", "nonzero_static",
+}  # fmt: skip
 
 
 class DeviceMismatch(RuntimeError):
@@ -57,10 +70,35 @@ def _name(func) -> str:
     return getattr(func, "__name__", "") or str(func)
 
 
+def _caller() -> str:
+    """The innermost frame outside torch and this module: who asked for the operation."""
+    here = __file__
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if frame.filename != here and "/torch/" not in frame.filename:
+            return f"{frame.filename}:{frame.lineno} ({frame.line})"
+    return "?"
+
+
+def _boolean_index(index) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in tree_flatten(index)[0])
+
+
 class EmulatedDevice(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.on_device = WeakTensorKeyDictionary()
+        #: record host synchronisations in :attr:`syncs` (see the module docs)
+        self.recording = False
+        self.syncs: list[str] = []
+
+    def _record_sync(self, name: str, args, on_device: list) -> None:
+        if not (self.recording and on_device):
+            return
+        # a step without the single-argument torch.where(condition) = nonzero
+        if name in SYNCHRONISING or (name == "where" and len(args) == 1) or (
+            name in INDEXING and len(args) > 1 and self.is_device(args[0]) and _boolean_index(args[1])
+        ):
+            self.syncs.append(f"{name} at {_caller()}")
 
     # --- bookkeeping -------------------------------------------------------------------
     def is_device(self, tensor: torch.Tensor) -> bool:
@@ -96,6 +134,7 @@ class EmulatedDevice(TorchFunctionMode):
             return self._transfer(func, name, args, kwargs)
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         on_device = [t for t in tensors if self.is_device(t)]
+        self._record_sync(name, args, on_device)
         if on_device and name not in CROSS_DEVICE:
             host = [t for t in tensors if not self.is_device(t) and t.dim() > 0]
             if name in INDEXING and self.is_device(args[0]):
@@ -114,6 +153,10 @@ class EmulatedDevice(TorchFunctionMode):
 
     def _transfer(self, func, name, args, kwargs):
         tensor = args[0]
+        if self.recording and self.is_device(tensor) and name in ("cpu", "numpy", "__array__", "to"):
+            target = None if name != "to" else torch._C._nn._parse_to(*args[1:], **kwargs)[0]
+            if name != "to" or (target is not None and torch.device(target) != EMULATED):
+                self.syncs.append(f"{name} (a copy to the host) at {_caller()}")
         if name in ("numpy", "__array__"):
             if self.is_device(tensor):
                 raise DeviceMismatch(f"{name}() of a tensor on the device {EMULATED} at {_where()} (call .cpu() first)")

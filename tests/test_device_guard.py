@@ -206,3 +206,108 @@ def test_the_non_finite_loss_guard_on_the_device():
         trainer.global_step = 2
         with pytest.raises(NonFiniteLossError, match="at step 1"):
             guard.on_train_batch_end(trainer, None, torch.tensor(float("nan")).to(EMULATED), None, 1)
+
+
+# ----------------------------------------------------------------------------- host synchronisation
+#: every method, the G- variants with the quick-start's outlier photos
+METHODS = {
+    "mchad": [], "gmchad": ["datamodule/outliers=photos"], "cac": [], "gcac": ["datamodule/outliers=photos"],
+    "center": [], "gcenter": ["datamodule/outliers=photos"], "ii": [], "softmax": [],
+}  # fmt: skip
+
+
+def test_the_recorder_sees_what_a_gpu_waits_for():
+    with on_emulated_device() as mode:
+        x = torch.arange(6.0).to(EMULATED)
+        host = torch.arange(6.0)
+        mode.recording = True
+        waits = [
+            lambda: x.sum().item(), lambda: bool(x[0] > 1), lambda: float(x[1]), lambda: x.tolist(),
+            lambda: x.cpu(), lambda: x.to("cpu"), lambda: x.nonzero(), lambda: x[x > 2], lambda: torch.where(x > 2),
+            lambda: x.unique(), lambda: f"{x[0]:.1f}",
+        ]  # fmt: skip
+        for i, wait in enumerate(waits):
+            before = len(mode.syncs)
+            wait()
+            assert len(mode.syncs) == before + 1, f"operation {i} not recorded"
+        mode.syncs.clear()
+        # what does not wait: device computations, host values, masks used arithmetically
+        (x * (x > 2)).sum(), torch.where(x > 2, x, 0.0), x[torch.tensor([0, 2])], host.sum().item(), x.to(EMULATED)
+        assert mode.syncs == []
+
+
+def _step_recorder(mode, first: int, last: int):
+    import pytorch_lightning as pl
+
+    class StepRecorder(pl.Callback):
+        """Records from the start of training batch ``first`` to the end of batch ``last``:
+        whole steps, the loop's and every callback's work included."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == first:
+                mode.recording = True
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == last:
+                mode.recording = False
+
+    return StepRecorder()
+
+
+def _recorded_steps(tmp_path, overrides: list[str], first: int, last: int) -> list[str]:
+    from mchad.train import build, make_trainer
+
+    cfg = compose_config(
+        _emulated_overrides(tmp_path, "++datamodule.data_on_device=true", f"trainer.limit_train_batches={last + 1}", *overrides),
+        output_dir=tmp_path / "run",
+    )
+    with on_emulated_device() as mode:
+        datamodule, model = build(cfg)
+        # training steps only: the validation (and its callbacks) come after them
+        trainer = make_trainer(cfg, extra_callbacks=(_step_recorder(mode, first, last),), num_sanity_val_steps=0, limit_val_batches=0)
+        trainer.fit(model, datamodule=datamodule)
+    assert trainer.global_step == last + 1
+    return mode.syncs
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_training_step_never_waits_for_the_device(method, tmp_path, emulated_data_device):
+    """Steps 1-4 of every method with the default callbacks, data on the (emulated) device and no
+    logging step among them: nothing makes the host wait for the GPU (no ``.item()``, no copy to
+    the host, no data-dependent shape), so the host can queue steps ahead of the device."""
+    syncs = _recorded_steps(tmp_path, [f"model={method}", "trainer.log_every_n_steps=50", *METHODS[method]], 1, 4)
+    assert syncs == [], "\n".join(syncs)
+
+
+def test_logging_steps_are_the_only_ones_that_wait(tmp_path, emulated_data_device):
+    """With ``trainer.log_every_n_steps=3`` the values logged at steps 2 and 5 are read on the
+    host (Lightning hands them to the loggers as numbers): a few waits on those steps, none on
+    the others."""
+    import pytorch_lightning as pl
+
+    per_step: dict[int, int] = {}
+
+    class PerStep(pl.Callback):
+        def __init__(self):
+            self.mode = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            per_step[batch_idx] = len(self.mode.syncs)
+
+    from mchad.train import build, make_trainer
+
+    cfg = compose_config(
+        _emulated_overrides(tmp_path, "++datamodule.data_on_device=true", "trainer.limit_train_batches=6", "trainer.log_every_n_steps=3"),
+        output_dir=tmp_path / "run",
+    )
+    counter = PerStep()
+    with on_emulated_device() as mode:
+        counter.mode = mode
+        datamodule, model = build(cfg)
+        trainer = make_trainer(cfg, extra_callbacks=(_step_recorder(mode, 0, 5), counter))
+        trainer.fit(model, datamodule=datamodule)
+    # Lightning logs at the end of a step, after the callbacks' on_train_batch_end: a logging
+    # step's waits show up in the next step's count
+    waits = [per_step[i] - per_step.get(i - 1, 0) for i in range(6)]
+    assert sum(waits) > 0, "the logged values never reached the host"
+    assert all(waits[i] == 0 for i in (0, 1, 2, 4)), waits

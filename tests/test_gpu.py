@@ -7,7 +7,8 @@ then check the CPU). ``bash/gpu-check.sh`` runs it before the paper-scale runs.
 
 Every experiment config trains a few steps, validates and tests with the default callbacks on
 a tiny image folder the test makes (tests/test_experiments.py's tiny set-up); resume and
-evaluation only; bf16-mixed; torch.compile; the 2-D embedding GIF; data on the device or not;
+evaluation only; bf16-mixed; torch.compile (also with CUDA graphs); no host synchronisation in
+the training step; the 2-D embedding GIF; data on the device or not;
 the NaN guard's device path; a checkpoint trained on the GPU tested on the CPU, and back.
 """
 
@@ -107,9 +108,47 @@ def test_bf16_mixed_and_channels_last(tiny_folder, tmp_path):
     train_and_test(overrides, tmp_path / "run")
 
 
-def test_compiled_backbone(tiny_folder, tmp_path):
-    overrides = experiment_overrides("cifar10-mchad", tiny_folder, tmp_path, "model.compile=true")
-    train_and_test(overrides, tmp_path / "run")
+def test_compiled_step_with_cuda_graphs_and_bf16(tiny_folder, tmp_path):
+    """The fastest settings: the whole step's forward and backward as CUDA graphs
+    (``reduce-overhead``; on the CPU inductor skips the graphs), bf16-mixed, outliers."""
+    overrides = experiment_overrides(
+        "cifar10-gmchad", tiny_folder, tmp_path, "model.compile=reduce-overhead", "trainer.precision=bf16-mixed",
+        "trainer.limit_train_batches=4",
+    )
+    frame = train_and_test(overrides, tmp_path / "run")
+    assert frame.AUROC.notna().all()
+
+
+def test_the_training_step_never_synchronises(tiny_folder, tmp_path):
+    """Training step 1 (not a logging step) under ``torch.cuda.set_sync_debug_mode("error")``:
+    any host synchronisation in the step, the loop or a callback raises there. Fused Adam."""
+    import pytorch_lightning as pl
+
+    from mchad.train import build, make_trainer
+
+    class SyncError(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 1 and DEVICE == "cuda":
+                torch.cuda.set_sync_debug_mode("error")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 1:
+                torch.cuda.set_sync_debug_mode("default")
+
+    overrides = experiment_overrides(
+        "cifar10-gmchad", tiny_folder, tmp_path, "trainer.limit_train_batches=3", "trainer.log_every_n_steps=50",
+        "++datamodule.data_on_device=true",
+    )
+    cfg = compose_config(overrides, output_dir=tmp_path / "run")
+    datamodule, model = build(cfg)
+    trainer = make_trainer(cfg, extra_callbacks=(SyncError(),), num_sanity_val_steps=0, limit_val_batches=0)
+    try:
+        trainer.fit(model, datamodule=datamodule)
+    finally:
+        if DEVICE == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert trainer.global_step >= 2
+    assert trainer.optimizers[0].defaults.get("fused") is (True if DEVICE == "cuda" else None)
 
 
 def test_embedding_gif(tmp_path):

@@ -22,6 +22,31 @@ log = logging.getLogger(__name__)
 METRIC_KEYS = OOD_METRIC_KEYS
 
 
+def optimizer_options(factory: partial, device: torch.device) -> dict:
+    """Further keyword arguments for the configured optimizer on ``device``: ``fused=True`` on a
+    GPU when the optimizer has that option (Adam, AdamW, SGD) and the config chose neither
+    ``fused`` nor ``foreach``. torch's default there is ``foreach``, a few dozen kernel
+    launches per step; fused is one kernel per parameter group and keeps its step counters on
+    the device (no host work per step), with the same update rule."""
+    import inspect
+
+    chosen = getattr(factory, "keywords", {})
+    optimizer = getattr(factory, "func", factory)
+    try:
+        takes = inspect.signature(optimizer).parameters
+    except (TypeError, ValueError):
+        return {}
+    if device.type != "cuda" or "fused" not in takes or {"fused", "foreach"} & set(chosen):
+        return {}
+    return {"fused": True}
+
+
+def make_optimizer(factory: partial, params: list[nn.Parameter]):
+    """The configured optimizer of ``params`` (with :func:`optimizer_options` for their device)."""
+    device = params[0].device if params else torch.device("cpu")  # cpu: no parameters, no device
+    return factory(params=params, **optimizer_options(factory, device))
+
+
 class OODModel(pl.LightningModule):
     """Trains ``method`` on top of ``backbone`` and tests it against every OOD test case.
 
@@ -58,6 +83,8 @@ class OODModel(pl.LightningModule):
         self._train_sums: Tensor | None = None
         self._train_steps = 0
         self._train_keys: list[str] = []
+        # the training step's computation; compile_step replaces it with its compiled form
+        self._train_terms = self.train_terms
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         z = self.backbone(x)
@@ -69,6 +96,24 @@ class OODModel(pl.LightningModule):
         with torch.autocast(labels.device.type, enabled=False):
             return self.method.loss(out, labels)
 
+    def train_terms(self, images: Tensor, labels: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """The computation of a training step: the loss terms (``"loss"`` = their weighted sum)
+        and the number of correctly classified known samples. One graph without breaks and
+        without host synchronisation (tests/test_compile.py, tests/test_device_guard.py):
+        :meth:`compile_step` compiles it whole."""
+        out = self(images)
+        terms = self._loss(out, labels)
+        correct = ((self.method.predict(out) == labels) & (labels >= 0)).sum()
+        return terms, correct
+
+    def compile_step(self, **options) -> None:
+        """``torch.compile`` the training step's computation (:meth:`train_terms`: backbone,
+        method, loss and accuracy count, forward and backward) with ``options`` (e.g.
+        ``mode="reduce-overhead"``: CUDA graphs). Parameters keep their names (checkpoints are
+        those of the eager model); validation and testing run eagerly. The optimizer step is
+        not compiled: Lightning runs it, fused on a GPU (:func:`optimizer_options`)."""
+        self._train_terms = torch.compile(self.train_terms, **options)
+
     # --- training -------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
         self.method.on_train_epoch_start()
@@ -77,15 +122,13 @@ class OODModel(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, labels = batch
-        out = self(images)
-        terms = self._loss(out, labels)
-        known = labels >= 0
-        correct = ((self.method.predict(out) == labels) & known).sum()
+        terms, correct = self._train_terms(images, labels)
         # Logged as before (train/<term>_step every log_every_n_steps steps, train/<term>_epoch and
         # train/acc per epoch), but summed on the device here and handed to self.log only when
         # logged: each self.log call costs Lightning ~0.5-1 ms of Python, per value and step.
         # No host synchronisation.
-        values = torch.stack([*(v.detach().float() for v in terms.values()), correct.float(), known.sum().float()])
+        known = (labels >= 0).sum()
+        values = torch.stack([*(v.detach().float() for v in terms.values()), correct.float(), known.float()])
         self._train_sums = values if self._train_sums is None else self._train_sums + values
         self._train_steps += 1
         self._train_keys = list(terms)
@@ -120,7 +163,7 @@ class OODModel(pl.LightningModule):
         self.log("val/acc", acc, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        optimizer = make_optimizer(self.optimizer_factory, [p for p in self.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
         # a period set in the config (the experiments: the published min_epochs *

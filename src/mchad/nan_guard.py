@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
+from mchad.devices import HOST
 from mchad.errors import NonFiniteLossError
 
 
@@ -35,7 +36,8 @@ class NonFiniteLossGuard(pl.Callback):
             return
         loss = loss.detach()
         step = trainer.global_step - 1  # the optimiser step this loss belongs to (0-based)
-        sync = loss.device.type == "cpu" if self.sync_every_step is None else self.sync_every_step
+        # the host itself (not any device of type cpu: tests emulate a GPU as cpu:1)
+        sync = loss.device == HOST if self.sync_every_step is None else self.sync_every_step
         if sync:
             finite = bool(torch.isfinite(loss).all())
             # DDP: every rank stops when any rank's loss is bad (a rank stopping alone would

@@ -30,9 +30,12 @@ RESULT_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "s
 
 
 def trainer_kwargs(trainer_cfg: DictConfig) -> DictConfig:
-    """Map the published ``trainer.gpus=N`` (removed in Lightning 2) to accelerator/devices."""
+    """Map the published ``trainer.gpus=N`` (removed in Lightning 2) to accelerator/devices, and
+    ``benchmark=auto`` to cuDNN's benchmark mode unless ``deterministic``."""
     cfg = trainer_cfg.copy()
     with open_dict(cfg):
+        if cfg.get("benchmark") == "auto":  # cuDNN picks its fastest convolutions, unless told to be deterministic
+            cfg.benchmark = None if cfg.get("deterministic") else True
         gpus = cfg.pop("gpus", None)
         if gpus is not None:
             if isinstance(gpus, int) and gpus == 0:
@@ -111,8 +114,8 @@ def _on_gpu(cfg: DictConfig) -> bool:
 def apply_performance_options(cfg: DictConfig, datamodule, model: OODModel) -> None:
     """``model.channels_last`` (true, false, auto = on a GPU): the convolutions and the batches
     in channels-last memory format (faster with bf16/fp16 on tensor cores);
-    ``model.compile`` (false, true or a ``torch.compile`` mode such as ``max-autotune``): the
-    backbone compiled in place, so checkpoints keep their parameter names.
+    ``model.compile``: the training step's computation compiled whole
+    (:meth:`OODModel.compile_step`), see :func:`compile_options`.
     The precision is Lightning's: ``trainer.precision=bf16-mixed`` (methods compute in float32).
     """
     import torch
@@ -125,9 +128,32 @@ def apply_performance_options(cfg: DictConfig, datamodule, model: OODModel) -> N
     if channels_last:
         model.to(memory_format=torch.channels_last)
         datamodule.transform.channels_last = True
-    compile_mode = cfg.model.get("compile", False)
-    if compile_mode:
-        model.backbone.compile(**({} if compile_mode is True else {"mode": str(compile_mode)}))
+    options = compile_options(cfg.model.get("compile", False))
+    if options is not None:
+        try:
+            model.compile_step(**options)
+        except (RuntimeError, TypeError, ValueError) as error:  # torch.compile checks its arguments here
+            raise ConfigError(f"model.compile={cfg.model.compile}: {str(error).strip().splitlines()[0]}") from error
+
+
+def compile_options(value) -> dict | None:
+    """``torch.compile``'s keyword arguments for ``model.compile``: false (None: eager), true
+    (torch's defaults), a mode (``reduce-overhead``: CUDA graphs of forward and backward;
+    ``max-autotune``, ...) or a mapping of arguments, e.g. ``{mode: reduce-overhead,
+    fullgraph: true}`` or ``{backend: aot_eager}``."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, str):
+        return {"mode": value}
+    if isinstance(value, (dict, DictConfig)):
+        options = OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else dict(value)
+        unknown = set(options) - {"mode", "backend", "fullgraph", "dynamic", "options"}
+        if unknown:
+            raise ConfigError(f"model.compile: unknown torch.compile argument(s) {', '.join(sorted(unknown))}")
+        return options
+    raise ConfigError(f"model.compile must be false, true, a torch.compile mode or a mapping of its arguments, got {value!r}")
 
 
 def make_loggers(cfg: DictConfig) -> list:
