@@ -90,9 +90,13 @@ def test_packed_trials_as_processes(tmp_path, capsys):
     alone, one, two = (_timings(tmp_path / "packed" / name) for name in ("alone", "trial1", "trial2"))
     assert alone["images"] == one["images"] == two["images"] == 3 * 64  # 3 steps of batch 64
     assert packed["images"] == [192, 192] and packed["way"] == "processes" and packed["k"] == 2
-    span = max(one["train_end"], two["train_end"]) - min(one["first_step"], two["first_step"])
+    # the two waited for each other at their first step, then trained at the same time
+    assert max(one["first_step"], two["first_step"]) <= min(one["released"], two["released"]) + 0.05
+    assert abs(one["released"] - two["released"]) < 0.1
+    span = max(one["train_end"], two["train_end"]) - min(one["released"], two["released"])
     assert packed["combined"] == pytest.approx(384 / span)
-    assert packed["alone"] == pytest.approx(192 / (alone["train_end"] - alone["first_step"]))
+    assert packed["alone"] == pytest.approx(192 / (alone["train_end"] - alone["released"]))
+    assert 0 <= alone["released"] - alone["first_step"] < 0.1  # alone: nobody to wait for
     assert packed["ratio"] == pytest.approx(packed["combined"] / packed["alone"]) and packed["ratio"] > 0
     assert all(0 < s < 120 for s in [packed["alone_first_step_s"], *packed["first_step_s"]])
     # distinct seeds: the two trials' configs differ in the seed alone
@@ -202,6 +206,17 @@ def test_sampler_says_why_it_has_no_figure(fake_nvidia_smi, monkeypatch):
     assert bench.UtilisationSampler(0, reader="nvidia-smi").describe() == "n/a (no nvidia-smi)"
 
 
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs sh")
+def test_sampler_falls_back_to_nvidia_smi_when_nvml_fails(fake_nvidia_smi, monkeypatch):
+    """NVML unusable (here: no pynvml, no CUDA): nvidia-smi instead, or why neither works."""
+    with bench.UtilisationSampler(0, interval=0.05, reader="nvml") as sampler:
+        time.sleep(0.15)
+    assert sampler.reader == "nvidia-smi" and sampler.samples and sampler.describe().endswith("nvidia-smi every 0.05 s)")
+    monkeypatch.setenv("PATH", str(fake_nvidia_smi / "empty"))
+    alone = bench.UtilisationSampler(0, reader="nvml").start()
+    assert alone.describe().startswith("n/a (nvml failed: ") and alone.describe().endswith("; no nvidia-smi)")
+
+
 # ----------------------------------------------------------------------------- (a) host syncs
 class WarningSteps(pl.LightningModule):
     """Steps 3 and 6 warn as torch's sync debug mode does; every step also warns otherwise."""
@@ -220,6 +235,7 @@ class WarningSteps(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+@pytest.mark.filterwarnings("ignore:an unrelated warning")
 def test_sync_counter_counts_per_step_with_the_source_line():
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 2)), batch_size=1)
     modes = []

@@ -161,3 +161,15 @@ def test_summary_shows_the_gpu_figures(tmp_path):
                          "[target 0 outside logging steps: MET]; CUDA's own start: 1.50 s")
     assert lines[-1] == ("packed trials (ray, 8 at once): alone 5,000 img/s, combined 21,000 img/s, ratio 4.20x [target >= 4x: MET]; "
                          "seconds to the first step: alone 9.0, packed median 21.0; 21-seed sweep in 200 s [target <= 180 s: MISSED]")
+
+
+def test_barrier_waits_for_the_parties_or_the_timeout(tmp_path):
+    import time
+
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "1234-1").touch()  # the other trial is there already
+    t0 = time.time()
+    assert gpu_check.wait_for_parties(tmp_path / "two", 2, timeout=5) - t0 < 0.5
+    t0 = time.time()
+    released = gpu_check.wait_for_parties(tmp_path / "alone", 2, timeout=0.3)  # the other never comes
+    assert 0.3 <= released - t0 < 2 and len(list((tmp_path / "alone").iterdir())) == 1

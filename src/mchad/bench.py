@@ -33,10 +33,11 @@ Prints, for the current machine, one model, data set, batch size and optimiser:
     matmul, a first cuDNN convolution).
 (e) packed trials (default on a GPU only; elsewhere ``--only ...,packed``): one short
     ``python run.py`` trial alone, then ``--packed`` K trials at once (distinct seeds), as K
-    plain processes or one Ray sweep (``--packing``); their combined throughput (all their
-    training images / earliest first step to latest end of training) against the one alone
-    (target >= 4x for 8 trials on one GPU) and each trial's seconds to its first step
-    (``mchad.gpu_check.run_timer``). ``--row-seeds N`` also times a whole N-seed sweep at the
+    plain processes or one Ray sweep (``--packing``); each waits at its first step until all K
+    got there, so that they train at the same time; their combined throughput (all their
+    training images / from then to the end of the last one's training) against the one alone
+    (target >= 4x for 8 trials on one GPU), each trial's seconds to its first step and the
+    wall time from the first launch (``mchad.gpu_check.run_timer``). ``--row-seeds N`` also times a whole N-seed sweep at the
     configuration's own length, K at once (the paper's 21-seed CIFAR-10 row: target <= 180 s
     on one H200).
 
@@ -509,6 +510,14 @@ class UtilisationSampler:
     def start(self) -> UtilisationSampler:
         import threading
 
+        if self.unavailable is None and self.reader == "nvml":
+            try:
+                self.read()
+            except Exception as error:  # noqa: BLE001  (e.g. NVML not initialised: nvidia-smi may still work)
+                self._smi = shutil.which("nvidia-smi")
+                self.reader = "nvidia-smi" if self._smi else "nvml"
+                if self._smi is None:
+                    self.unavailable = f"n/a (nvml failed: {error}; no nvidia-smi)"
         if self.unavailable is None:
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._run, name="gpu-utilisation", daemon=True)
@@ -638,14 +647,14 @@ import json, sys, time
 device = sys.argv[1]
 marks = [time.perf_counter()]
 import torch
+marks.append(time.perf_counter())
+if device == "cuda":
+    torch.cuda.init()  # no synchronize before: it would create the context here
+marks.append(time.perf_counter())
 def mark():
     if device == "cuda":
         torch.cuda.synchronize()
     marks.append(time.perf_counter())
-mark()
-if device == "cuda":
-    torch.cuda.init()
-mark()
 a = torch.randn(256, 256, device=device)
 a @ a
 mark()
@@ -674,6 +683,13 @@ TIMER_OVERRIDES = [
 ]
 
 
+def barrier_overrides(folder: Path, parties: int) -> list[str]:
+    """The trials wait at their first step until ``parties`` of them got there: the throughput
+    then measures K trials training at once, not the spread of their start-ups (which is
+    measured apart: seconds to the first step)."""
+    return [f"+callbacks.gpu_check_timer.barrier={folder}", f"+callbacks.gpu_check_timer.parties={parties}"]
+
+
 def trial_overrides(args, short: bool = True) -> list[str]:
     """run.py overrides of one trial of (e): the benchmark's configuration (or the quick-start's),
     short (one epoch of ``--packed-steps`` steps, one validation batch, small noise test sets)."""
@@ -694,6 +710,12 @@ def share(total: float, k: int) -> str:
     import math
 
     return f"{max(math.floor(total / k * 1e4) / 1e4, 1e-4):g}"
+
+
+def packed_threads(args) -> int:
+    """CPU threads of each packed trial run as a process: ``--threads``, else the trial's share
+    of the cores (as a Ray trial of 1/K of the CPUs gets)."""
+    return args.threads or max(1, (os.cpu_count() or 1) // args.packed)
 
 
 def packing_way(requested: str, on_gpu: bool) -> str:
@@ -760,12 +782,16 @@ def read_timings(folders: list[Path]) -> list[dict]:
 
 
 def packed_trials(args, work: Path, on_gpu: bool, way: str, gpu_index: int | None) -> dict:
-    """One trial alone, then ``args.packed`` at once; throughput alone and combined."""
+    """One trial alone, then ``args.packed`` at once; throughput alone and combined, each from
+    the moment every trial of the group reached its first step (``barrier_overrides``)."""
     k = args.packed
     overrides = trial_overrides(args) + TIMER_OVERRIDES
     run_py = [sys.executable, str(REPO / "run.py")]
-    run_processes([([*run_py, *overrides, "seed=1", f"hydra.run.dir={work / 'alone'}"], work / "alone.log")], 1)
+    # alone: as a user runs one trial (torch's default threads), unless --threads says otherwise
+    run_processes([([*run_py, *overrides, *barrier_overrides(work / "barrier-alone", 1), "seed=1",
+                     f"hydra.run.dir={work / 'alone'}"], work / "alone.log")], 1, threads=args.threads or None)  # fmt: skip
     alone = read_timings([work / "alone"])[0]
+    overrides += barrier_overrides(work / "barrier-packed", k)
     with UtilisationSampler(gpu_index) as sampler:  # GPU busy while the k trials train
         if way == "ray":
             multirun(overrides, k, k, on_gpu, work / "ray")
@@ -774,16 +800,17 @@ def packed_trials(args, work: Path, on_gpu: bool, way: str, gpu_index: int | Non
             folders = [work / f"trial{s}" for s in range(1, k + 1)]
             commands = [([*run_py, *overrides, f"seed={s}", f"hydra.run.dir={f}"], work / f"trial{s}.log")
                         for s, f in zip(range(1, k + 1), folders)]  # fmt: skip
-            run_processes(commands, k, threads=max(1, (os.cpu_count() or 1) // k))
+            run_processes(commands, k, threads=packed_threads(args))
     trials = read_timings(folders)
-    window = (min(t["first_step"] for t in trials), max(t["train_end"] for t in trials))
-    span = window[1] - window[0]
-    alone_rate = alone["images"] / (alone["train_end"] - alone["first_step"])
-    combined = sum(t["images"] for t in trials) / span
+    window = (min(t["released"] for t in trials), max(t["train_end"] for t in trials))
+    alone_rate = alone["images"] / (alone["train_end"] - alone["released"])
+    combined = sum(t["images"] for t in trials) / (window[1] - window[0])
     return {
         "way": way, "k": k, "alone": alone_rate, "combined": combined, "ratio": combined / alone_rate,
         "alone_first_step_s": alone["first_step"] - alone["started"],
         "first_step_s": [t["first_step"] - t["started"] for t in trials],
+        # launch of the first trial to the end of the last one's training: what the start-ups add
+        "wall_s": max(t["train_end"] for t in trials) - min(t["started"] for t in trials),
         "images": [t["images"] for t in trials],
         "gpu_util": sampler.median([window]),
         "gpu_util_text": sampler.describe([window]),
@@ -802,7 +829,7 @@ def seed_row(args, work: Path, on_gpu: bool, way: str) -> float:
         run_py = [sys.executable, str(REPO / "run.py")]
         commands = [([*run_py, *overrides, f"seed={s}", f"hydra.run.dir={work / 'row' / str(s)}"], work / f"row{s}.log")
                     for s in range(1, n + 1)]  # fmt: skip
-        run_processes(commands, k, threads=max(1, (os.cpu_count() or 1) // k))
+        run_processes(commands, k, threads=packed_threads(args))
     return time.time() - t0
 
 
@@ -833,7 +860,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a further run.py override, e.g. --set model.backbone.width=16 (repeatable)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default); in (e), of every trial run as a process (0: the "
+                        "trial alone torch's default, each packed one its share of the cores)")
     p.add_argument("--sync-steps", type=int, default=20,
                    help="(a), CUDA only: training steps whose host synchronisations are counted")
     p.add_argument("--packed", type=int, default=8, metavar="K", help="(e): trials trained at once")
@@ -1029,21 +1058,25 @@ def _main(args, argv: list[str]) -> dict:
             way = packing_way(args.packing, on_gpu)
             k = args.packed
             how = {
-                "processes": f"{k} plain `python run.py` processes, {max(1, (os.cpu_count() or 1) // k)} CPU thread(s) each"
+                "processes": f"{k} plain `python run.py` processes, {packed_threads(args)} CPU thread(s) each"
                 + (", sharing the GPU (time-sliced between their CUDA contexts)" if on_gpu else ""),
                 "ray": f"one `python run.py -m` sweep on Ray, each trial 1/{k} of the " + ("GPU" if on_gpu else "CPUs"),
             }[way]
             name = "the quick-start (digits)" if args.packed_config == "quickstart" else "the benchmark's configuration"
-            print(f"(e) packed trials: {name}, {args.packed_steps} training steps each; 1 trial alone, then {how}")
+            alone_threads = f"{args.threads} CPU thread(s)" if args.threads else "torch's default CPU threads"
+            print(f"(e) packed trials: {name}, {args.packed_steps} training steps each; 1 trial alone ({alone_threads}), "
+                  f"then {how}")
             pk = packed_trials(args, work / "packed", on_gpu, way, gpu_index)
             report["packed"] = pk
             goal = "target >= 4x for 8 trials on one GPU"
             mark = f"{goal}: {'MET' if pk['ratio'] >= 4 else 'MISSED'}" if on_gpu and k == 8 else f"{goal}: not this case"
-            print(f"    alone                 : {pk['alone']:,.0f} img/s (first step to end of training)")
-            print(f"    {f'{k} at once, combined':22s}: {pk['combined']:,.0f} img/s (all their images / earliest first "
-                  f"step to latest end of training)")
+            print(f"    alone                 : {pk['alone']:,.0f} img/s (first step to end of training, its validation "
+                  f"batch included)")
+            print(f"    {f'{k} at once, combined':22s}: {pk['combined']:,.0f} img/s (all their images / from the moment "
+                  f"all {k} reached their first step to the end of the last one's training)")
             print(f"    ratio packed/alone    : {pk['ratio']:.2f}x  [{mark}]")
-            print(f"    seconds to 1st step   : alone {pk['alone_first_step_s']:.1f} s; packed {fmt(pk['first_step_s'], ' s', 1)}")
+            print(f"    seconds to 1st step   : alone {pk['alone_first_step_s']:.1f} s; packed {fmt(pk['first_step_s'], ' s', 1)}; "
+                  f"first launch to the end of the last one's training {pk['wall_s']:.1f} s")
             print(f"    GPU busy while packed : {pk['gpu_util_text']}")
             print(f"    measured with         : {way}", flush=True)
             if args.row_seeds:

@@ -5,7 +5,10 @@
 writes, at the end of testing, the seconds from ``started`` (the script's launch of
 ``run.py``) to the first training step, the training seconds (first step to the end of
 training, validation included), the validation seconds, the training images seen and the
-test seconds, with the device synchronised at each mark.
+test seconds, with the device synchronised at each mark. With ``barrier=<folder>
+parties=<K>`` (the packed trials of ``mchad.bench``) a trial reaching its first step waits
+there until K trials have (files in the folder), and notes when it went on (``released``):
+the K then train at the same time, whenever each one's start-up ended.
 
 ``python -m mchad.gpu_check summary WORK`` prints one table of the runs below ``WORK``
 (``WORK/<name>/timing.json``, ``results.csv``, ``gpu_util.txt``), the benchmark figures
@@ -17,6 +20,7 @@ its figures in ``WORK/bench.json``.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -33,7 +37,18 @@ def _sync(pl_module) -> None:
         torch.cuda.synchronize(pl_module.device)
 
 
-def run_timer(out: str, started: float | None = None):
+def wait_for_parties(folder: Path, parties: int, timeout: float = 300.0) -> float:
+    """Add this process to ``folder`` and wait until ``parties`` processes have (or ``timeout``
+    seconds passed: a trial that failed before must not hold the others); returns the time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{os.getpid()}-{time.time_ns()}").touch()
+    deadline = time.time() + timeout
+    while len(list(folder.iterdir())) < parties and time.time() < deadline:
+        time.sleep(0.01)
+    return time.time()
+
+
+def run_timer(out: str, started: float | None = None, barrier: str | None = None, parties: int = 1):
     """The timing callback (a factory, so that Lightning is imported only when it is used)."""
     import pytorch_lightning as pl
 
@@ -42,7 +57,10 @@ def run_timer(out: str, started: float | None = None):
             self.marks = {"started": started if started is not None else time.time(), "images": 0, "validation_s": 0.0}
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.marks.setdefault("first_step", time.time())
+            if "first_step" not in self.marks:
+                self.marks["first_step"] = time.time()
+                if barrier:
+                    self.marks["released"] = wait_for_parties(Path(barrier), parties)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.marks["images"] += len(batch[0])
