@@ -120,10 +120,16 @@ def test_packed_trials_on_ray(tmp_path, capsys):
     assert "one `python run.py -m` sweep on Ray, each trial 1/2 of the CPUs" in capsys.readouterr().out
 
 
-def test_a_failing_trial_is_reported_with_its_log(tmp_path):
-    args = bench.parse_args([*QUICK_PACKED, "--set", "model.no_such_option=1"])
-    with pytest.raises(RuntimeError, match=r"(?s)packed trial failed: .*alone.log \(exit 1\).*no_such_option"):
-        bench.packed_trials(args, tmp_path, on_gpu=False, way="processes", gpu_index=None)
+def test_a_failing_trial_is_reported_with_its_log(tmp_path, capsys):
+    """The other sections' figures are kept; the error (with the trial's log) is reported."""
+    report = bench.main([*QUICK_PACKED, "--set", "datamodule.batch_size=0", "--work-dir", str(tmp_path)])
+    assert "packed" not in report and len(report["errors"]) == 1
+    assert re.match(r"(?s)packed trial failed: .*alone.log \(exit 1\).*batch_size must be >= 1", report["errors"][0])
+    assert "    error: packed trial failed: " in capsys.readouterr().err
+    from mchad import gpu_check
+
+    lines = gpu_check.bench_lines(gpu_check.figures(report, ["--only", "packed"]))
+    assert lines[-1].startswith(f"benchmark section failed: packed trial failed: {tmp_path / 'packed' / 'alone.log'} (exit 1):")
 
 
 def test_processes_run_at_most_k_at_once(tmp_path):
@@ -249,6 +255,16 @@ def test_sync_counter_counts_per_step_with_the_source_line():
     line = next(i for i, text in enumerate(open(__file__), 1) if "# SYNC LINE" in text and "warn(" in text)
     assert dict(counter.locations) == {f"tests/test_bench.py:{line}": 2}
     assert modes == ["warn", 0]  # on for the counted steps, off again after them
+
+
+def test_host_syncs_runs_the_benchmarks_training(tmp_path):
+    """The benchmark's own model and trainer through the counter (on a GPU: torch's sync debug
+    mode; here nothing warns, so every step counts 0)."""
+    args = bench.parse_args(["--data", "synthetic", "--device", "cpu", "--batch-size", "16"])
+    modes = []
+    counter = bench.host_syncs(bench.compose(args, tmp_path), warmup=2, steps=12, set_mode=modes.append)
+    assert counter.per_step == [0] * 12 and modes == ["warn", 0]
+    assert counter.logging_steps == [7]  # batch 9: trainer.log_every_n_steps=10
 
 
 # ----------------------------------------------------------------------------- (d) CUDA's start

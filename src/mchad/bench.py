@@ -833,6 +833,40 @@ def seed_row(args, work: Path, on_gpu: bool, way: str) -> float:
     return time.time() - t0
 
 
+def packed_section(args, work: Path, on_gpu: bool, gpu_index: int | None, report: dict) -> None:
+    """(e): run, print and report the packed trials (and the seed row); a failed trial raises."""
+    way = packing_way(args.packing, on_gpu)
+    k = args.packed
+    how = {
+        "processes": f"{k} plain `python run.py` processes, {packed_threads(args)} CPU thread(s) each"
+        + (", sharing the GPU (time-sliced between their CUDA contexts)" if on_gpu else ""),
+        "ray": f"one `python run.py -m` sweep on Ray, each trial 1/{k} of the " + ("GPU" if on_gpu else "CPUs"),
+    }[way]
+    name = "the quick-start (digits)" if args.packed_config == "quickstart" else "the benchmark's configuration"
+    alone_threads = f"{args.threads} CPU thread(s)" if args.threads else "torch's default CPU threads"
+    print(f"(e) packed trials: {name}, {args.packed_steps} training steps each; 1 trial alone ({alone_threads}), "
+          f"then {how}")
+    pk = packed_trials(args, work / "packed", on_gpu, way, gpu_index)
+    report["packed"] = pk
+    goal = "target >= 4x for 8 trials on one GPU"
+    mark = f"{goal}: {'MET' if pk['ratio'] >= 4 else 'MISSED'}" if on_gpu and k == 8 else f"{goal}: not this case"
+    print(f"    alone                 : {pk['alone']:,.0f} img/s (first step to end of training, its validation "
+          f"batch included)")
+    print(f"    {f'{k} at once, combined':22s}: {pk['combined']:,.0f} img/s (all their images / from the moment "
+          f"all {k} reached their first step to the end of the last one's training)")
+    print(f"    ratio packed/alone    : {pk['ratio']:.2f}x  [{mark}]")
+    print(f"    seconds to 1st step   : alone {pk['alone_first_step_s']:.1f} s; packed {fmt(pk['first_step_s'], ' s', 1)}; "
+          f"first launch to the end of the last one's training {pk['wall_s']:.1f} s")
+    print(f"    GPU busy while packed : {pk['gpu_util_text']}")
+    print(f"    measured with         : {way}", flush=True)
+    if args.row_seeds:
+        seconds = seed_row(args, work / "row", on_gpu, way)
+        report["row"] = {"seeds": args.row_seeds, "seconds": seconds, "way": way, "k": k}
+        print(f"    {args.row_seeds}-seed sweep, {k} at once ({way}), full length: {seconds:.0f} s"
+              + (f"  [target <= 180 s on one H200: {'MET' if seconds <= 180 else 'MISSED'}]" if on_gpu else
+                 "  (the target, <= 180 s, is for one H200)"), flush=True)
+
+
 # --- main -------------------------------------------------------------------------------------------
 SECTIONS = ("train", "data", "eval", "startup", "packed")
 #: (e) starts 1 + K runs of run.py: by default only where it measures something (a GPU)
@@ -983,7 +1017,7 @@ def _main(args, argv: list[str]) -> dict:
             if on_gpu:
                 warm = args.warmup + 3  # past the first steps' one-off work (compilation, CUDA graph capture)
                 counter = host_syncs(compose(args, next(runs)), warm, args.sync_steps)
-                per, logging_steps = counter.per_step, counter.logging_steps
+                per, logging_steps = counter.per_step or [float("nan")], counter.logging_steps  # nan: no step counted
                 outside = sum(c for i, c in enumerate(per) if i not in logging_steps)
                 report["syncs"] = {"per_step": per, "logging_steps": logging_steps, "outside_logging": outside,
                                    "locations": dict(counter.locations)}  # fmt: skip
@@ -1055,36 +1089,11 @@ def _main(args, argv: list[str]) -> dict:
             print(f"    `import mchad.train` (python -X importtime): {total:.2f} s; heaviest: "
                   + ", ".join(f"{n} {t:.2f}" for n, t in heavy[:6]))
         if "packed" in sections:
-            way = packing_way(args.packing, on_gpu)
-            k = args.packed
-            how = {
-                "processes": f"{k} plain `python run.py` processes, {packed_threads(args)} CPU thread(s) each"
-                + (", sharing the GPU (time-sliced between their CUDA contexts)" if on_gpu else ""),
-                "ray": f"one `python run.py -m` sweep on Ray, each trial 1/{k} of the " + ("GPU" if on_gpu else "CPUs"),
-            }[way]
-            name = "the quick-start (digits)" if args.packed_config == "quickstart" else "the benchmark's configuration"
-            alone_threads = f"{args.threads} CPU thread(s)" if args.threads else "torch's default CPU threads"
-            print(f"(e) packed trials: {name}, {args.packed_steps} training steps each; 1 trial alone ({alone_threads}), "
-                  f"then {how}")
-            pk = packed_trials(args, work / "packed", on_gpu, way, gpu_index)
-            report["packed"] = pk
-            goal = "target >= 4x for 8 trials on one GPU"
-            mark = f"{goal}: {'MET' if pk['ratio'] >= 4 else 'MISSED'}" if on_gpu and k == 8 else f"{goal}: not this case"
-            print(f"    alone                 : {pk['alone']:,.0f} img/s (first step to end of training, its validation "
-                  f"batch included)")
-            print(f"    {f'{k} at once, combined':22s}: {pk['combined']:,.0f} img/s (all their images / from the moment "
-                  f"all {k} reached their first step to the end of the last one's training)")
-            print(f"    ratio packed/alone    : {pk['ratio']:.2f}x  [{mark}]")
-            print(f"    seconds to 1st step   : alone {pk['alone_first_step_s']:.1f} s; packed {fmt(pk['first_step_s'], ' s', 1)}; "
-                  f"first launch to the end of the last one's training {pk['wall_s']:.1f} s")
-            print(f"    GPU busy while packed : {pk['gpu_util_text']}")
-            print(f"    measured with         : {way}", flush=True)
-            if args.row_seeds:
-                seconds = seed_row(args, work / "row", on_gpu, way)
-                report["row"] = {"seeds": args.row_seeds, "seconds": seconds, "way": way, "k": k}
-                print(f"    {args.row_seeds}-seed sweep, {k} at once ({way}), full length: {seconds:.0f} s"
-                      + (f"  [target <= 180 s on one H200: {'MET' if seconds <= 180 else 'MISSED'}]" if on_gpu else
-                         "  (the target, <= 180 s, is for one H200)"), flush=True)
+            try:
+                packed_section(args, work, on_gpu, gpu_index, report)
+            except RuntimeError as error:  # keep the other sections' figures; the exit status says it failed
+                report.setdefault("errors", []).append(str(error))
+                print(f"    error: {str(error).strip()}", file=sys.stderr, flush=True)
         load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         print(f"load average {load_end:.1f} at the end (other processes share these {os.cpu_count()} cores)")
         return report
@@ -1094,4 +1103,4 @@ def _main(args, argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main().get("errors") else 0)

@@ -228,6 +228,7 @@ def bench_lines(b: dict) -> list[str]:
             line += (f"; {row['seeds']}-seed sweep in {row['seconds']:.0f} s"
                      f"{_mark(row, '<= 180 s', row['seconds'] <= 180)}")  # fmt: skip
         lines.append(line)
+    lines += [f"benchmark section failed: {error} (see bench.log)" for error in b.get("errors", [])]
     return lines
 
 
@@ -254,14 +255,18 @@ def figures(report: dict, argv: list[str]) -> dict:
                          "gpu_util": p["gpu_util"]}  # fmt: skip
     if "row" in report:
         out["row"] = report["row"]
+    if report.get("errors"):
+        out["errors"] = [error.strip().splitlines()[0] for error in report["errors"]]
     return out
 
 
-def bench(work: Path, argv: list[str]) -> None:
+def bench(work: Path, argv: list[str]) -> int:
+    """Run the benchmark, keep its figures; 1 when a section failed (its figures are missing)."""
     from mchad.bench import main as bench_main
 
     report = bench_main(argv)
     (work / "bench.json").write_text(json.dumps(figures(report, argv)))
+    return 1 if report.get("errors") else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,9 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(argv[1])
     if argv[0] == "summary":
         print(summary(work))
-    else:
-        bench(work, [a for a in argv[2:] if a != "--"])
-    return 0
+        return 0
+    return bench(work, [a for a in argv[2:] if a != "--"])
 
 
 if __name__ == "__main__":
