@@ -3,12 +3,16 @@
 #   1. the GPU tests (pytest -m gpu: tests/test_gpu.py and the GPU-only tests of other files);
 #   2. experiment=cifar10-mchad at paper scale (WRN-40-2, 10 epochs, default callbacks) on a
 #      CIFAR-10 image folder, tested against the two noise sets (the other OOD sets need
-#      downloads), in the default precision and in the fastest settings the project offers
-#      (bf16-mixed, channels_last, torch.compile);
-#   3. python -m mchad.bench on the GPU (training and testing sections);
+#      downloads), three times: (i) default settings, (ii) bf16-mixed (channels_last auto: on
+#      for a GPU), (iii) the fastest the project offers: bf16-mixed + model.compile=reduce-overhead
+#      (torch.compile with CUDA graphs);
+#   3. python -m mchad.bench on the GPU: training Lightning vs bare loop with the GPU utilisation
+#      and the host synchronisations per step, testing, start-up with CUDA's own start cost, and
+#      8 packed trials against one alone (Ray if importable, else plain processes);
 # then one summary table: seconds to the first training step, training seconds, images/s,
 # GPU utilisation during training (nvidia-smi sampled every 0.5 s), test seconds, accuracy
-# and AUROC per test case, plus where the time went (flagged when over budget).
+# and AUROC per test case; the benchmark's figures (GPU busy, syncs per step, packed ratio,
+# CUDA start cost); and where the time went (flagged when over budget).
 #
 #   bash/gpu-check.sh [-n|--dry-run] CIFAR10_FOLDER [WORK_DIR]
 #
@@ -16,7 +20,8 @@
 # (default logs/gpu-check/<date>_<time>) receives the runs, logs and summary.txt. The project
 # need not be installed: the repository's src/ goes in front of PYTHONPATH, which may hold
 # the other packages (e.g. wheels unpacked with pip install --target). Environment: PYTHON
-# [python, else python3]; SKIP_TESTS=1 skips step 1; BENCH_ARGS replaces step 3's arguments.
+# [python, else python3]; SKIP_TESTS=1 skips step 1; BENCH_ARGS replaces step 3's arguments;
+# ROW_SEEDS=21 adds the whole 21-seed CIFAR-10 row, 8 at once, to step 3 (over the budget).
 # Exit status 1 when an argument is wrong or a step failed (the summary is printed anyway).
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 set +e  # every step runs and reports, even after a failure
@@ -95,9 +100,10 @@ PAPER=(experiment=cifar10-mchad datamodule=imagefolder "datamodule.root=$DATA" t
        trainer.enable_progress_bar=false "dataset_dir=$WORK/datasets")
 declare -A SETTINGS=(
     [default]=""
-    [fastest]="trainer.precision=bf16-mixed model.channels_last=true model.compile=true"
+    [bf16]="trainer.precision=bf16-mixed"
+    [fastest]="trainer.precision=bf16-mixed model.compile=reduce-overhead"
 )
-for name in default fastest; do
+for name in default bf16 fastest; do
     folder="$WORK/$name"
     start_sampler "$folder/gpu_util.txt"
     # shellcheck disable=SC2086  # the settings are words
@@ -107,8 +113,9 @@ for name in default fastest; do
     stop_sampler
 done
 
-# 3. the benchmark on the GPU (compile off: it would compile every repeat's new model again)
-read -r -a BENCH <<< "${BENCH_ARGS:---data cifar10 --root $DATA --backbone wrn40-2 --device cuda --precision bf16-mixed --repeats 3 --steps 50 --eval-repeats 1 --only train,eval --set dataset_dir=$WORK/datasets}"
+# 3. the benchmark on the GPU (compile off: it would compile every repeat's new model again);
+# its run folders and the packed trials' logs stay in WORK/bench-runs
+read -r -a BENCH <<< "${BENCH_ARGS:---data cifar10 --root $DATA --backbone wrn40-2 --device cuda --precision bf16-mixed --repeats 3 --steps 50 --eval-repeats 1 --startup-repeats 1 --only train,eval,startup,packed --packed 8 --packed-steps 100 --row-seeds ${ROW_SEEDS:-0} --work-dir $WORK/bench-runs --set dataset_dir=$WORK/datasets}"
 phase bench "$WORK/bench.log" "$PYTHON" -m mchad.gpu_check bench "$WORK" -- "${BENCH[@]}"
 
 if [[ "$DRY_RUN" != 1 ]]; then

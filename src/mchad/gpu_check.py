@@ -5,7 +5,10 @@
 writes, at the end of testing, the seconds from ``started`` (the script's launch of
 ``run.py``) to the first training step, the training seconds (first step to the end of
 training, validation included), the validation seconds, the training images seen and the
-test seconds, with the device synchronised at each mark.
+test seconds, with the device synchronised at each mark. With ``barrier=<folder>
+parties=<K>`` (the packed trials of ``mchad.bench``) a trial reaching its first step waits
+there until K trials have (files in the folder), and notes when it went on (``released``):
+the K then train at the same time, whenever each one's start-up ended.
 
 ``python -m mchad.gpu_check summary WORK`` prints one table of the runs below ``WORK``
 (``WORK/<name>/timing.json``, ``results.csv``, ``gpu_util.txt``), the benchmark figures
@@ -17,6 +20,7 @@ its figures in ``WORK/bench.json``.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -33,7 +37,18 @@ def _sync(pl_module) -> None:
         torch.cuda.synchronize(pl_module.device)
 
 
-def run_timer(out: str, started: float | None = None):
+def wait_for_parties(folder: Path, parties: int, timeout: float = 300.0) -> float:
+    """Add this process to ``folder`` and wait until ``parties`` processes have (or ``timeout``
+    seconds passed: a trial that failed before must not hold the others); returns the time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{os.getpid()}-{time.time_ns()}").touch()
+    deadline = time.time() + timeout
+    while len(list(folder.iterdir())) < parties and time.time() < deadline:
+        time.sleep(0.01)
+    return time.time()
+
+
+def run_timer(out: str, started: float | None = None, barrier: str | None = None, parties: int = 1):
     """The timing callback (a factory, so that Lightning is imported only when it is used)."""
     import pytorch_lightning as pl
 
@@ -42,7 +57,10 @@ def run_timer(out: str, started: float | None = None):
             self.marks = {"started": started if started is not None else time.time(), "images": 0, "validation_s": 0.0}
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.marks.setdefault("first_step", time.time())
+            if "first_step" not in self.marks:
+                self.marks["first_step"] = time.time()
+                if barrier:
+                    self.marks["released"] = wait_for_parties(Path(barrier), parties)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.marks["images"] += len(batch[0])
@@ -160,11 +178,7 @@ def summary(work: Path) -> str:
     text = ["GPU check summary (" + str(work) + ")", table([run_row(folder) for folder in runs])]
     bench_file = work / "bench.json"
     if bench_file.is_file():
-        bench = json.loads(bench_file.read_text())
-        text.append(
-            "benchmark ({args}): Lightning {lightning:,.0f} img/s, bare loop {bare:,.0f} img/s, "
-            "ratio {ratio:.3f}; ID + OOD test sets scored at {scoring:,.0f} img/s".format(**bench)
-        )
+        text += bench_lines(json.loads(bench_file.read_text()))
     done = phases(work)
     if done:
         total = sum(seconds for _, seconds, _ in done)
@@ -176,19 +190,83 @@ def summary(work: Path) -> str:
     return "\n".join(text)
 
 
-def bench(work: Path, argv: list[str]) -> None:
+def _with_unit(value, spec: str, unit: str) -> str:
+    return "n/a" if value is None else format(value, spec) + unit
+
+
+def _mark(value, target: str, met: bool) -> str:
+    return "" if value is None else f" [target {target}: {'MET' if met else 'MISSED'}]"
+
+
+def bench_lines(b: dict) -> list[str]:
+    """The benchmark's figures (``bench.json``) as summary lines; n/a where not measured."""
+    nan = float("nan")
+    lines = [
+        "benchmark ({args}): Lightning {lightning:,.0f} img/s, bare loop {bare:,.0f} img/s, "
+        "ratio {ratio:.3f}; ID + OOD test sets scored at {scoring:,.0f} img/s".format(
+            **{"lightning": nan, "bare": nan, "ratio": nan, "scoring": nan, **b})  # older files: n/a as nan
+    ]
+    util, syncs, cuda = b.get("gpu_util"), b.get("syncs"), b.get("cuda_start_s")
+    sync_text = "n/a"
+    if syncs:
+        sync_text = (f"median {syncs['median']:g}, max {syncs['max']} over {syncs['steps']} steps, "
+                     f"{syncs['outside_logging']} outside the logging steps")  # fmt: skip
+    lines.append(
+        f"GPU busy while the benchmark's Lightning steps ran: {_with_unit(util, '.0f', ' %')} (bare loop "
+        f"{_with_unit(b.get('gpu_util_bare'), '.0f', ' %')}){_mark(util, '>= 80 %', util is not None and util >= 80)}; "
+        f"host syncs per step: {sync_text}{_mark(syncs, '0 outside logging steps', bool(syncs) and syncs['outside_logging'] == 0)}; "
+        f"CUDA's own start: {_with_unit(cuda, '.2f', ' s')}"
+    )
+    packed = b.get("packed")
+    if packed:
+        ratio = packed["ratio"]
+        line = (f"packed trials ({packed['way']}, {packed['k']} at once): alone {packed['alone']:,.0f} img/s, combined "
+                f"{packed['combined']:,.0f} img/s, ratio {ratio:.2f}x{_mark(ratio, '>= 4x', ratio >= 4)}; seconds to "
+                f"the first step: alone {packed['alone_first_step_s']:.1f}, packed median {packed['first_step_s']:.1f}")  # fmt: skip
+        row = b.get("row")
+        if row:
+            line += (f"; {row['seeds']}-seed sweep in {row['seconds']:.0f} s"
+                     f"{_mark(row, '<= 180 s', row['seconds'] <= 180)}")  # fmt: skip
+        lines.append(line)
+    lines += [f"benchmark section failed: {error} (see bench.log)" for error in b.get("errors", [])]
+    return lines
+
+
+def figures(report: dict, argv: list[str]) -> dict:
+    """What ``bench.json`` keeps of a :func:`mchad.bench.main` report (medians)."""
+    med = statistics.median
+    out: dict = {"args": " ".join(argv)}
+    if "train" in report:
+        train = report["train"]
+        out.update(lightning=med(train["lightning"]), bare=med(train["bare"]), ratio=med(train["ratio"]),
+                   gpu_util=train["gpu_util"]["lightning"], gpu_util_bare=train["gpu_util"]["bare"])  # fmt: skip
+    if "syncs" in report:
+        per = report["syncs"]["per_step"]
+        out["syncs"] = {"median": med(per), "max": max(per), "steps": len(per),
+                        "outside_logging": report["syncs"]["outside_logging"], "locations": report["syncs"]["locations"]}  # fmt: skip
+    if "eval" in report:
+        out["scoring"] = med(report["eval"]["scoring"])
+    if "cuda_start" in report:
+        out["cuda_start_s"] = med(report["cuda_start"]["CUDA's own start"])
+    if "packed" in report:
+        p = report["packed"]
+        out["packed"] = {"way": p["way"], "k": p["k"], "alone": p["alone"], "combined": p["combined"], "ratio": p["ratio"],
+                         "alone_first_step_s": p["alone_first_step_s"], "first_step_s": med(p["first_step_s"]),
+                         "gpu_util": p["gpu_util"]}  # fmt: skip
+    if "row" in report:
+        out["row"] = report["row"]
+    if report.get("errors"):
+        out["errors"] = [error.strip().splitlines()[0] for error in report["errors"]]
+    return out
+
+
+def bench(work: Path, argv: list[str]) -> int:
+    """Run the benchmark, keep its figures; 1 when a section failed (its figures are missing)."""
     from mchad.bench import main as bench_main
 
     report = bench_main(argv)
-    med = statistics.median
-    figures = {"args": " ".join(argv), "lightning": float("nan"), "bare": float("nan"), "ratio": float("nan"),
-               "scoring": float("nan")}  # fmt: skip
-    if "train" in report:
-        figures.update(lightning=med(report["train"]["lightning"]), bare=med(report["train"]["bare"]),
-                       ratio=med(report["train"]["ratio"]))  # fmt: skip
-    if "eval" in report:
-        figures["scoring"] = med(report["eval"]["scoring"])
-    (work / "bench.json").write_text(json.dumps(figures))
+    (work / "bench.json").write_text(json.dumps(figures(report, argv)))
+    return 1 if report.get("errors") else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,9 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(argv[1])
     if argv[0] == "summary":
         print(summary(work))
-    else:
-        bench(work, [a for a in argv[2:] if a != "--"])
-    return 0
+        return 0
+    return bench(work, [a for a in argv[2:] if a != "--"])
 
 
 if __name__ == "__main__":
