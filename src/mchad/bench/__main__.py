@@ -1,0 +1,5 @@
+"""``python -m mchad.bench``."""
+
+from mchad.bench import main
+
+main()
