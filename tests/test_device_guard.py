@@ -270,12 +270,14 @@ def _recorded_steps(tmp_path, overrides: list[str], first: int, last: int) -> li
     return mode.syncs
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_the_training_step_never_waits_for_the_device(method, tmp_path, emulated_data_device):
-    """Steps 1-4 of every method with the default callbacks, data on the (emulated) device and no
-    logging step among them: nothing makes the host wait for the GPU (no ``.item()``, no copy to
-    the host, no data-dependent shape), so the host can queue steps ahead of the device."""
-    syncs = _recorded_steps(tmp_path, [f"model={method}", "trainer.log_every_n_steps=50", *METHODS[method]], 1, 4)
+@pytest.mark.parametrize("method, progress_bar", [*((m, False) for m in METHODS), ("mchad", True)])
+def test_the_training_step_never_waits_for_the_device(method, progress_bar, tmp_path, emulated_data_device):
+    """Steps 1-4 of every method with the default callbacks (and steps 1-9 with the progress bar
+    drawn, which refreshes after the 10th), data on the (emulated) device and no logging step among
+    them: nothing makes the host wait for the GPU (no ``.item()``, no copy to the host, no
+    data-dependent shape), so the host can queue steps ahead of the device."""
+    overrides = [f"model={method}", "trainer.log_every_n_steps=50", f"trainer.enable_progress_bar={progress_bar}"]
+    syncs = _recorded_steps(tmp_path, [*overrides, *METHODS[method]], 1, 9 if progress_bar else 4)
     assert syncs == [], "\n".join(syncs)
 
 

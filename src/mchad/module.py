@@ -135,7 +135,8 @@ class OODModel(pl.LightningModule):
         if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
             n = len(images)
             for k, v in terms.items():
-                self.log(f"train/{k}_step", v.detach(), on_step=True, on_epoch=False, batch_size=n)
+                # a copy: with CUDA graphs (model.compile=reduce-overhead) the next step overwrites the step's outputs
+                self.log(f"train/{k}_step", v.detach().clone(), on_step=True, on_epoch=False, batch_size=n)
         return terms["loss"]
 
     def on_train_epoch_end(self) -> None:
