@@ -104,3 +104,20 @@ def test_inductor_compiles_the_step_on_the_cpu(tmp_path):
     eager, _ = _results(tmp_path, "eager")
     compiled, _ = _results(tmp_path, "compiled", "model.compile=true")
     assert compiled.AUROC.to_numpy() == pytest.approx(eager.AUROC.to_numpy(), abs=0.02)
+
+
+def test_adam_is_fused_on_a_gpu_unless_the_config_chose():
+    """``fused=True`` only for CUDA parameters, only where the optimizer has it, never over the config's choice."""
+    from functools import partial
+
+    from mchad.module import make_optimizer, optimizer_options
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    adam = partial(torch.optim.Adam, lr=1e-3, weight_decay=5e-5)
+    assert optimizer_options(adam, cuda) == {"fused": True}
+    assert optimizer_options(adam, cpu) == {}
+    assert optimizer_options(partial(torch.optim.Adam, foreach=True), cuda) == {}
+    assert optimizer_options(partial(torch.optim.Adam, fused=False), cuda) == {}
+    assert optimizer_options(partial(torch.optim.LBFGS), cuda) == {}  # no fused variant
+    optimizer = make_optimizer(adam, [torch.nn.Parameter(torch.zeros(2))])
+    assert optimizer.defaults["fused"] is None and optimizer.defaults["lr"] == 1e-3  # on the CPU: as configured
