@@ -96,15 +96,15 @@ class OODModel(pl.LightningModule):
         with torch.autocast(labels.device.type, enabled=False):
             return self.method.loss(out, labels)
 
-    def train_terms(self, images: Tensor, labels: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """The computation of a training step: the loss terms (``"loss"`` = their weighted sum)
-        and the number of correctly classified known samples. One graph without breaks and
-        without host synchronisation (tests/test_compile.py, tests/test_device_guard.py):
-        :meth:`compile_step` compiles it whole."""
+    def train_terms(self, images: Tensor, labels: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """The computation of a training step: the loss terms (``"loss"`` = their weighted sum),
+        the number of correctly classified known samples and the number of known samples. One
+        graph without breaks and without host synchronisation (tests/test_compile.py,
+        tests/test_device_guard.py): :meth:`compile_step` compiles it whole."""
         out = self(images)
         terms = self._loss(out, labels)
-        correct = ((self.method.predict(out) == labels) & (labels >= 0)).sum()
-        return terms, correct
+        known = labels >= 0
+        return terms, ((self.method.predict(out) == labels) & known).sum(), known.sum()
 
     def compile_step(self, **options) -> None:
         """``torch.compile`` the training step's computation (:meth:`train_terms`: backbone,
@@ -122,12 +122,11 @@ class OODModel(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, labels = batch
-        terms, correct = self._train_terms(images, labels)
+        terms, correct, known = self._train_terms(images, labels)
         # Logged as before (train/<term>_step every log_every_n_steps steps, train/<term>_epoch and
         # train/acc per epoch), but summed on the device here and handed to self.log only when
         # logged: each self.log call costs Lightning ~0.5-1 ms of Python, per value and step.
         # No host synchronisation.
-        known = (labels >= 0).sum()
         values = torch.stack([*(v.detach().float() for v in terms.values()), correct.float(), known.float()])
         self._train_sums = values if self._train_sums is None else self._train_sums + values
         self._train_steps += 1
