@@ -17,9 +17,10 @@ from omegaconf import DictConfig
 os.environ.setdefault("MCHAD_ROOT", str(Path(__file__).resolve().parent))
 
 import mchad  # noqa: E402  (registers the config resolvers)
+from mchad.targets import VERSION_BASE_KWARGS  # noqa: E402
 
 
-@hydra.main(version_base="1.3", config_path="config", config_name="train")
+@hydra.main(config_path="config", config_name="train", **VERSION_BASE_KWARGS)
 def main(cfg: DictConfig) -> float | None:
     from mchad.cli import quiet_console
 

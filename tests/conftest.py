@@ -14,6 +14,7 @@ from omegaconf import DictConfig, open_dict
 from PIL import Image
 
 import mchad  # noqa: F401  (registers the resolvers)
+from mchad.targets import VERSION_BASE_KWARGS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "config"
@@ -29,7 +30,7 @@ def compose_config(overrides: list[str] | None = None, output_dir: Path | None =
     With ``output_dir``, ``paths.output_dir`` points there (no Hydra run needed).
     """
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), **VERSION_BASE_KWARGS):
         cfg = compose("train", overrides=list(overrides or []), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):

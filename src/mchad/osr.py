@@ -104,6 +104,8 @@ def register_experiments() -> None:
     (data, splits, test case). Generated rather than 32 files that would differ in two words."""
     from hydra.core.config_store import ConfigStore
 
+    from mchad.targets import store_config
+
     store = ConfigStore.instance()
     for setting in SETTINGS:
         for method in METHODS:
@@ -113,4 +115,4 @@ def register_experiments() -> None:
             }
             if method in ("cac", "gcac"):  # CAC's embedding has one dimension per known class
                 node["model"] = {"n_embedding": "${datamodule.n_classes}"}
-            store.store(group="experiment", name=experiment_name(setting, method), node=node, package="_global_")
+            store_config(store, group="experiment", name=experiment_name(setting, method), node=node, package="_global_")

@@ -16,6 +16,7 @@ import warnings
 from datetime import datetime
 from pathlib import Path
 
+import omegaconf
 from omegaconf import OmegaConf
 
 _RUN_ID = f"{os.getpid()}-{secrets.token_hex(3)}"
@@ -90,17 +91,23 @@ def by_semantics(semantics: str, published, paper):
     return published if semantics == "published" else paper
 
 
+# OmegaConf 2.4 deprecates register_new_resolver for register_resolver (which in 2.3 is an older,
+# deprecated function of another signature)
+_OMEGACONF_2_4 = tuple(int(p) for p in omegaconf.__version__.split(".")[:2]) >= (2, 4)
+_register = OmegaConf.register_resolver if _OMEGACONF_2_4 else OmegaConf.register_new_resolver
+
+
 def register() -> None:
-    OmegaConf.register_new_resolver("run_dir", run_dir, replace=True)
-    OmegaConf.register_new_resolver("run_id", run_id, replace=True)
-    OmegaConf.register_new_resolver("run_name", run_name, replace=True)
-    OmegaConf.register_new_resolver("project_root", project_root, replace=True)
+    _register("run_dir", run_dir, replace=True)
+    _register("run_id", run_id, replace=True)
+    _register("run_name", run_name, replace=True)
+    _register("project_root", project_root, replace=True)
     # e.g. the backbone's input channels from the datamodule's normalisation: ${len:${datamodule.mean}}
-    OmegaConf.register_new_resolver("len", lambda value: len(value), replace=True)
+    _register("len", lambda value: len(value), replace=True)
     # e.g. the published scheduler period: ${mul:${trainer.min_epochs},${trainer.limit_train_batches}}
-    OmegaConf.register_new_resolver("mul", lambda a, b: a * b, replace=True)
+    _register("mul", lambda a, b: a * b, replace=True)
     # a value per reading: ${by_semantics:${model.semantics},<published value>,<paper value>}
-    OmegaConf.register_new_resolver("by_semantics", by_semantics, replace=True)
+    _register("by_semantics", by_semantics, replace=True)
 
 
 register()

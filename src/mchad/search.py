@@ -65,9 +65,9 @@ def continued_sampler(config: DictConfig, sampler: Any, earlier: int) -> Any:
     sampler_cfg = OmegaConf.select(config, "hydra.sweeper.sampler")
     if sampler_cfg is None or sampler_cfg.get("seed") is None or sampler_cfg.get("_partial_"):
         return sampler
-    from hydra.utils import instantiate
+    from mchad.targets import allowed_patterns, instantiate
 
-    return instantiate(sampler_cfg, seed=int(sampler_cfg.seed) + earlier)
+    return instantiate(sampler_cfg, allowed_patterns(config), seed=int(sampler_cfg.seed) + earlier)
 
 
 def run_search(impl: Any, arguments: list[str], outlier_params: DictConfig | None) -> Any:

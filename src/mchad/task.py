@@ -6,8 +6,10 @@ The entry point above the orchestration: it calls :func:`mchad.train.run` (one r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -47,6 +49,23 @@ def _multirun_trial() -> DictConfig | None:
     return hydra_cfg if hydra_cfg.mode == RunMode.MULTIRUN else None
 
 
+def _refuse_unsafe_targets(cfg: DictConfig) -> None:
+    """Stop before anything runs when a ``_target_`` is off the allow-list (mchad.targets),
+    leaving no run folder behind: Hydra made one holding only its own files."""
+    from mchad.targets import check_targets
+
+    try:
+        check_targets(cfg)
+    except UserError as error:
+        output_dir = Path(cfg.paths.output_dir)
+        hydra_files = {".hydra", "run.log", f"{Path(sys.argv[0]).stem}.log"}
+        if output_dir.is_dir() and {p.name for p in output_dir.iterdir()} <= hydra_files:
+            shutil.rmtree(output_dir)
+            with contextlib.suppress(OSError):  # the date folder, if this run was its only one
+                output_dir.parent.rmdir()
+        raise SystemExit(f"error: {one_line(error)}") from None
+
+
 def main(cfg: DictConfig) -> float | None:
     """Hydra task: a user error ends the process with one line and exit status 1; Ctrl-C
     with one line saying how to resume (exit status 130). A failed run writes its cause to
@@ -57,6 +76,7 @@ def main(cfg: DictConfig) -> float | None:
     trial returns its validation objective (mchad.objective), which a search sweeper
     (``hydra/sweeper=optuna``) optimises, or None when it failed.
     """
+    _refuse_unsafe_targets(cfg)  # before the heavy imports: nothing of the run starts
     from mchad.sweep import run_trial
     from mchad.train import run
 

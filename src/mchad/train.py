@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
@@ -46,13 +45,17 @@ def trainer_kwargs(trainer_cfg: DictConfig) -> DictConfig:
 
 
 def _instantiate(node: DictConfig, what: str, **kwargs):
-    """``instantiate``, with a failing constructor reported as one line naming the config node."""
+    """``instantiate`` (targets on the allow-list, :mod:`mchad.targets`), with a failing
+    constructor reported as one line naming the config node."""
+    from mchad.targets import allowed_patterns, instantiate
+
+    root = node._get_root() if isinstance(node, DictConfig) else None
     try:
-        return instantiate(node, **kwargs)
+        return instantiate(node, allowed_patterns(root), **kwargs)
     except UserError:
         raise
     except Exception as error:
-        cause = error
+        cause = error  # Hydra 1.3 wraps the constructor's error, 1.4 raises it as it is
         while cause.__cause__ is not None and isinstance(cause, InstantiationException):
             cause = cause.__cause__
         if isinstance(cause, UserError):

@@ -23,6 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mchad.errors import ConfigError, DataError
+from mchad.targets import check_targets
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,9 @@ SEED_MAX = 2**32 - 1  # numpy's and Lightning's range
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Refuse a configuration that would run but give meaningless results (or crash later)."""
+    """Refuse a configuration that would run but give meaningless results (or crash later),
+    or that names code off the allow-list (a resumed run's saved config included)."""
+    check_targets(cfg)
     for key, low in INTEGER_KEYS.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
@@ -143,10 +146,12 @@ def _config_keys(config_dir: str | Path, overrides: list[str]) -> list[str]:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from mchad.targets import VERSION_BASE_KWARGS
+
     choices = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0] and not o.startswith(("+", "~"))]
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(config_dir), **VERSION_BASE_KWARGS):
             try:
                 cfg = compose("train", overrides=choices)
             except Exception:  # noqa: BLE001 - another mistake among the choices: the defaults then

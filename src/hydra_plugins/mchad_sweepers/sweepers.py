@@ -16,6 +16,16 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
 
+def check_job_targets(config: DictConfig) -> None:
+    """Refuse a sweep whose job config names a target off the allow-list before any trial
+    starts (:mod:`mchad.targets`; Hydra's own nodes, its plugins', are not job targets)."""
+    from omegaconf import OmegaConf
+
+    from mchad.targets import check_targets
+
+    check_targets(OmegaConf.masked_copy(config, [key for key in config if key != "hydra"]))
+
+
 class ResumableSweeper(BasicSweeper):
     """Hydra's basic sweeper that completes an earlier sweep given ``hydra.sweep.dir=<its folder>``:
     trials with results.csv are not run again (``config/hydra/sweeper/resumable.yaml``)."""
@@ -23,6 +33,7 @@ class ResumableSweeper(BasicSweeper):
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from mchad.sweep_resume import LaunchPending
 
+        check_job_targets(config)
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
         self.launcher = LaunchPending(self.launcher, self)
 
@@ -46,6 +57,10 @@ if OptunaSweeper is not None:
             super().__init__(**kwargs)
             self.outlier_params = outlier_params
 
+        def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+            check_job_targets(config)
+            super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+
         def sweep(self, arguments: list[str]) -> Any:
             from mchad.search import run_search
 
@@ -64,6 +79,8 @@ class OptunaSearchConfig(SearchPathPlugin):
 
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
         if OptunaSweeper is not None:
-            ConfigStore.instance().store(
-                group="hydra/sweeper", name="optuna", node={"defaults": ["optuna_search"]}, provider="mchad"
+            from mchad.targets import store_config
+
+            store_config(
+                ConfigStore.instance(), group="hydra/sweeper", name="optuna", node={"defaults": ["optuna_search"]}, provider="mchad"
             )

@@ -125,6 +125,8 @@ def compose(args, output_dir: Path, eval_sets: bool = False):
     """The run.py configuration for the benchmark's data, backbone, batch size and device."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+
+    from mchad.targets import VERSION_BASE_KWARGS
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
@@ -133,7 +135,7 @@ def compose(args, output_dir: Path, eval_sets: bool = False):
 
     overrides = [*bench_overrides(args), f"seed={args.seed}"]
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "config"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "config"), **VERSION_BASE_KWARGS):
         cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
