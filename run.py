@@ -17,10 +17,10 @@ from omegaconf import DictConfig
 os.environ.setdefault("MCHAD_ROOT", str(Path(__file__).resolve().parent))
 
 import mchad  # noqa: E402  (registers the config resolvers)
-from mchad.targets import VERSION_BASE_KWARGS  # noqa: E402
+from mchad.targets import MAIN_KWARGS  # noqa: E402
 
 
-@hydra.main(config_path="config", config_name="train", **VERSION_BASE_KWARGS)
+@hydra.main(config_path="config", config_name="train", **MAIN_KWARGS)
 def main(cfg: DictConfig) -> float | None:
     from mchad.cli import quiet_console
 

@@ -39,12 +39,19 @@ ALLOWED = (
     "torchvision.transforms.*",
     "optuna.samplers.*",  # hydra/sweeper=optuna's sampler (continued with a moved seed, mchad.sweeps.search)
 )
+#: what Hydra itself instantiates from its own config node: its plugins (launchers, sweepers) and
+#: our sweep report callback; on Hydra 1.4 handed to ``@hydra.main`` (it reaches Ray workers too)
+HYDRA_OWN = ("hydra_plugins.*", "hydra._internal.*", "mchad.*", "optuna.samplers.*")
 #: the config key that extends the list, e.g. ``allowed_targets: [my_lab.*]``
 EXTRA_KEY = "allowed_targets"
 
 HYDRA_VERSION = tuple(int(part) for part in hydra.__version__.split(".")[:2])
 #: Hydra 1.4 deprecates ``version_base`` (removed in 1.5); 1.3 needs it to pick today's defaults
 VERSION_BASE_KWARGS: dict[str, str] = {} if HYDRA_VERSION >= (1, 4) else {"version_base": "1.3"}
+#: ``@hydra.main``'s arguments: the allow-list where Hydra has one, else today's defaults
+MAIN_KWARGS: dict[str, Any] = (
+    {"execution_whitelist": [*ALLOWED, *HYDRA_OWN]} if HYDRA_VERSION >= (1, 4) else VERSION_BASE_KWARGS
+)
 
 
 def allowed_patterns(cfg: DictConfig | None = None) -> list[str]:

@@ -31,7 +31,9 @@ RESULT_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "s
 def trainer_kwargs(trainer_cfg: DictConfig) -> DictConfig:
     """Map the published ``trainer.gpus=N`` (removed in Lightning 2) to accelerator/devices, and
     ``benchmark=auto`` to cuDNN's benchmark mode unless ``deterministic``."""
-    cfg = trainer_cfg.copy()
+    # resolved and detached: Hydra 1.4 instantiates a node that has a parent from that parent's
+    # own (unchanged) entry, so a changed copy must stand alone
+    cfg = OmegaConf.create(OmegaConf.to_container(trainer_cfg, resolve=True))
     with open_dict(cfg):
         if cfg.get("benchmark") == "auto":  # cuDNN picks its fastest convolutions, unless told to be deterministic
             cfg.benchmark = None if cfg.get("deterministic") else True
