@@ -126,7 +126,7 @@ def test_a_failing_trial_is_reported_with_its_log(tmp_path, capsys):
     assert "packed" not in report and len(report["errors"]) == 1
     assert re.match(r"(?s)packed trial failed: .*alone.log \(exit 1\).*batch_size must be >= 1", report["errors"][0])
     assert "    error: packed trial failed: " in capsys.readouterr().err
-    from mchad import gpu_check
+    from mchad.bench import gpu_check
 
     lines = gpu_check.bench_lines(gpu_check.figures(report, ["--only", "packed"]))
     assert lines[-1].startswith(f"benchmark section failed: packed trial failed: {tmp_path / 'packed' / 'alone.log'} (exit 1):")

@@ -37,7 +37,7 @@ Prints, for the current machine, one model, data set, batch size and optimiser:
     got there, so that they train at the same time; their combined throughput (all their
     training images / from then to the end of the last one's training) against the one alone
     (target >= 4x for 8 trials on one GPU), each trial's seconds to its first step and the
-    wall time from the first launch (``mchad.gpu_check.run_timer``). ``--row-seeds N`` also times a whole N-seed sweep at the
+    wall time from the first launch (``mchad.bench.gpu_check.run_timer``). ``--row-seeds N`` also times a whole N-seed sweep at the
     configuration's own length, K at once (the paper's 21-seed CIFAR-10 row: target <= 180 s
     on one H200).
 
@@ -314,7 +314,7 @@ def _main(args, argv: list[str]) -> dict:
             else:
                 print("    CUDA's own start: n/a (no GPU)")
             total, heavy = import_times()
-            print(f"    `import mchad.train` (python -X importtime): {total:.2f} s; heaviest: "
+            print(f"    `import mchad.runs.train` (python -X importtime): {total:.2f} s; heaviest: "
                   + ", ".join(f"{n} {t:.2f}" for n, t in heavy[:6]))
         if "packed" in sections:
             try:
