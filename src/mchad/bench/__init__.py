@@ -58,42 +58,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mchad.bench.common import DEFAULT_ROOT, REPO, bench_overrides, compose, first_step_probe, fmt, resolve_device, summary, synthetic_source
-from mchad.bench.gpu import UtilisationSampler, host_syncs, nvidia_smi_id, sync_counter
-from mchad.bench.packed import packed_section, run_processes, share, trial_overrides
+from mchad.bench.common import DEFAULT_ROOT, REPO, compose, fmt, resolve_device, summary
+from mchad.bench.gpu import UtilisationSampler, host_syncs
+from mchad.bench.packed import packed_section
 from mchad.bench.startup import first_use_seconds, import_times, startup
 from mchad.bench.training import data_pipeline, evaluation, train_bare, train_lightning
-
-#: the sections' pieces, for tests and scripts (the modules hold them)
-__all__ = [
-    "DEFAULT_ROOT",
-    "REPO",
-    "UtilisationSampler",
-    "bench_overrides",
-    "compose",
-    "data_pipeline",
-    "evaluation",
-    "first_step_probe",
-    "first_use_seconds",
-    "fmt",
-    "host_syncs",
-    "import_times",
-    "main",
-    "nvidia_smi_id",
-    "packed_section",
-    "parse_args",
-    "resolve_device",
-    "run_processes",
-    "share",
-    "startup",
-    "summary",
-    "sync_counter",
-    "synthetic_source",
-    "train_bare",
-    "train_lightning",
-    "trial_overrides",
-]
-
 
 # --- main -------------------------------------------------------------------------------------------
 SECTIONS = ("train", "data", "eval", "startup", "packed")
