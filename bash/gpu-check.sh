@@ -108,7 +108,7 @@ for name in default bf16 fastest; do
     start_sampler "$folder/gpu_util.txt"
     # shellcheck disable=SC2086  # the settings are words
     phase "run-$name" "$folder/run.log" "$PYTHON" "$ROOT/run.py" "${PAPER[@]}" ${SETTINGS[$name]} "hydra.run.dir=$folder" \
-        +callbacks.gpu_check_timer._target_=mchad.gpu_check.run_timer "+callbacks.gpu_check_timer.out=$folder/timing.json" \
+        +callbacks.gpu_check_timer._target_=mchad.bench.gpu_check.run_timer "+callbacks.gpu_check_timer.out=$folder/timing.json" \
         "+callbacks.gpu_check_timer.started=$(date +%s.%N)"
     stop_sampler
 done
@@ -116,9 +116,9 @@ done
 # 3. the benchmark on the GPU (compile off: it would compile every repeat's new model again);
 # its run folders and the packed trials' logs stay in WORK/bench-runs
 read -r -a BENCH <<< "${BENCH_ARGS:---data cifar10 --root $DATA --backbone wrn40-2 --device cuda --precision bf16-mixed --repeats 3 --steps 50 --eval-repeats 1 --startup-repeats 1 --only train,eval,startup,packed --packed 8 --packed-steps 100 --row-seeds ${ROW_SEEDS:-0} --work-dir $WORK/bench-runs --set dataset_dir=$WORK/datasets}"
-phase bench "$WORK/bench.log" "$PYTHON" -m mchad.gpu_check bench "$WORK" -- "${BENCH[@]}"
+phase bench "$WORK/bench.log" "$PYTHON" -m mchad.bench.gpu_check bench "$WORK" -- "${BENCH[@]}"
 
 if [[ "$DRY_RUN" != 1 ]]; then
-    "$PYTHON" -m mchad.gpu_check summary "$WORK" | tee "$WORK/summary.txt"
+    "$PYTHON" -m mchad.bench.gpu_check summary "$WORK" | tee "$WORK/summary.txt"
 fi
 exit "$STATUS"

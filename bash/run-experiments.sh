@@ -15,7 +15,7 @@
 #                published run started from (++model.pretrained_checkpoint); "none" = from scratch
 #                (not comparable with the published numbers)
 #   PYTHON       [python]
-# Then: python -m mchad.aggregate <the sweep folder printed at the start>
+# Then: python -m mchad.results.aggregate <the sweep folder printed at the start>
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 DATASETS="${DATASETS:-cifar10 cifar100 svhn}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Open-set recognition: all settings x methods x splits (x seeds), one Hydra multirun (trials
 # in parallel through Ray; failed trials do not stop the others and are listed at the end).
-# The experiments osr-<setting>-<method> are generated in src/mchad/osr.py.
+# The experiments osr-<setting>-<method> are generated in src/mchad/data/osr.py.
 #
 #   bash/run-openset.sh [-n|--dry-run] [overrides...]
 #   bash/run-openset.sh dataset_dir=/path/to/datasets hydra/launcher=ray_gpu
@@ -14,7 +14,7 @@
 #   SEEDS     [1]          Hydra sweep syntax: 1,2,3 or range(1,4)
 #   PROTOCOL  [neal]       neal (Neal et al. 2018 via ARPL / Vaze et al.) or cac (Miller et al. 2021)
 #   PYTHON    [python]
-# Then: python -m mchad.aggregate <the sweep folder printed at the start>  (openset_<setting>.*)
+# Then: python -m mchad.results.aggregate <the sweep folder printed at the start>  (openset_<setting>.*)
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 SETTINGS="${SETTINGS:-cifar10 cifarplus10 cifarplus50 tinyimagenet}"

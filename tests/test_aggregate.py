@@ -1,4 +1,4 @@
-"""Tests of mchad.aggregate on a synthetic sweep whose statistics are known by construction."""
+"""Tests of mchad.results.aggregate on a synthetic sweep whose statistics are known by construction."""
 
 from __future__ import annotations
 
@@ -12,15 +12,9 @@ import pytest
 from matplotlib.image import imread
 from scipy import stats
 
-from mchad.aggregate import (
-    AggregateError,
-    find_results,
-    main,
-    plot_auroc_bars,
-    summary_table,
-    welch_tests,
-    write_tables,
-)
+from mchad.results.aggregate import main, plot_auroc_bars, summary_table, welch_tests
+from mchad.results.read_results import AggregateError, find_results
+from mchad.results.tables import write_tables
 
 COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed",
            "Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95"]
@@ -297,7 +291,7 @@ def test_headline_score_takes_each_runs_first_score(tmp_path):
 
 
 def _stamp(sweep, code="0.1.0+aaaaaaaaaaaa", data="d1", config="c1", runs=range(6)):
-    """Give runs of the sweep fixture the provenance columns a run writes (mchad.provenance)."""
+    """Give runs of the sweep fixture the provenance columns a run writes (mchad.runs.provenance)."""
     import pandas as pd
 
     for run in runs:

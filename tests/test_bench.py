@@ -20,6 +20,10 @@ import pytorch_lightning as pl
 import torch
 
 from mchad import bench
+from mchad.bench.common import bench_overrides, compose
+from mchad.bench.gpu import UtilisationSampler, host_syncs, nvidia_smi_id, sync_counter
+from mchad.bench.packed import run_processes, share, trial_overrides
+from mchad.bench.startup import first_use_seconds
 
 
 def test_benchmark_runs_every_section_on_synthetic_data(capsys):
@@ -126,7 +130,7 @@ def test_a_failing_trial_is_reported_with_its_log(tmp_path, capsys):
     assert "packed" not in report and len(report["errors"]) == 1
     assert re.match(r"(?s)packed trial failed: .*alone.log \(exit 1\).*batch_size must be >= 1", report["errors"][0])
     assert "    error: packed trial failed: " in capsys.readouterr().err
-    from mchad import gpu_check
+    from mchad.bench import gpu_check
 
     lines = gpu_check.bench_lines(gpu_check.figures(report, ["--only", "packed"]))
     assert lines[-1].startswith(f"benchmark section failed: packed trial failed: {tmp_path / 'packed' / 'alone.log'} (exit 1):")
@@ -135,21 +139,21 @@ def test_a_failing_trial_is_reported_with_its_log(tmp_path, capsys):
 def test_processes_run_at_most_k_at_once(tmp_path):
     """Four sleepers, two at a time: the third starts only when one of the first two ended."""
     sleeper = [sys.executable, "-c", "import time; time.sleep(0.5)"]
-    launched = bench.run_processes([(sleeper, tmp_path / f"{i}.log") for i in range(4)], concurrency=2)
+    launched = run_processes([(sleeper, tmp_path / f"{i}.log") for i in range(4)], concurrency=2)
     assert launched[1] - launched[0] < 0.3 and launched[2] - launched[0] >= 0.45
     assert launched == sorted(launched)
 
 
 def test_trial_overrides_are_the_benchmarks_shortened():
     args = bench.parse_args(["--data", "synthetic", "--backbone", "wrn40-2", "--packed-steps", "7", "--eval-size", "50"])
-    overrides = bench.trial_overrides(args)
-    assert overrides[: len(bench.bench_overrides(args))] == bench.bench_overrides(args)
+    overrides = trial_overrides(args)
+    assert overrides[: len(bench_overrides(args))] == bench_overrides(args)
     assert {"experiment=cifar10-mchad", "model/backbone=wrn40-2", "trainer.limit_train_batches=7", "trainer.max_epochs=1",
             "trainer.min_epochs=1", "datamodule.test_cases.GaussianNoise.n=50"} <= set(overrides)  # fmt: skip
     assert not any(o.startswith("seed=") for o in overrides)  # each trial gets its own
-    full = bench.trial_overrides(args, short=False)
+    full = trial_overrides(args, short=False)
     assert not any(o.startswith(("trainer.limit_train_batches", "trainer.max_epochs")) for o in full)
-    assert bench.share(1, 8) == "0.125" and bench.share(1, 3) == "0.3333" and bench.share(16, 8) == "2"
+    assert share(1, 8) == "0.125" and share(1, 3) == "0.3333" and share(16, 8) == "2"
 
 
 # ----------------------------------------------------------------------------- (a) GPU utilisation
@@ -174,7 +178,7 @@ def fake_nvidia_smi(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(shutil.which("sh") is None, reason="needs sh")
 def test_sampler_polls_nvidia_smi_in_the_background(fake_nvidia_smi):
-    with bench.UtilisationSampler(3, interval=0.05, reader="nvidia-smi") as sampler:
+    with UtilisationSampler(3, interval=0.05, reader="nvidia-smi") as sampler:
         time.sleep(0.6)
     calls = (fake_nvidia_smi / "args").read_text().splitlines()
     assert len(calls) >= 4 and len(sampler.samples) == len(calls)
@@ -194,8 +198,8 @@ def test_sampler_polls_nvidia_smi_in_the_background(fake_nvidia_smi):
 @pytest.mark.skipif(shutil.which("sh") is None, reason="needs sh")
 def test_sampler_asks_for_the_visible_gpu(fake_nvidia_smi, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,GPU-1234")
-    assert bench.nvidia_smi_id(0) == "5" and bench.nvidia_smi_id(1) == "GPU-1234" and bench.nvidia_smi_id(2) == "2"
-    with bench.UtilisationSampler(1, interval=0.05, reader="nvidia-smi"):
+    assert nvidia_smi_id(0) == "5" and nvidia_smi_id(1) == "GPU-1234" and nvidia_smi_id(2) == "2"
+    with UtilisationSampler(1, interval=0.05, reader="nvidia-smi"):
         time.sleep(0.1)
     assert (fake_nvidia_smi / "args").read_text().splitlines()[0].endswith("-i GPU-1234")
 
@@ -203,23 +207,23 @@ def test_sampler_asks_for_the_visible_gpu(fake_nvidia_smi, monkeypatch):
 @pytest.mark.skipif(shutil.which("sh") is None, reason="needs sh")
 def test_sampler_says_why_it_has_no_figure(fake_nvidia_smi, monkeypatch):
     (fake_nvidia_smi / "fail").write_text("")
-    with bench.UtilisationSampler(0, interval=0.05, reader="nvidia-smi") as failing:
+    with UtilisationSampler(0, interval=0.05, reader="nvidia-smi") as failing:
         time.sleep(0.15)
     assert failing.samples == [] and failing.median() is None
     assert failing.describe() == "n/a (nvidia-smi failed: nvidia-smi exit 9: NVML: driver not loaded)"
-    assert bench.UtilisationSampler(None, reader="nvidia-smi").start().describe() == "n/a (no GPU)"
+    assert UtilisationSampler(None, reader="nvidia-smi").start().describe() == "n/a (no GPU)"
     monkeypatch.setenv("PATH", str(fake_nvidia_smi / "empty"))
-    assert bench.UtilisationSampler(0, reader="nvidia-smi").describe() == "n/a (no nvidia-smi)"
+    assert UtilisationSampler(0, reader="nvidia-smi").describe() == "n/a (no nvidia-smi)"
 
 
 @pytest.mark.skipif(shutil.which("sh") is None, reason="needs sh")
 def test_sampler_falls_back_to_nvidia_smi_when_nvml_fails(fake_nvidia_smi, monkeypatch):
     """NVML unusable (here: no pynvml, no CUDA): nvidia-smi instead, or why neither works."""
-    with bench.UtilisationSampler(0, interval=0.05, reader="nvml") as sampler:
+    with UtilisationSampler(0, interval=0.05, reader="nvml") as sampler:
         time.sleep(0.15)
     assert sampler.reader == "nvidia-smi" and sampler.samples and sampler.describe().endswith("nvidia-smi every 0.05 s)")
     monkeypatch.setenv("PATH", str(fake_nvidia_smi / "empty"))
-    alone = bench.UtilisationSampler(0, reader="nvml").start()
+    alone = UtilisationSampler(0, reader="nvml").start()
     assert alone.describe().startswith("n/a (nvml failed: ") and alone.describe().endswith("; no nvidia-smi)")
 
 
@@ -245,7 +249,7 @@ class WarningSteps(pl.LightningModule):
 def test_sync_counter_counts_per_step_with_the_source_line():
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 2)), batch_size=1)
     modes = []
-    counter = bench.sync_counter(first=2, steps=6, set_mode=modes.append)
+    counter = sync_counter(first=2, steps=6, set_mode=modes.append)
     trainer = pl.Trainer(accelerator="cpu", limit_train_batches=2 + 6 + 1, max_epochs=1, log_every_n_steps=4, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[counter])  # fmt: skip
@@ -262,13 +266,13 @@ def test_host_syncs_runs_the_benchmarks_training(tmp_path):
     mode; here nothing warns, so every step counts 0)."""
     args = bench.parse_args(["--data", "synthetic", "--device", "cpu", "--batch-size", "16"])
     modes = []
-    counter = bench.host_syncs(bench.compose(args, tmp_path), warmup=2, steps=12, set_mode=modes.append)
+    counter = host_syncs(compose(args, tmp_path), warmup=2, steps=12, set_mode=modes.append)
     assert counter.per_step == [0] * 12 and modes == ["warn", 0]
     assert counter.logging_steps == [7]  # batch 9: trainer.log_every_n_steps=10
 
 
 # ----------------------------------------------------------------------------- (d) CUDA's start
 def test_first_use_is_timed_in_a_fresh_process():
-    seconds = bench.first_use_seconds("cpu")  # on a GPU: "cuda"; here the script's CPU path
+    seconds = first_use_seconds("cpu")  # on a GPU: "cuda"; here the script's CPU path
     assert list(seconds) == ["import torch", "torch.cuda.init()", "first matmul", "first conv"]
     assert seconds["import torch"] > 0.1 and all(v >= 0 for v in seconds.values())

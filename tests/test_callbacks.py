@@ -16,8 +16,10 @@ import torch
 from PIL import Image
 
 from conftest import compose_config
-from mchad import callbacks as cb
-from mchad.methods import MCHAD, Softmax
+from mchad.callbacks.animation import sphere_geometry
+from mchad.callbacks.hparams import flatten_config
+from mchad.callbacks.sample import headline_score, method_centers, unknown_images
+from mchad.models.methods import MCHAD, Softmax
 
 TEST_CASES = ["Digits6-9", "GaussianNoise", "UniformNoise"]
 
@@ -25,7 +27,7 @@ TEST_CASES = ["Digits6-9", "GaussianNoise", "UniformNoise"]
 def _train(output_dir: Path, overrides: list[str]) -> Path:
     from hydra.core.global_hydra import GlobalHydra
 
-    from mchad.train import run
+    from mchad.runs.train import run
 
     cfg = compose_config(["trainer.enable_progress_bar=false", *overrides], output_dir)
     try:
@@ -175,38 +177,38 @@ def test_callbacks_can_be_switched_off(tmp_path):
 
 
 def test_sphere_geometry_respects_semantics():
-    published = cb.sphere_geometry(MCHAD(3, 2, radius=1.0, margin=4.0))
+    published = sphere_geometry(MCHAD(3, 2, radius=1.0, margin=4.0))
     assert published == {"radius": 1.0, "margin": 4.0, "squared": True}  # circles sqrt(1), sqrt(4)
-    paper = cb.sphere_geometry(MCHAD(3, 2, radius=1.0, margin=4.0, semantics="paper"))
+    paper = sphere_geometry(MCHAD(3, 2, radius=1.0, margin=4.0, semantics="paper"))
     assert paper == {"radius": 1.0, "margin": 5.0, "squared": False}  # circles r and r + m
-    assert cb.sphere_geometry(MCHAD(3, 2, radius=0.0, margin=0.0))["margin"] is None
-    assert cb.sphere_geometry(Softmax(3, 2)) == {"radius": 0.0, "margin": None, "squared": True}
-    assert cb.method_centers(Softmax(3, 2)) is None
-    assert cb.method_centers(MCHAD(3, 2)).shape == (3, 2)
+    assert sphere_geometry(MCHAD(3, 2, radius=0.0, margin=0.0))["margin"] is None
+    assert sphere_geometry(Softmax(3, 2)) == {"radius": 0.0, "margin": None, "squared": True}
+    assert method_centers(Softmax(3, 2)) is None
+    assert method_centers(MCHAD(3, 2)).shape == (3, 2)
 
 
 def test_headline_score():
-    assert cb.headline_score({"msp": 1, "distance": 2}) == "distance"
-    assert cb.headline_score({"msp": 1, "energy": 2}) == "msp"
+    assert headline_score({"msp": 1, "distance": 2}) == "distance"
+    assert headline_score({"msp": 1, "energy": 2}) == "msp"
     with pytest.raises(ValueError):
-        cb.headline_score({})
+        headline_score({})
 
 
 def test_unknown_images_from_outliers_or_seeded_noise():
     class WithOutliers:
         outliers = type("A", (), {"images": torch.arange(50 * 3 * 4 * 4, dtype=torch.int32).view(50, 3, 4, 4).to(torch.uint8)})()
 
-    images, source = cb.unknown_images(WithOutliers(), (3, 4, 4), torch.uint8, 10, seed=1)
+    images, source = unknown_images(WithOutliers(), (3, 4, 4), torch.uint8, 10, seed=1)
     assert source == "outliers" and images.shape == (10, 3, 4, 4)
-    again, _ = cb.unknown_images(WithOutliers(), (3, 4, 4), torch.uint8, 10, seed=1)
+    again, _ = unknown_images(WithOutliers(), (3, 4, 4), torch.uint8, 10, seed=1)
     assert torch.equal(images, again)
-    noise, source = cb.unknown_images(object(), (1, 8, 8), torch.uint8, 7, seed=3)
+    noise, source = unknown_images(object(), (1, 8, 8), torch.uint8, 7, seed=3)
     assert source == "noise" and noise.shape == (7, 1, 8, 8) and noise.dtype == torch.uint8
-    assert torch.equal(noise, cb.unknown_images(None, (1, 8, 8), torch.uint8, 7, seed=3)[0])
+    assert torch.equal(noise, unknown_images(None, (1, 8, 8), torch.uint8, 7, seed=3)[0])
     # outliers of another shape are not used
-    assert cb.unknown_images(WithOutliers(), (1, 8, 8), torch.uint8, 5, seed=1)[1] == "noise"
+    assert unknown_images(WithOutliers(), (1, 8, 8), torch.uint8, 5, seed=1)[1] == "noise"
 
 
 def test_flatten_config():
-    flat = cb.flatten_config({"hydra": {"x": 1}, "a": {"b": 1, "c": [1, 2], "d": None}, "e": "s"})
+    flat = flatten_config({"hydra": {"x": 1}, "a": {"b": 1, "c": [1, 2], "d": None}, "e": "s"})
     assert flat == {"a.b": 1, "a.c": "[1, 2]", "a.d": "None", "e": "s"}

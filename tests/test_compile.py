@@ -16,7 +16,7 @@ from conftest import compose_config
 from test_device_guard import METHODS
 
 from mchad.errors import ConfigError
-from mchad.train import build, compile_options
+from mchad.runs.train import build, compile_options
 
 #: a small quick-start: tiny CNN, one short epoch, two small test cases
 SHORT = [
@@ -42,7 +42,7 @@ def test_the_training_step_is_one_graph(method, tmp_path):
 
 
 def _results(tmp_path, name: str, *overrides: str) -> tuple[pd.DataFrame, dict]:
-    from mchad.train import run
+    from mchad.runs.train import run
 
     callbacks = [f"~callbacks.{c}" for c in ("model_checkpoint", "progress_bar", "lr_monitor", "validation_views",
                                              "embedding_animation", "test_plots", "hparams")]  # last.ckpt stays
@@ -110,7 +110,7 @@ def test_adam_is_fused_on_a_gpu_unless_the_config_chose():
     """``fused=True`` only for CUDA parameters, only where the optimizer has it, never over the config's choice."""
     from functools import partial
 
-    from mchad.module import make_optimizer, optimizer_options
+    from mchad.models.module import make_optimizer, optimizer_options
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     adam = partial(torch.optim.Adam, lr=1e-3, weight_decay=5e-5)

@@ -10,7 +10,7 @@ from conftest import EXPERIMENTS, compose_config
 def resolve(cfg) -> dict:
     """The job's config, fully resolved (the hydra node is only complete inside a run)."""
     return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg if k != "hydra"}
-from mchad.train import trainer_kwargs
+from mchad.runs.train import trainer_kwargs
 
 
 def test_default_config_is_the_quickstart(tmp_path):

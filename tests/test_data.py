@@ -166,7 +166,7 @@ def test_performance_options_and_bf16_autocast(tmp_path: Path):
     method still computes distances and losses in float32."""
     from conftest import compose_config
 
-    from mchad.train import build
+    from mchad.runs.train import build
 
     cfg = compose_config(["model.channels_last=true"], output_dir=tmp_path)
     datamodule, model = build(cfg)

@@ -80,7 +80,7 @@ def _ii_rank(rank: int, world_size: int, init_file: str, out: str) -> None:
     """One process of a gloo group: II trained on its half of two global batches."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        from mchad.methods import II
+        from mchad.models.methods import II
 
         torch.manual_seed(0)
         method = II(n_classes=3, n_embedding=4).train()
@@ -106,7 +106,7 @@ def test_running_centres_follow_the_global_batch(tmp_path):
     is kept in eval mode so that only the centres' statistics differ between the ranks)."""
     import torch.multiprocessing as mp
 
-    from mchad.methods import II
+    from mchad.models.methods import II
 
     def single() -> torch.Tensor:
         method = II(n_classes=3, n_embedding=4).train()
@@ -155,7 +155,7 @@ def test_processes_with_different_run_folders_stop_before_training(tmp_path, sam
     from types import SimpleNamespace
 
     from mchad.errors import ConfigError
-    from mchad.train import SharedRunFolder
+    from mchad.runs.train import SharedRunFolder
 
     rank0 = str((tmp_path / "a").resolve())
     decisions = []

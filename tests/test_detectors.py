@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from conftest import compose_config
-from mchad.aggregate import main as aggregate_main
-from mchad.detectors import SPECS, DetectorBank, check_detectors
 from mchad.errors import ConfigError
-from mchad.methods import MCHAD, Softmax
-from mchad.metrics import METRIC_COLUMNS, case_metrics, oscr
-from mchad.scores import SCORES_FILE, load_scores, recompute_metrics
-from mchad.train import RESULT_COLUMNS, run
+from mchad.models.detectors import SPECS, DetectorBank, check_detectors
+from mchad.models.methods import MCHAD, Softmax
+from mchad.results.aggregate import main as aggregate_main
+from mchad.results.metrics import METRIC_COLUMNS, case_metrics, oscr
+from mchad.results.scores import SCORES_FILE, load_scores, recompute_metrics
+from mchad.runs.train import RESULT_COLUMNS, run
 from test_robustness import SHORT, _light_overrides
 
 # ----------------------------------------------------------------------------- OSCR
@@ -214,7 +214,7 @@ def test_detectors_are_fitted_on_training_data_only(evaluated):
     assert len(index) == 300 and index.max() < len(record["train_images"])
     expected = record["transform"](record["train_images"][index])
     assert torch.equal(torch.cat(record["inputs"]), expected)
-    from mchad.train import build
+    from mchad.runs.train import build
 
     datamodule, _ = build(compose_config([], folder / "again"))
     assert record["train_images"] is not datamodule.data["test"].images

@@ -168,7 +168,7 @@ def test_training_callbacks_and_testing_keep_to_the_device(overrides, tmp_path, 
     """The quick-start with the default callbacks, the model on the emulated device (and with
     data_on_device its data sets too): nothing mixes a host tensor into device computations,
     and results.csv, the plots and (2-D) the GIF are written."""
-    from mchad.train import run
+    from mchad.runs.train import run
 
     cfg = compose_config(_emulated_overrides(tmp_path, *overrides), output_dir=tmp_path / "run")
     with on_emulated_device():
@@ -181,7 +181,7 @@ def test_training_callbacks_and_testing_keep_to_the_device(overrides, tmp_path, 
 
 
 def test_resume_and_evaluation_only_keep_to_the_device(tmp_path, emulated_data_device):
-    from mchad.train import run
+    from mchad.runs.train import run
 
     overrides = _emulated_overrides(tmp_path, "++datamodule.data_on_device=true")
     with on_emulated_device():
@@ -197,7 +197,7 @@ def test_the_non_finite_loss_guard_on_the_device():
     from types import SimpleNamespace
 
     from mchad.errors import NonFiniteLossError
-    from mchad.nan_guard import NonFiniteLossGuard
+    from mchad.runs.nan_guard import NonFiniteLossGuard
 
     guard = NonFiniteLossGuard(sync_every_step=False)
     trainer = SimpleNamespace(global_step=1, log_every_n_steps=2, current_epoch=0)
@@ -255,7 +255,7 @@ def _step_recorder(mode, first: int, last: int):
 
 
 def _recorded_steps(tmp_path, overrides: list[str], first: int, last: int) -> list[str]:
-    from mchad.train import build, make_trainer
+    from mchad.runs.train import build, make_trainer
 
     cfg = compose_config(
         _emulated_overrides(tmp_path, "++datamodule.data_on_device=true", f"trainer.limit_train_batches={last + 1}", *overrides),
@@ -296,7 +296,7 @@ def test_logging_steps_are_the_only_ones_that_wait(tmp_path, emulated_data_devic
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             per_step[batch_idx] = len(self.mode.syncs)
 
-    from mchad.train import build, make_trainer
+    from mchad.runs.train import build, make_trainer
 
     cfg = compose_config(
         _emulated_overrides(tmp_path, "++datamodule.data_on_device=true", "trainer.limit_train_batches=6", "trainer.log_every_n_steps=3"),

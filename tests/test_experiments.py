@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 
 from conftest import EXPERIMENTS, compose_config, make_image_folder
 from mchad.errors import ConfigError, DataNotFoundError
-from mchad.module import OODModel
-from mchad.train import build, run
+from mchad.models.module import OODModel
+from mchad.runs.train import build, run
 
 DATASETS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 METHODS = {
@@ -72,7 +72,7 @@ def test_experiment_builds_the_published_loss(experiment):
     assert (cfg.trainer.min_epochs, cfg.trainer.max_epochs) == (row.min_epochs, row.max_epochs)
     assert cfg.datamodule.batch_size == row.batch_size
     assert (cfg.trainer.limit_train_batches, cfg.trainer.limit_val_batches) == (row.limit_train_batches, row.limit_val_batches)
-    assert cfg.model.backbone._target_ == "mchad.backbones.WideResNetBackbone"
+    assert cfg.model.backbone._target_ == "mchad.models.backbones.WideResNetBackbone"
     if method_key in OUTLIER_EXPOSURE:
         assert cfg.datamodule.outliers._target_ == "mchad.data.TinyImages300kSource"
         assert cfg.datamodule.outlier_batch_size == row.outlier_batch_size
@@ -182,7 +182,7 @@ def test_model_configs_work_on_the_quick_start(model, tmp_path):
 
 def test_pretrained_checkpoint_through_the_config(tiny_folder, tmp_path):
     """`++model.pretrained_checkpoint=PATH` loads a Hendrycks-format checkpoint into the WRN."""
-    from mchad.backbones import WideResNetBackbone
+    from mchad.models.backbones import WideResNetBackbone
 
     source = WideResNetBackbone(1000).net  # WRN-40-2 with ImageNet's 1000 outputs
     torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "imagenet_wrn.pt")

@@ -58,7 +58,7 @@ def experiment_overrides(experiment: str, folder: Path, tmp_path: Path, *extra: 
 
 
 def train_and_test(overrides: list[str], output_dir: Path) -> pd.DataFrame:
-    from mchad.train import run
+    from mchad.runs.train import run
 
     frame = pd.read_csv(run(compose_config(overrides, output_dir=output_dir)))
     assert frame[["Accuracy", "AUROC"]].notna().all().all()
@@ -124,7 +124,7 @@ def test_the_training_step_never_synchronises(tiny_folder, tmp_path):
     any host synchronisation in the step, the loop or a callback raises there. Fused Adam."""
     import pytorch_lightning as pl
 
-    from mchad.train import build, make_trainer
+    from mchad.runs.train import build, make_trainer
 
     class SyncError(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -185,8 +185,8 @@ def test_checkpoint_moves_between_gpu_and_cpu(tiny_folder, tmp_path):
 def test_non_finite_loss_stops_on_the_device(tiny_folder, tmp_path, monkeypatch):
     """The NaN guard's device path (no host sync per step) stops the run and names the step."""
     from mchad.errors import NonFiniteLossError
-    from mchad.module import OODModel
-    from mchad.train import run
+    from mchad.models.module import OODModel
+    from mchad.runs.train import run
 
     original = OODModel.training_step
 

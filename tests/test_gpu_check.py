@@ -1,5 +1,5 @@
 """bash/gpu-check.sh where there is no GPU: its arguments and commands (dry run), and the timing
-callback and summary table it relies on (mchad.gpu_check) on a real tiny CPU run."""
+callback and summary table it relies on (mchad.bench.gpu_check) on a real tiny CPU run."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, compose_config, make_image_folder
-from mchad import gpu_check
+from mchad.bench import gpu_check
 
 SCRIPT = ROOT / "bash" / "gpu-check.sh"
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -40,7 +40,7 @@ def test_dry_run_prints_the_steps_and_runs_nothing(tmp_path):
     for run, name in ((default, "default"), (bf16, "bf16"), (fastest, "fastest")):
         assert run[1] == str(ROOT / "run.py") and paper <= set(run)
         assert f"hydra.run.dir={tmp_path / 'work' / name}" in run
-        assert "+callbacks.gpu_check_timer._target_=mchad.gpu_check.run_timer" in run
+        assert "+callbacks.gpu_check_timer._target_=mchad.bench.gpu_check.run_timer" in run
         # channels_last is left to its default (auto: on for a GPU)
         assert not [o for o in run if o.startswith("model.channels_last")]
     # the paper's scale is the experiment's own (WRN-40-2, 10 epochs): nothing overrides it
@@ -48,7 +48,7 @@ def test_dry_run_prints_the_steps_and_runs_nothing(tmp_path):
     assert "trainer.precision=bf16-mixed" not in default and not [o for o in default + bf16 if "compile" in o]
     assert "trainer.precision=bf16-mixed" in bf16
     assert {"trainer.precision=bf16-mixed", "model.compile=reduce-overhead"} <= set(fastest)
-    assert bench[1:5] == ["-m", "mchad.gpu_check", "bench", str(tmp_path / "work")] and "--device" in bench
+    assert bench[1:5] == ["-m", "mchad.bench.gpu_check", "bench", str(tmp_path / "work")] and "--device" in bench
     # the benchmark's arguments parse, and ask for every GPU figure of the summary
     from mchad.bench import parse_args
 
@@ -64,7 +64,7 @@ def test_dry_run_with_the_whole_row(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "ROW_SEEDS": "21"}
     result = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(data), str(tmp_path / "work")], env=env,
                             capture_output=True, text=True, timeout=120)  # fmt: skip
-    bench = shlex.split([line for line in result.stdout.splitlines() if "mchad.gpu_check bench" in line][0][2:])
+    bench = shlex.split([line for line in result.stdout.splitlines() if "mchad.bench.gpu_check bench" in line][0][2:])
     assert bench[bench.index("--row-seeds") + 1] == "21"
 
 
@@ -91,13 +91,13 @@ def test_bad_arguments_are_one_error_line(args, message, tmp_path):
 
 def test_timer_and_summary_of_a_real_run(tmp_path):
     """The timing callback on a quick-start run (CPU), and the summary the script prints."""
-    from mchad.train import run
+    from mchad.runs.train import run
 
     folder = tmp_path / "work" / "default"
     overrides = [
         "trainer.enable_progress_bar=false", "trainer.max_epochs=2", "trainer.min_epochs=2", "trainer.limit_train_batches=3",
         f"dataset_dir={tmp_path / 'data'}", "~callbacks", "~logger",
-        "+callbacks.gpu_check_timer._target_=mchad.gpu_check.run_timer", f"+callbacks.gpu_check_timer.out={folder / 'timing.json'}",
+        "+callbacks.gpu_check_timer._target_=mchad.bench.gpu_check.run_timer", f"+callbacks.gpu_check_timer.out={folder / 'timing.json'}",
     ]  # fmt: skip
     run(compose_config(overrides, output_dir=folder))
     (folder / "run.log").write_text("")

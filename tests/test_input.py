@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, compose_config, make_image_folder
+from mchad.runs.train import RESULT_COLUMNS, run
 from mchad.task import main
-from mchad.train import RESULT_COLUMNS, run
 from test_robustness import SHORT, _error_of, _light_overrides, run_cli
 
 
@@ -215,7 +215,7 @@ def _write_fake_results(run_dir: Path) -> None:
 
 def test_failed_single_run_writes_its_cause_and_the_aggregation_reports_it(tmp_path, capsys):
     """Today: config.yaml and run.log but no cause; the aggregation listed it as "missing"."""
-    from mchad import aggregate
+    from mchad.results import aggregate
 
     logs = tmp_path / "logs"
     line = _one_line_cli_error("model.margin=-1", f"paths.log_dir={logs}", "trainer.max_epochs=1")
@@ -229,7 +229,7 @@ def test_failed_single_run_writes_its_cause_and_the_aggregation_reports_it(tmp_p
 
 def test_ctrl_c_says_how_to_resume(fast, tmp_path, monkeypatch, capsys):
     """Today: "graceful shutdown" and exit 1, no word of resume=."""
-    from mchad.module import OODModel
+    from mchad.models.module import OODModel
 
     original = OODModel.on_train_batch_start
 
@@ -256,7 +256,7 @@ def test_results_name_what_ran_and_eval_only_rows_belong_to_their_checkpoint(fas
     """`model=cac` on the digits is digits-cac (today: digits-mchad); an eval-only run of a seed-7
     model records seed 7 (today: the command's seed 1) and the checkpoint it evaluated; the
     aggregation counts that model once."""
-    from mchad.aggregate import find_results
+    from mchad.results.read_results import find_results
 
     trained = tmp_path / "runs" / "trained"
     frame = pd.read_csv(run(compose_config([*fast, "model=cac", "seed=7"], trained)))

@@ -1,5 +1,6 @@
-"""The package's layout stays readable: no import cycles, no module over 600 lines, and the
-README's "Adding a method" / "Adding a dataset" walk-throughs work as written."""
+"""The package's layout stays readable: modules grouped by concern into layers that import only
+downwards, no import cycles, no module over 600 lines, a small top level, and the README's
+"Adding a method" / "Adding a dataset" walk-throughs work as written."""
 
 from __future__ import annotations
 
@@ -16,6 +17,22 @@ from conftest import ROOT, compose_config
 
 PACKAGE = ROOT / "src" / "mchad"
 MAX_LINES = 600
+#: modules of the top level beside the subpackages (``__init__`` not counted)
+MAX_TOP_LEVEL = 9
+
+#: The package's layers, highest first: a module may import from its own layer and the ones
+#: below it only. An entry names a module or a subpackage (all its modules); the package's
+#: own ``__init__`` is the root's name (``mchad``), in the foundation.
+LAYERS = {
+    "face": ["mchad.task", "mchad.cli"],
+    "sweeps, bench": ["mchad.sweeps", "mchad.bench"],
+    "runs": ["mchad.runs"],
+    "callbacks, models": ["mchad.callbacks", "mchad.models"],
+    "results": ["mchad.results"],
+    "data": ["mchad.data"],
+    "foundation": ["mchad", "mchad.errors", "mchad.devices", "mchad.distributed", "mchad.checkpoints",
+                   "mchad.failures", "mchad.resolvers", "mchad.targets"],
+}
 
 
 # ----------------------------------------------------------------------------- imports
@@ -34,7 +51,7 @@ def module_names(package: Path) -> dict[str, Path]:
 
 def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The package's modules that ``name`` imports anywhere in its file: at module level and
-    inside functions (``from mchad import plots`` is ``mchad.plots``, ``from mchad.x import y``
+    inside functions (``from mchad.results import plots`` is ``mchad.results.plots``, ``from mchad.x import y``
     is ``mchad.x`` unless ``y`` is a module itself)."""
     root = next(iter(modules)).split(".")[0]
     is_package = path.name == "__init__.py"
@@ -58,11 +75,16 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
     return found
 
 
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """``{module: the package's modules it imports}`` for every module below ``package``."""
+    modules = module_names(package)
+    return {name: imported_modules(name, path, modules) for name, path in modules.items()}
+
+
 def import_cycles(package: Path) -> list[list[str]]:
     """Each group of modules that import one another, directly or round a longer circle
     (the strongly connected components of the import graph with more than one module)."""
-    modules = module_names(package)
-    graph = {name: imported_modules(name, path, modules) for name, path in modules.items()}
+    graph = import_graph(package)
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -112,6 +134,73 @@ def test_the_cycle_check_sees_function_level_and_longer_circles(tmp_path):
     assert import_cycles(package) == [["pkg.sub", "pkg.sub.c"]]
 
 
+def layer_of(name: str, layers: dict[str, list[str]]) -> int | None:
+    """The rank of ``name``'s layer (0: the lowest), by the longest entry naming it or a
+    package above it (the root package's entry names its ``__init__`` only); None if undeclared."""
+    root = name.split(".")[0]
+    matches = [
+        (len(entry), rank)
+        for rank, entries in enumerate(reversed(list(layers.values())))
+        for entry in entries
+        if name == entry or (entry != root and name.startswith(entry + "."))
+    ]
+    return max(matches)[1] if matches else None
+
+
+def layer_violations(package: Path, layers: dict[str, list[str]]) -> list[str]:
+    """One line per import from a higher layer (``<file> imports <module> (<layer> above
+    <layer>)``) and per module in no declared layer."""
+    modules = module_names(package)
+    names = list(reversed(layers))
+    found = []
+    for name, imported in sorted(import_graph(package).items()):
+        where = modules[name].relative_to(package.parent).as_posix()
+        rank = layer_of(name, layers)
+        if rank is None:
+            found.append(f"{where}: {name} is in no layer of LAYERS (declare it)")
+            continue
+        for other in sorted(imported):
+            other_rank = layer_of(other, layers)
+            if other_rank is not None and other_rank > rank:
+                found.append(f"{where} imports {other} (layer '{names[other_rank]}' is above '{names[rank]}')")
+    return found
+
+
+def test_no_module_imports_from_a_higher_layer():
+    violations = layer_violations(PACKAGE, LAYERS)
+    assert not violations, "imports against the layers:\n" + "\n".join(violations)
+
+
+def test_the_layer_check_sees_upward_imports(tmp_path):
+    package = tmp_path / "pkg"
+    for sub in ("face", "runs", "data"):
+        (package / sub).mkdir(parents=True)
+        (package / sub / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("from pkg import base\n")
+    (package / "base.py").write_text("X = 1\n")
+    (package / "face" / "main.py").write_text("from pkg.runs.job import run\nimport pkg.data.read\n")
+    (package / "runs" / "job.py").write_text("from pkg import base\nfrom pkg.data import read\nfrom . import other\n")
+    (package / "runs" / "other.py").write_text("")
+    (package / "data" / "read.py").write_text("import pkg.base\n")
+    layers = {"face": ["pkg.face"], "runs": ["pkg.runs"], "data": ["pkg.data"], "foundation": ["pkg", "pkg.base"]}
+    assert layer_violations(package, layers) == []  # downwards and within a layer only
+    (package / "data" / "read.py").write_text("def f():\n    from ..runs.job import run\n")  # function-level, relative
+    (package / "base.py").write_text("import pkg.face.main\n")
+    (package / "__init__.py").write_text("from pkg.data.read import f\n")
+    (package / "stray.py").write_text("")
+    assert layer_violations(package, layers) == [
+        "pkg/__init__.py imports pkg.data.read (layer 'data' is above 'foundation')",
+        "pkg/base.py imports pkg.face.main (layer 'face' is above 'foundation')",
+        "pkg/data/read.py imports pkg.runs.job (layer 'runs' is above 'data')",
+        "pkg/stray.py: pkg.stray is in no layer of LAYERS (declare it)",
+    ]
+
+
+def test_the_top_level_holds_few_modules():
+    top = sorted(path.name for path in PACKAGE.glob("*.py") if path.name != "__init__.py")
+    assert len(top) <= MAX_TOP_LEVEL, f"{len(top)} modules beside the subpackages (at most {MAX_TOP_LEVEL}): {top}"
+
+
 def test_no_module_is_longer_than_600_lines():
     lengths = {path.relative_to(ROOT): len(path.read_text(encoding="utf-8").splitlines()) for path in PACKAGE.rglob("*.py")}
     assert not {p: n for p, n in lengths.items() if n > MAX_LINES}
@@ -141,7 +230,7 @@ def walkthrough(title: str) -> tuple[dict[str, str], list[str]]:
 def follow(title: str, tmp_path: Path, monkeypatch, extra: list[str]) -> pd.DataFrame:
     """Write the walk-through's files (modules on the Python path, configs in a config folder
     Hydra searches), run its command and return results.csv."""
-    from mchad.train import run
+    from mchad.runs.train import run
 
     files, command = walkthrough(title)
     code, configs = tmp_path / "code", tmp_path / "config"

@@ -11,8 +11,8 @@ from pytorch_ood.loss import CACLoss, CenterLoss, IILoss, MCHADLoss
 from pytorch_ood.loss.crossentropy import cross_entropy
 from pytorch_ood.loss.mchad import CenterRegularizationLoss
 
-from mchad import losses
-from mchad.methods import CAC, II, MCHAD, Center, Softmax
+from mchad.models import losses
+from mchad.models.methods import CAC, II, MCHAD, Center, Softmax
 
 # a batch of 3: two known samples (labels 0, 1) and one outlier (-1); 2 classes
 D = torch.tensor([[1.0, 4.0], [9.0, 0.25], [1.0, 3.0]])

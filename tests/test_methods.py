@@ -7,9 +7,9 @@ import pytest
 import torch
 from pytorch_ood.loss import CACLoss
 
-from mchad.backbones import ConvNet, WideResNetBackbone, load_pretrained
 from mchad.errors import ConfigError
-from mchad.methods import CAC, II, MCHAD, Center, Softmax
+from mchad.models.backbones import ConvNet, WideResNetBackbone, load_pretrained
+from mchad.models.methods import CAC, II, MCHAD, Center, Softmax
 
 C, D = 3, 4
 METHODS = {

@@ -18,18 +18,19 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import ROOT, compose_config
-from mchad.aggregate import main as aggregate_main
-from mchad.aggregate import openset_table
+from mchad.data.osr import CIFAR10_CLASSES, CIFAR100_CLASSES, SplitError, class_split, splits
 from mchad.errors import ConfigError, DataError, DataNotFoundError
-from mchad.osr import CIFAR10_CLASSES, CIFAR100_CLASSES, METHODS, SETTINGS, SplitError, class_split, splits
-from mchad.train import build, run
+from mchad.resolvers import OSR_METHODS, OSR_SETTINGS
+from mchad.results.aggregate import main as aggregate_main
+from mchad.results.openset_tables import openset_table
+from mchad.runs.train import build, run
 
 # (known, unknown) classes per split and the size of the unknown dataset
 COUNTS = {"cifar10": (6, 4, 10), "cifarplus10": (4, 10, 100), "cifarplus50": (4, 50, 100), "tinyimagenet": (20, 180, 200)}
 PROTOCOLS = ["neal", "cac"]
 
 
-@pytest.mark.parametrize("protocol, setting", list(product(PROTOCOLS, SETTINGS)))
+@pytest.mark.parametrize("protocol, setting", list(product(PROTOCOLS, OSR_SETTINGS)))
 def test_every_split_has_the_published_counts_and_disjoint_classes(protocol, setting):
     n_known, n_unknown, n_total = COUNTS[setting]
     assert len(splits()[protocol][setting]) == 5
@@ -96,7 +97,7 @@ def _reference(method: str):
     return compose_config([f"experiment=cifar10-{method}"])
 
 
-@pytest.mark.parametrize("setting, method", list(product(SETTINGS, METHODS)))
+@pytest.mark.parametrize("setting, method", list(product(OSR_SETTINGS, OSR_METHODS)))
 def test_every_setting_method_pair_composes(setting, method):
     cfg = compose_config([f"experiment=osr-{setting}-{method}", "split=3"])
     reference = _reference(method)
@@ -252,7 +253,7 @@ def test_openset_aggregation_gives_the_means_over_splits_and_seeds(tmp_path):
 
 def test_openset_table_other_score(tmp_path):
     _write_fake_sweep(tmp_path / "sweep")
-    from mchad.aggregate import find_results
+    from mchad.results.read_results import find_results
 
     results, _ = find_results(tmp_path / "sweep")
     table = openset_table(results, "msp")
@@ -270,7 +271,7 @@ def test_run_openset_dry_run_lists_every_setting_method_and_split(tmp_path):
     args = shlex.split(line[2:])
     assert args[1:3] == [str(ROOT / "run.py"), "-m"]
     experiments = args[3].removeprefix("experiment=").split(",")
-    assert experiments == [f"osr-{s}-{m}" for s, m in product(SETTINGS, METHODS)]
+    assert experiments == [f"osr-{s}-{m}" for s, m in product(OSR_SETTINGS, OSR_METHODS)]
     assert args[4:] == ["split=0,1,2,3,4", "osr.protocol=neal", "seed=1", "dataset_dir=/data"]
     bad = subprocess.run(["bash", str(ROOT / "bash" / "run-openset.sh"), "-n"], capture_output=True, text=True,
                          timeout=60, env={"PATH": "/usr/bin:/bin", "SETTINGS": "mnist"})
@@ -308,7 +309,7 @@ def test_tinyimagenet_source_reads_pytorch_oods_layout(tmp_path):
 def test_oscr_by_hand():
     import torch
 
-    from mchad.metrics import oscr
+    from mchad.results.metrics import oscr
 
     # sorted: 0.1 ID right, 0.2 ID wrong, 0.25 OOD, 0.3 ID right, 0.4 OOD; the curve (CCR over FPR)
     # (0,0) (0,1/3) (0,1/3) (1/2,1/3) (1/2,2/3) (1,2/3): area 1/2 * 1/3 + 1/2 * 2/3 = 1/2

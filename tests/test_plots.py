@@ -1,4 +1,4 @@
-"""Tests of mchad.plots: files are valid images, GIF frame counts, ROC/AUROC correctness."""
+"""Tests of mchad.results.plots: files are valid images, GIF frame counts, ROC/AUROC correctness."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mchad import plots
-from mchad.plots import (
+from mchad.results import plots
+from mchad.results.plots import (
     assemble_gif,
     axis_limits,
     distance_histogram,

@@ -1,4 +1,4 @@
-"""Provenance of a run (mchad.provenance): code state with and without git, the config hash."""
+"""Provenance of a run (mchad.runs.provenance): code state with and without git, the config hash."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import compose_config
-from mchad import provenance
+from mchad.runs import provenance
 
 
 def _git(repo: Path, *args: str) -> str:

@@ -19,9 +19,9 @@ from omegaconf import open_dict
 
 from conftest import ROOT, compose_config
 from mchad.errors import CheckpointError, NonFiniteLossError
-from mchad.module import OODModel
+from mchad.models.module import OODModel
+from mchad.runs.train import RESULT_COLUMNS, run, write_results
 from mchad.task import main
-from mchad.train import RESULT_COLUMNS, run, write_results
 
 METRICS = ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95"]
 # 3 short epochs; validation every epoch writes last.ckpt
@@ -227,7 +227,7 @@ def test_nan_check_without_host_sync_reports_first_bad_step():
     step is kept on the device and reported at the next check (log interval / epoch end)."""
     from types import SimpleNamespace
 
-    from mchad.nan_guard import NonFiniteLossGuard
+    from mchad.runs.nan_guard import NonFiniteLossGuard
 
     guard = NonFiniteLossGuard(sync_every_step=False)
     trainer = SimpleNamespace(global_step=0, current_epoch=0, log_every_n_steps=50)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, SHARED_DATA, compose_config
-from mchad.train import RESULT_COLUMNS, run
+from mchad.runs.train import RESULT_COLUMNS, run
 
 METRICS = ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95"]
 

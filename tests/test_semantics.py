@@ -17,7 +17,7 @@ from torchvision.transforms import functional as TF
 from conftest import compose_config
 from mchad.data import OODDataModule
 from mchad.data.sources import ImageArray, Source, decode_files, fit_image
-from mchad.methods import CAC, MCHAD, Center
+from mchad.models.methods import CAC, MCHAD, Center
 
 
 # --- 2. reductions with outliers in the batch (G-MCHAD, G-Center) -------------------------
@@ -211,7 +211,7 @@ def test_outliers_augmented_or_not(augment):
 
 # --- 9. aggregation with the published AUPR names --------------------------------------------
 def test_aggregation_prints_the_published_aupr_names(tmp_path, capsys):
-    from mchad.aggregate import main
+    from mchad.results.aggregate import main
 
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)

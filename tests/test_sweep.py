@@ -22,9 +22,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_config
-from mchad.aggregate import find_results
-from mchad.aggregate import main as aggregate_main
-from mchad.sweep import FAILED_FILE, SweepReport, collect_trials, run_trial, sweep_status
+from mchad.results.aggregate import main as aggregate_main
+from mchad.results.read_results import find_results
+from mchad.sweeps.sweep import FAILED_FILE, SweepReport, collect_trials, run_trial, sweep_status
 
 RUN_PY = ROOT / "run.py"
 TESTS = Path(__file__).resolve().parent
@@ -95,7 +95,7 @@ def test_sweeps_default_to_the_ray_launcher_with_a_cpu_share():
     env_vars = launcher.ray.init.runtime_env.env_vars
     assert env_vars.MCHAD_ROOT == str(ROOT) and env_vars.MCHAD_RUN_ID
     assert OmegaConf.to_container(env_vars)["MCHAD_CWD"] == "${hydra.runtime.cwd}"  # resolved by the driver
-    assert [c._target_ for c in hydra.callbacks.values()] == ["mchad.sweep.SweepReport"]
+    assert [c._target_ for c in hydra.callbacks.values()] == ["mchad.sweeps.sweep.SweepReport"]
 
 
 def test_gpu_launcher_and_basic_launcher_compose():

@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_config
 from mchad.errors import ConfigError
-from mchad.objective import OBJECTIVE_FILE, read_objective, trial_objective
-from mchad.sweep_resume import LaunchPending, Trial, config_differences, counts_note, record
+from mchad.runs.objective import OBJECTIVE_FILE, read_objective, trial_objective
+from mchad.sweeps.sweep_resume import LaunchPending, Trial, config_differences, counts_note, record
 
 RUN_PY = ROOT / "run.py"
 QUICK = [
@@ -123,8 +123,8 @@ def test_the_objective_is_computed_from_validation_data_before_any_test_set(tmp_
     """Every path to a test set raises: the objective is written all the same, before testing,
     and equals the validation metrics that training logged (val/acc, val/unknown/distance/AUROC)."""
     from mchad.data.datamodule import OODDataModule
-    from mchad.module import OODModel
-    from mchad.train import run
+    from mchad.models.module import OODModel
+    from mchad.runs.train import run
 
     def touched(*args, **kwargs):
         raise _TestSetTouched("a test set was used")
@@ -158,7 +158,7 @@ def test_trial_objective_is_none_for_a_failed_trial(tmp_path):
 
 
 def test_an_unknown_objective_is_refused_before_training(tmp_path):
-    from mchad.train import run
+    from mchad.runs.train import run
 
     with pytest.raises(ConfigError, match="objective.metric must be one of val_acc, val_auroc, mean"):
         run(compose_config(["objective.metric=test_auroc", *QUICK], output_dir=tmp_path))
@@ -171,7 +171,7 @@ def test_optuna_search_space_in_config_and_weight_oe_only_with_outliers():
     from conftest import compose_config as compose
     from hydra.core.hydra_config import HydraConfig
 
-    from mchad.search import search_params
+    from mchad.sweeps.search import search_params
 
     cfg = compose(["hydra/sweeper=optuna", "hydra.sweeper.n_trials=40"])
     sweeper = HydraConfig.get().sweeper

@@ -1,4 +1,4 @@
-"""Tests of the paper-form tables (mchad.tables, written by mchad.aggregate) on a synthetic
+"""Tests of the paper-form tables (mchad.results.tables, written by mchad.results.aggregate) on a synthetic
 sweep whose per-seed values, best cells and significant differences are known by construction."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import subprocess
 import pytest
 from scipy import stats
 
-from mchad.aggregate import find_results, main, summary_table, welch_tests
-from mchad.tables import (
+from mchad.results.aggregate import main, summary_table, welch_tests
+from mchad.results.read_results import find_results
+from mchad.results.tables import (
     TableConfigError,
     TableOptions,
     load_table_config,

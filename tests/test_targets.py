@@ -45,7 +45,7 @@ def test_patterns_allow_below_a_package_or_one_exact_name():
     "target", ["torch.load", "shutil.copy", "builtins.open", "os.system", "pickle.loads", "${oc.env:EVIL}"]
 )
 def test_targets_off_the_list_are_refused_naming_key_and_target(target):
-    cfg = OmegaConf.create({"model": {"method": {"_target_": "mchad.methods.MCHAD"}}, "callbacks": {"x": {"_target_": target}}})
+    cfg = OmegaConf.create({"model": {"method": {"_target_": "mchad.models.methods.MCHAD"}}, "callbacks": {"x": {"_target_": target}}})
     with pytest.raises(ConfigError, match=r"^callbacks\.x\._target_=.* is not an allowed target"):
         check_targets(cfg)
 

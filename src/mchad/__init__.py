@@ -4,8 +4,7 @@ Importing the package registers the OmegaConf resolvers the configs use and the 
 open-set experiment configs (cheap: no torch).
 """
 
-from mchad import resolvers as _resolvers  # noqa: F401
-from mchad.osr import register_experiments as _register_experiments
+from mchad.resolvers import register_experiments as _register_experiments
 
 _register_experiments()
 

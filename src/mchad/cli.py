@@ -4,7 +4,7 @@
   (unknown key or option, unparsable override) or a run folder it cannot create becomes one
   line ``error: <cause>`` on stderr and exit status 1. Any other exception is a bug: its
   full traceback is printed, then one ``error:`` line. ``MCHAD_TRACEBACK=1`` also prints the
-  traceback of input mistakes (mchad.train's user errors included).
+  traceback of input mistakes (mchad.runs.train's user errors included).
 * :func:`quiet_console` (called once logging is configured): the console shows this
   package's and Hydra's messages and every warning except deprecation notices; other
   libraries' info messages (Lightning's tips, ``limit_*`` notices, accelerator summary) and
@@ -53,7 +53,7 @@ def guard(main: Callable[[], None], config_dir: str | Path) -> None:
 def explain(error: BaseException, config_dir: str | Path, overrides: list[str]) -> str | None:
     """One line for an input mistake that reaches the entry point, None for a bug."""
     from mchad.errors import UserError
-    from mchad.validate import explain_config_error
+    from mchad.runs.validate import explain_config_error
 
     if isinstance(error, UserError):
         return _first_line(error)
@@ -92,8 +92,3 @@ def quiet_console() -> None:
         if is_console and not any(isinstance(f, _ConsoleFilter) for f in handler.filters):
             handler.addFilter(_ConsoleFilter())
     warnings.showwarning = _show_warning
-
-
-def on_terminal() -> bool:
-    """Whether a person watches the output (progress bars are drawn only then)."""
-    return sys.stdout.isatty()

@@ -1,5 +1,5 @@
 """A failed run's or trial's cause in ``<run folder>/FAILED.txt``, read back by the sweep report
-and ``mchad.aggregate``."""
+and ``mchad.results.aggregate``."""
 
 from __future__ import annotations
 

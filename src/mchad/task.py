@@ -1,7 +1,7 @@
 """``run.py``'s Hydra task: one run, or one trial of a sweep; a failure's cause in FAILED.txt.
 
-The entry point above the orchestration: it calls :func:`mchad.train.run` (one run) or
-:func:`mchad.sweep.run_trial` (one trial of a multirun), and nothing below imports it.
+The entry point above the orchestration: it calls :func:`mchad.runs.train.run` (one run) or
+:func:`mchad.sweeps.sweep.run_trial` (one trial of a multirun), and nothing below imports it.
 """
 
 from __future__ import annotations
@@ -72,17 +72,17 @@ def main(cfg: DictConfig) -> float | None:
     ``<run folder>/FAILED.txt`` (removed again once the run, resumed, succeeds).
 
     In a multirun (``-m``, e.g. in a Ray worker) a failing trial writes its cause to
-    ``<trial>/FAILED.txt`` and returns, so the other trials go on (see mchad.sweep); the
-    trial returns its validation objective (mchad.objective), which a search sweeper
+    ``<trial>/FAILED.txt`` and returns, so the other trials go on (see mchad.sweeps.sweep); the
+    trial returns its validation objective (mchad.runs.objective), which a search sweeper
     (``hydra/sweeper=optuna``) optimises, or None when it failed.
     """
     _refuse_unsafe_targets(cfg)  # before the heavy imports: nothing of the run starts
-    from mchad.sweep import run_trial
-    from mchad.train import run
+    from mchad.runs.train import run
+    from mchad.sweeps.sweep import run_trial
 
     trial = _multirun_trial()
     if trial is not None:
-        from mchad.objective import trial_objective
+        from mchad.runs.objective import trial_objective
 
         return trial_objective(run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd))
     from mchad.distributed import is_launch_rank_zero

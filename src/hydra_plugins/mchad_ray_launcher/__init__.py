@@ -1,6 +1,6 @@
 """The Ray launcher of ``python run.py -m`` (config/hydra/launcher/ray.yaml).
 
-hydra-ray-launcher's ``RayLauncher`` with one change (see :func:`mchad.sweep.launch_on_ray`):
+hydra-ray-launcher's ``RayLauncher`` with one change (see :func:`mchad.sweeps.sweep.launch_on_ray`):
 a trial whose worker process dies (killed, out of memory) is recorded as a failed trial and
 the sweep goes on to report it, instead of the whole sweep stopping at the first dead worker.
 It lives here because Hydra only instantiates launchers from the ``hydra_plugins`` package.
@@ -18,6 +18,6 @@ from hydra_plugins.hydra_ray_launcher.ray_launcher import RayLauncher
 
 class MchadRayLauncher(RayLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from mchad.sweep import launch_on_ray
+        from mchad.sweeps.sweep import launch_on_ray
 
         return launch_on_ray(self, job_overrides, initial_job_idx)

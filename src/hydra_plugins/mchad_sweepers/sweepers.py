@@ -1,4 +1,4 @@
-"""Hydra sweepers of mchad; the logic lives in :mod:`mchad.sweep_resume` and :mod:`mchad.search`.
+"""Hydra sweepers of mchad; the logic lives in :mod:`mchad.sweeps.sweep_resume` and :mod:`mchad.sweeps.search`.
 
 Hydra imports this module at every start (plugin discovery): it must stay light (no torch,
 no ray, no optuna at import time) and must not fail when hydra-optuna-sweeper is missing.
@@ -31,7 +31,7 @@ class ResumableSweeper(BasicSweeper):
     trials with results.csv are not run again (``config/hydra/sweeper/resumable.yaml``)."""
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        from mchad.sweep_resume import LaunchPending
+        from mchad.sweeps.sweep_resume import LaunchPending
 
         check_job_targets(config)
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
@@ -47,7 +47,7 @@ if OptunaSweeper is not None:
 
     class OptunaSearch(OptunaSweeper):
         """hydra-optuna-sweeper with its study kept in the sweep folder and continued there
-        (``config/hydra/sweeper/optuna.yaml``, :mod:`mchad.search`).
+        (``config/hydra/sweeper/optuna.yaml``, :mod:`mchad.sweeps.search`).
 
         ``outlier_params``: search spaces added to ``params`` only when the run trains with
         outliers (``datamodule.outliers`` set), e.g. ``model.weight_oe``.
@@ -62,7 +62,7 @@ if OptunaSweeper is not None:
             super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
         def sweep(self, arguments: list[str]) -> Any:
-            from mchad.search import run_search
+            from mchad.sweeps.search import run_search
 
             return run_search(self.sweeper, arguments, self.outlier_params)
 

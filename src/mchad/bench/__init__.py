@@ -37,7 +37,7 @@ Prints, for the current machine, one model, data set, batch size and optimiser:
     got there, so that they train at the same time; their combined throughput (all their
     training images / from then to the end of the last one's training) against the one alone
     (target >= 4x for 8 trials on one GPU), each trial's seconds to its first step and the
-    wall time from the first launch (``mchad.gpu_check.run_timer``). ``--row-seeds N`` also times a whole N-seed sweep at the
+    wall time from the first launch (``mchad.bench.gpu_check.run_timer``). ``--row-seeds N`` also times a whole N-seed sweep at the
     configuration's own length, K at once (the paper's 21-seed CIFAR-10 row: target <= 180 s
     on one H200).
 
@@ -58,42 +58,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mchad.bench.common import DEFAULT_ROOT, REPO, bench_overrides, compose, first_step_probe, fmt, resolve_device, summary, synthetic_source
-from mchad.bench.gpu import UtilisationSampler, host_syncs, nvidia_smi_id, sync_counter
-from mchad.bench.packed import packed_section, run_processes, share, trial_overrides
+from mchad.bench.common import DEFAULT_ROOT, REPO, compose, fmt, resolve_device, summary
+from mchad.bench.gpu import UtilisationSampler, host_syncs
+from mchad.bench.packed import packed_section
 from mchad.bench.startup import first_use_seconds, import_times, startup
 from mchad.bench.training import data_pipeline, evaluation, train_bare, train_lightning
-
-#: the sections' pieces, for tests and scripts (the modules hold them)
-__all__ = [
-    "DEFAULT_ROOT",
-    "REPO",
-    "UtilisationSampler",
-    "bench_overrides",
-    "compose",
-    "data_pipeline",
-    "evaluation",
-    "first_step_probe",
-    "first_use_seconds",
-    "fmt",
-    "host_syncs",
-    "import_times",
-    "main",
-    "nvidia_smi_id",
-    "packed_section",
-    "parse_args",
-    "resolve_device",
-    "run_processes",
-    "share",
-    "startup",
-    "summary",
-    "sync_counter",
-    "synthetic_source",
-    "train_bare",
-    "train_lightning",
-    "trial_overrides",
-]
-
 
 # --- main -------------------------------------------------------------------------------------------
 SECTIONS = ("train", "data", "eval", "startup", "packed")
@@ -314,7 +283,7 @@ def _main(args, argv: list[str]) -> dict:
             else:
                 print("    CUDA's own start: n/a (no GPU)")
             total, heavy = import_times()
-            print(f"    `import mchad.train` (python -X importtime): {total:.2f} s; heaviest: "
+            print(f"    `import mchad.runs.train` (python -X importtime): {total:.2f} s; heaviest: "
                   + ", ".join(f"{n} {t:.2f}" for n, t in heavy[:6]))
         if "packed" in sections:
             try:

@@ -159,7 +159,7 @@ def compose(args, output_dir: Path, eval_sets: bool = False):
 
 def lightning_trainer(cfg, limit_train_batches: int, extra_callbacks: list):
     """The trainer run.py makes (loggers, callbacks, trainer config), limited to one short epoch."""
-    from mchad.train import make_trainer
+    from mchad.runs.train import make_trainer
 
     return make_trainer(
         cfg,
@@ -200,6 +200,6 @@ def step_timer(first: int, last: int):
 def resolve_device(cfg):
     import torch
 
-    from mchad.train import _on_gpu
+    from mchad.runs.train import _on_gpu
 
     return torch.device("cuda") if _on_gpu(cfg) else torch.device("cpu")

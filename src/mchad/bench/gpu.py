@@ -200,7 +200,7 @@ def host_syncs(cfg, warmup: int, steps: int, set_mode=None):
     """Train ``warmup`` steps, then count the host synchronisations of ``steps`` more."""
     import pytorch_lightning as pl
 
-    from mchad.train import build
+    from mchad.runs.train import build
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, model = build(cfg)

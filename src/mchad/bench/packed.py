@@ -15,7 +15,7 @@ from mchad.bench.gpu import UtilisationSampler
 
 # --- (e) packed trials --------------------------------------------------------------------------------
 TIMER_OVERRIDES = [
-    "+callbacks.gpu_check_timer._target_=mchad.gpu_check.run_timer",
+    "+callbacks.gpu_check_timer._target_=mchad.bench.gpu_check.run_timer",
     "+callbacks.gpu_check_timer.out=${paths.output_dir}/timing.json",
 ]
 

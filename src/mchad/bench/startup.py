@@ -40,7 +40,7 @@ def startup(overrides: list[str], repeats: int, workdir: Path) -> tuple[list[flo
     return times, info
 
 
-def import_times(module: str = "mchad.train", top: int = 8) -> tuple[float, list[tuple[str, float]]]:
+def import_times(module: str = "mchad.runs.train", top: int = 8) -> tuple[float, list[tuple[str, float]]]:
     """Total and heaviest top-level imports of ``module`` (``python -X importtime``), seconds."""
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", f"import {module}"], cwd=REPO, capture_output=True, text=True

@@ -12,7 +12,7 @@ def train_lightning(cfg, args) -> tuple[float, tuple[float, float]]:
     """Images/s of the timed steps and their span in epoch seconds."""
     import pytorch_lightning as pl
 
-    from mchad.train import build
+    from mchad.runs.train import build
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, model = build(cfg)
@@ -30,14 +30,14 @@ def train_bare(cfg, args) -> tuple[float, tuple[float, float]]:
     import pytorch_lightning as pl
     import torch
 
-    from mchad.train import build
+    from mchad.runs.train import build
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, model = build(cfg)
     device = resolve_device(cfg)
     model.to(device).train()
     transform = datamodule.transform.to(device)
-    from mchad.module import make_optimizer
+    from mchad.models.module import make_optimizer
 
     # as Lightning's path: the configured optimizer, fused on a GPU
     optimizer = make_optimizer(model.optimizer_factory, [p for p in model.parameters() if p.requires_grad])
@@ -81,7 +81,7 @@ def train_bare(cfg, args) -> tuple[float, tuple[float, float]]:
 def data_pipeline(cfg, args, batches: int) -> list[float]:
     import pytorch_lightning as pl
 
-    from mchad.train import _instantiate
+    from mchad.runs.train import _instantiate
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = _instantiate(cfg.datamodule, "datamodule")
@@ -117,7 +117,7 @@ def evaluation(cfg, args) -> dict[str, list[float]]:
     import pytorch_lightning as pl
     import torch
 
-    from mchad.train import build
+    from mchad.runs.train import build
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, model = build(cfg)

@@ -1,7 +1,7 @@
 """Lightning callbacks that show what the hypersphere methods learn, one view per module.
 
 Configured in ``config/callbacks/default.yaml``; each one can be switched off on the
-command line (``~callbacks.embedding_animation``) and works with any :class:`~mchad.methods.Method`:
+command line (``~callbacks.embedding_animation``) and works with any :class:`~mchad.models.methods.Method`:
 
 :class:`ValidationViews` (:mod:`.views`)
     At every validation: TensorBoard histograms of the OOD score (the distance to the
@@ -34,38 +34,8 @@ watch training, not to select models for the noise test cases.
 The callbacks sample the validation set themselves (the first ``max_samples`` images of the
 hold-out, which is already in random order), run the model in eval mode without gradients
 and use their own random generators: training is unchanged by them. Plots are rendered with
-:mod:`mchad.plots` (Agg canvas, no display). Only the global-zero process writes.
+:mod:`mchad.results.plots` (Agg canvas, no display). Only the global-zero process writes.
 The validation sample the views share, and when they are due: :mod:`.sample`; where they
 write (run folder, TensorBoard): :mod:`.outputs`. The configs name each class by its module
-(``mchad.callbacks.views.ValidationViews``); the names below stay importable from here.
+(``mchad.callbacks.views.ValidationViews``).
 """
-
-from __future__ import annotations
-
-from mchad.callbacks.animation import EmbeddingAnimation, sphere_geometry
-from mchad.callbacks.case_plots import TestCasePlots
-from mchad.callbacks.hparams import HyperparameterLogger, flatten_config
-from mchad.callbacks.sample import (
-    ValidationSample,
-    headline_score,
-    known_vs_unknown_auroc,
-    method_centers,
-    unknown_images,
-    validation_sample,
-)
-from mchad.callbacks.views import ValidationViews
-
-__all__ = [
-    "ValidationViews",
-    "EmbeddingAnimation",
-    "TestCasePlots",
-    "HyperparameterLogger",
-    "ValidationSample",
-    "validation_sample",
-    "known_vs_unknown_auroc",
-    "method_centers",
-    "sphere_geometry",
-    "headline_score",
-    "unknown_images",
-    "flatten_config",
-]

@@ -11,18 +11,18 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from mchad import plots
 from mchad.callbacks.outputs import run_dir
 from mchad.callbacks.sample import ValidationCallback, ValidationSample, known_vs_unknown_auroc, method_centers
+from mchad.results import plots
 
 log = logging.getLogger(__name__)
 
 
 def sphere_geometry(method: torch.nn.Module) -> dict[str, Any]:
-    """Arguments ``radius``, ``margin``, ``squared`` of :func:`mchad.plots.embedding_frame`.
+    """Arguments ``radius``, ``margin``, ``squared`` of :func:`mchad.results.plots.embedding_frame`.
 
     Radius ``r``, margin ``m`` and the ``semantics`` are read from the method's push term
-    (``method.push``, an :class:`~mchad.losses.OutlierPush`), from ``method.terms`` or from the
+    (``method.push``, an :class:`~mchad.models.losses.OutlierPush`), from ``method.terms`` or from the
     method itself, whichever has them:
 
     - ``published``: ``r`` bounds the squared distance of known samples (``max(0, d - r)``)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
-from mchad import plots
 from mchad.callbacks.outputs import image_array, run_dir, tensorboard_writer
+from mchad.results import plots
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ class HyperparameterLogger(Callback):
     """After testing: the flattened, resolved config and key metrics for TensorBoard's HPARAMS tab.
 
     The config is read from ``config_file`` (the run's ``config.yaml`` written by
-    :func:`mchad.train.run`, default ``<run>/config.yaml``). Metrics, logged under ``hp/`` so
+    :func:`mchad.runs.train.run`, default ``<run>/config.yaml``). Metrics, logged under ``hp/`` so
     they do not mix with the training curves: ``hp/val_acc`` (last validation),
     ``hp/test_acc`` and, per score, the mean over the test cases of AUROC and FPR95
     (``hp/<score>/AUROC``, ``hp/<score>/FPR95``).

@@ -16,8 +16,8 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
-from mchad import plots
 from mchad.devices import to_host
+from mchad.results import plots
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from mchad import plots
 from mchad.callbacks.outputs import image_array, run_dir, tensorboard_writer
 from mchad.callbacks.sample import ValidationCallback, ValidationSample, known_vs_unknown_auroc
+from mchad.results import plots
 
 log = logging.getLogger(__name__)
 

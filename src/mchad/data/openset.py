@@ -1,5 +1,5 @@
 """Open-set recognition data: the known classes of one dataset as ID data, the test images of
-the unknown classes as the test case ``Unknown`` (splits: :mod:`mchad.osr`)."""
+the unknown classes as the test case ``Unknown`` (splits: :mod:`mchad.data.osr`)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 from mchad.data.datamodule import OODDataModule
+from mchad.data.osr import CLASS_NAMES, SplitError, class_split
 from mchad.data.sources import ImageArray, Source
 from mchad.errors import ConfigError, DataError
-from mchad.osr import CLASS_NAMES, SETTINGS, SplitError, class_split
+from mchad.resolvers import OSR_SETTINGS
 
 UNKNOWN = "Unknown"
 
@@ -96,7 +97,7 @@ class OpenSetDataModule(OODDataModule):
             raise ConfigError(f"osr: {error}") from error
         if n_classes != len(known_classes):
             raise ConfigError(f"datamodule.n_classes={n_classes} but {setting} has {len(known_classes)} known classes")
-        known_dataset, n_known_total, unknown_dataset, n_unknown_total, _ = SETTINGS[setting]
+        known_dataset, n_known_total, unknown_dataset, n_unknown_total, _ = OSR_SETTINGS[setting]
         cases = {UNKNOWN: ClassSubset(unknown or test, unknown_classes, unknown_dataset, n_unknown_total, outlier=True)}
         cases.update(test_cases or {})
         super().__init__(

@@ -1,11 +1,11 @@
 """Trials are only averaged when they ran on the same code and data: the provenance columns
-(written by :mod:`mchad.provenance`) of every table cell compared."""
+(written by :mod:`mchad.runs.provenance`) of every table cell compared."""
 
 from __future__ import annotations
 
 import pandas as pd
 
-from mchad.read_results import UNKNOWN, AggregateError
+from mchad.results.read_results import UNKNOWN, AggregateError
 
 
 class MixedProvenanceError(AggregateError):

@@ -1,6 +1,6 @@
 """Pieces of ``bash/gpu-check.sh``: a timing callback for its runs and its summary table.
 
-``run_timer(out)`` is added to a run as ``+callbacks.gpu_check_timer._target_=mchad.gpu_check.run_timer
+``run_timer(out)`` is added to a run as ``+callbacks.gpu_check_timer._target_=mchad.bench.gpu_check.run_timer
 +callbacks.gpu_check_timer.out=<file> +callbacks.gpu_check_timer.started=<epoch seconds>``; it
 writes, at the end of testing, the seconds from ``started`` (the script's launch of
 ``run.py``) to the first training step, the training seconds (first step to the end of
@@ -10,10 +10,10 @@ parties=<K>`` (the packed trials of ``mchad.bench``) a trial reaching its first 
 there until K trials have (files in the folder), and notes when it went on (``released``):
 the K then train at the same time, whenever each one's start-up ended.
 
-``python -m mchad.gpu_check summary WORK`` prints one table of the runs below ``WORK``
+``python -m mchad.bench.gpu_check summary WORK`` prints one table of the runs below ``WORK``
 (``WORK/<name>/timing.json``, ``results.csv``, ``gpu_util.txt``), the benchmark figures
 (``WORK/bench.json``) and where the time of the check went (``WORK/phases.txt``).
-``python -m mchad.gpu_check bench WORK -- <mchad.bench arguments>`` runs the benchmark and keeps
+``python -m mchad.bench.gpu_check bench WORK -- <mchad.bench arguments>`` runs the benchmark and keeps
 its figures in ``WORK/bench.json``.
 """
 
@@ -272,7 +272,7 @@ def bench(work: Path, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) < 2 or argv[0] not in ("summary", "bench"):
-        print("error: usage: python -m mchad.gpu_check summary WORK | bench WORK -- <bench arguments>", file=sys.stderr)
+        print("error: usage: python -m mchad.bench.gpu_check summary WORK | bench WORK -- <bench arguments>", file=sys.stderr)
         return 1
     work = Path(argv[1])
     if argv[0] == "summary":

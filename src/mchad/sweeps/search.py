@@ -2,7 +2,7 @@
 
 hydra-optuna-sweeper asks Optuna for ``n_jobs`` parameter sets at a time and hands them to
 the launcher as one batch (in parallel under the Ray launcher); each trial returns its
-validation objective (:mod:`mchad.objective`: validation data only, never a test set), and
+validation objective (:mod:`mchad.runs.objective`: validation data only, never a test set), and
 the sweeper tells it to the study. The search space, the storage and the direction are in
 ``config/hydra/sweeper/optuna.yaml`` (the direction is ``objective.direction``).
 
@@ -28,8 +28,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mchad.objective import OBJECTIVE_FILE
-from mchad.sweep_resume import record
+from mchad.runs.objective import OBJECTIVE_FILE
+from mchad.sweeps.sweep_resume import record
 
 log = logging.getLogger(__name__)
 

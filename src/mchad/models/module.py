@@ -10,11 +10,11 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from mchad.detectors import DetectorBank
 from mchad.devices import to_host
 from mchad.distributed import gather_rows
-from mchad.methods import Method
-from mchad.metrics import METRIC_COLUMNS, OOD_METRIC_KEYS, case_metrics
+from mchad.models.detectors import DetectorBank
+from mchad.models.methods import Method
+from mchad.results.metrics import METRIC_COLUMNS, OOD_METRIC_KEYS, case_metrics
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class OODModel(pl.LightningModule):
     After testing, :attr:`test_results` holds one dict per (test case, score) and
     :attr:`test_outputs` the scores, labels (and ID predictions) per set (``"ID"`` and each
     test case) as host tensors (:mod:`mchad.devices`), for callbacks that plot them. ``detectors``
-    (a :class:`mchad.detectors.DetectorBank`) adds post-hoc detectors' scores after the method's own;
+    (a :class:`mchad.models.detectors.DetectorBank`) adds post-hoc detectors' scores after the method's own;
     they are fitted on the training split when testing starts.
     """
 

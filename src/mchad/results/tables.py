@@ -1,6 +1,6 @@
 """Paper-form tables of aggregated results: one ``mean ± spread`` cell per metric.
 
-``mchad.aggregate`` computes the statistics (over seeds) and the Welch tests; this module
+``mchad.results.aggregate`` computes the statistics (over seeds) and the Welch tests; this module
 only lays them out, as LaTeX (booktabs) and Markdown:
 
 * rows are methods grouped by ID dataset; order, display names and the OOD score each
@@ -27,7 +27,7 @@ import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-# Column names shared with mchad.aggregate's tables.
+# Column names shared with mchad.results.aggregate's tables.
 DATASET, MODEL, OOD_SET = "Dataset", "Model", "OOD set"
 SCORE, SEEDS, SEED_LIST = "Score", "Seeds", "Seed list"
 METRIC, P_VALUE = "Metric", "p"
@@ -365,7 +365,7 @@ def render_markdown(table: PaperTable) -> str:
 def render_latex(table: PaperTable) -> str:
     """A ``table`` float with a booktabs ``tabular``; needs ``\\usepackage{booktabs}``."""
     lines = [
-        "% written by python -m mchad.aggregate; needs \\usepackage{booktabs}",
+        "% written by python -m mchad.results.aggregate; needs \\usepackage{booktabs}",
         "\\begin{table}[htbp]",
         "\\centering",
         f"\\caption{{{LATEX.caption(table)}}}",
@@ -416,7 +416,7 @@ def write_paper_table(table: PaperTable, out_dir: str | Path, stem: str) -> dict
 
 # ----------------------------------------------------------------------------- any table: order and files
 
-# Column names of the written tables (display order and names: mchad/tables.yaml).
+# Column names of the written tables (display order and names: mchad/results/tables.yaml).
 DISPLAY_NAMES = {"id_dataset": DATASET, "method": MODEL, "test_case": OOD_SET}
 
 # p-values can be tiny; two decimals would print them as 0.00.

@@ -9,7 +9,7 @@
 * :class:`SweepReport` (a Hydra callback, see ``config/hydra/default.yaml``) lists the
   failed and missing trials when the sweep ends (path + cause) and makes the command exit
   with status 1 if there is any; it counts the trials done before this command and run now
-  (a completed sweep, :mod:`mchad.sweep_resume`).
+  (a completed sweep, :mod:`mchad.sweeps.sweep_resume`).
 * :func:`worker_setup` runs once in every Ray worker process (``runtime_env``
   ``worker_process_setup_hook`` in ``config/hydra/launcher/ray.yaml``).
 * :func:`launch_on_ray` starts the trials on Ray and waits for every one of them; a trial
@@ -94,7 +94,7 @@ def run_trial(cfg: DictConfig, output_dir: str | Path, cwd: str | None = None) -
 
     Returns a small picklable summary: ``{"status": "ok"|"failed", "dir": ..., ...}``.
     """
-    from mchad.train import run  # heavy imports only here
+    from mchad.runs.train import run  # heavy imports only here
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -203,7 +203,7 @@ def trial_lost_cause(error: BaseException, limit: int = 300) -> str:
 def record_dead_trial(trial_dir: Path, overrides: list[str], cause: str, detail: str = "") -> dict[str, Any]:
     """Record a trial that ended without returning: ``FAILED.txt`` with ``cause`` (first line)
     and ``detail``, and ``.hydra/overrides.yaml`` if the worker died before Hydra wrote it, so
-    that :class:`SweepReport` and ``mchad.aggregate`` list the trial. A trial that wrote its
+    that :class:`SweepReport` and ``mchad.results.aggregate`` list the trial. A trial that wrote its
     results.csv (atomically, as its last step) before dying has finished and stays so."""
     trial_dir = Path(trial_dir)
     if (trial_dir / RESULTS_FILE).is_file():
@@ -252,13 +252,13 @@ class SweepReport(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
         if not sweep_dir.is_dir():
             return
-        from mchad.sweep_resume import counts_note
+        from mchad.sweeps.sweep_resume import counts_note
 
         finished, failed = sweep_status(sweep_dir)
         lines = [f"sweep {sweep_dir}: {len(finished)} trial(s) finished, {len(failed)} failed{counts_note(sweep_dir)}"]
         lines += [f"  FAILED {trial}: {cause}" for trial, cause in failed]
         if failed:
-            lines.append(f"  (causes in <trial>/{FAILED_FILE}; aggregate with: python -m mchad.aggregate {sweep_dir})")
+            lines.append(f"  (causes in <trial>/{FAILED_FILE}; aggregate with: python -m mchad.results.aggregate {sweep_dir})")
         report = "\n".join(lines)
         (sweep_dir / "sweep_report.txt").write_text(report + "\n", encoding="utf-8")
         print(report, file=sys.stderr if failed else sys.stdout, flush=True)

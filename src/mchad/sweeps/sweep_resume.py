@@ -18,7 +18,7 @@ trial of the sweep is composed and its folder looked at.
 
 Trials without ``results.csv`` (failed, killed, never started) are run from scratch.
 The counts (done before / run now) are kept per sweep folder in this process for
-:class:`mchad.sweep.SweepReport`; Hydra imports no torch here.
+:class:`mchad.sweeps.sweep.SweepReport`; Hydra imports no torch here.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ class LaunchPending:
                 launched.append(overrides)
             for trial, result in zip(pending, self.launcher.launch(launched, initial_job_idx=first)):
                 returns[trial.num] = result
-        from mchad.objective import read_objective
+        from mchad.runs.objective import read_objective
 
         return [
             returns[t.num]

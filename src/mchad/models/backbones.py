@@ -147,8 +147,8 @@ def _strip_prefixes(key: str) -> str:
 
 
 def _read_checkpoint(path, trust: bool = False) -> dict[str, Tensor]:
-    from mchad.errors import ConfigError, UnsafeCheckpointError
     from mchad.checkpoints import safe_torch_load
+    from mchad.errors import ConfigError, UnsafeCheckpointError
 
     try:
         data = safe_torch_load(path, "model.pretrained_checkpoint", trust)

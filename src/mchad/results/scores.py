@@ -5,13 +5,13 @@ test set and each OOD test case every score of results.csv (the method's and the
 plus the ID labels and predictions. Any metric can then be computed later without running
 the model again::
 
-    from mchad.scores import load_scores, recompute_metrics
+    from mchad.results.scores import load_scores, recompute_metrics
     scores = load_scores("logs/runs/<date>/<time>_<id>")      # or .../scores.npz
     frame = scores.to_frame()                                  # one row per sample (pandas)
     rows = recompute_metrics(scores)                           # = the run's results.csv
     rows = recompute_metrics(scores, {"TNR@5": my_metric})     # plus any metric of your own
 
-``python -m mchad.aggregate --from-scores <folders>`` builds the tables from these files.
+``python -m mchad.results.aggregate --from-scores <folders>`` builds the tables from these files.
 
 Format: a NumPy ``.npz`` archive (numpy only, no extra dependency; written atomically). Keys:
 ``ID/labels``, ``ID/predictions``, ``<set>/<score>`` for ``ID`` and every test case (float32,
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mchad.metrics import METRIC_COLUMNS, case_metrics
+from mchad.results.metrics import METRIC_COLUMNS, case_metrics
 
 SCORES_FILE = "scores.npz"
 ID_SET = "ID"
@@ -72,7 +72,7 @@ class RunScores:
 def save_scores(outputs: dict[str, dict[str, torch.Tensor]], score_names: list[str], meta: dict, path: str | Path) -> Path:
     """Write a run's per-sample scores atomically (temporary file, then rename).
 
-    ``outputs`` is :attr:`mchad.module.OODModel.test_outputs`: ``{"ID": {score: ..., "labels": ...,
+    ``outputs`` is :attr:`mchad.models.module.OODModel.test_outputs`: ``{"ID": {score: ..., "labels": ...,
     "predictions": ...}, <case>: {score: ..., "labels": ...}}`` (tensors on any device).
     """
     path = Path(path)
@@ -142,7 +142,7 @@ def find_score_files(roots: Iterable[Path]) -> list[Path]:
 
 
 def results_from_scores(files: Iterable[Path]):
-    """A results frame as :func:`mchad.read_results.find_results` reads it, recomputed from score files."""
+    """A results frame as :func:`mchad.results.read_results.find_results` reads it, recomputed from score files."""
     import pandas as pd
 
     frames = []

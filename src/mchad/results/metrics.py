@@ -1,7 +1,7 @@
 """The metrics of one test case (ID test set mixed with one OOD set) from per-sample scores.
 
-Used at test time (:class:`mchad.module.OODModel`, on the device) and when metrics are
-recomputed from a run's score file (:mod:`mchad.scores`), so both give the same numbers.
+Used at test time (:class:`mchad.models.module.OODModel`, on the device) and when metrics are
+recomputed from a run's score file (:mod:`mchad.results.scores`), so both give the same numbers.
 Every score is an outlier score: **larger = more anomalous**.
 """
 

@@ -1,4 +1,4 @@
-"""Open-set recognition tables (runs of :mod:`mchad.osr`, rows with a ``split``): per setting and
+"""Open-set recognition tables (runs of :mod:`mchad.data.osr`, rows with a ``split``): per setting and
 model, mean and std over all splits and seeds of the ``Unknown`` test case."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mchad.read_results import HEADLINE, RESULTS_FILE, MissingRun, select_score
-from mchad.tables import DATASET, DISPLAY_NAMES, MODEL, safe_name, sort_rows, to_markdown, write_tables
+from mchad.results.read_results import HEADLINE, RESULTS_FILE, MissingRun, select_score
+from mchad.results.tables import DATASET, DISPLAY_NAMES, MODEL, safe_name, sort_rows, to_markdown, write_tables
 
 # the test case of the unknown classes and the reported metrics
 UNKNOWN_CASE = "Unknown"

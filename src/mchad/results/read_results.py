@@ -21,8 +21,8 @@ METRICS = ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95", "OSCR"]
 # results.csv files written before OSCR existed lack it (NaN in the tables)
 OPTIONAL_METRICS = ["OSCR"]
 REQUIRED_COLUMNS = KEY_COLUMNS + [m for m in METRICS if m not in OPTIONAL_METRICS]
-# open-set recognition (mchad.osr): the test case of the unknown classes and the reported metrics
-# written by mchad.provenance; "unknown" for results.csv files from before it
+# open-set recognition (mchad.data.osr): the test case of the unknown classes and the reported metrics
+# written by mchad.runs.provenance; "unknown" for results.csv files from before it
 PROVENANCE_COLUMNS = ["code_version", "data_fingerprint", "config_hash"]
 UNKNOWN = "unknown"
 
@@ -130,7 +130,7 @@ def _read_results(path: Path) -> pd.DataFrame:
     for column in ["experiment", "id_dataset", "method", "test_case", "score"]:
         frame[column] = frame[column].astype(str)
 
-    # open-set runs (mchad.osr) say which known/unknown split they trained on; results.csv files
+    # open-set runs (mchad.data.osr) say which known/unknown split they trained on; results.csv files
     # written before OSCR existed lack it
     split = pd.to_numeric(frame["split"], errors="coerce") if "split" in frame.columns else np.nan
     oscr = pd.to_numeric(frame["OSCR"], errors="coerce") if "OSCR" in frame.columns else np.nan
@@ -201,7 +201,7 @@ def published_aupr_names(results: pd.DataFrame) -> pd.DataFrame:
 
 def find_results_from_scores(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, list[MissingRun]]:
     """Like :func:`find_results`, with the metrics recomputed from every ``scores.npz`` below ``paths``."""
-    from mchad.scores import SCORES_FILE, find_score_files, results_from_scores
+    from mchad.results.scores import SCORES_FILE, find_score_files, results_from_scores
 
     roots = [Path(p) for p in paths]
     for root in roots:

@@ -24,15 +24,17 @@ Two published families of lists (``osr.protocol``), copied as data into ``osr_sp
   ``datasets/generate_class_splits.py``, ``random.seed(1000)``). CIFAR+N: known = the vehicles
   airplane, automobile, ship, truck.
 
-Known classes are relabelled ``0..k-1`` in the listed order. Nothing here imports torch:
-``import mchad`` registers the experiment configs ``osr-<setting>-<method>`` (see
-:func:`register_experiments`).
+Known classes are relabelled ``0..k-1`` in the listed order. Nothing here imports torch. The
+settings and the experiment configs ``osr-<setting>-<method>`` that ``import mchad`` registers
+are in :mod:`mchad.resolvers` (``OSR_SETTINGS``, :func:`~mchad.resolvers.register_experiments`).
 """
 
 from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
+
+from mchad.resolvers import OSR_SETTINGS
 
 #: torchvision's class names, in label order (= sorted folder names of an image folder)
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -46,16 +48,8 @@ CIFAR100_CLASSES = (
     "tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
 ).split()
 
-#: setting -> (known dataset, its number of classes, unknown dataset, its number of classes, title)
-SETTINGS = {
-    "cifar10": ("CIFAR10", 10, "CIFAR10", 10, "CIFAR10 6/4"),
-    "cifarplus10": ("CIFAR10", 10, "CIFAR100", 100, "CIFAR+10"),
-    "cifarplus50": ("CIFAR10", 10, "CIFAR100", 100, "CIFAR+50"),
-    "tinyimagenet": ("TinyImageNet", 200, "TinyImageNet", 200, "TinyImageNet 20/180"),
-}
 #: class names to check image folders against (TinyImageNet: only the number of classes)
 CLASS_NAMES = {"CIFAR10": CIFAR10_CLASSES, "CIFAR100": CIFAR100_CLASSES}
-METHODS = ["mchad", "gmchad", "center", "gcenter", "cac", "gcac", "ii", "softmax"]
 N_SPLITS = 5
 
 
@@ -81,8 +75,8 @@ def class_split(setting: str, split: int, protocol: str = "neal") -> tuple[list[
     published = splits()
     if protocol not in published:
         raise SplitError(f"unknown open-set protocol {protocol!r}; choose from {sorted(published)}")
-    if setting not in SETTINGS:
-        raise SplitError(f"unknown open-set setting {setting!r}; choose from {sorted(SETTINGS)}")
+    if setting not in OSR_SETTINGS:
+        raise SplitError(f"unknown open-set setting {setting!r}; choose from {sorted(OSR_SETTINGS)}")
     entries = published[protocol][setting]
     if isinstance(split, bool) or not isinstance(split, int) or not 0 <= split < len(entries):
         raise SplitError(f"split must be an integer 0..{len(entries) - 1}, got {split!r}")
@@ -90,29 +84,5 @@ def class_split(setting: str, split: int, protocol: str = "neal") -> tuple[list[
     known = list(entry["known"])
     if "unknown" in entry:
         return known, list(entry["unknown"])
-    n_classes = SETTINGS[setting][3]
+    n_classes = OSR_SETTINGS[setting][3]
     return known, [c for c in range(n_classes) if c not in known]
-
-
-def experiment_name(setting: str, method: str) -> str:
-    return f"osr-{setting}-{method}"
-
-
-def register_experiments() -> None:
-    """Register ``experiment=osr-<setting>-<method>`` for every setting and method in Hydra's
-    ConfigStore: the method's CIFAR-10 experiment (its hyperparameters) plus ``osr=<setting>``
-    (data, splits, test case). Generated rather than 32 files that would differ in two words."""
-    from hydra.core.config_store import ConfigStore
-
-    from mchad.targets import store_config
-
-    store = ConfigStore.instance()
-    for setting in SETTINGS:
-        for method in METHODS:
-            node = {
-                "defaults": [f"cifar10-{method}", {"/osr": setting}, "_self_"],
-                "name": experiment_name(setting, method),
-            }
-            if method in ("cac", "gcac"):  # CAC's embedding has one dimension per known class
-                node["model"] = {"n_embedding": "${datamodule.n_classes}"}
-            store_config(store, group="experiment", name=experiment_name(setting, method), node=node, package="_global_")

@@ -1,7 +1,7 @@
 """Where a run's numbers come from: code, libraries, device, data and configuration.
 
 Every run writes ``provenance.json`` next to its ``results.csv`` and adds three columns to
-each results row, which ``python -m mchad.aggregate`` checks before it averages trials:
+each results row, which ``python -m mchad.results.aggregate`` checks before it averages trials:
 
 * ``code_version``: package version + git commit, with ``.dirty-<hash of the changes>`` when
   the working tree differs from the commit (``unknown`` without git or outside a checkout);
@@ -79,7 +79,7 @@ def config_hash(cfg) -> str:
     ``dirpath``) are written relative to them, so trials of one sweep share the hash."""
     from omegaconf import OmegaConf
 
-    from mchad.resume import replace_path_prefix
+    from mchad.runs.resume import replace_path_prefix
 
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     container = _without_seed(container, container.get("seed"))

@@ -34,7 +34,7 @@ from pytorch_ood.api import Detector
 from torch import Tensor
 
 from mchad.errors import ConfigError
-from mchad.methods import Method
+from mchad.models.methods import Method
 
 log = logging.getLogger(__name__)
 

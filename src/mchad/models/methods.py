@@ -2,7 +2,7 @@
 
 Every method is an ``nn.Module`` whose state (centres, linear head, ...) is part of the
 model: optimised, moved to the model's device and saved in checkpoints with it. The one
-LightningModule (:class:`mchad.module.OODModel`) drives all of them through this interface:
+LightningModule (:class:`mchad.models.module.OODModel`) drives all of them through this interface:
 
 - ``forward(z) -> dict`` of tensors computed once per batch (e.g. ``distances``, ``logits``);
 - ``loss(out, y) -> dict`` with the weighted total under ``"loss"`` and the unweighted terms
@@ -11,7 +11,7 @@ LightningModule (:class:`mchad.module.OODModel`) drives all of them through this
 - ``scores(out) -> dict`` of outlier scores, **larger = more anomalous**; ``score_names``
   lists them, the headline score first (results.csv holds one row per test case and score);
 - ``on_train_epoch_start()`` for per-epoch state (II's running centres);
-- for post-hoc detectors (:mod:`mchad.detectors`): ``features(out)`` (the embedding that the
+- for post-hoc detectors (:mod:`mchad.models.detectors`): ``features(out)`` (the embedding that the
   head or the centres act on), ``logits(out)`` and ``logits_of(features)`` (the linear
   classifier's logits; for methods without one the negated squared distances to the centres)
   and ``linear_head`` (the ``nn.Linear`` classifier ``head``, or ``None``).
@@ -21,7 +21,7 @@ score for every centre-based model); ``msp`` = ``-max_c softmax(logits)_c`` with
 of a linear head, or ``-d`` for methods without one; ``cac`` = CAC's rejection score.
 
 The G-variants (G-MCHAD, G-Center, G-CAC) are the same classes with ``weight_oe > 0`` and an
-outlier source in the datamodule: the push regulariser (:class:`mchad.losses.OutlierPush`)
+outlier source in the datamodule: the push regulariser (:class:`mchad.models.losses.OutlierPush`)
 acts on the outliers of each batch. Adding a method means writing such a class and a config
 in ``config/model/``.
 """
@@ -32,9 +32,9 @@ from pytorch_ood.model.centers import ClassCenters, RunningCenters
 from pytorch_ood.utils import pairwise_distances
 from torch import Tensor, nn
 
-from mchad import losses
 from mchad.distributed import all_reduce_sum_, distributed_world
-from mchad.losses import Semantics
+from mchad.models import losses
+from mchad.models.losses import Semantics
 
 
 def check_non_negative(**values: float) -> None:
@@ -131,7 +131,7 @@ class MCHAD(CenterMethod):
 
     ``loss = weight_center * L_center + weight_ce * L_nll + weight_oe * L_reg`` on squared
     distances to learnable centres; prediction ``argmin_c d_c``, score ``min_c d_c``.
-    See :mod:`mchad.losses` for the two ``semantics`` of the terms.
+    See :mod:`mchad.models.losses` for the two ``semantics`` of the terms.
     """
 
     def __init__(
@@ -170,7 +170,7 @@ class Center(CenterMethod):
     G-Center). Prediction by the classifier, except G-Center (``weight_oe > 0``) with
     ``published``: nearest centre, as the published ``gcenter.py``. Scores ``distance``
     (headline) and ``msp`` of the classifier's logits. ``published`` averages the CE and
-    centre terms over all rows, outliers included (see :mod:`mchad.losses`)."""
+    centre terms over all rows, outliers included (see :mod:`mchad.models.losses`)."""
 
     def __init__(
         self,
@@ -221,7 +221,7 @@ class CAC(CenterMethod):
 
     Distances: ``published`` works on ``||f(x) - a_c||^4`` (pytorch-ood 0.0.7 squared the
     squared distances) and sums the tuplet over classes ``0..C-2`` (see
-    :func:`mchad.losses.tuplet`); ``paper`` on squared distances ``||f(x) - a_c||^2`` (the
+    :func:`mchad.models.losses.tuplet`); ``paper`` on squared distances ``||f(x) - a_c||^2`` (the
     notation of the MCHAD paper, like every other method here; the CAC paper itself uses the
     plain norm ``||.||``) with the tuplet over ``i != y``. Rankings by ``distance`` are the
     same under any power.

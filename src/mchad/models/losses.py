@@ -25,7 +25,7 @@ Two readings of MCHAD (Kirchheim et al., *Multi-Class Hypersphere Anomaly Detect
     push  ``sum_i max(0, (r + m)^2 - d_i)`` summed over outliers.
 
 The switches each term takes (``all_rows`` of the means, ``first_classes`` of CAC's tuplet)
-are set by the methods from their ``semantics`` (see :mod:`mchad.methods`).
+are set by the methods from their ``semantics`` (see :mod:`mchad.models.methods`).
 
 The separation term is the same in both: ``CE(-d, y) = log(1 + sum_{i!=y} exp(d_y - d_i))``.
 The push term is shared by G-MCHAD, G-Center and G-CAC (:class:`OutlierPush`).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -11,21 +12,25 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from mchad.backbones import load_pretrained, output_width
-from mchad.cli import on_terminal
 from mchad.errors import ConfigError, UserError
-from mchad.detectors import DetectorBank, check_detectors
-from mchad.metrics import METRIC_COLUMNS
-from mchad.module import OODModel
-from mchad.provenance import COLUMNS as PROVENANCE_COLUMNS
-from mchad.validate import check_config, check_test_cases, check_training_data
-from mchad.objective import OBJECTIVE_FILE, check_objective, write_objective
+from mchad.models.backbones import load_pretrained, output_width
+from mchad.models.detectors import DetectorBank, check_detectors
+from mchad.models.module import OODModel
+from mchad.results.metrics import METRIC_COLUMNS
+from mchad.runs.objective import OBJECTIVE_FILE, check_objective, write_objective
+from mchad.runs.provenance import COLUMNS as PROVENANCE_COLUMNS
+from mchad.runs.validate import check_config, check_test_cases, check_training_data
 
 log = logging.getLogger(__name__)
 
 # evaluated_from: the checkpoint an eval-only run (train=false) tested, empty for a trained run
 RESULT_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed", *METRIC_COLUMNS,
                   "evaluated_from", *PROVENANCE_COLUMNS]
+
+
+def on_terminal() -> bool:
+    """Whether a person watches the output (progress bars are drawn only then)."""
+    return sys.stdout.isatty()
 
 
 def trainer_kwargs(trainer_cfg: DictConfig) -> DictConfig:
@@ -169,8 +174,8 @@ def make_trainer(cfg: DictConfig, loggers: list | None = None, extra_callbacks: 
     """The trainer of a run: ``cfg.trainer`` (plus ``overrides``) with the configured loggers and
     callbacks, the RNG-state and non-finite-loss callbacks, and atomic checkpoint writes."""
     from mchad.checkpoints import AtomicCheckpointIO
-    from mchad.nan_guard import NonFiniteLossGuard
-    from mchad.rng_state import RNGState
+    from mchad.runs.nan_guard import NonFiniteLossGuard
+    from mchad.runs.rng_state import RNGState
 
     callbacks = [*extra_callbacks, *(_instantiate(c, "callbacks") for c in cfg.get("callbacks", {}).values())]
     callbacks += [RNGState(), NonFiniteLossGuard()]
@@ -237,8 +242,8 @@ def _save_config(cfg: DictConfig, path: Path) -> None:
 def _remove_stale_results(output_dir: Path) -> Path:
     """Remove a previous results.csv (and its scores, provenance and objective files) from the
     run folder: a run that fails must leave none."""
-    from mchad.provenance import PROVENANCE_FILE
-    from mchad.scores import SCORES_FILE
+    from mchad.results.scores import SCORES_FILE
+    from mchad.runs.provenance import PROVENANCE_FILE
 
     path = output_dir / "results.csv"
     if path.exists():
@@ -259,10 +264,10 @@ def run(cfg: DictConfig) -> Path:
 
     A stale results.csv in the run folder is removed first, so a run that fails leaves none.
     """
-    from mchad import provenance
-    from mchad.distributed import is_launch_rank_zero
     from mchad.checkpoints import check_fits, checkpoint_file, load_checkpoint
-    from mchad.resume import keep_csv_history, resume_config
+    from mchad.distributed import is_launch_rank_zero
+    from mchad.runs import provenance
+    from mchad.runs.resume import keep_csv_history, resume_config
 
     writer = is_launch_rank_zero()  # DDP: rank 0 alone writes files (the others only compute)
     ckpt_file: Path | None = None
@@ -335,7 +340,7 @@ def run(cfg: DictConfig) -> Path:
     extra = getattr(datamodule, "result_columns", {})  # e.g. the open-set split
     rows = [{**meta, **extra, **row, "evaluated_from": evaluated_from} for row in model.test_results]
     rows = provenance.record(cfg, code, datamodule, trainer, rows, output_dir, ckpt_file)
-    from mchad.scores import SCORES_FILE, save_scores
+    from mchad.results.scores import SCORES_FILE, save_scores
 
     # the per-sample scores first: results.csv, written last, marks a finished run
     save_scores(model.test_outputs, model.score_names, meta, output_dir / SCORES_FILE)

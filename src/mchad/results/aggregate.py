@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m mchad.aggregate logs/multiruns/2026-11-28_12-00-00 [more folders...]
+    python -m mchad.results.aggregate logs/multiruns/2026-11-28_12-00-00 [more folders...]
         [--out DIR] [--score headline|distance|msp|cac|cac_published] [--baseline MCHAD]
         [--spread sem|std] [--alpha 0.05] [--per-ood-metric AUROC ...] [--decimals 2]
         [--table-config tables.yaml] [--published-aupr-names]
@@ -10,13 +10,13 @@ Usage::
 Every ``results.csv`` below the given folders is read (one row per test case and OOD
 score, metrics as fractions). A Hydra run folder (one holding ``.hydra/``) without a
 ``results.csv`` counts as a missing or failed trial; a failed run's cause (first line of its
-``FAILED.txt``, written by mchad.train for single runs and mchad.sweep for trials) is listed
+``FAILED.txt``, written by mchad.runs.train for single runs and mchad.sweeps.sweep for trials) is listed
 with it. Each trained model counts once: the rows of an eval-only run (``evaluated_from``,
 with the seed of the run it tested) are dropped where the training run's own rows already
 hold that test case and score.
 
 Trials are only averaged when they share their provenance (``code_version`` and
-``data_fingerprint`` columns, written by mchad.provenance): a table cell whose trials ran on
+``data_fingerprint`` columns, written by mchad.runs.provenance): a table cell whose trials ran on
 different code or data is refused with one line naming them, unless ``--allow-mixed``.
 
 How the numbers are aggregated: every spread is over independent runs (seeds).
@@ -30,18 +30,18 @@ How the numbers are aggregated: every spread is over independent runs (seeds).
 * ``welch.*``: Welch's t-test of the baseline (MCHAD) against every other model per ID
   dataset and metric, on the same per-seed numbers (``welch_per_ood.*``: per OOD set).
 * ``auroc_<dataset>.png``: AUROC per OOD set and model, error bars = std over seeds.
-* ``openset_<setting>.*`` (open-set runs, mchad.osr: rows with a ``split``): per model, mean
+* ``openset_<setting>.*`` (open-set runs, mchad.data.osr: rows with a ``split``): per model, mean
   and std (ddof=1) over all runs (five splits x seeds) of Accuracy, AUROC and OSCR of the
   ``Unknown`` test case, in %; these runs stay out of the tables above.
 
 The paper-form tables (``table.md|tex``, ``table_per_ood_<metric>.md|tex``) are laid out by
-``mchad.tables``: method order, display names and each method's score come from
+``mchad.results.tables``: method order, display names and each method's score come from
 ``tables.yaml`` (``--table-config``); ``table.csv`` and ``table_per_ood.csv`` hold every
 statistic at full precision for machines.
 
 This module computes the statistics and runs the command; the results are read by
-:mod:`mchad.read_results`, checked by :mod:`mchad.provenance_check`, and the open-set tables
-made by :mod:`mchad.openset_tables`.
+:mod:`mchad.results.read_results`, checked by :mod:`mchad.results.provenance_check`, and the open-set tables
+made by :mod:`mchad.results.openset_tables`.
 """
 
 from __future__ import annotations
@@ -60,37 +60,21 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
 
-from mchad.openset_tables import (
-    OPENSET_METRICS,
-    UNKNOWN_CASE,
-    openset_table,
-    report_openset,
-    split_openset,
-    write_openset_tables,
-)
-from mchad.provenance_check import MixedProvenanceError, check_provenance
-from mchad.read_results import (
-    FAILED_FILE,
-    HEADLINE,
+from mchad.results.openset_tables import report_openset, split_openset, write_openset_tables
+from mchad.results.provenance_check import check_provenance
+from mchad.results.read_results import (
     KEY_COLUMNS,
     METRICS,
-    OPTIONAL_METRICS,
-    PROVENANCE_COLUMNS,
-    REQUIRED_COLUMNS,
     RESULTS_FILE,
-    UNKNOWN,
     AggregateError,
-    MissingRun,
     NoResultsError,
-    ResultsFormatError,
     find_results,
     find_results_from_scores,
     published_aupr_names,
     select_score,
 )
-from mchad.tables import (
+from mchad.results.tables import (
     DATASET,
-    DEFAULT_FORMATS,
     DISPLAY_NAMES,
     MODEL,
     OOD_SET,
@@ -111,17 +95,6 @@ from mchad.tables import (
     write_paper_table,
     write_tables,
 )
-
-#: the names this module has always offered (reading, provenance and open-set tables live in
-#: mchad.read_results, mchad.provenance_check and mchad.openset_tables)
-__all__ = [
-    "RESULTS_FILE", "FAILED_FILE", "HEADLINE", "KEY_COLUMNS", "METRICS", "OPTIONAL_METRICS", "REQUIRED_COLUMNS",
-    "UNKNOWN_CASE", "OPENSET_METRICS", "PROVENANCE_COLUMNS", "UNKNOWN", "STATISTICS", "DEFAULT_FORMATS",
-    "AggregateError", "NoResultsError", "ResultsFormatError", "MixedProvenanceError", "MissingRun",
-    "find_results", "find_results_from_scores", "published_aupr_names", "check_provenance", "summary_table",
-    "split_openset", "openset_table", "write_openset_tables", "welch_tests", "plot_auroc_bars", "write_tables",
-    "main",
-]  # fmt: skip
 
 STATISTICS = ["mean", "std", "sem"]
 
@@ -308,7 +281,7 @@ def _fraction(text: str) -> float:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m mchad.aggregate",
+        prog="python -m mchad.results.aggregate",
         description="Aggregate results.csv files of runs into the paper's tables, plots and t-tests.",
     )
     parser.add_argument("folders", nargs="+", type=Path, help="run or sweep folders, searched recursively")
@@ -332,7 +305,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decimals", type=int, choices=range(0, 5), default=2, metavar="{0..4}",
                         help="decimals printed in the paper tables (default: 2)")
     parser.add_argument("--table-config", type=Path, default=None,
-                        help="YAML with method order, display names and scores (default: mchad/tables.yaml)")
+                        help="YAML with method order, display names and scores (default: mchad/results/tables.yaml)")
     parser.add_argument(
         "--published-aupr-names",
         action="store_true",

@@ -2,7 +2,7 @@
 
 :func:`resume_config` rebuilds the run's configuration (its saved ``config.yaml`` plus the
 value overrides of the resuming command); :func:`keep_csv_history` keeps the resumed run's
-earlier ``metrics.csv`` rows. The random states come back with :class:`mchad.rng_state.RNGState`.
+earlier ``metrics.csv`` rows. The random states come back with :class:`mchad.runs.rng_state.RNGState`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Models: the Lightning module (module), the methods and their losses, backbones and OOD detectors."""
