@@ -16,7 +16,7 @@
 #   PARAMETERS     [weight_oe weight_ce weight_center]  which ablations to run
 # The alternative to grids: a search on validation data, e.g.
 #   python run.py -m hydra/sweeper=optuna experiment=cifar10-gmchad hydra.sweeper.n_trials=40
-# (README, "Hyperparameter search on validation data").
+# (docs/sweeps.md, "Hyperparameter search on validation data").
 # Hydra's own float range() overshoots (range(0,1.1,0.1) also yields 1.1), hence the lists.
 # results.csv's experiment column reads e.g. ablation-weight_oe-1e-06 (the swept value).
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"

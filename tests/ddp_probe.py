@@ -57,7 +57,7 @@ class SampleProbe(pl.Callback):
 class EpochTimer(pl.Callback):
     """Seconds of each training epoch's batches (epoch start to the end of its last training
     step, without validation) and rows trained per epoch on this rank, written to
-    ``<out>/timing<rank>.json`` (the DDP measurement in the README)."""
+    ``<out>/timing<rank>.json`` (the DDP measurement in docs/multi-gpu.md)."""
 
     def __init__(self, out: str):
         self.out = Path(out)

@@ -26,7 +26,7 @@ OUTLIER_EXPOSURE = {"gmchad", "gcenter", "gcac"}
 WRN_EXPERIMENT = "cifar10-gmchad"
 
 #: the published runs' effective values, one row per experiment, with their source in
-#: published-mchad (see the README's method table)
+#: published-mchad (see the method tables of docs/methods.md)
 EFFECTIVE = pd.read_csv(Path(__file__).parent / "data" / "published_effective.csv").set_index("experiment")
 WEIGHT_COLUMNS = {c[2:]: c for c in EFFECTIVE.columns if c.startswith("w_")}
 

@@ -1,6 +1,7 @@
 """The package's layout stays readable: modules grouped by concern into layers that import only
-downwards, no import cycles, no module over 600 lines, a small top level, and the README's
-"Adding a method" / "Adding a dataset" walk-throughs work as written."""
+downwards, no import cycles, no module over 600 lines, a small top level, and the
+"Adding a method" / "Adding a dataset" walk-throughs of docs/layout-and-extending.md work as
+written."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from conftest import ROOT, compose_config
 
 PACKAGE = ROOT / "src" / "mchad"
+WALKTHROUGHS = ROOT / "docs" / "layout-and-extending.md"
 MAX_LINES = 600
 #: modules of the top level beside the subpackages (``__init__`` not counted)
 MAX_TOP_LEVEL = 9
@@ -206,14 +208,17 @@ def test_no_module_is_longer_than_600_lines():
     assert not {p: n for p, n in lengths.items() if n > MAX_LINES}
 
 
-# ----------------------------------------------------------------------------- README walk-throughs
+# ----------------------------------------------------------------------------- docs walk-throughs
 
 
 def walkthrough(title: str) -> tuple[dict[str, str], list[str]]:
-    """The README section ``## <title>``: its files (code blocks that name their file in a
-    comment line at the top) and the overrides of its ``python run.py`` command."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", readme, re.S | re.M).group(1)
+    """The section ``## <title>`` of docs/layout-and-extending.md: its files (code blocks that
+    name their file in a comment line at the top) and the overrides of its ``python run.py``
+    command."""
+    page = WALKTHROUGHS.read_text(encoding="utf-8")
+    found = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", page, re.S | re.M)
+    assert found is not None, f"{WALKTHROUGHS.name} has no section '## {title}'"
+    section = found.group(1)
     files, command = {}, None
     for indent, block in re.findall(r"^( *)```\w*\n(.*?)^\1```", section, re.S | re.M):
         lines = [line[len(indent):] for line in block.splitlines()]
@@ -223,7 +228,7 @@ def walkthrough(title: str) -> tuple[dict[str, str], list[str]]:
             at = next(i for i, line in enumerate(lines) if re.fullmatch(r"# \S+\.(py|yaml)", line))
             name = lines[at][2:]
             files[name] = "\n".join(lines[:at] + lines[at + 1 :]) + "\n"
-    assert command is not None, f"README's '{title}' has no `python run.py` command"
+    assert command is not None, f"{WALKTHROUGHS.name}'s '{title}' has no `python run.py` command"
     return files, command
 
 
@@ -243,7 +248,7 @@ def follow(title: str, tmp_path: Path, monkeypatch, extra: list[str]) -> pd.Data
     return pd.read_csv(run(cfg))
 
 
-def test_adding_a_method_as_the_readme_says(tmp_path, monkeypatch):
+def test_adding_a_method_as_the_docs_say(tmp_path, monkeypatch):
     frame = follow("Adding a method", tmp_path, monkeypatch, [])
     assert (frame.method == "Energy").all()
     assert list(dict.fromkeys(frame.score)) == ["energy", "msp"]
@@ -251,7 +256,7 @@ def test_adding_a_method_as_the_readme_says(tmp_path, monkeypatch):
     assert frame[["Accuracy", "AUROC"]].notna().all().all()
 
 
-def test_adding_a_dataset_as_the_readme_says(tmp_path, monkeypatch):
+def test_adding_a_dataset_as_the_docs_say(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     (tmp_path / "datasets" / "mydata").mkdir(parents=True)
     for split, n in (("train", 150), ("test", 30)):

@@ -233,7 +233,7 @@ def files_signature(folder: str | Path, files: list[str]) -> str:
 
     Part of an image folder's cache key: a file replaced, edited, added, removed or renamed
     anywhere changes it. One ``stat`` per file: about 0.3 s for CIFAR-10's 60,000 files on a
-    2-core machine, at every start (see README, Reliability). A file rewritten with the same
+    2-core machine, at every start (see docs/reliability.md). A file rewritten with the same
     size and its old modification time restored (``touch -d``) is not noticed.
     """
     skip = len(os.path.join(str(folder), ""))
