@@ -329,6 +329,9 @@ def run(cfg: DictConfig) -> Path:
     meta = {"experiment": cfg.name, "id_dataset": datamodule.name, "method": cfg.model.name, "seed": seed}
     extra = getattr(datamodule, "result_columns", {})  # e.g. the open-set split
     rows = [{**meta, **extra, **row, "evaluated_from": evaluated_from} for row in model.test_results]
+    groups = getattr(datamodule, "test_case_groups", {})
+    if any(groups.values()):  # OpenOOD's near/far per test case (empty for the other sets)
+        rows = [{**row, "group": groups.get(row["test_case"]) or ""} for row in rows]
     rows = provenance.record(cfg, code, datamodule, trainer, rows, output_dir, ckpt_file)
     from mchad.scores import SCORES_FILE, save_scores
 
@@ -344,7 +347,8 @@ def run(cfg: DictConfig) -> Path:
 def experiment_name(cfg: DictConfig) -> str:
     """results.csv's ``experiment``: ``name=`` when given on the command line, else
     ``<datamodule>-<model>`` of the config groups that ran (``digits-cac`` for
-    ``model=cac``; an image folder by its folder's name: ``cifar10-jpeg-mchad``); an open-set
+    ``model=cac``; an image folder by its folder's name: ``cifar10-jpeg-mchad``; OpenOOD's
+    protocol, ``testmodules=openood``: ``openood-cifar10-mchad``); an open-set
     experiment keeps its name (``osr-<setting>-<method>``)."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -356,6 +360,8 @@ def experiment_name(cfg: DictConfig) -> str:
     data, model = choices.get("datamodule"), choices.get("model")
     if data == "imagefolder" and cfg.datamodule.get("root"):
         data = Path(str(cfg.datamodule.root)).name  # the user's folder, e.g. cifar10-jpeg
+    if data and "openood" in str(choices.get("testmodules")):  # OpenOOD's splits, not the paper's
+        data = f"openood-{data}"
     return f"{data}-{model}" if data and model else cfg.name
 
 

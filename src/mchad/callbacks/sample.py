@@ -48,16 +48,17 @@ def unknown_images(datamodule: Any, shape: tuple[int, ...], dtype: torch.dtype, 
     """``n`` unknown images for validation and where they come from (never a test set), on
     the host (:mod:`mchad.devices`).
 
-    The outlier-exposure set (``datamodule.outliers``) if there is one (a fixed-seed subset),
-    else noise of the ID image ``shape`` (half Gaussian, half uniform, see the module docs).
+    The validation OOD set (``datamodule.val_unknowns``, e.g. OpenOOD's ``val_ood``) if there
+    is one, else the outlier-exposure set (``datamodule.outliers``), a fixed-seed subset of
+    either; else noise of the ID image ``shape`` (half Gaussian, half uniform, see the module docs).
     """
     rng = np.random.default_rng(seed)
-    outliers = getattr(datamodule, "outliers", None)
-    images = getattr(outliers, "images", None)
-    if isinstance(images, Tensor) and len(images) > 0 and tuple(images.shape[1:]) == tuple(shape):
-        index = rng.choice(len(images), size=min(n, len(images)), replace=False)
-        index = torch.from_numpy(np.sort(index))  # cpu: indexes the host copy below
-        return to_host(images)[index].clone(), "outliers"
+    for attribute in ("val_unknowns", "outliers"):
+        images = getattr(getattr(datamodule, attribute, None), "images", None)
+        if isinstance(images, Tensor) and len(images) > 0 and tuple(images.shape[1:]) == tuple(shape):
+            index = rng.choice(len(images), size=min(n, len(images)), replace=False)
+            index = torch.from_numpy(np.sort(index))  # cpu: indexes the host copy below
+            return to_host(images)[index].clone(), attribute
     n_gauss = n // 2
     gauss = np.clip(rng.normal(128, 128, size=(n_gauss, *shape)), 0, 255)
     uniform = rng.uniform(0, 255, size=(n - n_gauss, *shape))
