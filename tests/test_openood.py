@@ -257,3 +257,32 @@ def test_aggregate_writes_the_leaderboard(two_runs, tmp_path, capsys):
     markdown = (out / "leaderboard.md").read_text()
     assert "quoted" in markdown and "OpenOOD v1.5 leaderboard, Jingkang50/OpenOOD, ResNet-18, 3 runs" in markdown
     assert "± " in markdown and "OpenOOD v1.5" in printed
+
+
+def test_objective_scores_a_detector_on_openoods_validation_split(openood_dir, tmp_path):
+    """objective.score=knn: the detector (fitted on the training split) judged on OpenOOD's
+    val split against its validation OOD images; an unknown score is refused before training."""
+    from omegaconf import OmegaConf
+
+    from mchad.errors import ConfigError
+
+    overrides = tiny_overrides("openood-cifar10-center", openood_dir, tmp_path, "detectors=[knn]",
+                               "detector_args.knn.k=2", "objective.score=knn", "objective.metric=val_auroc")
+    run(compose_config(overrides, output_dir=tmp_path / "run"))
+    objective = OmegaConf.load(tmp_path / "run" / "objective.yaml")
+    assert (objective.score, objective.unknowns, objective.n_known, objective.n_unknown) == ("knn", "val_unknowns", 6, 6)
+    assert 0 <= objective.value <= 1 and objective.value == objective.val_auroc
+    with pytest.raises(ConfigError, match="objective.score=nearest is not a score of this run"):
+        run(compose_config([*overrides, "objective.score=nearest"], output_dir=tmp_path / "bad"))
+    assert not (tmp_path / "bad" / "objective.yaml").exists()
+
+
+def test_run_openood_dry_run_sweeps_every_method_both_datasets_three_seeds():
+    from test_bash import _commands, _overrides, _script, _sweep
+
+    (command,) = _commands(_script("run-openood.sh", "-n", "openood_dir=/data/openood"))
+    args = _overrides(command)
+    assert _sweep(args["experiment"]) == [f"openood-{d}-{m}" for d in ("cifar10", "cifar100")
+                                          for m in ["mchad", "gmchad", "center", "gcenter", "cac", "gcac", "ii", "softmax"]]
+    assert _sweep(args["seed"]) == ["1", "2", "3"]
+    assert command[-1] == "openood_dir=/data/openood"

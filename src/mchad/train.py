@@ -20,7 +20,7 @@ from mchad.metrics import METRIC_COLUMNS
 from mchad.module import OODModel
 from mchad.provenance import COLUMNS as PROVENANCE_COLUMNS
 from mchad.validate import check_config, check_test_cases, check_training_data
-from mchad.objective import OBJECTIVE_FILE, check_objective, write_objective
+from mchad.objective import OBJECTIVE_FILE, check_objective, check_objective_score, write_objective
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +294,8 @@ def run(cfg: DictConfig) -> Path:
     checkpoint = load_checkpoint(ckpt_file, hint, trust) if ckpt_file is not None else None
     datamodule, model = build(cfg)
     check_test_cases(datamodule)
+    if training and cfg.get("objective") is not None:
+        check_objective_score(cfg.objective, model.score_names)
     if checkpoint is not None:
         check_fits(model, checkpoint, ckpt_file)
     if resuming and writer:

@@ -159,7 +159,11 @@ def _forward(pl_module: pl.LightningModule, inputs: Tensor, batch_size: int) -> 
         for start in range(0, len(inputs), batch_size):
             x = _prepare(datamodule, inputs[start : start + batch_size], pl_module.device)
             out = pl_module(x)
-            for name, value in method.scores(out).items():
+            batch_scores = method.scores(out)
+            detectors = getattr(pl_module, "detectors", None)
+            if detectors is not None and detectors.detectors:  # fitted (objective.score names one)
+                batch_scores.update(detectors.scores(method, out))
+            for name, value in batch_scores.items():
                 scores.setdefault(name, []).append(to_host(value).float())
             predictions.append(to_host(method.predict(out)))
             if isinstance(out.get("embedding"), Tensor):
@@ -179,7 +183,8 @@ def validation_sample(
     Cached per trainer and (epoch, step, settings), so callbacks with the same settings
     share one pass. The module is put in eval mode for the pass and restored afterwards.
     """
-    key = (trainer.current_epoch, trainer.global_step, max_samples, unknown_samples, noise_seed)
+    fitted = tuple(getattr(getattr(pl_module, "detectors", None), "detectors", None) or ())
+    key = (trainer.current_epoch, trainer.global_step, max_samples, unknown_samples, noise_seed, fitted)
     cached = _CACHE.get(trainer)
     if cached is not None and cached[0] == key:
         return cached[1]
