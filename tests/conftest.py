@@ -18,7 +18,9 @@ from mchad.targets import VERSION_BASE_KWARGS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "config"
-EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+ALL_EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+#: the paper's <dataset>-<method> experiments (openood-* are OpenOOD v1.5's: tests/test_openood.py)
+EXPERIMENTS = [e for e in ALL_EXPERIMENTS if not e.startswith("openood-")]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("MCHAD_ROOT", str(ROOT))

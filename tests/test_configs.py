@@ -4,7 +4,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import EXPERIMENTS, compose_config
+from conftest import ALL_EXPERIMENTS, compose_config
 
 
 def resolve(cfg) -> dict:
@@ -22,7 +22,7 @@ def test_default_config_is_the_quickstart(tmp_path):
     resolve(cfg)  # every interpolation resolves
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", ALL_EXPERIMENTS)
 def test_experiment_composes_and_resolves(experiment, tmp_path):
     cfg = compose_config([f"experiment={experiment}"], output_dir=tmp_path)
     resolved = resolve(cfg)

@@ -48,16 +48,17 @@ def unknown_images(datamodule: Any, shape: tuple[int, ...], dtype: torch.dtype, 
     """``n`` unknown images for validation and where they come from (never a test set), on
     the host (:mod:`mchad.devices`).
 
-    The outlier-exposure set (``datamodule.outliers``) if there is one (a fixed-seed subset),
-    else noise of the ID image ``shape`` (half Gaussian, half uniform, see the module docs).
+    The validation OOD set (``datamodule.val_unknowns``, e.g. OpenOOD's ``val_ood``) if there
+    is one, else the outlier-exposure set (``datamodule.outliers``), a fixed-seed subset of
+    either; else noise of the ID image ``shape`` (half Gaussian, half uniform, see the module docs).
     """
     rng = np.random.default_rng(seed)
-    outliers = getattr(datamodule, "outliers", None)
-    images = getattr(outliers, "images", None)
-    if isinstance(images, Tensor) and len(images) > 0 and tuple(images.shape[1:]) == tuple(shape):
-        index = rng.choice(len(images), size=min(n, len(images)), replace=False)
-        index = torch.from_numpy(np.sort(index))  # cpu: indexes the host copy below
-        return to_host(images)[index].clone(), "outliers"
+    for attribute in ("val_unknowns", "outliers"):
+        images = getattr(getattr(datamodule, attribute, None), "images", None)
+        if isinstance(images, Tensor) and len(images) > 0 and tuple(images.shape[1:]) == tuple(shape):
+            index = rng.choice(len(images), size=min(n, len(images)), replace=False)
+            index = torch.from_numpy(np.sort(index))  # cpu: indexes the host copy below
+            return to_host(images)[index].clone(), attribute
     n_gauss = n // 2
     gauss = np.clip(rng.normal(128, 128, size=(n_gauss, *shape)), 0, 255)
     uniform = rng.uniform(0, 255, size=(n - n_gauss, *shape))
@@ -158,7 +159,11 @@ def _forward(pl_module: pl.LightningModule, inputs: Tensor, batch_size: int) -> 
         for start in range(0, len(inputs), batch_size):
             x = _prepare(datamodule, inputs[start : start + batch_size], pl_module.device)
             out = pl_module(x)
-            for name, value in method.scores(out).items():
+            batch_scores = method.scores(out)
+            detectors = getattr(pl_module, "detectors", None)
+            if detectors is not None and detectors.detectors:  # fitted (objective.score names one)
+                batch_scores.update(detectors.scores(method, out))
+            for name, value in batch_scores.items():
                 scores.setdefault(name, []).append(to_host(value).float())
             predictions.append(to_host(method.predict(out)))
             if isinstance(out.get("embedding"), Tensor):
@@ -178,7 +183,8 @@ def validation_sample(
     Cached per trainer and (epoch, step, settings), so callbacks with the same settings
     share one pass. The module is put in eval mode for the pass and restored afterwards.
     """
-    key = (trainer.current_epoch, trainer.global_step, max_samples, unknown_samples, noise_seed)
+    fitted = tuple(getattr(getattr(pl_module, "detectors", None), "detectors", None) or ())
+    key = (trainer.current_epoch, trainer.global_step, max_samples, unknown_samples, noise_seed, fitted)
     cached = _CACHE.get(trainer)
     if cached is not None and cached[0] == key:
         return cached[1]

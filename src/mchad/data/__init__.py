@@ -1,6 +1,7 @@
 """Data: sources decoded once into uint8 tensors, batch loaders, on-device augmentation."""
 
 from mchad.data.datamodule import OODDataModule
+from mchad.data.openood import OpenOODSource, OpenOODTestSets
 from mchad.data.openset import ClassSubset, OpenSetDataModule
 from mchad.data.sources import (
     DigitsSource,
@@ -22,6 +23,8 @@ __all__ = [
     "ImageFolderSource",
     "NoiseSource",
     "OODDataModule",
+    "OpenOODSource",
+    "OpenOODTestSets",
     "OpenSetDataModule",
     "PhotoPatchesSource",
     "PytorchOODSource",

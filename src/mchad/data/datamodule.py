@@ -34,7 +34,14 @@ class OODDataModule(pl.LightningDataModule):
     - ``outlier_augment``: crop and flip the outliers like the ID images (ours) or not
       (published: outliers got the test transform); ``outlier_fraction``: the share of the
       outlier source used, a seeded subset (published: a 90 % split of TinyImages300k);
-    - ``root``: the dataset's folder, for configs whose sources interpolate it (image folders).
+    - ``root``: the dataset's folder, for configs whose sources interpolate it (image folders);
+    - ``val``: an ID validation set of its own instead of the hold-out (OpenOOD's ``val``
+      split); the model then trains on all training images; ``val_unknowns``: the OOD images
+      of validation (OpenOOD's ``val_ood``), scored by the validation views and the objective
+      instead of the outliers or noise;
+    - a test-case source with ``test_sets()`` (:class:`~mchad.data.openood.OpenOODTestSets`)
+      becomes one test case per set; a source's ``group`` (near, far) is in
+      :attr:`test_case_groups`.
 
     Images stay uint8 in memory; the batch transform (normalise, and at training time random
     crop and flip) runs on the training device after the transfer. ``data_on_device``:
@@ -66,6 +73,8 @@ class OODDataModule(pl.LightningDataModule):
         full_train_set: bool = False,
         outlier_augment: bool = True,
         outlier_fraction: float = 1.0,
+        val: Source | None = None,
+        val_unknowns: Source | None = None,
     ):
         super().__init__()
         if not 0 < val_fraction < 1:
@@ -81,7 +90,10 @@ class OODDataModule(pl.LightningDataModule):
         self.root = root
         self.n_classes = n_classes
         self.sources = {"train": train, "test": test}
-        self.test_case_sources = dict(test_cases or {})
+        self.test_case_sources = expand_test_cases(test_cases or {})
+        self.val_source, self.val_unknown_source = val, val_unknowns
+        #: OOD data of validation (``val_unknowns``), loaded by setup
+        self.val_unknowns: ImageArray | None = None
         self.outlier_source = outliers
         self.dataset_dir = Path(dataset_dir)
         self.batch_size = batch_size
@@ -108,6 +120,11 @@ class OODDataModule(pl.LightningDataModule):
     def test_case_names(self) -> list[str]:
         return list(self.test_case_sources)
 
+    @property
+    def test_case_groups(self) -> dict[str, str | None]:
+        """``{test case: its group}`` (OpenOOD's ``near``/``far``; None for ungrouped sets)."""
+        return {name: getattr(source, "group", None) for name, source in self.test_case_sources.items()}
+
     def setup(self, stage: str | None = None) -> None:
         if self.data:
             return
@@ -123,9 +140,17 @@ class OODDataModule(pl.LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed)  # cpu: the split is the same on any machine
         order = torch.randperm(len(full), generator=generator)  # cpu: splits host data
         n_val = max(1, round(len(full) * self.val_fraction))
-        self.data["val"] = full.subset(order[:n_val])
-        self.data["train"] = full if self.full_train_set else full.subset(order[n_val:])
+        if self.val_source is not None:  # a validation split of its own: all training images train
+            self.data["val"] = self._load(self.val_source, "id/val")
+            self._check_labels(self.data["val"], "validation")
+            self.data["train"] = full
+        else:
+            self.data["val"] = full.subset(order[:n_val])
+            self.data["train"] = full if self.full_train_set else full.subset(order[n_val:])
         shape = self.image_shape
+        if self.val_unknown_source is not None:
+            source = self.val_unknown_source
+            self.val_unknowns = conform(self._load(source, "val/unknowns").as_outliers(), shape, f"val_unknowns: {source.describe()}")
         for name, source in self.test_case_sources.items():
             self.test_cases[name] = conform(self._load(source, f"ood/{name}").as_outliers(), shape, f"test case {name}: {source.describe()}")
         if self.outlier_source is not None:
@@ -243,6 +268,19 @@ class OODDataModule(pl.LightningDataModule):
         # labels may be None (callbacks transform unlabelled images)
         rows = labels >= 0 if training and not self.outlier_augment and labels is not None else None
         return self.transform(images, augment=training, augment_rows=rows)
+
+
+def expand_test_cases(test_cases: dict[str, Source]) -> dict[str, Source]:
+    """The test cases with every entry that has ``test_sets()`` replaced by its sets; a name
+    given twice is refused."""
+    expanded: dict[str, Source] = {}
+    for name, source in test_cases.items():
+        parts = source.test_sets() if hasattr(source, "test_sets") else {name: source}
+        for part, part_source in parts.items():
+            if part in expanded:
+                raise ConfigError(f"two test cases are named {part}: remove one of them from datamodule.test_cases")
+            expanded[part] = part_source
+    return expanded
 
 
 def conform(array: ImageArray, shape: tuple[int, int, int], what: str = "") -> ImageArray:

@@ -66,6 +66,30 @@ class ConvNet(nn.Module):
         return self.fc(self.features(x))
 
 
+class ResNet18_32x32(nn.Module):  # noqa: N801 - OpenOOD's name
+    """OpenOOD v1.5's CIFAR backbone ``ResNet18_32x32``: ResNet-18 (basic blocks 2-2-2-2, 64 to
+    512 channels) with a 3x3 stride-1 stem and no max-pool, global average pooling to 512-d
+    features; its last layer maps them to the embedding (``n_embedding``).
+
+    Built from torchvision's ResNet (the same blocks and 1x1-conv shortcuts as OpenOOD's own
+    code); the initialisation is torchvision's (Kaiming for the convolutions, PyTorch's default
+    for the new stem), OpenOOD's is PyTorch's default throughout. Parameter names follow
+    torchvision (``downsample``), so OpenOOD's checkpoints (``shortcut``) do not load as is.
+    """
+
+    def __init__(self, n_embedding: int, in_channels: int = 3):
+        from torchvision.models.resnet import BasicBlock, ResNet
+
+        super().__init__()
+        self.n_embedding = n_embedding
+        self.net = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=n_embedding)
+        self.net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        self.net.maxpool = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
 @torch.no_grad()
 def output_width(backbone: nn.Module, input_shape: tuple[int, int, int]) -> int:
     """Width of the backbone's output for one input of ``input_shape`` (C, H, W), computed

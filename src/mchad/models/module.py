@@ -182,6 +182,11 @@ class OODModel(pl.LightningModule):
 
     def on_test_start(self) -> None:
         """Fit the post-hoc detectors on the training split (the model is on its device, in eval mode)."""
+        self.fit_detectors()
+
+    def fit_detectors(self) -> None:
+        """Fit the post-hoc detectors on the training split (also before the validation
+        objective when it scores a detector, ``objective.score``)."""
         if not len(self.detectors):
             return
         datamodule = self.trainer.datamodule

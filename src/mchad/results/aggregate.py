@@ -33,6 +33,9 @@ How the numbers are aggregated: every spread is over independent runs (seeds).
 * ``openset_<setting>.*`` (open-set runs, mchad.data.osr: rows with a ``split``): per model, mean
   and std (ddof=1) over all runs (five splits x seeds) of Accuracy, AUROC and OSCR of the
   ``Unknown`` test case, in %; these runs stay out of the tables above.
+* ``leaderboard.md|csv`` (OpenOOD v1.5 runs, testmodules=openood: rows with a ``group``):
+  OpenOOD's leaderboard form, see :mod:`mchad.results.leaderboard`; these runs stay out of
+  the tables above.
 
 The paper-form tables (``table.md|tex``, ``table_per_ood_<metric>.md|tex``) are laid out by
 ``mchad.results.tables``: method order, display names and each method's score come from
@@ -60,6 +63,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
 
+from mchad.results.leaderboard import report_leaderboard, split_openood, write_leaderboard
 from mchad.results.openset_tables import report_openset, split_openset, write_openset_tables
 from mchad.results.provenance_check import check_provenance
 from mchad.results.read_results import (
@@ -338,6 +342,17 @@ def main(argv: list[str] | None = None) -> int:
         provenance_notes = check_provenance(results, args.allow_mixed)
         openset, results = split_openset(results)
         openset_files = write_openset_tables(openset, out_dir, score)
+        # OpenOOD v1.5 runs (rows with a near/far group): leaderboard.md|csv, not the paper's tables
+        openood, results = split_openood(results)
+        openood_files = write_leaderboard(openood, out_dir)
+        if openood_files:
+            report_leaderboard(openood, openood_files)
+        if results.empty and not openset_files:  # OpenOOD runs only
+            header = f"# {len(missing)} missing/failed trial(s): run folders without {RESULTS_FILE}\n"
+            (out_dir / "missing.txt").write_text(header + "".join(f"{m}\n" for m in missing), encoding="utf-8")
+            for run in missing:
+                print(f"  {'failed' if run.cause else 'missing'}: {run}")
+            return 0
         if results.empty:  # open-set runs only
             return report_openset(openset, openset_files, missing, out_dir, score)
         if args.published_aupr_names:

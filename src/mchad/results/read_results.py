@@ -134,9 +134,12 @@ def _read_results(path: Path) -> pd.DataFrame:
     # written before OSCR existed lack it
     split = pd.to_numeric(frame["split"], errors="coerce") if "split" in frame.columns else np.nan
     oscr = pd.to_numeric(frame["OSCR"], errors="coerce") if "OSCR" in frame.columns else np.nan
+    frame_group = frame["group"].where(frame["group"].notna(), None) if "group" in frame.columns else None
     provenance = {c: frame[c].fillna(UNKNOWN).astype(str) if c in frame.columns else UNKNOWN for c in PROVENANCE_COLUMNS}
     frame = frame[[*REQUIRED_COLUMNS, "evaluated_from"]].assign(**provenance)
     frame["split"], frame["OSCR"] = split, oscr
+    # OpenOOD runs (testmodules=openood) say each test case's group: near, far (else empty)
+    frame["group"] = frame_group
     frame["run_dir"] = str(path.parent)
     # a run lists its headline score first (distance; msp for Softmax)
     frame["headline"] = frame["score"] == frame["score"].iloc[0] if len(frame) else []
@@ -213,7 +216,7 @@ def find_results_from_scores(paths: Iterable[str | Path]) -> tuple[pd.DataFrame,
     results = results_from_scores(files)
     # what the scores do not hold (provenance, open-set split, evaluated_from) comes from the
     # run's results.csv, written with them
-    context = [*PROVENANCE_COLUMNS, "split", "evaluated_from"]
+    context = [*PROVENANCE_COLUMNS, "split", "group", "evaluated_from"]
     written = [_read_results(file.parent / RESULTS_FILE) for file in files if (file.parent / RESULTS_FILE).exists()]
     if written:
         on = ["run_dir", "test_case", "score"]

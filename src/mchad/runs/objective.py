@@ -12,6 +12,9 @@ Configured by the ``objective`` node of ``config/train.yaml``:
 - ``metric``: ``val_acc`` (closed-set accuracy on the validation sample), ``val_auroc``
   (AUROC of the method's headline score, known vs. unknown, unknowns positive) or ``mean``
   (the mean of the two);
+- ``score``: the outlier score of ``val_auroc``: ``headline`` (the method's, e.g. distance),
+  another of the method's scores or a post-hoc detector of ``detectors`` (fitted on the
+  training split first), so that a search over ``detector_args`` is judged on validation data;
 - ``direction``: ``maximize`` or ``minimize`` (the Optuna sweeper reads it from here);
 - ``max_samples``, ``unknown_samples``, ``noise_seed``, ``batch_size``: the sample, as in
   ``callbacks.validation_views`` (equal settings give the logged ``val/unknown/<score>/AUROC``).
@@ -31,6 +34,7 @@ from mchad.errors import ConfigError
 OBJECTIVE_FILE = "objective.yaml"
 METRICS = ("val_acc", "val_auroc", "mean")
 DIRECTIONS = ("maximize", "minimize")
+HEADLINE = "headline"
 
 
 def check_objective(objective: DictConfig) -> None:
@@ -41,14 +45,27 @@ def check_objective(objective: DictConfig) -> None:
         raise ConfigError(f"objective.direction must be maximize or minimize, got {objective.get('direction')!r}")
 
 
+def check_objective_score(objective: DictConfig, score_names: list[str]) -> None:
+    """Refuse an ``objective.score`` that the model does not compute (before training)."""
+    score = objective.get("score", HEADLINE)
+    if score != HEADLINE and score not in score_names:
+        raise ConfigError(
+            f"objective.score={score} is not a score of this run; choose {HEADLINE} or one of {', '.join(score_names)} "
+            "(a post-hoc detector must be in detectors)"
+        )
+
+
 def validation_objective(objective: DictConfig, trainer: Any, model: Any) -> dict[str, Any]:
     """The objective and the validation metrics it comes from (plain Python values)."""
     from mchad.callbacks.sample import known_vs_unknown_auroc, validation_sample
 
+    score = objective.get("score", HEADLINE)
+    if score != HEADLINE and score in getattr(model.detectors, "names", []):
+        model.fit_detectors()  # on the training split, as before testing
     sample = validation_sample(
         trainer, model, objective.max_samples, objective.unknown_samples, objective.noise_seed, objective.batch_size
     )
-    score = sample.score_name
+    score = sample.score_name if score == HEADLINE else score
     known = sample.known
     auroc = known_vs_unknown_auroc(sample.scores[score][known], sample.scores[score][~known])
     values = {"val_acc": float(sample.val_acc), "val_auroc": float(auroc)}

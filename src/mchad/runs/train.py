@@ -17,7 +17,7 @@ from mchad.models.backbones import load_pretrained, output_width
 from mchad.models.detectors import DetectorBank, check_detectors
 from mchad.models.module import OODModel
 from mchad.results.metrics import METRIC_COLUMNS
-from mchad.runs.objective import OBJECTIVE_FILE, check_objective, write_objective
+from mchad.runs.objective import OBJECTIVE_FILE, check_objective, check_objective_score, write_objective
 from mchad.runs.provenance import COLUMNS as PROVENANCE_COLUMNS
 from mchad.runs.validate import check_config, check_test_cases, check_training_data
 
@@ -304,6 +304,8 @@ def run(cfg: DictConfig) -> Path:
     checkpoint = load_checkpoint(ckpt_file, hint, trust) if ckpt_file is not None else None
     datamodule, model = build(cfg)
     check_test_cases(datamodule)
+    if training and cfg.get("objective") is not None:
+        check_objective_score(cfg.objective, model.score_names)
     if checkpoint is not None:
         check_fits(model, checkpoint, ckpt_file)
     if resuming and writer:
@@ -339,6 +341,9 @@ def run(cfg: DictConfig) -> Path:
     meta = {"experiment": cfg.name, "id_dataset": datamodule.name, "method": cfg.model.name, "seed": seed}
     extra = getattr(datamodule, "result_columns", {})  # e.g. the open-set split
     rows = [{**meta, **extra, **row, "evaluated_from": evaluated_from} for row in model.test_results]
+    groups = getattr(datamodule, "test_case_groups", {})
+    if any(groups.values()):  # OpenOOD's near/far per test case (empty for the other sets)
+        rows = [{**row, "group": groups.get(row["test_case"]) or ""} for row in rows]
     rows = provenance.record(cfg, code, datamodule, trainer, rows, output_dir, ckpt_file)
     from mchad.results.scores import SCORES_FILE, save_scores
 
@@ -354,7 +359,8 @@ def run(cfg: DictConfig) -> Path:
 def experiment_name(cfg: DictConfig) -> str:
     """results.csv's ``experiment``: ``name=`` when given on the command line, else
     ``<datamodule>-<model>`` of the config groups that ran (``digits-cac`` for
-    ``model=cac``; an image folder by its folder's name: ``cifar10-jpeg-mchad``); an open-set
+    ``model=cac``; an image folder by its folder's name: ``cifar10-jpeg-mchad``; OpenOOD's
+    protocol, ``testmodules=openood``: ``openood-cifar10-mchad``); an open-set
     experiment keeps its name (``osr-<setting>-<method>``)."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -366,6 +372,8 @@ def experiment_name(cfg: DictConfig) -> str:
     data, model = choices.get("datamodule"), choices.get("model")
     if data == "imagefolder" and cfg.datamodule.get("root"):
         data = Path(str(cfg.datamodule.root)).name  # the user's folder, e.g. cifar10-jpeg
+    if data and "openood" in str(choices.get("testmodules")):  # OpenOOD's splits, not the paper's
+        data = f"openood-{data}"
     return f"{data}-{model}" if data and model else cfg.name
 
 

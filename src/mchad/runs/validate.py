@@ -181,5 +181,5 @@ def check_test_cases(datamodule) -> None:
     if not datamodule.test_case_names:  # e.g. testmodules=none, or a test-case config in the wrong package
         raise ConfigError(
             f"{datamodule.name}: no OOD test cases (datamodule.test_cases is empty): the run would write an empty "
-            "results.csv; choose testmodules=noise, cifar, digits or imagefolder"
+            "results.csv; choose testmodules=noise, cifar, openood, digits or imagefolder"
         )
