@@ -8,7 +8,7 @@ import pickle
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import EXPERIMENTS, compose_config
+from conftest import ALL_EXPERIMENTS, compose_config
 from mchad.errors import ConfigError
 from mchad.targets import ALLOWED, allowed_patterns, check_targets, config_targets, is_allowed
 from test_robustness import run_cli
@@ -24,7 +24,7 @@ class Planted:
         return (open, (str(self.marker), "w"))
 
 
-@pytest.mark.parametrize("experiment", [None, *EXPERIMENTS])
+@pytest.mark.parametrize("experiment", [None, *ALL_EXPERIMENTS])
 def test_every_target_of_every_experiment_is_allowed(experiment):
     cfg = compose_config([] if experiment is None else [f"experiment={experiment}"])
     targets = [target for _, target in config_targets(cfg)]
