@@ -61,8 +61,19 @@ def _instantiate(node: DictConfig, what: str, **kwargs):
         raise ConfigError(f"{what}: {lines[0] if lines else type(cause).__name__}") from error
 
 
+def resolve_n_classes(cfg: DictConfig) -> None:
+    """``datamodule.n_classes: null`` (image folders): the training data's number of classes,
+    listed without decoding (a set value is checked against the data by the datamodule)."""
+    if "n_classes" not in cfg.datamodule or cfg.datamodule.n_classes is not None:
+        return
+    from mchad.data.classes import resolve_n_classes as from_data
+
+    cfg.datamodule.n_classes = from_data(None, _instantiate(cfg.datamodule.train, "datamodule.train"))
+
+
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, OODModel]:
     """Instantiate and set up the datamodule, then the model that fits its data."""
+    resolve_n_classes(cfg)
     if (cfg.model.get("weight_oe") or 0) > 0 and cfg.datamodule.get("outliers") is None:
         raise ConfigError(
             f"model.weight_oe={cfg.model.weight_oe} needs outliers: add datamodule/outliers=tinyimages "
@@ -279,6 +290,7 @@ def run(cfg: DictConfig) -> Path:
         check_objective(cfg.objective)
     if not training and ckpt_file is None:
         raise ConfigError("train=false only tests a trained model: give it with ckpt_path=<run folder or .ckpt file>")
+    resolve_n_classes(cfg)
     check_config(cfg)
     if not resuming:
         cfg.name = experiment_name(cfg)
