@@ -85,6 +85,16 @@ def test_a_run_without_test_cases_is_refused_before_training(fast, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("override, how", [("trainer.gpus=1", "drop trainer.gpus or set trainer.gpus=0"),
+                                           ("trainer.accelerator=cuda", "set trainer.accelerator=cpu (or auto)")])
+def test_a_gpu_asked_for_without_one_is_one_line_saying_how_to_use_the_cpu(override, how, fast, tmp_path):
+    """Issue 32: today `error: trainer: No supported gpu backend found!` with no hint."""
+    message = _error_of([*fast, override], tmp_path / "run")
+    assert message.startswith(f"error: {override} asks for a GPU, but no GPU was found") and message.endswith(how), message
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def _read_only_folder(tmp_path: Path) -> Path:
     """A folder in which nothing can be created (root ignores file modes: a read-only mount then)."""
     if os.geteuid() != 0:

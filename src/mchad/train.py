@@ -19,7 +19,7 @@ from mchad.detectors import DetectorBank, check_detectors
 from mchad.metrics import METRIC_COLUMNS
 from mchad.module import OODModel
 from mchad.provenance import COLUMNS as PROVENANCE_COLUMNS
-from mchad.validate import check_config, check_test_cases, check_training_data
+from mchad.validate import check_config, check_gpu_present, check_test_cases, check_training_data
 from mchad.objective import OBJECTIVE_FILE, check_objective, write_objective
 
 log = logging.getLogger(__name__)
@@ -292,6 +292,7 @@ def run(cfg: DictConfig) -> Path:
         raise ConfigError("train=false only tests a trained model: give it with ckpt_path=<run folder or .ckpt file>")
     resolve_n_classes(cfg)
     check_config(cfg)
+    check_gpu_present(cfg)
     if not resuming:
         cfg.name = experiment_name(cfg)
 
