@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from conftest import ROOT, compose_config
 from mchad.errors import CheckpointError, NonFiniteLossError
@@ -131,6 +131,26 @@ def test_eval_only_reproduces_and_tests_new_modules(reference, fast, tmp_path):
     assert set(frame.Accuracy) == set(pd.read_csv(reference / "results.csv").Accuracy)  # the same ID test set
 
 
+def test_eval_only_takes_the_model_of_the_run_and_refuses_a_contradicting_one(fast, tmp_path):
+    """Issue 32: `train=false ckpt_path=<a CAC run>` needed `model=cac` again. Now the model
+    (method, backbone, n_embedding, semantics) comes from the run's config.yaml, as resume=
+    restores it; a command-line model that contradicts it is refused in one line naming both."""
+    cac = tmp_path / "cac"
+    trained = pd.read_csv(run(compose_config([*fast, "model=cac"], cac)))
+    evaluated = pd.read_csv(run(compose_config([*fast, "train=false", f"ckpt_path={cac}"], tmp_path / "eval")))
+    assert (evaluated.method == "CAC").all() and (evaluated.experiment == "digits-cac").all()
+    assert (evaluated.AUROC.values == trained.AUROC.values).all()
+    saved = OmegaConf.load(cac / "config.yaml").model
+    assert OmegaConf.load(tmp_path / "eval" / "config.yaml").model == saved
+    # agreeing choices are accepted, contradicting ones refused naming both
+    run(compose_config([*fast, "model=cac", "train=false", f"ckpt_path={cac}"], tmp_path / "agree"))
+    message = _error_of([*fast, "model=mchad", "train=false", f"ckpt_path={cac}"], tmp_path / "a")
+    assert message.startswith("error: model=mchad contradicts the model of the run being tested, model.name=CAC in "
+                              f"{cac / 'config.yaml'} (model.name MCHAD here, CAC there)"), message
+    message = _error_of([*fast, "model.n_embedding=8", "train=false", f"ckpt_path={cac}"], tmp_path / "b")
+    assert f"model.n_embedding=8 contradicts the model of the run being tested, model.n_embedding={saved.n_embedding}" in message
+
+
 def _error_of(overrides: list[str], output_dir: Path) -> str:
     """The one-line message `run.py` would exit with (mchad.task.main's SystemExit)."""
     cfg = compose_config(overrides, output_dir)
@@ -187,7 +207,10 @@ def test_corrupt_or_mismatched_checkpoint_is_one_line(reference, fast, tmp_path)
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes((reference / "checkpoints" / "last.ckpt").read_bytes()[:1000])
     assert "unreadable" in _error_of([*fast, "train=false", f"ckpt_path={broken}"], tmp_path / "a")
-    message = _error_of([*fast, "train=false", f"ckpt_path={reference}", "model.n_embedding=8"], tmp_path / "b")
+    bare = tmp_path / "bare" / "last.ckpt"  # outside a run folder: tested with the configured model
+    bare.parent.mkdir()
+    shutil.copy(reference / "checkpoints" / "last.ckpt", bare)
+    message = _error_of([*fast, "train=false", f"ckpt_path={bare}", "model.n_embedding=8"], tmp_path / "b")
     assert "does not fit the configured model" in message
     copy = tmp_path / "copy"
     shutil.copytree(reference, copy)

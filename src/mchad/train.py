@@ -268,7 +268,7 @@ def run(cfg: DictConfig) -> Path:
     from mchad import provenance
     from mchad.distributed import is_launch_rank_zero
     from mchad.checkpoints import check_fits, checkpoint_file, load_checkpoint
-    from mchad.resume import keep_csv_history, resume_config
+    from mchad.resume import eval_config, keep_csv_history, resume_config
 
     writer = is_launch_rank_zero()  # DDP: rank 0 alone writes files (the others only compute)
     ckpt_file: Path | None = None
@@ -286,6 +286,9 @@ def run(cfg: DictConfig) -> Path:
         if cfg.get("ckpt_path"):
             ckpt_file = checkpoint_file(cfg.ckpt_path)
     training = bool(cfg.get("train", True))
+    named = False  # an eval-only run of a run folder keeps that run's model and experiment name
+    if not training and ckpt_file is not None:
+        cfg, named = eval_config(cfg, ckpt_file, _command_overrides())
     if training and cfg.get("objective") is not None:
         check_objective(cfg.objective)
     if not training and ckpt_file is None:
@@ -293,7 +296,7 @@ def run(cfg: DictConfig) -> Path:
     resolve_n_classes(cfg)
     check_config(cfg)
     check_gpu_present(cfg)
-    if not resuming:
+    if not resuming and not named:
         cfg.name = experiment_name(cfg)
 
     output_dir = Path(cfg.paths.output_dir)
