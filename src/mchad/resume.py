@@ -154,6 +154,7 @@ def keep_csv_history(loggers: list, global_step: int) -> None:
     before the checkpoint are handed to it again, those of the lost part after it dropped.
     """
     import csv
+    import warnings
 
     from pytorch_lightning.loggers import CSVLogger
 
@@ -161,18 +162,21 @@ def keep_csv_history(loggers: list, global_step: int) -> None:
         if not isinstance(logger, CSVLogger):
             continue
         path = Path(logger.log_dir) / "metrics.csv"
-        if not path.is_file():
-            continue
+        rows = []
         try:
-            with open(path, newline="") as file:
-                rows = [
-                    {k: v for k, v in row.items() if v not in ("", None)}
-                    for row in csv.DictReader(file)
-                    if int(float(row.get("step") or 0)) <= global_step
-                ]
+            if path.is_file():
+                with open(path, newline="") as file:
+                    rows = [
+                        {k: v for k, v in row.items() if v not in ("", None)}
+                        for row in csv.DictReader(file)
+                        if int(float(row.get("step") or 0)) <= global_step
+                    ]
         except (OSError, ValueError, csv.Error) as error:
             log.warning("Starting a new %s: the previous one is unreadable (%s)", path, first_line(error))
-            continue
-        writer = logger.experiment  # created now: it removes the old file
+        with warnings.catch_warnings():
+            # Lightning warns that the folder's earlier logs "will be deleted" (_check_log_dir_exists):
+            # false here, the rows up to the checkpoint are handed to the new writer below
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            writer = logger.experiment  # created now: it removes the old file
         writer.metrics = rows + writer.metrics
 
