@@ -223,6 +223,27 @@ def test_corrupt_or_mismatched_checkpoint_is_one_line(reference, fast, tmp_path)
     assert (copy / "config.yaml").read_text() == (reference / "config.yaml").read_text()
 
 
+def test_resumed_csv_history_is_kept_without_lightnings_false_deletion_warning(tmp_path):
+    """Issue 32: every resume warned that the csv/ logs "will be deleted"; the rows up to the
+    checkpoint are kept, so the warning was false."""
+    import warnings
+
+    from pytorch_lightning.loggers import CSVLogger
+
+    from mchad.resume import keep_csv_history
+
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    (folder / "metrics.csv").write_text("epoch,step,train_loss\n0,4,1.5\n1,9,1.0\n2,14,0.5\n")
+    (folder / "hparams.yaml").write_text("{}\n")
+    logger = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        keep_csv_history([logger], global_step=9)
+    assert not [w for w in caught if "will be deleted" in str(w.message)]
+    assert [row["step"] for row in logger.experiment.metrics] == ["4", "9"]
+
+
 def test_resume_refuses_to_change_config_groups(reference, fast, tmp_path):
     """Guards resume's configuration: the run's own config.yaml is used; a group override
     (another model) is refused in one line instead of silently mixing configurations."""

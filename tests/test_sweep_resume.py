@@ -202,6 +202,10 @@ def test_optuna_search_on_the_quick_start_optimises_the_validation_objective(tmp
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert (sweep_dir / "optuna.db").is_file()
+    # the console (issue 32): a line per trial with its drawn values, no Optuna colour codes
+    assert "\x1b[" not in output and "[I " not in output
+    assert sorted(line.split(":")[0].split()[1] for line in output.splitlines() if line.startswith("trial #")) == [
+        "#0", "#1", "#2", "#3"]
     best = OmegaConf.load(sweep_dir / "optimization_results.yaml")
     assert set(best.best_params) == {
         "model.weight_center", "model.weight_ce", "model.margin", "model.radius", "model.optimizer.lr"}

@@ -212,12 +212,17 @@ class SharedRunFolder(pl.Callback):
             )
 
 
-def write_results(rows: list[dict], path: Path) -> None:
-    """Write results.csv atomically: a reader sees the whole file or none."""
+def result_frame(rows: list[dict]):
+    """results.csv's rows as a table: RESULT_COLUMNS, then the data's own (an open-set ``split``)."""
     import pandas as pd  # here, not at start-up (python -m mchad.bench)
 
     extra = [key for key in (rows[0] if rows else {}) if key not in RESULT_COLUMNS]
-    frame = pd.DataFrame(rows, columns=RESULT_COLUMNS + extra)
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS + extra)
+
+
+def write_results(rows: list[dict], path: Path) -> None:
+    """Write results.csv atomically: a reader sees the whole file or none."""
+    frame = result_frame(rows)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         frame.to_csv(tmp, index=False)
@@ -351,9 +356,7 @@ def run(cfg: DictConfig) -> Path:
     # the per-sample scores first: results.csv, written last, marks a finished run
     save_scores(model.test_outputs, model.score_names, meta, output_dir / SCORES_FILE)
     write_results(rows, path)
-    import pandas as pd
-
-    log.info("Results: %s\n%s", path, pd.DataFrame(rows, columns=RESULT_COLUMNS).to_string(index=False))
+    log.info("Results: %s\n%s", path, result_frame(rows).to_string(index=False))  # every column of results.csv
     return path
 
 
