@@ -87,19 +87,35 @@ def test_experiment_builds_the_published_loss(experiment):
     assert scheduler["interval"] == "step" and scheduler["scheduler"].T_max == row.scheduler_period
 
 
+class TinyFolders(dict):
+    """Tiny image folders named ``images``, one per number of classes, made when first asked for."""
+
+    name = "images"
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, classes: int) -> Path:
+        # 100 classes: 2 images each (200 training images, every class in train or validation)
+        self[classes] = make_image_folder(self.root / str(classes) / self.name, classes=classes,
+                                          per_class=5 if classes <= 10 else 2)
+        return self[classes]
+
+
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("tiny") / "images", classes=3, per_class=5)
+def tiny_folder(tmp_path_factory) -> TinyFolders:
+    return TinyFolders(tmp_path_factory.mktemp("tiny"))
 
 
-def tiny_overrides(experiment: str, folder: Path, tmp_path: Path) -> list[str]:
-    """Replace the experiment's data with tiny offline data; keep its model and losses."""
+def tiny_overrides(experiment: str, folders: TinyFolders, tmp_path: Path) -> list[str]:
+    """Replace the experiment's data with tiny offline data of as many classes (n_classes
+    follows from the folder); keep its model and losses."""
     dataset, method = experiment.split("-")
     overrides = [
         f"experiment={experiment}",
         "datamodule=imagefolder",
-        f"datamodule.root={folder}",
-        f"datamodule.n_classes={DATASETS[dataset]}",
+        f"datamodule.root={folders[DATASETS[dataset]]}",
         "datamodule.batch_size=4",
         "datamodule.outlier_batch_size=4",
         "datamodule.test_batch_size=16",

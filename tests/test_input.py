@@ -85,6 +85,16 @@ def test_a_run_without_test_cases_is_refused_before_training(fast, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("override, how", [("trainer.gpus=1", "drop trainer.gpus or set trainer.gpus=0"),
+                                           ("trainer.accelerator=cuda", "set trainer.accelerator=cpu (or auto)")])
+def test_a_gpu_asked_for_without_one_is_one_line_saying_how_to_use_the_cpu(override, how, fast, tmp_path):
+    """Issue 32: today `error: trainer: No supported gpu backend found!` with no hint."""
+    message = _error_of([*fast, override], tmp_path / "run")
+    assert message.startswith(f"error: {override} asks for a GPU, but no GPU was found") and message.endswith(how), message
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def _read_only_folder(tmp_path: Path) -> Path:
     """A folder in which nothing can be created (root ignores file modes: a read-only mount then)."""
     if os.geteuid() != 0:
@@ -187,7 +197,7 @@ def test_rgb_folder_as_test_case_of_the_digits_model_is_announced(tmp_path, capl
     for i in range(5):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     bars = []
-    monkeypatch.setattr(sources, "tqdm", lambda iterable, **kwargs: bars.append(kwargs["desc"]) or iterable)
+    monkeypatch.setattr(sources, "progress", lambda items, total, desc: bars.append(desc) or items)
     cfg = compose_config(["testmodules=[digits,imagefolder]", f"datamodule.test_cases.ImageFolder.root={folder}",
                           f"dataset_dir={tmp_path / 'data'}"])
     datamodule = instantiate(cfg.datamodule)
@@ -197,6 +207,80 @@ def test_rgb_folder_as_test_case_of_the_digits_model_is_announced(tmp_path, capl
     assert bars == [f"decoding {folder}"]
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warning == f"test case ImageFolder: {folder}: 5 images of 3x32x32 converted to the model's input shape 1x8x8"
+
+
+def _no_decoding():
+    """A context that fails if anything is decoded inside it."""
+    import contextlib
+
+    import mchad.data.sources as sources
+
+    @contextlib.contextmanager
+    def check():
+        before = sources.DECODED_IMAGES
+        yield
+        assert sources.DECODED_IMAGES == before, "images were decoded before the mistake was found"
+
+    return check()
+
+
+def test_a_class_folder_missing_from_train_is_refused_before_decoding(fast, tmp_path):
+    """Issue 32: `train/class1` removed while `test/class1` stays. Today train numbered 2 classes
+    and test 3 (every label from class1 on shifted by one) and the run exited 0."""
+    root = make_image_folder(tmp_path / "images", classes=3, per_class=8)
+    shutil.rmtree(root / "train" / "class1")
+    with _no_decoding():
+        message = _error_of([*fast, *_image_overrides(root, tmp_path, "datamodule.batch_size=4")], tmp_path / "run")
+    assert "the classes of train" in message and "test has class1, which train lacks" in message
+    (root / "test" / "class1").rename(root / "test" / "other")
+    shutil.rmtree(root / "test" / "class2")
+    with _no_decoding():
+        message = _error_of([*fast, *_image_overrides(root, tmp_path, "datamodule.n_classes=2")], tmp_path / "run2")
+    assert "test has other, which train lacks; test lacks class2" in message
+
+
+def test_n_classes_follows_the_image_folder_and_a_different_one_is_refused(fast, tmp_path):
+    """Issue 32: a 5-class folder trained with the inherited n_classes=10 (5 centres never used)."""
+    from mchad.runs.train import resolve_n_classes
+
+    root = make_image_folder(tmp_path / "images", classes=5, per_class=2)
+    cfg = compose_config(["datamodule=imagefolder", f"datamodule.root={root}"], tmp_path / "run")
+    assert cfg.datamodule.n_classes is None
+    resolve_n_classes(cfg)
+    assert cfg.datamodule.n_classes == 5 and cfg.model.method.n_classes == 5
+    overrides = ["datamodule=imagefolder", f"datamodule.root={root}", f"dataset_dir={tmp_path / 'data'}", "testmodules=noise"]
+    with _no_decoding():
+        message = _error_of([*fast, *overrides, "datamodule.n_classes=10"], tmp_path / "run2")
+    assert message == (f"error: datamodule.n_classes=10 but {root / 'train'} has 5 classes; drop datamodule.n_classes "
+                       "(it follows from the data) or set it to 5")
+
+
+def test_n_classes_of_a_known_dataset_is_checked_without_its_data(fast, tmp_path):
+    """CIFAR10 with n_classes=5: refused before the data are even looked for (today: after
+    loading, and n_classes=100 passed)."""
+    for wrong in (5, 100):
+        message = _error_of([*fast, "experiment=cifar10-mchad", "model/backbone=convnet", f"datamodule.n_classes={wrong}",
+                             f"dataset_dir={tmp_path / 'nodata'}"], tmp_path / f"run{wrong}")
+        assert f"datamodule.n_classes={wrong} but CIFAR10 has 10 classes" in message
+
+
+def test_open_set_splits_of_an_image_folder_must_name_the_same_classes(tmp_path):
+    """The known/unknown lists index the training folder's classes: a test folder without
+    `cat` is refused (before decoding) instead of shifting the unknown classes."""
+    from mchad.data import ImageFolderSource, OpenSetDataModule
+    from mchad.errors import DataError
+    from mchad.data.osr import CIFAR10_CLASSES
+
+    root = tmp_path / "cifar"
+    for split in ("train", "test"):
+        for name in CIFAR10_CLASSES:
+            (root / split / name).mkdir(parents=True)
+    (root / "test" / "cat").rmdir()
+    datamodule = OpenSetDataModule(setting="cifar10", split=0, train=ImageFolderSource(str(root), "train"),
+                                   test=ImageFolderSource(str(root), "test"), n_classes=6, name="CIFAR10 6/4",
+                                   dataset_dir=str(tmp_path / "data"))
+    with _no_decoding(), pytest.raises(DataError, match="test lacks cat"):
+        datamodule.setup("fit")
 
 
 # ------------------------------------------------------------------ failed and interrupted runs

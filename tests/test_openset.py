@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import random
 import shlex
+import shutil
 import subprocess
 import sys
 from itertools import product
@@ -174,10 +175,14 @@ def test_image_folder_open_set_data_hold_the_split_classes(cifar_folder, tmp_pat
 
 
 @pytest.mark.parametrize("experiment, method", [("osr-cifar10-mchad", "MCHAD"), ("osr-cifar10-cac", "CAC")])
-def test_tiny_image_folder_open_set_run_writes_rows(cifar_folder, tmp_path, experiment, method):
+def test_tiny_image_folder_open_set_run_writes_rows(cifar_folder, tmp_path, experiment, method, caplog):
     cfg = compose_config([f"experiment={experiment}", "split=2", *_tiny_overrides(cifar_folder, tmp_path)],
                          output_dir=tmp_path / "run")
-    frame = pd.read_csv(run(cfg))
+    with caplog.at_level("INFO", logger="mchad.runs.train"):
+        frame = pd.read_csv(run(cfg))
+    # the console's table has results.csv's columns, the split included (issue 32)
+    (table,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Results: ")]
+    assert table.splitlines()[1].split() == list(frame.columns)
     assert set(frame.test_case) == {"Unknown"} and (frame.split == 2).all()
     assert (frame.experiment == experiment).all() and (frame.id_dataset == "CIFAR10 6/4").all()
     assert (frame.method == method).all() and frame.score.iloc[0] == "distance"
@@ -249,6 +254,17 @@ def test_openset_aggregation_gives_the_means_over_splits_and_seeds(tmp_path):
     for ext in ("md", "html", "tex"):
         assert (tmp_path / "out" / f"openset_CIFAR10_6_4.{ext}").is_file()
     assert not (tmp_path / "out" / "table.csv").exists()  # no OOD runs, no OOD table
+
+
+def test_a_single_run_prints_no_spread_as_the_ood_table_does(tmp_path, capsys):
+    """Issue 32: one seed printed `± nan` in the open-set table and `± –` in the OOD table."""
+    _write_fake_sweep(tmp_path / "sweep")
+    for folder in (tmp_path / "sweep").iterdir():
+        if folder.name != "MCHAD-0-0":
+            shutil.rmtree(folder)
+    assert aggregate_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "90.00 ± –" in printed and "nan" not in printed
 
 
 def test_openset_table_other_score(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from conftest import ROOT, compose_config
 from mchad.errors import CheckpointError, NonFiniteLossError
@@ -131,6 +131,26 @@ def test_eval_only_reproduces_and_tests_new_modules(reference, fast, tmp_path):
     assert set(frame.Accuracy) == set(pd.read_csv(reference / "results.csv").Accuracy)  # the same ID test set
 
 
+def test_eval_only_takes_the_model_of_the_run_and_refuses_a_contradicting_one(fast, tmp_path):
+    """Issue 32: `train=false ckpt_path=<a CAC run>` needed `model=cac` again. Now the model
+    (method, backbone, n_embedding, semantics) comes from the run's config.yaml, as resume=
+    restores it; a command-line model that contradicts it is refused in one line naming both."""
+    cac = tmp_path / "cac"
+    trained = pd.read_csv(run(compose_config([*fast, "model=cac"], cac)))
+    evaluated = pd.read_csv(run(compose_config([*fast, "train=false", f"ckpt_path={cac}"], tmp_path / "eval")))
+    assert (evaluated.method == "CAC").all() and (evaluated.experiment == "digits-cac").all()
+    assert (evaluated.AUROC.values == trained.AUROC.values).all()
+    saved = OmegaConf.load(cac / "config.yaml").model
+    assert OmegaConf.load(tmp_path / "eval" / "config.yaml").model == saved
+    # agreeing choices are accepted, contradicting ones refused naming both
+    run(compose_config([*fast, "model=cac", "train=false", f"ckpt_path={cac}"], tmp_path / "agree"))
+    message = _error_of([*fast, "model=mchad", "train=false", f"ckpt_path={cac}"], tmp_path / "a")
+    assert message.startswith("error: model=mchad contradicts the model of the run being tested, model.name=CAC in "
+                              f"{cac / 'config.yaml'} (model.name MCHAD here, CAC there)"), message
+    message = _error_of([*fast, "model.n_embedding=8", "train=false", f"ckpt_path={cac}"], tmp_path / "b")
+    assert f"model.n_embedding=8 contradicts the model of the run being tested, model.n_embedding={saved.n_embedding}" in message
+
+
 def _error_of(overrides: list[str], output_dir: Path) -> str:
     """The one-line message `run.py` would exit with (mchad.task.main's SystemExit)."""
     cfg = compose_config(overrides, output_dir)
@@ -187,7 +207,10 @@ def test_corrupt_or_mismatched_checkpoint_is_one_line(reference, fast, tmp_path)
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes((reference / "checkpoints" / "last.ckpt").read_bytes()[:1000])
     assert "unreadable" in _error_of([*fast, "train=false", f"ckpt_path={broken}"], tmp_path / "a")
-    message = _error_of([*fast, "train=false", f"ckpt_path={reference}", "model.n_embedding=8"], tmp_path / "b")
+    bare = tmp_path / "bare" / "last.ckpt"  # outside a run folder: tested with the configured model
+    bare.parent.mkdir()
+    shutil.copy(reference / "checkpoints" / "last.ckpt", bare)
+    message = _error_of([*fast, "train=false", f"ckpt_path={bare}", "model.n_embedding=8"], tmp_path / "b")
     assert "does not fit the configured model" in message
     copy = tmp_path / "copy"
     shutil.copytree(reference, copy)
@@ -198,6 +221,27 @@ def test_corrupt_or_mismatched_checkpoint_is_one_line(reference, fast, tmp_path)
     assert "n_embedding" in _error_of([*fast, f"resume={copy}", "model.backbone.n_embedding=8"], tmp_path / "d")
     assert (copy / "results.csv").exists()
     assert (copy / "config.yaml").read_text() == (reference / "config.yaml").read_text()
+
+
+def test_resumed_csv_history_is_kept_without_lightnings_false_deletion_warning(tmp_path):
+    """Issue 32: every resume warned that the csv/ logs "will be deleted"; the rows up to the
+    checkpoint are kept, so the warning was false."""
+    import warnings
+
+    from pytorch_lightning.loggers import CSVLogger
+
+    from mchad.runs.resume import keep_csv_history
+
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    (folder / "metrics.csv").write_text("epoch,step,train_loss\n0,4,1.5\n1,9,1.0\n2,14,0.5\n")
+    (folder / "hparams.yaml").write_text("{}\n")
+    logger = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        keep_csv_history([logger], global_step=9)
+    assert not [w for w in caught if "will be deleted" in str(w.message)]
+    assert [row["step"] for row in logger.experiment.metrics] == ["4", "9"]
 
 
 def test_resume_refuses_to_change_config_groups(reference, fast, tmp_path):

@@ -246,6 +246,46 @@ def test_collect_trials_reports_a_dead_worker_and_waits_for_the_rest(tmp_path, c
     assert f"FAILED {dead}: the trial's worker process died" in err and f"FAILED {raised}: the trial raised" in err
 
 
+TRIAL_LINE = r"trial #(\d+) (.+): accuracy [\d.]+, AUROC [\d.]+ \(distance, mean of 3 test cases\), objective [\d.]+ \((.+)\)"
+
+
+def check_sweep_console(output: str, sweep_dir: Path, swept: dict[int, str], failed: dict[int, str] | None = None) -> None:
+    """The driver's console of a sweep: one line per trial (number, swept values, headline
+    metrics and objective, or the failure, and its folder) and the report, nothing else: no
+    results tables, no worker-prefixed lines, no foreign warnings, no colour codes."""
+    import re
+
+    failed = failed or {}
+    lines = output.strip().splitlines()
+    trial_lines = [line for line in lines if line.startswith("trial #")]
+    assert len(trial_lines) == len(swept) + len(failed), output[-3000:]
+    for line in trial_lines:
+        num = int(line.split()[1][1:])
+        if num in failed:
+            assert line.startswith(f"trial #{num} {failed[num]}: FAILED: "), line
+            assert line.endswith(f"({sweep_dir / str(num)})"), line
+            continue
+        match = re.fullmatch(TRIAL_LINE, line)
+        assert match and match.group(2) == swept[num] and match.group(3) == str(sweep_dir / str(num)), line
+    report = [line for line in lines if not line.startswith("trial #")]
+    assert report[0].startswith(f"sweep {sweep_dir}: "), output[-3000:]
+    assert len(report) == 1 + (len(failed) + 1 if failed else 0), output[-3000:]  # FAILED lines and the hint
+    for noise in ("\x1b[", "(_run_job", "WARNING", "experiment id_dataset", "Launching", "Token authentication"):
+        assert noise not in output, noise
+
+
+def test_a_sweep_console_is_one_line_per_trial_and_the_report(tmp_path):
+    """Issue 32: every trial's full results table (and Hydra's job list) on the console. Now a
+    3-trial sweep prints 3 trial lines and the report; the tables are in each trial's run.log."""
+    result = _sweep(["hydra/launcher=basic", "seed=1,2,3", "paths.log_dir=logs", *TINY], tmp_path, _env())
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    (sweep_dir,) = (tmp_path / "logs" / "multiruns").iterdir()
+    check_sweep_console(output, sweep_dir, {n: f"seed={n + 1}" for n in range(3)})
+    assert len(output.strip().splitlines()) == 4
+    assert "experiment id_dataset" in (sweep_dir / "0" / "run.log").read_text()  # the table, in the trial's log
+
+
 # ----------------------------------------------------------------------------- Ray sweeps
 
 
@@ -276,6 +316,10 @@ def test_ray_sweep_runs_trials_apart_and_reports_a_failing_one(tmp_path):
     assert "2 trial(s) finished, 2 failed" in result.stderr
     for trial in bad:
         assert f"FAILED {trial}: model.method:" in result.stderr
+    # the console: one line per trial and the report (issue 32)
+    swept = {int(t.name): key for key, t in trials.items()}
+    check_sweep_console(output, sweep_dir, {n: k for n, k in swept.items() if "=0.5" in k},
+                        {n: k for n, k in swept.items() if "=-1" in k})
 
     results, missing = find_results(sweep_dir)
     assert sorted(results["seed"].unique()) == [1, 2] and results["run_dir"].nunique() == 2
@@ -379,7 +423,7 @@ def test_sweep_on_an_existing_cluster(ray_head, tmp_path):
                     tmp_path, env, timeout=400)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert f"Connecting to existing Ray cluster at address: {address}" in output
+    assert f"Connecting to the existing Ray cluster at {address}" in output
     (sweep_dir,) = (tmp_path / "logs" / "multiruns").iterdir()
     trials = _trials(sweep_dir)
     assert sorted(trials) == ["seed=1", "seed=2"]

@@ -56,7 +56,8 @@ def test_a_completed_sweep_reruns_only_the_missing_trial_and_refuses_a_changed_c
     assert again.returncode == 0, output[-3000:]
     assert "3 trial(s) finished, 0 failed; 2 done before, 1 run now" in again.stdout
     assert f"#0 done ({results[0]})" in output and f"#2 done ({results[2]})" in output
-    assert "Launching 1 jobs locally" in output
+    # one trial ran: its line (Hydra's "Launching 1 jobs locally" is off the console, issue 32)
+    assert [line.split(":")[0] for line in output.splitlines() if line.startswith("trial #")] == ["trial #1 seed=2"]
     assert results[1].is_file() and ",2," in results[1].read_text().splitlines()[1]
     assert results[0].stat().st_mtime_ns == before[0] and results[2].stat().st_mtime_ns == before[2]
     assert OmegaConf.load(sweep_dir / "1" / ".hydra" / "overrides.yaml")[0] == "seed=2"
@@ -202,6 +203,10 @@ def test_optuna_search_on_the_quick_start_optimises_the_validation_objective(tmp
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert (sweep_dir / "optuna.db").is_file()
+    # the console (issue 32): a line per trial with its drawn values, no Optuna colour codes
+    assert "\x1b[" not in output and "[I " not in output
+    assert sorted(line.split(":")[0].split()[1] for line in output.splitlines() if line.startswith("trial #")) == [
+        "#0", "#1", "#2", "#3"]
     best = OmegaConf.load(sweep_dir / "optimization_results.yaml")
     assert set(best.best_params) == {
         "model.weight_center", "model.weight_ce", "model.margin", "model.radius", "model.optimizer.lr"}

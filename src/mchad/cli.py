@@ -5,6 +5,7 @@
   line ``error: <cause>`` on stderr and exit status 1. Any other exception is a bug: its
   full traceback is printed, then one ``error:`` line. ``MCHAD_TRACEBACK=1`` also prints the
   traceback of input mistakes (mchad.runs.train's user errors included).
+* :func:`trial_console`: a sweep trial's records go to its run.log only.
 * :func:`quiet_console` (called once logging is configured): the console shows this
   package's and Hydra's messages and every warning except deprecation notices; other
   libraries' info messages (Lightning's tips, ``limit_*`` notices, accelerator summary) and
@@ -92,3 +93,16 @@ def quiet_console() -> None:
         if is_console and not any(isinstance(f, _ConsoleFilter) for f in handler.filters):
             handler.addFilter(_ConsoleFilter())
     warnings.showwarning = _show_warning
+
+
+class _NothingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def trial_console() -> None:
+    """In a sweep's trial: nothing of the trial on the console (its run.log keeps every record);
+    the sweep prints one line per finished trial and the report (mchad.sweeps.sweep)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(_NothingFilter())

@@ -82,9 +82,15 @@ def main(cfg: DictConfig) -> float | None:
 
     trial = _multirun_trial()
     if trial is not None:
+        from mchad.cli import trial_console
         from mchad.runs.objective import trial_objective
+        from mchad.sweeps.sweep import in_ray_worker, report_trial
 
-        return trial_objective(run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd))
+        trial_console()  # the trial's messages and tables go to its run.log only
+        summary = run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd)
+        if not in_ray_worker():  # a Ray trial's line is printed by the driver (mchad.sweeps.sweep.collect_trials)
+            report_trial(trial.job.num, list(trial.overrides.task), trial.runtime.output_dir)
+        return trial_objective(summary)
     from mchad.distributed import is_launch_rank_zero
 
     writer = is_launch_rank_zero()  # DDP: rank 0 writes FAILED.txt and prints the one error line

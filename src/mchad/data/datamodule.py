@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mchad.data.augment import BatchTransform
+from mchad.data.classes import check_class_lists, resolve_n_classes
 from mchad.data.loaders import OutlierExposureLoader, TensorBatchLoader
 from mchad.data.sources import ImageArray, Source, data_fingerprint
 from mchad.errors import ConfigError
@@ -21,7 +22,9 @@ log = logging.getLogger(__name__)
 class OODDataModule(pl.LightningDataModule):
     """In-distribution data, a seeded validation hold-out, OOD test cases and optional outliers.
 
-    - ``train``/``test``: sources of the ID training and test sets (labels ``0..n_classes-1``);
+    - ``train``/``test``: sources of the ID training and test sets (labels ``0..n_classes-1``),
+      which must name the same classes (:mod:`mchad.data.classes`); ``n_classes=None``: the
+      training source's number of classes;
     - ``test_cases``: ``{name: source}`` of OOD sets; each is tested mixed with the ID test set;
     - ``outliers``: optional source for outlier exposure (each training batch then holds
       ``batch_size`` ID and ``outlier_batch_size`` outlier images, the latter labelled -1);
@@ -53,7 +56,7 @@ class OODDataModule(pl.LightningDataModule):
     def __init__(
         self,
         name: str,
-        n_classes: int,
+        n_classes: int | None,
         train: Source,
         test: Source,
         test_cases: dict[str, Source] | None = None,
@@ -128,6 +131,9 @@ class OODDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.data:
             return
+        # before any decoding: one class list for every split, the number of classes from it
+        check_class_lists(self.name, self.sources["train"], self._same_dataset())
+        self.n_classes = resolve_n_classes(self.n_classes, self.sources["train"])
         full = self._load(self.sources["train"], "id/train")
         self._check_labels(full, "train")
         self.data["test"] = self._load(self.sources["test"], "id/test")
@@ -168,6 +174,10 @@ class OODDataModule(pl.LightningDataModule):
             {k: len(v) for k, v in self.test_cases.items()},
             f"; {len(self.outliers)} outliers" if self.outliers is not None else "",
         )
+
+    def _same_dataset(self) -> dict[str, Source]:
+        """The sources (besides train) of the training data's dataset, which share its classes."""
+        return {"test": self.sources["test"]}
 
     def _load(self, source: Source, name: str) -> ImageArray:
         array = source.load(self.dataset_dir)

@@ -34,7 +34,15 @@ class ClassSubset(Source):
         self.outlier = outlier
         self.name = f"{source.name}[{len(self.classes)} classes]"
 
+    def class_names(self) -> list[str] | None:
+        """The whole dataset's class names (the known/unknown lists index them)."""
+        return self.source.class_names()
+
+    def class_count(self) -> int | None:
+        return None if self.outlier else len(self.classes)
+
     def load(self, dataset_dir: str | Path) -> ImageArray:
+        self._check_names(self.source.class_names())  # before decoding
         array = self.source.load(dataset_dir)
         self._check(array)
         labels = array.labels
@@ -51,18 +59,25 @@ class ClassSubset(Source):
         names = [array.classes[c] for c in self.classes] if array.classes else None
         return ImageArray(array.images[index], new_labels, names)
 
-    def _check(self, array: ImageArray) -> None:
+    def _where(self) -> str:
         folder = getattr(self.source, "root", None)
-        where = f"{self.source.name}{f' in {folder}' if folder else ''} (open-set {self.dataset})"
+        return f"{self.source.name}{f' in {folder}' if folder else ''} (open-set {self.dataset})"
+
+    def _check_names(self, classes: list[str] | None) -> None:
+        if classes is None:
+            return
         expected = CLASS_NAMES.get(self.dataset)
-        if array.classes is not None:
-            if len(array.classes) != self.n_classes:
-                raise DataError(f"{where} has {len(array.classes)} classes, the published splits need {self.n_classes}")
-            if expected is not None and [c.lower() for c in array.classes] != expected:
-                raise DataError(
-                    f"{where}: class folders {array.classes[:4]}... are not {self.dataset}'s "
-                    f"{expected[:4]}...; the published splits index the classes in this order"
-                )
+        if len(classes) != self.n_classes:
+            raise DataError(f"{self._where()} has {len(classes)} classes, the published splits need {self.n_classes}")
+        if expected is not None and [c.lower() for c in classes] != expected:
+            raise DataError(
+                f"{self._where()}: class folders {classes[:4]}... are not {self.dataset}'s "
+                f"{expected[:4]}...; the published splits index the classes in this order"
+            )
+
+    def _check(self, array: ImageArray) -> None:
+        where = self._where()
+        self._check_names(array.classes)
         labels = array.labels
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.n_classes):
             raise DataError(f"{where}: labels span {int(labels.min())}..{int(labels.max())}, expected 0..{self.n_classes - 1}")

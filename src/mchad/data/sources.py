@@ -21,12 +21,11 @@ from pathlib import Path
 import numpy as np
 import PIL
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from mchad.errors import DataError, DataNotFoundError
+from mchad.data.decode import RESIZE_MODES, decode_image, fit_image, progress  # noqa: F401 (fit_image: part of this API)
+from mchad.errors import DataNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +95,15 @@ class Source:
         """How messages name this data (an image folder: its path)."""
         return self.name
 
+    def class_names(self) -> list[str] | None:
+        """The dataset's class names in label order, known without decoding (None: unknown)."""
+        return None
+
+    def class_count(self) -> int | None:
+        """How many classes the labels number, known without decoding (None: unknown)."""
+        names = self.class_names()
+        return None if names is None else len(names)
+
 
 def _missing(name: str, folder: Path | str, how: str, cause: BaseException | str | None = None) -> DataNotFoundError:
     reason = f" ({_short(cause)})" if cause else ""
@@ -121,7 +129,7 @@ def _cache_file(dataset_dir: Path, key: str) -> Path:
     return dataset_dir / "cache" / f"{digest}.pt"
 
 
-def _cached(dataset_dir: Path, key: str, build) -> ImageArray:
+def _cached(dataset_dir: Path, key: str, build, what: str = "") -> ImageArray:
     """Load ``key`` from the cache or build it and write it atomically."""
     path = _cache_file(Path(dataset_dir), key)
     if path.exists():
@@ -131,6 +139,7 @@ def _cached(dataset_dir: Path, key: str, build) -> ImageArray:
                 raise ValueError("it was built for other data")
             global CACHE_LOADS
             CACHE_LOADS += 1
+            log.info("%sloaded %d images from cache %s", f"{what}: " if what else "", len(data["labels"]), path)
             return ImageArray(data["images"], data["labels"], data.get("classes"), data.get("fingerprint"))
         except Exception as error:  # a truncated or foreign cache file is rebuilt, not fatal
             log.warning("Ignoring unreadable cache %s: %s", path, _short(error))
@@ -146,49 +155,6 @@ def _cached(dataset_dir: Path, key: str, build) -> ImageArray:
     return array
 
 
-#: how images of another size are brought to ``size x size``: ``crop`` = short side resized
-#: (antialiased) and the centre cropped (ours); ``squash`` = the whole image resized to
-#: ``size x size``, aspect not kept, bilinear without antialiasing, as the published test sets
-#: were (a tensor ``Resize((32, 32))`` of torchvision 0.12 after ``ToTensor``)
-RESIZE_MODES = ("crop", "squash")
-
-
-def _decode(path: str, size: int | None, mode: str, resize: str = "crop") -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            image = image.convert(mode)
-            if size is not None and image.size != (size, size):
-                return fit_image(image, size, resize)
-            return np.asarray(image, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as error:  # PIL: unidentified, truncated, broken files
-        raise DataError(f"cannot read the image {path} ({_short(error)}); remove or replace the file") from error
-
-
-def fit_image(image: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
-    """``image`` as a uint8 ``size x size`` array, resized by ``resize`` (see RESIZE_MODES)."""
-    if resize == "crop":
-        return np.asarray(_resize_center_crop(image, size), dtype=np.uint8)
-    if resize != "squash":
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-    array = torch.from_numpy(np.asarray(image, dtype=np.float32))  # cpu: decoding into host memory
-    x = (array.unsqueeze(-1) if array.ndim == 2 else array).permute(2, 0, 1).unsqueeze(0) / 255
-    # torchvision 0.12's tensor Resize: interpolate(bilinear, align_corners=False), no antialiasing;
-    # the result is stored as uint8 (rounded: at most 0.5/255 from the published floats)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-    out = (x[0].permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
-    return out[..., 0] if array.ndim == 2 else out
-
-
-def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize the short side to ``size`` and crop the centre (torchvision's Resize + CenterCrop)."""
-    w, h = image.size
-    scale = size / min(w, h)
-    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
 def decode_files(files: list[str], size: int | None, mode: str = "RGB", desc: str = "decoding", resize: str = "crop") -> Tensor:
     """Decode image files in parallel threads (PIL releases the GIL) into uint8 N x C x H x W,
     images of another size brought to ``size`` by ``resize`` (see RESIZE_MODES)."""
@@ -198,11 +164,7 @@ def decode_files(files: list[str], size: int | None, mode: str = "RGB", desc: st
     DECODED_IMAGES += len(files)
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
-        arrays = list(
-            # disable=None: no bar when the output is not a terminal
-            tqdm(pool.map(lambda f: _decode(f, size, mode, resize), files, chunksize=256), total=len(files), desc=desc,
-                 leave=False, disable=None)
-        )
+        arrays = list(progress(pool.map(lambda f: decode_image(f, size, mode, resize), files, chunksize=256), len(files), desc))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise ValueError(f"images differ in size {sorted(shapes)[:3]}...; set a size to resize them to")
@@ -273,12 +235,30 @@ class ImageFolderSource(Source):
     def describe(self) -> str:
         return str(self.root / self.split if self.split else self.root)
 
-    def _files(self, folder: Path) -> tuple[list[str], list[int], list[str]]:
+    def _folder(self) -> Path:
+        folder = self.root / self.split if self.split else self.root
+        if not folder.is_dir():
+            raise _missing(
+                self.name,
+                folder,
+                "Point the config at a folder in image-folder layout (<root>/<split>/<class>/<image>).",
+            )
+        return folder
+
+    def _classes(self, folder: Path) -> list[str]:
         subdirs = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
         classes = self.classes or subdirs
         missing = [c for c in classes if c not in subdirs]
         if missing:
             raise _missing(self.name, folder, f"Class folders {missing} are missing.")
+        return classes
+
+    def class_names(self) -> list[str] | None:
+        """The class folders (sorted, or ``classes``), listed without decoding; None for outliers."""
+        return None if self.outlier else self._classes(self._folder())
+
+    def _files(self, folder: Path) -> tuple[list[str], list[int], list[str]]:
+        classes = self._classes(folder)
         files, labels, skipped, empty = [], [], [], []
         for label, cls in enumerate(classes):
             found = image_files(folder / cls, skipped=skipped)
@@ -299,13 +279,7 @@ class ImageFolderSource(Source):
         return files, labels, classes
 
     def load(self, dataset_dir: str | Path) -> ImageArray:
-        folder = self.root / self.split if self.split else self.root
-        if not folder.is_dir():
-            raise _missing(
-                self.name,
-                folder,
-                "Point the config at a folder in image-folder layout (<root>/<split>/<class>/<image>).",
-            )
+        folder = self._folder()
         files, labels, classes = self._files(folder)
         if not files:
             raise _missing(self.name, folder, f"The folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
@@ -319,7 +293,7 @@ class ImageFolderSource(Source):
             images = decode_files(files, self.size, mode, desc=f"decoding {folder}")
             return ImageArray(images, torch.tensor(labels, dtype=torch.long), classes)  # cpu: host data
 
-        array = _cached(Path(dataset_dir), key, build)
+        array = _cached(Path(dataset_dir), key, build, str(folder))
         return array.as_outliers() if self.outlier else array
 
 
@@ -336,6 +310,11 @@ class TorchvisionSource(Source):
         self.name = name
         self.split = split
         self.download = download
+
+    def class_names(self) -> list[str]:
+        from mchad.data.osr import CLASS_NAMES
+
+        return list(CLASS_NAMES.get(self.name, [str(digit) for digit in range(10)]))  # SVHN: digit d is label d
 
     def load(self, dataset_dir: str | Path) -> ImageArray:
         import torchvision.datasets as tvd
@@ -411,7 +390,7 @@ class PytorchOODSource(Source):
 
         if not path.exists():
             log.info("Preparing %s (decoded once, cached in %s)", self.name, path)
-        return _cached(root, key, build)
+        return _cached(root, key, build, self.name)
 
 
 class TinyImageNetSource(Source):
@@ -424,6 +403,9 @@ class TinyImageNetSource(Source):
             raise ValueError(f"TinyImageNet split must be 'train' or 'val', got {split!r}")
         self.split, self.size, self.download = split, size, download
         self.name = f"TinyImageNet/{split}"
+
+    def class_count(self) -> int:
+        return 200
 
     def load(self, dataset_dir: str | Path) -> ImageArray:
         from pytorch_ood.dataset.img import TinyImageNet
@@ -447,7 +429,7 @@ class TinyImageNetSource(Source):
             # cpu: a data source decodes into host memory (mchad.devices)
             return ImageArray(images, torch.tensor(data.labels, dtype=torch.long), classes)
 
-        return _cached(root, key, build)
+        return _cached(root, key, build, self.name)
 
 
 class TinyImages300kSource(Source):
@@ -542,6 +524,9 @@ class DigitsSource(Source):
         self.classes = list(classes) if classes is not None else list(range(10))
         self.outlier = outlier
         self.name = name or f"Digits{''.join(map(str, self.classes))}"
+
+    def class_names(self) -> list[str] | None:
+        return None if self.outlier else [str(c) for c in self.classes]
 
     def load(self, dataset_dir: str | Path | None = None) -> ImageArray:
         pixels, target = _load_digits()

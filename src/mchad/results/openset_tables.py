@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from mchad.results.read_results import HEADLINE, RESULTS_FILE, MissingRun, select_score
-from mchad.results.tables import DATASET, DISPLAY_NAMES, MODEL, safe_name, sort_rows, to_markdown, write_tables
+from mchad.results.tables import DATASET, DISPLAY_NAMES, MARKDOWN, MODEL, safe_name, sort_rows, to_markdown, write_tables
 
 # the test case of the unknown classes and the reported metrics
 UNKNOWN_CASE = "Unknown"
@@ -58,7 +58,9 @@ def report_openset(openset: pd.DataFrame, files: list[Path], missing: list[Missi
     metrics = [m for m in OPENSET_METRICS if f"{m} mean" in table.columns]
     view = table[[DATASET, MODEL, "Splits", "Seeds"]].astype(str)
     for metric in metrics:
-        view[metric] = [f"{m:.2f} ± {s:.2f}" for m, s in zip(table[f"{metric} mean"], table[f"{metric} std"])]
+        # one run has no spread: "–", as in the OOD tables (tables.MARKDOWN.nospread)
+        view[metric] = [f"{m:.2f} ± {MARKDOWN.nospread if pd.isna(s) else f'{s:.2f}'}"
+                        for m, s in zip(table[f"{metric} mean"], table[f"{metric} std"])]
     score_name = score if isinstance(score, str) else "configured per method"
     print(f"\nOpen-set recognition (score: {score_name}; mean ± std over splits and seeds, in %)\n")
     print(to_markdown(view, [False, False, True, True] + [True] * len(metrics)))

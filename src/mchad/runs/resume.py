@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mchad.checkpoints import TRUST_KEY
 from mchad.errors import CheckpointError, ConfigError, first_line
@@ -80,6 +80,61 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Pa
     return saved, ckpt
 
 
+#: what identifies a trained model: an eval-only command may not contradict the run's values
+MODEL_KEYS = ("name", "method._target_", "backbone._target_", "n_embedding", "semantics")
+#: how the model runs, not what was trained: an eval-only command may set these
+RUNTIME_MODEL_KEYS = ("compile", "channels_last")
+
+
+def _touches_model(key: str) -> bool:
+    return key in ("model", "experiment") or key.startswith(("model/", "model."))
+
+
+def eval_config(cfg: DictConfig, ckpt_file: Path, overrides: list[str]) -> tuple[DictConfig, bool]:
+    """``train=false ckpt_path=<run>``: ``cfg`` with the model (method, backbone, n_embedding,
+    semantics, ...) and the experiment name of the run that wrote ``ckpt_file``, from its
+    saved ``config.yaml`` as ``resume=`` restores them; whether there was one (a checkpoint
+    outside a run folder is tested with the configured model).
+
+    A model choice on the command line (``model=``, ``model/backbone=``, ``experiment=``,
+    ``model.<key>=``) that contradicts the run's is refused in one line naming both values;
+    one that agrees is accepted, and ``model.compile``/``model.channels_last`` may change.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    config = ckpt_file.parent.parent / CONFIG_FILE
+    if not config.is_file():
+        return cfg, False
+    try:
+        saved = OmegaConf.load(config)
+    except Exception as error:
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: cannot read {config}: {first_line(error)}") from error
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if not _touches_model(key) or key.removeprefix("model.") in RUNTIME_MODEL_KEYS:
+            continue
+        keys = [key] if key.startswith("model.") else [f"model.{k}" for k in MODEL_KEYS]
+        for name in keys:
+            here = OmegaConf.select(cfg, name, default=None)
+            there = OmegaConf.select(saved, name, default=None)
+            if here != there:
+                given = f"{key}={override.get_value_element_as_str()}"
+                detail = "" if name == key else f" ({name} {here} here, {there} there)"
+                raise ConfigError(
+                    f"{given} contradicts the model of the run being tested, {name}={there} in {config}{detail}; "
+                    f"train=false tests the run's own model: drop {given}"
+                )
+    model = saved.model
+    for key in RUNTIME_MODEL_KEYS:
+        if key in cfg.model:
+            model[key] = cfg.model[key]
+    with open_dict(cfg):
+        cfg.model = model
+        if not any(o.lstrip("+").split("=")[0] == "name" for o in overrides) and "name" in saved:
+            cfg.name = saved.name
+    return cfg, True
+
+
 def replace_path_prefix(value: Any, old: str, new: str) -> Any:
     """``value`` (nested dicts/lists) with every string ``old`` or ``old/...`` starting with ``new``."""
     if isinstance(value, dict):
@@ -99,6 +154,7 @@ def keep_csv_history(loggers: list, global_step: int) -> None:
     before the checkpoint are handed to it again, those of the lost part after it dropped.
     """
     import csv
+    import warnings
 
     from pytorch_lightning.loggers import CSVLogger
 
@@ -106,18 +162,21 @@ def keep_csv_history(loggers: list, global_step: int) -> None:
         if not isinstance(logger, CSVLogger):
             continue
         path = Path(logger.log_dir) / "metrics.csv"
-        if not path.is_file():
-            continue
+        rows = []
         try:
-            with open(path, newline="") as file:
-                rows = [
-                    {k: v for k, v in row.items() if v not in ("", None)}
-                    for row in csv.DictReader(file)
-                    if int(float(row.get("step") or 0)) <= global_step
-                ]
+            if path.is_file():
+                with open(path, newline="") as file:
+                    rows = [
+                        {k: v for k, v in row.items() if v not in ("", None)}
+                        for row in csv.DictReader(file)
+                        if int(float(row.get("step") or 0)) <= global_step
+                    ]
         except (OSError, ValueError, csv.Error) as error:
             log.warning("Starting a new %s: the previous one is unreadable (%s)", path, first_line(error))
-            continue
-        writer = logger.experiment  # created now: it removes the old file
+        with warnings.catch_warnings():
+            # Lightning warns that the folder's earlier logs "will be deleted" (_check_log_dir_exists):
+            # false here, the rows up to the checkpoint are handed to the new writer below
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            writer = logger.experiment  # created now: it removes the old file
         writer.metrics = rows + writer.metrics
 

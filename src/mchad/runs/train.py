@@ -19,7 +19,7 @@ from mchad.models.module import OODModel
 from mchad.results.metrics import METRIC_COLUMNS
 from mchad.runs.objective import OBJECTIVE_FILE, check_objective, check_objective_score, write_objective
 from mchad.runs.provenance import COLUMNS as PROVENANCE_COLUMNS
-from mchad.runs.validate import check_config, check_test_cases, check_training_data
+from mchad.runs.validate import check_config, check_gpu_present, check_test_cases, check_training_data
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,19 @@ def _instantiate(node: DictConfig, what: str, **kwargs):
         raise ConfigError(f"{what}: {lines[0] if lines else type(cause).__name__}") from error
 
 
+def resolve_n_classes(cfg: DictConfig) -> None:
+    """``datamodule.n_classes: null`` (image folders): the training data's number of classes,
+    listed without decoding (a set value is checked against the data by the datamodule)."""
+    if "n_classes" not in cfg.datamodule or cfg.datamodule.n_classes is not None:
+        return
+    from mchad.data.classes import resolve_n_classes as from_data
+
+    cfg.datamodule.n_classes = from_data(None, _instantiate(cfg.datamodule.train, "datamodule.train"))
+
+
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, OODModel]:
     """Instantiate and set up the datamodule, then the model that fits its data."""
+    resolve_n_classes(cfg)
     if (cfg.model.get("weight_oe") or 0) > 0 and cfg.datamodule.get("outliers") is None:
         raise ConfigError(
             f"model.weight_oe={cfg.model.weight_oe} needs outliers: add datamodule/outliers=tinyimages "
@@ -211,12 +222,17 @@ class SharedRunFolder(pl.Callback):
             )
 
 
-def write_results(rows: list[dict], path: Path) -> None:
-    """Write results.csv atomically: a reader sees the whole file or none."""
+def result_frame(rows: list[dict]):
+    """results.csv's rows as a table: RESULT_COLUMNS, then the data's own (an open-set ``split``)."""
     import pandas as pd  # here, not at start-up (python -m mchad.bench)
 
     extra = [key for key in (rows[0] if rows else {}) if key not in RESULT_COLUMNS]
-    frame = pd.DataFrame(rows, columns=RESULT_COLUMNS + extra)
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS + extra)
+
+
+def write_results(rows: list[dict], path: Path) -> None:
+    """Write results.csv atomically: a reader sees the whole file or none."""
+    frame = result_frame(rows)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         frame.to_csv(tmp, index=False)
@@ -267,7 +283,7 @@ def run(cfg: DictConfig) -> Path:
     from mchad.checkpoints import check_fits, checkpoint_file, load_checkpoint
     from mchad.distributed import is_launch_rank_zero
     from mchad.runs import provenance
-    from mchad.runs.resume import keep_csv_history, resume_config
+    from mchad.runs.resume import eval_config, keep_csv_history, resume_config
 
     writer = is_launch_rank_zero()  # DDP: rank 0 alone writes files (the others only compute)
     ckpt_file: Path | None = None
@@ -285,12 +301,17 @@ def run(cfg: DictConfig) -> Path:
         if cfg.get("ckpt_path"):
             ckpt_file = checkpoint_file(cfg.ckpt_path)
     training = bool(cfg.get("train", True))
+    named = False  # an eval-only run of a run folder keeps that run's model and experiment name
+    if not training and ckpt_file is not None:
+        cfg, named = eval_config(cfg, ckpt_file, _command_overrides())
     if training and cfg.get("objective") is not None:
         check_objective(cfg.objective)
     if not training and ckpt_file is None:
         raise ConfigError("train=false only tests a trained model: give it with ckpt_path=<run folder or .ckpt file>")
+    resolve_n_classes(cfg)
     check_config(cfg)
-    if not resuming:
+    check_gpu_present(cfg)
+    if not resuming and not named:
         cfg.name = experiment_name(cfg)
 
     output_dir = Path(cfg.paths.output_dir)
@@ -350,9 +371,7 @@ def run(cfg: DictConfig) -> Path:
     # the per-sample scores first: results.csv, written last, marks a finished run
     save_scores(model.test_outputs, model.score_names, meta, output_dir / SCORES_FILE)
     write_results(rows, path)
-    import pandas as pd
-
-    log.info("Results: %s\n%s", path, pd.DataFrame(rows, columns=RESULT_COLUMNS).to_string(index=False))
+    log.info("Results: %s\n%s", path, result_frame(rows).to_string(index=False))  # every column of results.csv
     return path
 
 

@@ -70,6 +70,23 @@ def _check_embedding(cfg: DictConfig) -> None:
         )
 
 
+def check_gpu_present(cfg: DictConfig) -> None:
+    """``trainer.gpus=N`` (N > 0) or ``trainer.accelerator=gpu|cuda`` on a machine without a GPU:
+    one line saying so and how to run on the CPU (Lightning's own: "No supported gpu backend found!")."""
+    trainer = cfg.get("trainer") or {}
+    gpus, accelerator = trainer.get("gpus"), str(trainer.get("accelerator", "auto"))
+    if gpus in (None, 0, "0") and accelerator not in ("gpu", "cuda"):
+        return
+    import torch
+
+    mps = accelerator == "gpu" and torch.backends.mps.is_available()  # Lightning's gpu on Apple silicon
+    if torch.cuda.is_available() or mps:
+        return
+    asked, drop = (f"trainer.gpus={gpus}", "drop trainer.gpus or set trainer.gpus=0") if gpus not in (None, 0, "0") else (
+        f"trainer.accelerator={accelerator}", "set trainer.accelerator=cpu (or auto)")
+    raise ConfigError(f"{asked} asks for a GPU, but no GPU was found (torch.cuda.is_available() is false); to run on the CPU {drop}")
+
+
 def _check_writable(folder: Path, what: str, how: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,13 @@ def continued_sampler(config: DictConfig, sampler: Any, earlier: int) -> Any:
 
 def run_search(impl: Any, arguments: list[str], outlier_params: DictConfig | None) -> Any:
     """Run hydra-optuna-sweeper's ``OptunaSweeperImpl.sweep`` with the additions above."""
+    import optuna
+
+    # Optuna's own handler writes colour codes (colorlog) even into a pipe, and a line per trial
+    # that the sweep's trial lines already give: its warnings go through logging instead
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = impl.config
     sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
     sweep_dir.mkdir(parents=True, exist_ok=True)  # the SQLite storage is created in it

@@ -112,6 +112,79 @@ def run_trial(cfg: DictConfig, output_dir: str | Path, cwd: str | None = None) -
     return {"status": "ok", "dir": str(output_dir), "results": str(path)}
 
 
+# ----------------------------------------------------------------------------- the trial's line
+
+
+def _headline(results: Path) -> str:
+    """Accuracy and the mean AUROC of the headline score (results.csv's first) over the test cases."""
+    import csv
+
+    with open(results, newline="") as file:
+        rows = list(csv.DictReader(file))
+    if not rows:
+        return "no results"
+    score = rows[0]["score"]
+    aurocs = [float(r["AUROC"]) for r in rows if r["score"] == score and r.get("AUROC") not in ("", None)]
+    auroc = f"AUROC {sum(aurocs) / len(aurocs):.3f} ({score}, mean of {len(aurocs)} test cases)" if aurocs else "no AUROC"
+    return f"accuracy {float(rows[0]['Accuracy']):.3f}, {auroc}"
+
+
+def trial_line(num: int, overrides: list[str], trial_dir: str | Path) -> str:
+    """One line for a finished trial: its number, the values swept (the overrides not given
+    literally on the command line), its headline metrics (and objective) or its failure, its folder."""
+    from mchad.runs.objective import read_objective
+
+    trial_dir = Path(trial_dir).absolute()
+    given = _given_keys(sys.argv[1:])
+    swept = " ".join(_shortened(o) for o in overrides if _override_key(o) not in given) or "(no swept values)"
+    if (trial_dir / RESULTS_FILE).is_file():
+        objective = read_objective(trial_dir)
+        outcome = _headline(trial_dir / RESULTS_FILE) + ("" if objective is None else f", objective {objective:.4f}")
+    else:
+        outcome = f"FAILED: {failure_cause(trial_dir, 'no results.csv')}"
+    return f"trial #{num} {swept}: {outcome} ({trial_dir})"
+
+
+def _shortened(override: str) -> str:
+    """``key=value`` with a float value to 4 significant digits (a search's draws)."""
+    key, _, value = override.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        return override
+    return f"{key}={number:.4g}" if "." in value and len(value) > 6 else override
+
+
+def _override_key(text: str) -> str | None:
+    return _parse_override(text)[0]
+
+
+def _parse_override(text: str) -> tuple[str | None, bool]:
+    """(key, whether it sweeps several values) of a command-line override; (None, False) if it is none."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        (override,) = OverridesParser.create().parse_overrides([text])
+    except Exception:  # noqa: BLE001 - a flag (-m) or not an override at all
+        return None, False
+    return override.key_or_group, override.is_sweep_override()
+
+
+def _given_keys(argv: list[str]) -> set[str]:
+    """The keys the command line sets to one value (the same in every trial)."""
+    keys = set()
+    for arg in argv:
+        key, sweeps = _parse_override(arg) if not arg.startswith("-") else (None, False)
+        if key is not None and not sweeps:
+            keys.add(key)
+    return keys
+
+
+def report_trial(num: int, overrides: list[str], trial_dir: str | Path) -> None:
+    """Print the trial's line on the driver's console (its tables and log are in its run.log)."""
+    print(trial_line(num, overrides, trial_dir), flush=True)
+
+
 # ----------------------------------------------------------------------------- driver side
 
 
@@ -136,11 +209,15 @@ def launch_on_ray(launcher, job_overrides, initial_job_idx: int) -> list:
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    log.info("Ray launcher: %d trial(s), sweep folder %s", len(job_overrides), sweep_dir)
+    # debug: the console gets one line per finished trial instead (report_trial)
+    log.debug("Ray launcher: %d trial(s), sweep folder %s", len(job_overrides), sweep_dir)
+    address = launcher.ray_cfg.init.get("address")
+    if address not in (None, "local"):  # Ray's own notices are off (ray.yaml: logging_level)
+        log.info("Connecting to the existing Ray cluster at %s", address)
     start_ray(launcher.ray_cfg.init)
     trials = {}
     for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-        log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+        log.debug("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
         sweep_config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = f"job_id_for_{idx}"
@@ -172,11 +249,12 @@ def collect_trials(trials: dict, wait, get) -> list:
             else:
                 if job.status != JobStatus.FAILED:
                     results[idx] = job
+                    report_trial(idx, overrides, _trial_dir(sweep_config, idx))
                     continue
                 cause, detail = f"the trial raised {one_line(job._return_value)}", str(job._return_value)
             trial_dir = _trial_dir(sweep_config, idx)
             summary = record_dead_trial(trial_dir, overrides, cause, detail)
-            log.error("trial #%d: %s (%s)", idx, summary["cause"], trial_dir)
+            report_trial(idx, overrides, trial_dir)
             results[idx] = JobReturn(
                 overrides=overrides, working_dir=str(trial_dir), status=JobStatus.COMPLETED, _return_value=summary
             )
