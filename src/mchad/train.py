@@ -14,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mchad.backbones import load_pretrained, output_width
 from mchad.cli import on_terminal
-from mchad.errors import ConfigError, UserError
+from mchad.errors import ConfigError, Preempted, UserError
 from mchad.detectors import DetectorBank, check_detectors
 from mchad.metrics import METRIC_COLUMNS
 from mchad.module import OODModel
@@ -166,6 +166,7 @@ def make_trainer(cfg: DictConfig, loggers: list | None = None, extra_callbacks: 
     from mchad.checkpoints import AtomicCheckpointIO
     from mchad.nan_guard import NonFiniteLossGuard
     from mchad.rng_state import RNGState
+    from mchad.runs.preemption import cluster_plugins
 
     callbacks = [*extra_callbacks, *(_instantiate(c, "callbacks") for c in cfg.get("callbacks", {}).values())]
     callbacks += [RNGState(), NonFiniteLossGuard()]
@@ -177,7 +178,8 @@ def make_trainer(cfg: DictConfig, loggers: list | None = None, extra_callbacks: 
     if not kwargs.get("enable_progress_bar", True):
         # Lightning refuses a configured progress bar next to enable_progress_bar=false
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
-    plugins = {} if kwargs.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
+    # configured plugins replace these (then the SLURM requeue choice is the config's own)
+    plugins = {} if kwargs.get("plugins") else {"plugins": [AtomicCheckpointIO(), *cluster_plugins()]}
     loggers = make_loggers(cfg) if loggers is None else loggers
     return _instantiate(kwargs, "trainer", logger=loggers, callbacks=callbacks, **plugins)
 
@@ -258,6 +260,8 @@ def run(cfg: DictConfig) -> Path:
     from mchad.distributed import is_launch_rank_zero
     from mchad.checkpoints import check_fits, checkpoint_file, load_checkpoint
     from mchad.resume import keep_csv_history, resume_config
+    from mchad.runs import rank_watch
+    from mchad.runs.rank_watch import RankFailureWatch
 
     writer = is_launch_rank_zero()  # DDP: rank 0 alone writes files (the others only compute)
     ckpt_file: Path | None = None
@@ -302,7 +306,8 @@ def run(cfg: DictConfig) -> Path:
     loggers = make_loggers(cfg)
     if training and checkpoint is not None and writer:
         keep_csv_history(loggers, int(checkpoint.get("global_step", 0)))
-    trainer = make_trainer(cfg, loggers, extra_callbacks=(SharedRunFolder(output_dir),))
+    # DDP: a failing rank stops the others at once (mchad.runs.rank_watch)
+    trainer = make_trainer(cfg, loggers, extra_callbacks=(SharedRunFolder(output_dir), RankFailureWatch(output_dir)))
 
     try:
         if training:
@@ -317,7 +322,14 @@ def run(cfg: DictConfig) -> Path:
             log.info("Testing %s (no training)", ckpt_file)
         del checkpoint
         trainer.test(model, datamodule=datamodule, verbose=False)
-    except SystemExit:
+        rank_watch.finish()  # past the last collective
+    except SystemExit as stop:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        from mchad.runs.preemption import received
+
+        if isinstance(stop, SIGTERMException):  # Lightning stopped at a batch boundary (mchad.runs.preemption)
+            raise Preempted(received() or "SIGTERM") from None
         if trainer.interrupted:  # Lightning turns Ctrl-C into SystemExit(1)
             raise KeyboardInterrupt from None
         raise
