@@ -19,7 +19,7 @@ trial of the sweep is composed and its folder looked at.
 - A trial without ``results.csv`` but with ``checkpoints/last.ckpt`` (preempted, killed,
   failed) whose saved config equals the one composed now continues from that checkpoint
   (epoch, optimiser, scheduler, RNG states, logged steps), as ``resume=<trial folder>`` would:
-  it is launched with ``hydra.job.env_set.MCHAD_CONTINUE=<its last.ckpt>`` (read by
+  it is launched with ``++hydra.job.env_set.MCHAD_CONTINUE=<its last.ckpt>`` (read by
   :func:`mchad.sweep.run_trial`; a hydra override, so the task config stays the same) and the
   report says ``#1 resumed from epoch 2 (2 of 4 epochs done, ...)``. A checkpoint that cannot
   be read, or a trial whose config changed since, is reported in one line and the trial starts
@@ -244,7 +244,7 @@ class LaunchPending:
                 if trial.resume is not None:  # a hydra override: the task config stays the same
                     from mchad.sweep import CONTINUE_ENV
 
-                    overrides.append(f"hydra.job.env_set.{CONTINUE_ENV}={_override_value(str(trial.resume))}")
+                    overrides.append(f"++hydra.job.env_set.{CONTINUE_ENV}={_override_value(str(trial.resume))}")
                 launched.append(overrides)
             for trial, result in zip(pending, self.launcher.launch(launched, initial_job_idx=first)):
                 returns[trial.num] = result
