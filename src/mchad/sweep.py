@@ -107,7 +107,7 @@ def run_trial(cfg: DictConfig, output_dir: str | Path, cwd: str | None = None) -
     from omegaconf import open_dict
 
     from mchad.errors import Preempted
-    from mchad.runs.preemption import received
+    from mchad.runs.preemption import armed
     from mchad.train import run  # heavy imports only here
 
     output_dir = Path(output_dir)
@@ -116,14 +116,13 @@ def run_trial(cfg: DictConfig, output_dir: str | Path, cwd: str | None = None) -
     failed.unlink(missing_ok=True)
     checkpoint = os.environ.get(CONTINUE_ENV)
     try:
-        if received() is not None:
-            raise Preempted(received())
-        prepare_worker(cwd)
-        if checkpoint:
-            log.info("continuing the trial from %s", checkpoint)
-            with open_dict(cfg):
-                cfg.ckpt_path = checkpoint  # the same config (checked by the sweeper): resume= semantics
-        path = run(cfg)
+        with armed():
+            prepare_worker(cwd)
+            if checkpoint:
+                log.info("continuing the trial from %s", checkpoint)
+                with open_dict(cfg):
+                    cfg.ckpt_path = checkpoint  # the same config (checked by the sweeper): resume= semantics
+            path = run(cfg)
     except Preempted as stop:
         (output_dir / RESULTS_FILE).unlink(missing_ok=True)
         hint = "continue it: the same sweep command with hydra.sweep.dir=<this sweep's folder>"

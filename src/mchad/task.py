@@ -76,7 +76,8 @@ def main(cfg: DictConfig) -> float | None:
         _console_logging_only()
     output_dir = Path(cfg.paths.output_dir)
     try:
-        run(cfg)
+        with preemption.armed():
+            run(cfg)
     except (KeyboardInterrupt, Preempted) as stop:
         preempted = isinstance(stop, Preempted)
         code = preemption.EXIT_PREEMPTED if preempted else preemption.EXIT_INTERRUPTED

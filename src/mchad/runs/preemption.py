@@ -10,8 +10,10 @@ a preemption:
   rank 0's decision); the handler here only remembers the signal, and a SIGUSR1 is handed to
   Lightning's SIGTERM handler. :func:`mchad.train.run` turns Lightning's stop into
   :class:`~mchad.errors.Preempted`;
-- elsewhere (loading data, testing setup, between two sweep trials) the handler raises
-  :class:`~mchad.errors.Preempted` at once.
+- elsewhere inside a run (:func:`armed`: loading data, building the model, between fit and
+  test) the handler raises :class:`~mchad.errors.Preempted` at once; outside a run (a sweep
+  between two trials, Hydra's own work) it only remembers the signal, and the next run stops
+  before it starts.
 
 The task writes ``FAILED.txt`` (``error: preempted by SIGTERM; continue this run with: ...``)
 and exits with :data:`EXIT_PREEMPTED`, distinct from a failure (1) and from Ctrl-C
@@ -24,6 +26,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from mchad.errors import Preempted
 
@@ -36,6 +40,7 @@ EXIT_INTERRUPTED = 130
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 _received: str | None = None
+_armed = False
 
 
 def received() -> str | None:
@@ -57,9 +62,24 @@ def _on_signal(signum: int, frame) -> None:
         log.warning("received %s: stopping (preempted)", name)
     current = signal.getsignal(signal.SIGTERM)
     if current is _on_signal:  # Lightning's handling is not active: stop here and now
-        raise Preempted(_received)
+        if _armed:
+            raise Preempted(_received)
+        return
     if signum != signal.SIGTERM and callable(current):
         current(signal.SIGTERM, frame)  # Lightning's SIGTERM handler (it calls this one again)
+
+
+@contextmanager
+def armed() -> Iterator[None]:
+    """A run: a preemption signal received before or during it raises :class:`Preempted`."""
+    global _armed
+    if _received is not None:
+        raise Preempted(_received)
+    _armed = True
+    try:
+        yield
+    finally:
+        _armed = False
 
 
 def install() -> dict:
