@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -32,6 +33,10 @@ class SampleProbe(pl.Callback):
         self.epochs: dict[int, list[str]] = {}
         self.batch_sizes: list[int] = []
 
+    def setup(self, trainer, pl_module, stage):
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"pid{trainer.global_rank}").write_text(str(os.getpid()))
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         images, labels = batch
         self.epochs.setdefault(trainer.current_epoch, []).extend(_row_hashes(images))
@@ -39,7 +44,6 @@ class SampleProbe(pl.Callback):
         if trainer.global_rank == self.nan_rank and trainer.global_step == self.nan_step:
             images.fill_(float("nan"))
         if trainer.global_rank == self.fail_rank and trainer.global_step == self.fail_step:
-            (self.out / f"failed{trainer.global_rank}.time").parent.mkdir(parents=True, exist_ok=True)
             (self.out / f"failed{trainer.global_rank}.time").write_text(repr(time.time()))
             raise ValueError(f"probe failure on rank {trainer.global_rank} at step {trainer.global_step}")
 

@@ -455,3 +455,36 @@ def test_on_slurm_lightnings_auto_requeue_is_off(fast, tmp_path, monkeypatch):
     trainer = make_trainer(compose_config(fast, tmp_path), loggers=[])
     environment = trainer._accelerator_connector.cluster_environment
     assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False
+
+
+@pytest.mark.slow  # three runs of run.py (about a minute on 2 cores)
+def test_sigterm_to_a_run_exits_143_soon_and_resume_gives_the_uninterrupted_result(fast, tmp_path):
+    """SIGTERM mid-epoch 2 of 3 to `python run.py`: it exits with 143 within seconds, FAILED.txt
+    says preempted and names the resume command, which then ends with the results.csv of the
+    same run never interrupted."""
+    import time
+
+    tests = str(ROOT / "tests")
+    signal_callback = ["+callbacks.signal._target_=sigkill_callback.SignalAt", "+callbacks.signal.seed=${seed}",
+                       f"+callbacks.signal.stamp={tmp_path / 'sent'}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+
+    def cli(*overrides: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "run.py"), *overrides], cwd=ROOT, env={**env, **extra},
+                              capture_output=True, text=True, timeout=300)
+
+    whole = cli(*fast, *signal_callback, f"hydra.run.dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    folder = tmp_path / "run"
+    stopped = cli(*fast, *signal_callback, f"hydra.run.dir={folder}", MCHAD_TEST_SIGNAL="SIGTERM:epoch=1:batch=1")
+    ended = time.time()
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    seconds = ended - float((tmp_path / "sent").read_text())
+    print(f"SIGTERM to exit: {seconds:.2f} s")
+    assert seconds < 30
+    hint = f"preempted by SIGTERM; continue this run with: python run.py resume={folder}"
+    assert stopped.stderr.strip().splitlines()[-1] == hint
+    assert (folder / "FAILED.txt").read_text().splitlines()[0] == f"error: {hint}"
+    resumed = cli(f"resume={folder}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics_equal(tmp_path / "whole" / "results.csv", folder / "results.csv")

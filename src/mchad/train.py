@@ -203,6 +203,29 @@ class SharedRunFolder(pl.Callback):
             )
 
 
+class RankFailureWatch(pl.Callback):
+    """DDP: starts the watchdog of :mod:`mchad.runs.rank_watch` once the process group exists
+    and announces this rank's exception to the others (before Lightning's teardown)."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = Path(output_dir)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size == 1:
+            return
+        from torch.distributed.distributed_c10d import _get_default_store  # the launch's TCPStore
+
+        from mchad.runs import rank_watch
+
+        rank_watch.start(_get_default_store(), trainer.global_rank, self.output_dir if trainer.is_global_zero else None)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from mchad.runs import rank_watch
+
+        if trainer.world_size > 1 and not isinstance(exception, (KeyboardInterrupt, SystemExit)):
+            rank_watch.announce(exception)
+
+
 def write_results(rows: list[dict], path: Path) -> None:
     """Write results.csv atomically: a reader sees the whole file or none."""
     import pandas as pd  # here, not at start-up (python -m mchad.bench)
@@ -261,7 +284,6 @@ def run(cfg: DictConfig) -> Path:
     from mchad.checkpoints import check_fits, checkpoint_file, load_checkpoint
     from mchad.resume import keep_csv_history, resume_config
     from mchad.runs import rank_watch
-    from mchad.runs.rank_watch import RankFailureWatch
 
     writer = is_launch_rank_zero()  # DDP: rank 0 alone writes files (the others only compute)
     ckpt_file: Path | None = None

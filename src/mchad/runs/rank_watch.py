@@ -20,6 +20,9 @@ and a watchdog thread on every rank.
 - The store lives in rank 0's process (or torchrun's agent): when it can no longer be reached,
   rank 0's process is gone; a rank that has not finished within :data:`GRACE_S` then stops too.
 - :func:`finish` after the last collective of a run (the end of testing) stops the watchdog.
+
+:class:`mchad.train.RankFailureWatch` (a Lightning callback) starts it once the process group
+exists. No torch or Lightning is imported here.
 """
 
 from __future__ import annotations
@@ -29,8 +32,6 @@ import os
 import sys
 import threading
 from pathlib import Path
-
-import pytorch_lightning as pl
 
 from mchad.failures import one_line, record_failure
 
@@ -132,21 +133,3 @@ def finish() -> None:
     """This rank is past its last collective: stop watching."""
     if _WATCH is not None:
         _WATCH.finished.set()
-
-
-class RankFailureWatch(pl.Callback):
-    """Starts the watchdog once the process group exists; announces this rank's exception."""
-
-    def __init__(self, output_dir: Path) -> None:
-        self.output_dir = Path(output_dir)
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.world_size == 1:
-            return
-        from torch.distributed.distributed_c10d import _get_default_store  # the launch's TCPStore
-
-        start(_get_default_store(), trainer.global_rank, self.output_dir if trainer.is_global_zero else None)
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if trainer.world_size > 1 and not isinstance(exception, (KeyboardInterrupt, SystemExit)):
-            announce(exception)
