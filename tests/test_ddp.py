@@ -335,7 +335,9 @@ def test_a_failing_rank_stops_a_rank_waiting_in_a_collective_with_its_cause(tmp_
         for process in context.processes:
             if process.is_alive():
                 process.kill()
-    assert ended - float((tmp_path / "failed.time").read_text()) < 10
+    seconds = ended - float((tmp_path / "failed.time").read_text())
+    print(f"rank 1 announced its failure -> rank 0 gone: {seconds:.2f} s")
+    assert seconds < 10
     assert (tmp_path / "FAILED.txt").read_text().splitlines()[0] == "error: rank 1 failed: ValueError: boom at step 5"
     assert not (tmp_path / "finished0").exists()
 
