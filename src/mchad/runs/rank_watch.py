@@ -76,10 +76,8 @@ class _Watch:
                 return
             self.stopping = True
         if self.output_dir is not None:  # the writer
-            from mchad.cli import FILE_ONLY
-
             record_failure(self.output_dir, cause)
-            log.error("%s", cause, extra=FILE_ONLY)
+            log.error("%s", cause, extra={"file_only": True})  # run.log only (mchad.cli.FILE_ONLY)
             print(f"error: {cause}", file=sys.stderr, flush=True)
         else:
             log.error("stopping: %s", cause)
