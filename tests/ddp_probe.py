@@ -1,5 +1,6 @@
 """A callback the DDP tests add to `python run.py` (tests/ on PYTHONPATH): each rank writes
-what it trained on to ``<out>/rank<r>.json``; optionally one rank's batch becomes NaN.
+what it trained on to ``<out>/rank<r>.json``; optionally one rank's batch becomes NaN, or one
+rank raises (``fail_rank``/``fail_step``: the rank-failure test).
 
 - ``epochs``: per epoch the hashes of the training rows this rank saw (run without
   augmentation, ``datamodule.crop_padding=0``, so a row is the normalised image);
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -24,11 +26,16 @@ def _row_hashes(images: torch.Tensor) -> list[str]:
 
 
 class SampleProbe(pl.Callback):
-    def __init__(self, out: str, nan_rank: int = -1, nan_step: int = -1):
+    def __init__(self, out: str, nan_rank: int = -1, nan_step: int = -1, fail_rank: int = -1, fail_step: int = -1):
         self.out = Path(out)
         self.nan_rank, self.nan_step = nan_rank, nan_step
+        self.fail_rank, self.fail_step = fail_rank, fail_step
         self.epochs: dict[int, list[str]] = {}
         self.batch_sizes: list[int] = []
+
+    def setup(self, trainer, pl_module, stage):
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"pid{trainer.global_rank}").write_text(str(os.getpid()))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         images, labels = batch
@@ -36,6 +43,9 @@ class SampleProbe(pl.Callback):
         self.batch_sizes.append(len(images))
         if trainer.global_rank == self.nan_rank and trainer.global_step == self.nan_step:
             images.fill_(float("nan"))
+        if trainer.global_rank == self.fail_rank and trainer.global_step == self.fail_step:
+            (self.out / f"failed{trainer.global_rank}.time").write_text(repr(time.time()))
+            raise ValueError(f"probe failure on rank {trainer.global_rank} at step {trainer.global_step}")
 
     def on_train_end(self, trainer, pl_module):
         datamodule = trainer.datamodule

@@ -305,3 +305,74 @@ def test_resume_and_evaluation_only_in_two_processes(tmp_path):
     keys = ["test_case", "score"]
     a, b = pd.read_csv(two).sort_values(keys), pd.read_csv(one).sort_values(keys)
     np.testing.assert_allclose(a[METRICS].to_numpy(), b[METRICS].to_numpy(), rtol=1e-6, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------ a rank fails
+
+
+def test_a_failing_rank_stops_a_rank_waiting_in_a_collective_with_its_cause(tmp_path):
+    """Guards the watchdog: rank 0, blocked in an all-reduce that rank 1 never joins, exits
+    within seconds (status 1), writes rank 1's cause to FAILED.txt and prints it as the one
+    `error:` line (spawned processes; the end-to-end version is the slow test below)."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    from rank_failure_probe import failing_rank
+
+    context = mp.start_processes(failing_rank, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    rank0, rank1 = context.processes
+    try:
+        rank0.join(timeout=90)
+        ended = time.time()
+        assert rank0.exitcode == 1
+        assert rank1.is_alive()  # rank 0 did not wait for rank 1 to exit
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    seconds = ended - float((tmp_path / "failed.time").read_text())
+    print(f"rank 1 announced its failure -> rank 0 gone: {seconds:.2f} s")
+    assert seconds < 10
+    assert (tmp_path / "FAILED.txt").read_text().splitlines()[0] == "error: rank 1 failed: ValueError: boom at step 5"
+    assert not (tmp_path / "finished0").exists()
+
+
+@pytest.mark.slow
+def test_an_exception_on_rank_1_stops_both_ranks_with_its_cause(tmp_path):
+    """`python run.py trainer.devices=2`, rank 1 raises at step 5: both processes are gone
+    within 30 s, status 1, the one `error:` line and FAILED.txt name rank 1's exception."""
+    import time
+
+    logs, probe = tmp_path / "logs", tmp_path / "probe"
+    overrides = _quick(logs, probe, "trainer.devices=2", "+callbacks.probe.fail_rank=1", "+callbacks.probe.fail_step=5")
+    result = _run(*overrides, cwd=tmp_path, timeout=300)
+    stderr = result.stderr
+    pids = [int((probe / f"pid{rank}").read_text()) for rank in (0, 1)]
+    deadline = time.time() + 30
+    while not all(_gone(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.05)
+    ended = time.time()
+    assert all(_gone(pid) for pid in pids)
+    assert result.returncode == 1, stderr[-3000:]
+    seconds = ended - float((probe / "failed1.time").read_text())
+    print(f"rank 1 failed -> last process gone: {seconds:.2f} s")
+    assert seconds < 30
+    cause = "rank 1 failed: ValueError: probe failure on rank 1 at step 5"
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {cause}"], stderr[-3000:]
+    (failed,) = list(logs.glob("runs/**/FAILED.txt"))
+    assert failed.read_text().splitlines()[0] == f"error: {cause}"
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie waiting for its parent counts as ended)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return "\nState:\tZ" in status or "\nState:\tX" in status

@@ -419,3 +419,116 @@ def test_trusted_checkpoint_loads_with_the_opt_in(reference, fast, tmp_path):
     # the planted copy lies outside a run folder: its seed is unknown (empty), evaluated_from names it
     metrics_equal(reference / "results.csv", results, ignore=("seed", "evaluated_from"))
     assert pd.read_csv(results).seed.isna().all()
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+@pytest.fixture
+def signal_handlers():
+    """The process's SIGTERM/SIGUSR1 handlers restored after the test (mchad.task installs its own)."""
+    import signal
+
+    from mchad.runs import preemption
+
+    previous = {s: signal.getsignal(s) for s in preemption.SIGNALS}
+    yield
+    preemption.restore(previous)
+    preemption.reset()
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+def test_a_preemption_signal_stops_at_a_batch_and_says_preempted(name, reference, fast, tmp_path, monkeypatch, capsys, signal_handlers):
+    """SIGTERM (or SLURM's --signal SIGUSR1) in epoch 3 of 3: exit status 143, FAILED.txt says
+    preempted and how to resume; the trial continuation the sweeper uses (MCHAD_CONTINUE, same
+    config) and resume= both end with the uninterrupted run's results.csv."""
+    import signal
+
+    from mchad.runs import preemption
+    from mchad.sweeps.sweep import CONTINUE_ENV, run_trial
+
+    folder = tmp_path / "run"
+    original = OODModel.on_train_batch_start
+
+    def preempt(self, batch, batch_idx):
+        if self.current_epoch == 2 and batch_idx == 1:
+            os.kill(os.getpid(), getattr(signal, name))
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(OODModel, "on_train_batch_start", preempt)
+    with pytest.raises(SystemExit) as info:
+        main(compose_config(fast, folder))
+    assert info.value.code == preemption.EXIT_PREEMPTED == 143
+    hint = f"preempted by {name}; continue this run with: python run.py resume={folder}"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == hint
+    assert (folder / "FAILED.txt").read_text().splitlines()[0] == f"error: {hint}"
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert not (folder / "results.csv").exists()
+    monkeypatch.undo()
+    preemption.reset()
+    if name == "SIGUSR1":  # the sweep's continuation of a trial
+        monkeypatch.setenv(CONTINUE_ENV, str(folder / "checkpoints" / "last.ckpt"))
+        assert run_trial(compose_config(fast, folder), folder)["status"] == "ok"
+    else:
+        main(compose_config([f"resume={folder}"], folder))
+    metrics_equal(reference / "results.csv", folder / "results.csv")
+    assert not (folder / "FAILED.txt").exists()
+
+
+def test_a_sweep_trial_preempted_is_recorded_so_and_the_next_trials_do_not_start(fast, tmp_path, signal_handlers):
+    from mchad.runs import preemption
+    from mchad.sweeps.sweep import run_trial
+
+    preemption.install()
+    os.kill(os.getpid(), __import__("signal").SIGTERM)  # between two trials: no trainer runs
+    summary = run_trial(compose_config(fast, tmp_path / "next"), tmp_path / "next")
+    assert summary["status"] == "preempted"
+    assert (tmp_path / "next" / "FAILED.txt").read_text().startswith("error: preempted by SIGTERM; continue it")
+    assert not (tmp_path / "next" / "checkpoints").exists()
+
+
+def test_on_slurm_lightnings_auto_requeue_is_off(fast, tmp_path, monkeypatch):
+    """Ours or Lightning's requeue, never both (mchad.runs.preemption.cluster_plugins)."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    from mchad.runs.train import make_trainer
+
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
+                       "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "node1"}.items():
+        monkeypatch.setenv(key, value)
+    trainer = make_trainer(compose_config(fast, tmp_path), loggers=[])
+    environment = trainer._accelerator_connector.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False
+
+
+@pytest.mark.slow  # three runs of run.py (about a minute on 2 cores)
+def test_sigterm_to_a_run_exits_143_soon_and_resume_gives_the_uninterrupted_result(fast, tmp_path):
+    """SIGTERM mid-epoch 2 of 3 to `python run.py`: it exits with 143 within seconds, FAILED.txt
+    says preempted and names the resume command, which then ends with the results.csv of the
+    same run never interrupted."""
+    import time
+
+    tests = str(ROOT / "tests")
+    signal_callback = ["+callbacks.signal._target_=sigkill_callback.SignalAt", "+callbacks.signal.seed=${seed}",
+                       f"+callbacks.signal.stamp={tmp_path / 'sent'}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+
+    def cli(*overrides: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "run.py"), *overrides], cwd=ROOT, env={**env, **extra},
+                              capture_output=True, text=True, timeout=300)
+
+    whole = cli(*fast, *signal_callback, f"hydra.run.dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    folder = tmp_path / "run"
+    stopped = cli(*fast, *signal_callback, f"hydra.run.dir={folder}", MCHAD_TEST_SIGNAL="SIGTERM:epoch=1:batch=1")
+    ended = time.time()
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    seconds = ended - float((tmp_path / "sent").read_text())
+    print(f"SIGTERM to exit: {seconds:.2f} s")
+    assert seconds < 30
+    hint = f"preempted by SIGTERM; continue this run with: python run.py resume={folder}"
+    assert stopped.stderr.strip().splitlines()[-1] == hint
+    assert (folder / "FAILED.txt").read_text().splitlines()[0] == f"error: {hint}"
+    resumed = cli(f"resume={folder}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics_equal(tmp_path / "whole" / "results.csv", folder / "results.csv")

@@ -351,6 +351,38 @@ def test_ray_sweep_reports_a_trial_whose_worker_was_killed(tmp_path):
     assert f"FAILED {killed}: the trial's worker process died" in result.stderr
 
 
+@needs_ray
+@pytest.mark.slow
+def test_a_ray_trial_whose_worker_was_killed_continues_from_its_checkpoint_when_re_run(tmp_path):
+    """The seed-2 trial's Ray worker is SIGKILLed in epoch 2 of 3: reported failed (Ray's cause,
+    exit 1); the same command with its hydra.sweep.dir continues that trial from its checkpoint
+    after epoch 1 and leaves the finished one alone (MCHAD_TEST_SIGNAL: tests/sigkill_callback.py)."""
+    env = _env(PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    sweep_dir = tmp_path / "sweep"
+    command = ["seed=1,2", "paths.log_dir=logs", f"hydra.sweep.dir={sweep_dir}", "trainer.max_epochs=3",
+               "trainer.min_epochs=3", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "~logger",
+               "~callbacks.validation_views", "~callbacks.embedding_animation", "~callbacks.test_plots",
+               "~callbacks.hparams", "~callbacks.progress_bar", "~callbacks.lr_monitor",
+               "+callbacks.signal._target_=sigkill_callback.SignalAt", "+callbacks.signal.seed=${seed}"]
+    killed = _sweep(command, tmp_path, {**env, "MCHAD_TEST_SIGNAL": "SIGKILL:seed=2:epoch=1:batch=1"}, timeout=400)
+    output = killed.stdout + killed.stderr
+    assert killed.returncode == 1, output[-3000:]
+    trials = _trials(sweep_dir)
+    assert (trials["seed=1"] / "results.csv").is_file(), output[-3000:]
+    second = trials["seed=2"]
+    assert (second / FAILED_FILE).read_text().startswith("error: the trial's worker process died")
+    assert (second / "checkpoints" / "last.ckpt").is_file()
+    done = (trials["seed=1"] / "results.csv").stat().st_mtime_ns
+
+    again = _sweep(command, tmp_path, env, timeout=400)
+    output = again.stdout + again.stderr
+    assert again.returncode == 0, output[-3000:]
+    assert f"resumed from epoch 1 (1 of 3 epochs done, {second / 'checkpoints' / 'last.ckpt'})" in output
+    assert "2 trial(s) finished, 0 failed; 1 done before, 1 run now" in again.stdout
+    assert (second / "results.csv").is_file() and not (second / FAILED_FILE).exists()
+    assert (trials["seed=1"] / "results.csv").stat().st_mtime_ns == done
+
+
 # ----------------------------------------------------------------------------- existing cluster
 
 

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -240,3 +241,146 @@ def test_optuna_search_on_the_quick_start_optimises_the_validation_objective(tmp
         assert trial.value == OmegaConf.load(sweep_dir / str(trial.number) / OBJECTIVE_FILE).value
         assert all(trial.params != earlier.params for earlier in study.trials[:4])
     assert OmegaConf.load(sweep_dir / "optimization_results.yaml").study.trials == 6
+
+
+# ----------------------------------------------------------------------------- continuing trials
+
+
+class _Loader:
+    """Hydra's config loader for a sweep over seeds (``seed=<n>``), 4 epochs."""
+
+    def load_sweep_config(self, master, overrides):
+        (seed,) = [int(o.split("=")[1]) for o in overrides]
+        config = OmegaConf.merge(master, {"seed": seed, "trainer": {"max_epochs": 4}})
+        return config
+
+
+def _trial_folder(folder: Path, seed: int, checkpoint: bytes | None = None, results: bool = False) -> None:
+    (folder / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"seed": seed, "trainer": {"max_epochs": 4}}), folder / ".hydra" / "config.yaml")
+    if checkpoint is not None:
+        (folder / "checkpoints").mkdir()
+        (folder / "checkpoints" / "last.ckpt").write_bytes(checkpoint)
+    if results:
+        (folder / "results.csv").write_text("experiment\nx\n")
+
+
+def test_unfinished_trials_continue_from_a_readable_checkpoint_else_start_over_and_say_why(tmp_path, caplog):
+    """#0 finished: skipped; #1 (checkpoint after epoch 2, same config): continued from it, with a
+    hydra override only; #2 (checkpoint truncated by hand) and #3 (config changed since): one line
+    each and started over, the old checkpoints moved aside; #4 (nothing yet): run."""
+    import io
+
+    import torch
+
+    from mchad.sweeps.sweep import CONTINUE_ENV
+    from mchad.sweeps.sweep_resume import continued_lines
+
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.ones(3)}, "epoch": 1, "global_step": 6}, buffer)
+    good = buffer.getvalue()
+    _trial_folder(tmp_path / "0", 0, good, results=True)
+    _trial_folder(tmp_path / "1", 1, good)
+    _trial_folder(tmp_path / "2", 2, good[: len(good) // 2])
+    _trial_folder(tmp_path / "3", 30, good)  # was run with seed=30
+    master = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path), "subdir": "${hydra.job.num}"}, "job": {"num": 0}}})
+    jobs = [[f"seed={n}"] for n in range(5)]
+    sweeper = SimpleNamespace(config=master, overrides=[jobs], hydra_context=SimpleNamespace(config_loader=_Loader()))
+    launcher = _RecordingLauncher()
+    with caplog.at_level("INFO"):
+        LaunchPending(launcher, sweeper).launch(jobs, initial_job_idx=0)
+    ckpt = tmp_path / "1" / "checkpoints" / "last.ckpt"
+    assert launcher.calls == [([["seed=1", f"++hydra.job.env_set.{CONTINUE_ENV}={ckpt}"], ["seed=2"], ["seed=3"], ["seed=4"]], 1)]
+    lines = continued_lines(tmp_path)
+    assert lines[0] == f"#1 resumed from epoch 2 (2 of 4 epochs done, {ckpt})"
+    assert lines[1].startswith(f"#2 starts over: checkpoint {tmp_path / '2' / 'checkpoints' / 'last.ckpt'} is unreadable")
+    assert lines[2] == "#3 starts over: its config changed since its checkpoint (differs in seed (30 -> 3))"
+    assert len(lines) == 3 and all("\n" not in line for line in lines)
+    messages = [r.getMessage() for r in caplog.records]
+    assert all(line in messages for line in lines)
+    for num in (2, 3):  # started over: nothing of the old attempt is mixed with the new one
+        assert not (tmp_path / str(num) / "checkpoints").exists()
+        assert (tmp_path / str(num) / "checkpoints.discarded" / "last.ckpt").is_file()
+    assert ckpt.is_file()
+
+
+def test_the_report_lists_preempted_trials_apart_and_exits_143(tmp_path, capsys):
+    from mchad.sweeps.sweep import SweepReport
+
+    for num, cause in ((0, None), (1, "preempted by SIGTERM; continue it"), (2, "ValueError: boom")):
+        (tmp_path / str(num) / ".hydra").mkdir(parents=True)
+        if cause is None:
+            (tmp_path / str(num) / "results.csv").write_text("x\n")
+        else:
+            (tmp_path / str(num) / "FAILED.txt").write_text(f"error: {cause}\n")
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    with pytest.raises(SystemExit) as info:
+        SweepReport().on_multirun_end(config)
+    assert info.value.code == 1  # a failure outranks a preemption
+    err = capsys.readouterr().err
+    assert "1 trial(s) finished, 1 failed, 1 preempted" in err
+    assert f"PREEMPTED {tmp_path / '1'}: preempted by SIGTERM" in err and f"FAILED {tmp_path / '2'}: ValueError" in err
+    (tmp_path / "2" / "results.csv").write_text("x\n")
+    with pytest.raises(SystemExit) as info:
+        SweepReport().on_multirun_end(config)
+    assert info.value.code == 143
+
+
+# 4 short deterministic epochs with last.ckpt every epoch; the signal callback is in every
+# trial's config (it acts only when MCHAD_TEST_SIGNAL says so, so the re-run's config is the same)
+CONTINUABLE = [
+    "trainer.max_epochs=4", "trainer.min_epochs=4", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false", "trainer.deterministic=true", "~logger.tensorboard",
+    "~callbacks.validation_views", "~callbacks.embedding_animation", "~callbacks.test_plots", "~callbacks.hparams",
+    "+callbacks.signal._target_=sigkill_callback.SignalAt", "+callbacks.signal.seed=${seed}",
+]
+
+
+def _multirun_env(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    import os
+
+    from test_sweep import _env
+
+    tests = str(Path(__file__).resolve().parent)
+    return subprocess.run(
+        [sys.executable, str(RUN_PY), "-m", "hydra/launcher=basic", *args], cwd=cwd, capture_output=True, text=True,
+        env=_env(PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]), **env), timeout=600,
+    )
+
+
+@pytest.mark.slow  # three processes, eight trial-runs of 4 short epochs (about 2 minutes on 2 cores)
+def test_a_sweep_killed_mid_trial_continues_that_trial_exactly(tmp_path):
+    """SIGKILL in epoch 2 of 4 of the second trial; the same command again: the first trial is
+    skipped, the second continues from its checkpoint after epoch 1, the third runs; the second's
+    results.csv and scores.npz equal those of an uninterrupted run of its seed."""
+    import numpy as np
+
+    sweep_dir = tmp_path / "sweep"
+    command = ["seed=1,2,3", *CONTINUABLE, f"hydra.sweep.dir={sweep_dir}", f"paths.log_dir={tmp_path}/logs"]
+    killed = _multirun_env(command, tmp_path, MCHAD_TEST_SIGNAL="SIGKILL:seed=2:epoch=1:batch=1")
+    assert killed.returncode == -9, (killed.stdout + killed.stderr)[-3000:]
+    first = sweep_dir / "0" / "results.csv"
+    assert first.is_file() and not (sweep_dir / "1" / "results.csv").exists() and not (sweep_dir / "2").exists()
+    before = first.stat().st_mtime_ns
+
+    again = _multirun_env(command, tmp_path)
+    output = again.stdout + again.stderr
+    assert again.returncode == 0, output[-3000:]
+    ckpt = sweep_dir / "1" / "checkpoints" / "last.ckpt"
+    assert f"#0 done ({first})" in output
+    assert f"#1 resumed from epoch 1 (1 of 4 epochs done, {ckpt})" in output
+    assert "3 trial(s) finished, 0 failed; 1 done before, 2 run now" in again.stdout
+    assert output.count("continuing the trial from") == 1  # the third trial starts from scratch
+    assert first.stat().st_mtime_ns == before
+    assert (sweep_dir / "2" / "results.csv").is_file()
+    assert not list(sweep_dir.glob("*/FAILED.txt"))
+
+    reference = _multirun_env(["seed=2", *command[1:-2], f"hydra.sweep.dir={tmp_path / 'reference'}",
+                               f"paths.log_dir={tmp_path}/logs"], tmp_path)
+    assert reference.returncode == 0, (reference.stdout + reference.stderr)[-3000:]
+    pd.testing.assert_frame_equal(pd.read_csv(sweep_dir / "1" / "results.csv"),
+                                  pd.read_csv(tmp_path / "reference" / "0" / "results.csv"), check_exact=True)
+    with np.load(sweep_dir / "1" / "scores.npz") as a, np.load(tmp_path / "reference" / "0" / "scores.npz") as b:
+        assert sorted(a.files) == sorted(b.files) and len(a.files) > 3
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)

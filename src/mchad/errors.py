@@ -33,3 +33,13 @@ def first_line(error: BaseException) -> str:
     """The first line of ``error``'s message (its class name if it has none), at most 200 characters."""
     lines = str(error).strip().splitlines()
     return (lines[0] if lines else type(error).__name__)[:200]
+
+
+class Preempted(BaseException):
+    """The run was stopped by a preemption signal (SIGTERM, SIGUSR1); its argument names it.
+
+    A BaseException like KeyboardInterrupt: no ``except Exception`` takes it for a failure."""
+
+    @property
+    def signal_name(self) -> str:
+        return str(self.args[0]) if self.args else "SIGTERM"

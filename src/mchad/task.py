@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mchad.cli import FILE_ONLY, show_tracebacks
-from mchad.errors import UserError
+from mchad.errors import Preempted, UserError
 from mchad.failures import FAILED_FILE, one_line, record_failure
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,11 @@ def _refuse_unsafe_targets(cfg: DictConfig) -> None:
 
 def main(cfg: DictConfig) -> float | None:
     """Hydra task: a user error ends the process with one line and exit status 1; Ctrl-C
-    with one line saying how to resume (exit status 130). A failed run writes its cause to
-    ``<run folder>/FAILED.txt`` (removed again once the run, resumed, succeeds).
+    with one line saying how to resume (exit status 130); a preemption (SIGTERM, SIGUSR1:
+    :mod:`mchad.runs.preemption`) likewise, saying ``preempted`` (exit status 143). A failed or
+    stopped run writes its cause to ``<run folder>/FAILED.txt`` (removed again once the run,
+    resumed, succeeds). Under DDP the first failing rank's cause is the one reported
+    (:mod:`mchad.runs.rank_watch`).
 
     In a multirun (``-m``, e.g. in a Ray worker) a failing trial writes its cause to
     ``<trial>/FAILED.txt`` and returns, so the other trials go on (see mchad.sweeps.sweep); the
@@ -77,9 +80,11 @@ def main(cfg: DictConfig) -> float | None:
     (``hydra/sweeper=optuna``) optimises, or None when it failed.
     """
     _refuse_unsafe_targets(cfg)  # before the heavy imports: nothing of the run starts
+    from mchad.runs import preemption, rank_watch
     from mchad.runs.train import run
     from mchad.sweeps.sweep import run_trial
 
+    preemption.install()
     trial = _multirun_trial()
     if trial is not None:
         from mchad.cli import trial_console
@@ -98,8 +103,34 @@ def main(cfg: DictConfig) -> float | None:
         _console_logging_only()
     output_dir = Path(cfg.paths.output_dir)
     try:
-        run(cfg)
-    except UserError as error:
+        with preemption.armed():
+            run(cfg)
+    except (KeyboardInterrupt, Preempted) as stop:
+        preempted = isinstance(stop, Preempted)
+        code = preemption.EXIT_PREEMPTED if preempted else preemption.EXIT_INTERRUPTED
+        if not writer:
+            raise SystemExit(code) from None
+        from mchad.checkpoints import LAST_CHECKPOINT
+
+        what = f"preempted by {stop.signal_name}" if preempted else "interrupted"
+        message = f"{what}; {preemption.resume_hint(output_dir, (output_dir / LAST_CHECKPOINT).is_file())}"
+        record_failure(output_dir, message)
+        log.warning("%s", message, extra=FILE_ONLY)
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(code) from None
+    except Exception as error:  # noqa: BLE001 - reported below, then the process ends
+        peer = rank_watch.announce(error)  # DDP: the others stop too; a peer's earlier failure is the cause
+        if peer is not None and not isinstance(error, UserError):
+            if writer:
+                record_failure(output_dir, peer)
+                log.error("%s", peer, extra=FILE_ONLY)
+            raise SystemExit(f"error: {peer}" if writer else 1) from None
+        if not isinstance(error, UserError):  # a bug: its cause and traceback in FAILED.txt, then raised on
+            if writer:
+                record_failure(output_dir, error)
+                raise
+            traceback.print_exc()  # the other ranks: the traceback, but rank 0 prints the one error line
+            raise SystemExit(1) from None
         if not writer:  # every rank stops with status 1
             log.error("%s", one_line(error))
             raise SystemExit(1) from None
@@ -108,22 +139,5 @@ def main(cfg: DictConfig) -> float | None:
         if show_tracebacks():
             traceback.print_exc()
         raise SystemExit(f"error: {cause}") from None
-    except KeyboardInterrupt:
-        if not writer:
-            raise SystemExit(130) from None
-        from mchad.checkpoints import LAST_CHECKPOINT
-
-        if (output_dir / LAST_CHECKPOINT).is_file():
-            message = f"interrupted; continue this run with: python run.py resume={shlex.quote(str(output_dir))}"
-        else:
-            message = "interrupted before the first epoch ended (no checkpoint to resume from); start it again"
-        record_failure(output_dir, message)
-        log.warning("%s", message, extra=FILE_ONLY)
-        print(message, file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
-    except Exception as error:  # a bug: its cause and traceback in FAILED.txt, then raised on
-        if writer:
-            record_failure(output_dir, error)
-        raise
     if writer:
         (output_dir / FAILED_FILE).unlink(missing_ok=True)  # e.g. an interrupted run, resumed

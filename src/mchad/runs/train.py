@@ -12,7 +12,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from mchad.errors import ConfigError, UserError
+from mchad.errors import ConfigError, Preempted, UserError
 from mchad.models.backbones import load_pretrained, output_width
 from mchad.models.detectors import DetectorBank, check_detectors
 from mchad.models.module import OODModel
@@ -187,6 +187,7 @@ def make_trainer(cfg: DictConfig, loggers: list | None = None, extra_callbacks: 
     from mchad.checkpoints import AtomicCheckpointIO
     from mchad.runs.nan_guard import NonFiniteLossGuard
     from mchad.runs.rng_state import RNGState
+    from mchad.runs.preemption import cluster_plugins
 
     callbacks = [*extra_callbacks, *(_instantiate(c, "callbacks") for c in cfg.get("callbacks", {}).values())]
     callbacks += [RNGState(), NonFiniteLossGuard()]
@@ -198,7 +199,8 @@ def make_trainer(cfg: DictConfig, loggers: list | None = None, extra_callbacks: 
     if not kwargs.get("enable_progress_bar", True):
         # Lightning refuses a configured progress bar next to enable_progress_bar=false
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
-    plugins = {} if kwargs.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
+    # configured plugins replace these (then the SLURM requeue choice is the config's own)
+    plugins = {} if kwargs.get("plugins") else {"plugins": [AtomicCheckpointIO(), *cluster_plugins()]}
     loggers = make_loggers(cfg) if loggers is None else loggers
     return _instantiate(kwargs, "trainer", logger=loggers, callbacks=callbacks, **plugins)
 
@@ -220,6 +222,29 @@ class SharedRunFolder(pl.Callback):
                 f"the {trainer.world_size} processes resolved different run folders (rank 0: {folder}); "
                 "give them one with hydra.run.dir=<folder> (see README, Multi-GPU and multi-node)"
             )
+
+
+class RankFailureWatch(pl.Callback):
+    """DDP: starts the watchdog of :mod:`mchad.runs.rank_watch` once the process group exists
+    and announces this rank's exception to the others (before Lightning's teardown)."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = Path(output_dir)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size == 1:
+            return
+        from torch.distributed.distributed_c10d import _get_default_store  # the launch's TCPStore
+
+        from mchad.runs import rank_watch
+
+        rank_watch.start(_get_default_store(), trainer.global_rank, self.output_dir if trainer.is_global_zero else None)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from mchad.runs import rank_watch
+
+        if trainer.world_size > 1 and not isinstance(exception, (KeyboardInterrupt, SystemExit)):
+            rank_watch.announce(exception)
 
 
 def result_frame(rows: list[dict]):
@@ -284,6 +309,7 @@ def run(cfg: DictConfig) -> Path:
     from mchad.distributed import is_launch_rank_zero
     from mchad.runs import provenance
     from mchad.runs.resume import eval_config, keep_csv_history, resume_config
+    from mchad.runs import rank_watch
 
     writer = is_launch_rank_zero()  # DDP: rank 0 alone writes files (the others only compute)
     ckpt_file: Path | None = None
@@ -335,7 +361,8 @@ def run(cfg: DictConfig) -> Path:
     loggers = make_loggers(cfg)
     if training and checkpoint is not None and writer:
         keep_csv_history(loggers, int(checkpoint.get("global_step", 0)))
-    trainer = make_trainer(cfg, loggers, extra_callbacks=(SharedRunFolder(output_dir),))
+    # DDP: a failing rank stops the others at once (mchad.runs.rank_watch)
+    trainer = make_trainer(cfg, loggers, extra_callbacks=(SharedRunFolder(output_dir), RankFailureWatch(output_dir)))
 
     try:
         if training:
@@ -350,7 +377,14 @@ def run(cfg: DictConfig) -> Path:
             log.info("Testing %s (no training)", ckpt_file)
         del checkpoint
         trainer.test(model, datamodule=datamodule, verbose=False)
-    except SystemExit:
+        rank_watch.finish()  # past the last collective
+    except SystemExit as stop:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        from mchad.runs.preemption import received
+
+        if isinstance(stop, SIGTERMException):  # Lightning stopped at a batch boundary (mchad.runs.preemption)
+            raise Preempted(received() or "SIGTERM") from None
         if trainer.interrupted:  # Lightning turns Ctrl-C into SystemExit(1)
             raise KeyboardInterrupt from None
         raise

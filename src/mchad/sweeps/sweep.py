@@ -35,6 +35,11 @@ from mchad.failures import FAILED_FILE, RESULTS_FILE, failure_cause, one_line, r
 
 log = logging.getLogger(__name__)
 
+#: set (by the sweeper, ``hydra.job.env_set``) for a trial that continues from its checkpoint
+CONTINUE_ENV = "MCHAD_CONTINUE"
+#: the first word of a preempted trial's cause (FAILED.txt)
+PREEMPTED = "preempted"
+
 
 # ----------------------------------------------------------------------------- worker side
 
@@ -92,17 +97,38 @@ def prepare_worker(cwd: str | None) -> None:
 def run_trial(cfg: DictConfig, output_dir: str | Path, cwd: str | None = None) -> dict[str, Any]:
     """Run one trial of a sweep; a failure is written to FAILED.txt instead of raised.
 
-    Returns a small picklable summary: ``{"status": "ok"|"failed", "dir": ..., ...}``.
+    A trial the sweeper continues (:mod:`mchad.sweeps.sweep_resume`: ``MCHAD_CONTINUE`` names its
+    last.ckpt) starts from that checkpoint's full training state, as ``resume=`` would. A
+    preemption (:mod:`mchad.runs.preemption`) is recorded as ``preempted``; once this process
+    was preempted, the trials it would still run stop before training.
+
+    Returns a small picklable summary: ``{"status": "ok"|"failed"|"preempted", "dir": ..., ...}``.
     """
+    from omegaconf import open_dict
+
+    from mchad.errors import Preempted
+    from mchad.runs.preemption import armed
     from mchad.runs.train import run  # heavy imports only here
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     failed = output_dir / FAILED_FILE
     failed.unlink(missing_ok=True)
+    checkpoint = os.environ.get(CONTINUE_ENV)
     try:
-        prepare_worker(cwd)
-        path = run(cfg)
+        with armed():
+            prepare_worker(cwd)
+            if checkpoint:
+                log.info("continuing the trial from %s", checkpoint)
+                with open_dict(cfg):
+                    cfg.ckpt_path = checkpoint  # the same config (checked by the sweeper): resume= semantics
+            path = run(cfg)
+    except Preempted as stop:
+        (output_dir / RESULTS_FILE).unlink(missing_ok=True)
+        hint = "continue it: the same sweep command with hydra.sweep.dir=<this sweep's folder>"
+        cause = record_failure(output_dir, f"{PREEMPTED} by {stop.signal_name}; {hint}")
+        log.warning("trial %s (%s)", cause, failed)
+        return {"status": "preempted", "dir": str(output_dir), "cause": cause}
     except (Exception, SystemExit) as error:  # noqa: BLE001 - every cause is recorded
         # a partial results.csv would be counted as a finished trial
         (output_dir / RESULTS_FILE).unlink(missing_ok=True)
@@ -297,7 +323,8 @@ def record_dead_trial(trial_dir: Path, overrides: list[str], cause: str, detail:
 
 
 def sweep_status(sweep_dir: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Trial folders below ``sweep_dir`` (those holding ``.hydra/``): finished and failed.
+    """Trial folders below ``sweep_dir`` (those holding ``.hydra/``): finished and not finished
+    (failed or preempted, with the cause).
 
     A trial without results.csv and without FAILED.txt (a crashed or killed worker) is
     failed with cause "no results.csv (crashed or still running?)".
@@ -315,13 +342,18 @@ def sweep_status(sweep_dir: str | Path) -> tuple[list[Path], list[tuple[Path, st
     return finished, failed
 
 
+def is_preempted(cause: str) -> bool:
+    return cause.startswith(PREEMPTED + " ")
+
+
 def _trial_order(path: Path) -> tuple:
     parts = path.parent.parts
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
 
 
 class SweepReport(Callback):
-    """Hydra callback: after a multirun, report failed trials (path + cause), exit 1 if any."""
+    """Hydra callback: after a multirun, report failed and preempted trials (path + cause) and
+    how trials were continued; exit 1 if any failed, else 143 if any was preempted."""
 
     def __init__(self, fail_exit: bool = True) -> None:
         self.fail_exit = fail_exit
@@ -330,15 +362,25 @@ class SweepReport(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
         if not sweep_dir.is_dir():
             return
-        from mchad.sweeps.sweep_resume import counts_note
+        from mchad.runs.preemption import EXIT_PREEMPTED
+        from mchad.sweeps.sweep_resume import continued_lines, counts_note
 
-        finished, failed = sweep_status(sweep_dir)
-        lines = [f"sweep {sweep_dir}: {len(finished)} trial(s) finished, {len(failed)} failed{counts_note(sweep_dir)}"]
+        finished, stopped = sweep_status(sweep_dir)
+        preempted = [(trial, cause) for trial, cause in stopped if is_preempted(cause)]
+        failed = [(trial, cause) for trial, cause in stopped if not is_preempted(cause)]
+        note = f", {len(preempted)} preempted" if preempted else ""
+        lines = [f"sweep {sweep_dir}: {len(finished)} trial(s) finished, {len(failed)} failed{note}{counts_note(sweep_dir)}"]
+        lines += [f"  {line}" for line in continued_lines(sweep_dir)]
         lines += [f"  FAILED {trial}: {cause}" for trial, cause in failed]
+        lines += [f"  PREEMPTED {trial}: {cause}" for trial, cause in preempted]
         if failed:
             lines.append(f"  (causes in <trial>/{FAILED_FILE}; aggregate with: python -m mchad.results.aggregate {sweep_dir})")
+        if preempted:
+            lines.append(f"  (continue the preempted trials: the same command with hydra.sweep.dir={sweep_dir})")
         report = "\n".join(lines)
         (sweep_dir / "sweep_report.txt").write_text(report + "\n", encoding="utf-8")
-        print(report, file=sys.stderr if failed else sys.stdout, flush=True)
-        if failed and self.fail_exit:
+        print(report, file=sys.stderr if stopped else sys.stdout, flush=True)
+        if self.fail_exit and failed:
             raise SystemExit(1)
+        if self.fail_exit and preempted:
+            raise SystemExit(EXIT_PREEMPTED)

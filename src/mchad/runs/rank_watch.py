@@ -1,0 +1,133 @@
+"""DDP: when one rank fails, every rank stops within seconds, with that rank's cause.
+
+Without this, the other ranks wait in their next collective (the gradient all-reduce, Lightning's
+per-step broadcast) for the failed one: with NCCL until the process group's timeout (30 min),
+with gloo until the failed process has exited, and then each reports its own "Connection closed
+by peer" instead of the cause.
+
+Design: a flag in the process group's key-value store (the TCPStore every launch already has),
+and a watchdog thread on every rank.
+
+- The first rank to fail writes ``rank <r> failed: <cause>`` there (``compare_set``: only the
+  first failure is kept) -- from Lightning's ``on_exception`` hook, before its teardown, and again
+  from the task's error handling (:func:`announce`, for failures outside fit/test).
+- Every rank's watchdog looks for the flag every :data:`POLL_S` seconds (one round trip to the
+  store; the training step itself does nothing more). A rank that sees a peer's failure stops its
+  process at once (``os._exit``: its main thread may be blocked inside a collective, where no
+  Python exception can reach it); rank 0 first writes the cause to ``FAILED.txt`` and prints it as
+  the one ``error:`` line. A rank whose own exception came from a peer's failure (gloo: connection
+  closed) reports the peer's cause instead (:func:`peer_failure`).
+- The store lives in rank 0's process (or torchrun's agent): when it can no longer be reached,
+  rank 0's process is gone; a rank that has not finished within :data:`GRACE_S` then stops too.
+- :func:`finish` after the last collective of a run (the end of testing) stops the watchdog.
+
+:class:`mchad.runs.train.RankFailureWatch` (a Lightning callback) starts it once the process group
+exists. No torch or Lightning is imported here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+from mchad.failures import one_line, record_failure
+
+log = logging.getLogger(__name__)
+
+KEY = "mchad/first_failure"
+#: seconds between two looks at the store
+POLL_S = 0.5
+#: seconds a rank may still take to finish once the store (rank 0's process) is gone
+GRACE_S = 10.0
+#: exit status of a rank stopped because another one failed
+EXIT_PEER_FAILED = 1
+
+
+class _Watch:
+    def __init__(self, store, rank: int, output_dir: Path | None) -> None:
+        self.store, self.rank, self.output_dir = store, rank, output_dir
+        self.finished = threading.Event()  # this rank is done (finished, or reports on its own)
+        self.lock = threading.Lock()
+        self.stopping = False  # the watchdog is ending the process
+        self.peer_cause: str | None = None
+        self.thread = threading.Thread(target=self._run, name="mchad-rank-watch", daemon=True)
+
+    def _run(self) -> None:
+        while not self.finished.wait(POLL_S):
+            try:
+                if not self.store.check([KEY]):
+                    continue
+                cause = self.store.get(KEY).decode()
+            except Exception:  # noqa: BLE001 - the store is unreachable: rank 0's process ended
+                if self.finished.wait(GRACE_S):
+                    return
+                cause = "rank 0's process ended before this rank finished"
+            if cause.startswith(f"rank {self.rank} "):
+                return  # this rank's own failure: its main thread reports it
+            self._stop(cause)
+            return
+
+    def _stop(self, cause: str) -> None:
+        with self.lock:
+            if self.finished.is_set():
+                return
+            self.stopping = True
+        if self.output_dir is not None:  # the writer
+            record_failure(self.output_dir, cause)
+            log.error("%s", cause, extra={"file_only": True})  # run.log only (mchad.cli.FILE_ONLY)
+            print(f"error: {cause}", file=sys.stderr, flush=True)
+        else:
+            log.error("stopping: %s", cause)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        os._exit(EXIT_PEER_FAILED)
+
+
+_WATCH: _Watch | None = None
+
+
+def start(store, rank: int, output_dir: Path | None) -> None:
+    """Watch for a peer's failure (``output_dir``: rank 0's run folder, None on the others)."""
+    global _WATCH
+    if _WATCH is not None and not _WATCH.finished.is_set():
+        return  # fit, then test: one watchdog
+    _WATCH = _Watch(store, rank, output_dir)
+    _WATCH.thread.start()
+
+
+def announce(error: BaseException | str) -> str | None:
+    """Record this rank's failure unless a peer failed first; returns the peer's cause if one
+    did (None if this rank's failure is the first, or no watchdog runs). From now on this rank's
+    main thread reports the failure, not the watchdog."""
+    watch = _WATCH
+    if watch is None:
+        return None
+    with watch.lock:
+        if watch.stopping:  # the watchdog is ending the process with a peer's cause
+            threading.Event().wait()
+        watch.finished.set()
+    if watch.peer_cause is not None:
+        return watch.peer_cause
+    cause = f"rank {watch.rank} failed: {one_line(error)}"
+    try:
+        first = watch.store.compare_set(KEY, "", cause).decode()
+    except Exception:  # noqa: BLE001 - store gone: rank 0's process ended, its cause is its own
+        return None
+    if first != cause:
+        watch.peer_cause = first
+    return watch.peer_cause
+
+
+def peer_failure() -> str | None:
+    """The cause of a peer's failure that preceded this rank's (set by :func:`announce`)."""
+    return _WATCH.peer_cause if _WATCH is not None else None
+
+
+def finish() -> None:
+    """This rank is past its last collective: stop watching."""
+    if _WATCH is not None:
+        _WATCH.finished.set()
