@@ -32,11 +32,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from mchad.failures import FAILED_FILE, RESULTS_FILE, failure_cause, one_line, record_failure
+from mchad.sweeps.sweep_resume import CONTINUE_ENV  # set by the sweeper for a continued trial
 
 log = logging.getLogger(__name__)
 
-#: set (by the sweeper, ``hydra.job.env_set``) for a trial that continues from its checkpoint
-CONTINUE_ENV = "MCHAD_CONTINUE"
 #: the first word of a preempted trial's cause (FAILED.txt)
 PREEMPTED = "preempted"
 

@@ -43,6 +43,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mchad.errors import ConfigError
 
+#: the environment variable naming the checkpoint a continued trial starts from (read by
+#: mchad.sweeps.sweep.run_trial)
+CONTINUE_ENV = "MCHAD_CONTINUE"
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.csv"
@@ -242,7 +245,6 @@ class LaunchPending:
                     subdir = trial.dir.relative_to(Path(str(self.sweeper.config.hydra.sweep.dir)))
                     overrides.append(f"hydra.sweep.subdir={_override_value(str(subdir))}")
                 if trial.resume is not None:  # a hydra override: the task config stays the same
-                    from mchad.sweeps.sweep import CONTINUE_ENV
 
                     overrides.append(f"++hydra.job.env_set.{CONTINUE_ENV}={_override_value(str(trial.resume))}")
                 launched.append(overrides)
