@@ -198,7 +198,7 @@ def _quick(logs: Path, probe: Path | None = None, *more: str) -> list[str]:
         "~callbacks.test_plots",
     ]
     if probe is not None:
-        args += ["+callbacks.probe._target_=ddp_probe.SampleProbe", f"+callbacks.probe.out={probe}"]
+        args += ["+callbacks.probe._target_=ddp_probe.SampleProbe", "allowed_targets=[ddp_probe.*]", f"+callbacks.probe.out={probe}"]
     return [*args, *more]
 
 

@@ -509,7 +509,7 @@ def test_sigterm_to_a_run_exits_143_soon_and_resume_gives_the_uninterrupted_resu
     import time
 
     tests = str(ROOT / "tests")
-    signal_callback = ["+callbacks.signal._target_=sigkill_callback.SignalAt", "+callbacks.signal.seed=${seed}",
+    signal_callback = ["+callbacks.signal._target_=sigkill_callback.SignalAt", "allowed_targets=[sigkill_callback.*]", "+callbacks.signal.seed=${seed}",
                        f"+callbacks.signal.stamp={tmp_path / 'sent'}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
 

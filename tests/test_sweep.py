@@ -335,7 +335,7 @@ def test_ray_sweep_reports_a_trial_whose_worker_was_killed(tmp_path):
     (Slow: a local Ray start takes 20-60 s on 2 shared cores; the fast test above pins the
     collection logic.)"""
     env = _env(PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    killer = ["+callbacks.killer._target_=sigkill_callback.KillOnSeed", "+callbacks.killer.seed=${seed}",
+    killer = ["+callbacks.killer._target_=sigkill_callback.KillOnSeed", "allowed_targets=[sigkill_callback.*]", "+callbacks.killer.seed=${seed}",
               "+callbacks.killer.kill_seed=2"]
     result = _sweep(["seed=1,2", "paths.log_dir=logs", *TINY, *killer], tmp_path, env, timeout=400)
     output = result.stdout + result.stderr
@@ -363,7 +363,7 @@ def test_a_ray_trial_whose_worker_was_killed_continues_from_its_checkpoint_when_
                "trainer.min_epochs=3", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "~logger",
                "~callbacks.validation_views", "~callbacks.embedding_animation", "~callbacks.test_plots",
                "~callbacks.hparams", "~callbacks.progress_bar", "~callbacks.lr_monitor",
-               "+callbacks.signal._target_=sigkill_callback.SignalAt", "+callbacks.signal.seed=${seed}"]
+               "+callbacks.signal._target_=sigkill_callback.SignalAt", "allowed_targets=[sigkill_callback.*]", "+callbacks.signal.seed=${seed}"]
     killed = _sweep(command, tmp_path, {**env, "MCHAD_TEST_SIGNAL": "SIGKILL:seed=2:epoch=1:batch=1"}, timeout=400)
     output = killed.stdout + killed.stderr
     assert killed.returncode == 1, output[-3000:]

@@ -332,7 +332,7 @@ CONTINUABLE = [
     "trainer.max_epochs=4", "trainer.min_epochs=4", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
     "trainer.enable_progress_bar=false", "trainer.deterministic=true", "~logger.tensorboard",
     "~callbacks.validation_views", "~callbacks.embedding_animation", "~callbacks.test_plots", "~callbacks.hparams",
-    "+callbacks.signal._target_=sigkill_callback.SignalAt", "+callbacks.signal.seed=${seed}",
+    "+callbacks.signal._target_=sigkill_callback.SignalAt", "allowed_targets=[sigkill_callback.*]", "+callbacks.signal.seed=${seed}",
 ]
 
 

@@ -27,9 +27,13 @@ ALLOWED = (
     "pytorch_lightning.Trainer",
     "pytorch_lightning.callbacks.*",
     "pytorch_lightning.loggers.*",
+    "pytorch_lightning.strategies.*",  # trainer.strategy, e.g. DDP's options
+    "pytorch_lightning.plugins.*",
     "lightning.pytorch.Trainer",
     "lightning.pytorch.callbacks.*",
     "lightning.pytorch.loggers.*",
+    "lightning.pytorch.strategies.*",
+    "lightning.pytorch.plugins.*",
     "pytorch_ood.detector.*",
     "pytorch_ood.loss.*",
     "pytorch_ood.model.*",
