@@ -33,7 +33,7 @@ def _rank(rank: int, world_size: int, port: int, steps: int, repeats: int, out: 
     model = torch.nn.parallel.DistributedDataParallel(
         torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))  # cpu: gloo benchmark, the model is on the CPU
     store = _get_default_store()
 
     def block() -> float:
