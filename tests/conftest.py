@@ -67,3 +67,19 @@ def image_folder(tmp_path: Path) -> Path:
 def _clear_hydra():
     yield
     GlobalHydra.instance().clear()
+
+
+
+def pytest_configure(config) -> None:
+    """Share the cores among pytest-xdist's workers: each worker, and the runs it starts as
+    subprocesses (through the environment), gets its slice of threads instead of all of them.
+    xdist's controller runs no test and sets nothing, so its workers do not inherit its count."""
+    if config.getoption("numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = threads
+    import torch
+
+    torch.set_num_threads(int(threads))

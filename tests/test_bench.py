@@ -26,7 +26,8 @@ from mchad.bench.packed import run_processes, share, trial_overrides
 from mchad.bench.startup import first_use_seconds
 
 
-def test_benchmark_runs_every_section_on_synthetic_data(capsys):
+def test_benchmark_runs_every_section_on_synthetic_data(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its own temp folder: other tests run alongside
     before = set(glob.glob(f"{tempfile.gettempdir()}/mchad-bench-*"))
     report = bench.main([
         "--data", "synthetic", "--device", "cpu", "--steps", "2", "--warmup", "1", "--repeats", "1",
