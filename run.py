@@ -16,7 +16,6 @@ from omegaconf import DictConfig
 # data/ and logs/ are found next to this file, wherever the command is started from
 os.environ.setdefault("MCHAD_ROOT", str(Path(__file__).resolve().parent))
 
-import mchad  # noqa: E402  (registers the config resolvers)
 from mchad.targets import MAIN_KWARGS  # noqa: E402
 
 

@@ -42,7 +42,9 @@ def compose_config(overrides: list[str] | None = None, output_dir: Path | None =
     return cfg
 
 
-def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: int = 32, splits=("train", "test"), seed: int = 0) -> Path:
+def make_image_folder(
+    root: Path, classes: int = 3, per_class: int = 12, size: int = 32, splits=("train", "test"), seed: int = 0
+) -> Path:
     """Write a small image folder (``root/<split>/<class>/*.png``) whose classes differ in colour,
     so that a model can learn them."""
     rng = np.random.default_rng(seed)
@@ -67,7 +69,6 @@ def image_folder(tmp_path: Path) -> Path:
 def _clear_hydra():
     yield
     GlobalHydra.instance().clear()
-
 
 
 def pytest_configure(config) -> None:

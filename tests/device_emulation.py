@@ -95,8 +95,10 @@ class EmulatedDevice(TorchFunctionMode):
         if not (self.recording and on_device):
             return
         # a step without the single-argument torch.where(condition) = nonzero
-        if name in SYNCHRONISING or (name == "where" and len(args) == 1) or (
-            name in INDEXING and len(args) > 1 and self.is_device(args[0]) and _boolean_index(args[1])
+        if (
+            name in SYNCHRONISING
+            or (name == "where" and len(args) == 1)
+            or (name in INDEXING and len(args) > 1 and self.is_device(args[0]) and _boolean_index(args[1]))
         ):
             self.syncs.append(f"{name} at {_caller()}")
 

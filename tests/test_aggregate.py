@@ -16,8 +16,19 @@ from mchad.results.aggregate import main, plot_auroc_bars, summary_table, welch_
 from mchad.results.read_results import AggregateError, find_results
 from mchad.results.tables import write_tables
 
-COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed",
-           "Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95"]
+COLUMNS = [
+    "experiment",
+    "id_dataset",
+    "method",
+    "test_case",
+    "score",
+    "seed",
+    "Accuracy",
+    "AUROC",
+    "AUPR-IN",
+    "AUPR-OUT",
+    "FPR95",
+]
 SEEDS = [1, 2, 3]
 OODS = ["Textures", "LSUNCrop"]
 
@@ -47,13 +58,28 @@ def _rows(method, seed_index):
     rows = []
     for ood in OODS:
         auroc = AUROC[method][ood][seed_index]
-        base = {"experiment": EXPERIMENT[method], "id_dataset": "CIFAR10", "method": method,
-                "test_case": ood, "seed": seed, "Accuracy": ACCURACY[method][seed_index]}
-        rows.append({**base, "score": "distance", "AUROC": auroc, "AUPR-IN": auroc - 0.05,
-                     "AUPR-OUT": auroc - 0.10, "FPR95": 1.0 - auroc})
+        base = {
+            "experiment": EXPERIMENT[method],
+            "id_dataset": "CIFAR10",
+            "method": method,
+            "test_case": ood,
+            "seed": seed,
+            "Accuracy": ACCURACY[method][seed_index],
+        }
+        rows.append(
+            {
+                **base,
+                "score": "distance",
+                "AUROC": auroc,
+                "AUPR-IN": auroc - 0.05,
+                "AUPR-OUT": auroc - 0.10,
+                "FPR95": 1.0 - auroc,
+            }
+        )
         if method == "CAC":
-            rows.append({**base, "score": "cac", "AUROC": CAC_SCORE_AUROC, "AUPR-IN": 0.1,
-                         "AUPR-OUT": 0.1, "FPR95": 0.9})
+            rows.append(
+                {**base, "score": "cac", "AUROC": CAC_SCORE_AUROC, "AUPR-IN": 0.1, "AUPR-OUT": 0.1, "FPR95": 0.9}
+            )
     return rows
 
 
@@ -211,8 +237,17 @@ def test_write_tables_writes_four_formats(sweep, tmp_path):
 def test_main_writes_everything(sweep, tmp_path, capsys):
     out = tmp_path / "agg"
     assert main([str(sweep), "--out", str(out)]) == 0
-    for name in ("table.csv", "table.md", "table.tex", "table_per_ood.csv", "table_per_ood_AUROC.md",
-                 "table_per_ood_AUROC.tex", "welch.csv", "welch.md", "welch_per_ood.csv"):
+    for name in (
+        "table.csv",
+        "table.md",
+        "table.tex",
+        "table_per_ood.csv",
+        "table_per_ood_AUROC.md",
+        "table_per_ood_AUROC.tex",
+        "welch.csv",
+        "welch.md",
+        "welch_per_ood.csv",
+    ):
         assert (out / name).is_file(), name
     assert imread(out / "auroc_CIFAR10.png").ndim == 3
     missing = (out / "missing.txt").read_text()
@@ -272,10 +307,19 @@ def test_headline_score_takes_each_runs_first_score(tmp_path):
     score='headline' each run contributes the score it lists first."""
     softmax_auroc = [0.61, 0.65]
     for i, seed in enumerate([1, 2]):
-        base = {"experiment": "cifar10-softmax", "id_dataset": "CIFAR10", "method": "Softmax",
-                "test_case": "Textures", "seed": seed, "Accuracy": 0.9}
-        _write_run(tmp_path / f"softmax{seed}", [{**base, "score": "msp", "AUROC": softmax_auroc[i],
-                   "AUPR-IN": 0.5, "AUPR-OUT": 0.5, "FPR95": 0.5}], [])
+        base = {
+            "experiment": "cifar10-softmax",
+            "id_dataset": "CIFAR10",
+            "method": "Softmax",
+            "test_case": "Textures",
+            "seed": seed,
+            "Accuracy": 0.9,
+        }
+        _write_run(
+            tmp_path / f"softmax{seed}",
+            [{**base, "score": "msp", "AUROC": softmax_auroc[i], "AUPR-IN": 0.5, "AUPR-OUT": 0.5, "FPR95": 0.5}],
+            [],
+        )
     for index in range(3):
         _write_run(tmp_path / f"cac{index}", _rows("CAC", index), [])
     df, _ = find_results(tmp_path)

@@ -1,6 +1,5 @@
 """The batched device transform against torchvision's per-image PIL pipeline on the same images."""
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

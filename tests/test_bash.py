@@ -11,21 +11,24 @@ import subprocess
 import sys
 
 import pytest
+from conftest import EXPERIMENTS, ROOT
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
-
-from conftest import EXPERIMENTS, ROOT
 
 BASH = ROOT / "bash"
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
 def _script(name: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items()
-                if k not in ("EXPERIMENTS", "EXPERIMENT", "DATASETS", "METHODS", "SEEDS", "RADII", "PARAMETERS", "PRETRAINED")}
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("EXPERIMENTS", "EXPERIMENT", "DATASETS", "METHODS", "SEEDS", "RADII", "PARAMETERS", "PRETRAINED")
+    }
     full_env.update(PYTHON=sys.executable, **env)
-    return subprocess.run(["bash", str(BASH / name), *args], env=full_env, capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    return subprocess.run(
+        ["bash", str(BASH / name), *args], env=full_env, capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
 
 
 def _commands(result: subprocess.CompletedProcess) -> list[list[str]]:
@@ -47,7 +50,10 @@ def _overrides(command: list[str]) -> dict[str, str]:
 def test_run_experiments_dry_run_sweeps_all_existing_experiments_and_seeds():
     (command,) = _commands(_script("run-experiments.sh", "--dry-run", "dataset_dir=/data", "trainer.gpus=1"))
     args = _overrides(command)
-    datasets, methods = ["cifar10", "cifar100", "svhn"], ["mchad", "gmchad", "center", "gcenter", "cac", "gcac", "ii", "softmax"]
+    datasets, methods = (
+        ["cifar10", "cifar100", "svhn"],
+        ["mchad", "gmchad", "center", "gcenter", "cac", "gcac", "ii", "softmax"],
+    )
     expected = [f"{d}-{m}" for d in datasets for m in methods if f"{d}-{m}" in EXPERIMENTS]
     assert "cifar10-mchad" in expected
     assert _sweep(args["experiment"]) == expected
@@ -135,8 +141,16 @@ def test_scripts_hard_code_no_machine_paths():
 def test_run_vary_radius_real_tiny_run(tmp_path):
     """The quick-start, two radii, one after another in this process (basic launcher)."""
     result = _script(
-        "run-vary-radius.sh", "hydra/launcher=basic", f"paths.log_dir={tmp_path}", "trainer.max_epochs=1",
-        "trainer.min_epochs=1", "~logger", "~callbacks", EXPERIMENTS="none", RADII="0,2", SEEDS="1",
+        "run-vary-radius.sh",
+        "hydra/launcher=basic",
+        f"paths.log_dir={tmp_path}",
+        "trainer.max_epochs=1",
+        "trainer.min_epochs=1",
+        "~logger",
+        "~callbacks",
+        EXPERIMENTS="none",
+        RADII="0,2",
+        SEEDS="1",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "multiruns").iterdir()
@@ -148,8 +162,16 @@ def test_run_vary_radius_real_tiny_run(tmp_path):
 
 def test_run_ablation_real_tiny_run_names_the_value(tmp_path):
     result = _script(
-        "run-ablation.sh", "hydra/launcher=basic", f"paths.log_dir={tmp_path}", "~logger", "~callbacks",
-        EXPERIMENT="none", EPOCHS="1", VAL_INTERVAL="0.5", PARAMETERS="weight_ce", WEIGHTS_CE="0.7",
+        "run-ablation.sh",
+        "hydra/launcher=basic",
+        f"paths.log_dir={tmp_path}",
+        "~logger",
+        "~callbacks",
+        EXPERIMENT="none",
+        EPOCHS="1",
+        VAL_INTERVAL="0.5",
+        PARAMETERS="weight_ce",
+        WEIGHTS_CE="0.7",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (results,) = tmp_path.glob("multiruns/*/0/results.csv")

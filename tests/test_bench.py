@@ -29,11 +29,30 @@ from mchad.bench.startup import first_use_seconds
 def test_benchmark_runs_every_section_on_synthetic_data(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its own temp folder: other tests run alongside
     before = set(glob.glob(f"{tempfile.gettempdir()}/mchad-bench-*"))
-    report = bench.main([
-        "--data", "synthetic", "--device", "cpu", "--steps", "2", "--warmup", "1", "--repeats", "1",
-        "--batch-size", "32", "--data-batches", "5", "--eval-size", "64", "--eval-repeats", "1",
-        "--startup-repeats", "1",
-    ])
+    report = bench.main(
+        [
+            "--data",
+            "synthetic",
+            "--device",
+            "cpu",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--repeats",
+            "1",
+            "--batch-size",
+            "32",
+            "--data-batches",
+            "5",
+            "--eval-size",
+            "64",
+            "--eval-repeats",
+            "1",
+            "--startup-repeats",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     for section in ("(a) training", "(b) data pipeline", "(c) testing", "(d) start-up"):
         assert section in out
@@ -108,7 +127,9 @@ def test_packed_trials_as_processes(tmp_path, capsys):
     seeds = [(tmp_path / "packed" / f"trial{s}" / "config.yaml").read_text() for s in (1, 2)]
     assert "seed: 1" in seeds[0] and "seed: 2" in seeds[1]
     assert f"ratio packed/alone    : {packed['ratio']:.2f}x" in out
-    assert "2 plain `python run.py` processes, 1 CPU thread(s) each" in out and "measured with         : processes" in out
+    assert (
+        "2 plain `python run.py` processes, 1 CPU thread(s) each" in out and "measured with         : processes" in out
+    )
     assert "GPU busy while packed : n/a (no GPU)" in out
 
 
@@ -134,7 +155,9 @@ def test_a_failing_trial_is_reported_with_its_log(tmp_path, capsys):
     from mchad.bench import gpu_check
 
     lines = gpu_check.bench_lines(gpu_check.figures(report, ["--only", "packed"]))
-    assert lines[-1].startswith(f"benchmark section failed: packed trial failed: {tmp_path / 'packed' / 'alone.log'} (exit 1):")
+    assert lines[-1].startswith(
+        f"benchmark section failed: packed trial failed: {tmp_path / 'packed' / 'alone.log'} (exit 1):"
+    )
 
 
 def test_processes_run_at_most_k_at_once(tmp_path):
@@ -146,7 +169,9 @@ def test_processes_run_at_most_k_at_once(tmp_path):
 
 
 def test_trial_overrides_are_the_benchmarks_shortened():
-    args = bench.parse_args(["--data", "synthetic", "--backbone", "wrn40-2", "--packed-steps", "7", "--eval-size", "50"])
+    args = bench.parse_args(
+        ["--data", "synthetic", "--backbone", "wrn40-2", "--packed-steps", "7", "--eval-size", "50"]
+    )
     overrides = trial_overrides(args)
     assert overrides[: len(bench_overrides(args))] == bench_overrides(args)
     assert {"experiment=cifar10-mchad", "model/backbone=wrn40-2", "trainer.limit_train_batches=7", "trainer.max_epochs=1",
@@ -222,7 +247,9 @@ def test_sampler_falls_back_to_nvidia_smi_when_nvml_fails(fake_nvidia_smi, monke
     """NVML unusable (here: no pynvml, no CUDA): nvidia-smi instead, or why neither works."""
     with UtilisationSampler(0, interval=0.05, reader="nvml") as sampler:
         time.sleep(0.15)
-    assert sampler.reader == "nvidia-smi" and sampler.samples and sampler.describe().endswith("nvidia-smi every 0.05 s)")
+    assert (
+        sampler.reader == "nvidia-smi" and sampler.samples and sampler.describe().endswith("nvidia-smi every 0.05 s)")
+    )
     monkeypatch.setenv("PATH", str(fake_nvidia_smi / "empty"))
     alone = UtilisationSampler(0, reader="nvml").start()
     assert alone.describe().startswith("n/a (nvml failed: ") and alone.describe().endswith("; no nvidia-smi)")

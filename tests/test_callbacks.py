@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config
 from PIL import Image
 
-from conftest import compose_config
 from mchad.callbacks.animation import sphere_geometry
 from mchad.callbacks.hparams import flatten_config
 from mchad.callbacks.sample import headline_score, method_centers, unknown_images
@@ -42,14 +42,22 @@ def run_2d(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run2d")
     return _train(
         out,
-        ["model.n_embedding=2", "model.weight_center=10", "trainer.max_epochs=3", "trainer.min_epochs=3", "trainer.limit_train_batches=4"],
+        [
+            "model.n_embedding=2",
+            "model.weight_center=10",
+            "trainer.max_epochs=3",
+            "trainer.min_epochs=3",
+            "trainer.limit_train_batches=4",
+        ],
     )
 
 
 @pytest.fixture(scope="module")
 def run_softmax(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runsoftmax")
-    return _train(out, ["model=softmax", "trainer.max_epochs=1", "trainer.min_epochs=1", "trainer.limit_train_batches=2"])
+    return _train(
+        out, ["model=softmax", "trainer.max_epochs=1", "trainer.min_epochs=1", "trainer.limit_train_batches=2"]
+    )
 
 
 def _assert_png(path: Path) -> tuple[int, int]:
@@ -113,7 +121,11 @@ def test_tensorboard_views(run_2d):
     # known vs unknown histograms at validation, one per epoch
     histograms = _tags(run_2d, "histograms")
     assert {"val/distance_known", "val/distance_unknown"} <= histograms
-    counts = [len(ea.Histograms("val/distance_known")) for ea in _events(run_2d) if "val/distance_known" in ea.Tags()["histograms"]]
+    counts = [
+        len(ea.Histograms("val/distance_known"))
+        for ea in _events(run_2d)
+        if "val/distance_known" in ea.Tags()["histograms"]
+    ]
     assert sum(counts) == 3
     # test plots as images
     images = _tags(run_2d, "images")
@@ -196,7 +208,9 @@ def test_headline_score():
 
 def test_unknown_images_from_outliers_or_seeded_noise():
     class WithOutliers:
-        outliers = type("A", (), {"images": torch.arange(50 * 3 * 4 * 4, dtype=torch.int32).view(50, 3, 4, 4).to(torch.uint8)})()
+        outliers = type(
+            "A", (), {"images": torch.arange(50 * 3 * 4 * 4, dtype=torch.int32).view(50, 3, 4, 4).to(torch.uint8)}
+        )()
 
     images, source = unknown_images(WithOutliers(), (3, 4, 4), torch.uint8, 10, seed=1)
     assert source == "outliers" and images.shape == (10, 3, 4, 4)

@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
-
 from conftest import compose_config
 from test_device_guard import METHODS
 
@@ -30,7 +29,10 @@ SHORT = [
 def test_the_training_step_is_one_graph(method, tmp_path):
     """torch.compile sees backbone, method, loss and accuracy count as one graph without breaks:
     the whole step compiles (and, on a GPU, can be one CUDA graph)."""
-    cfg = compose_config([f"model={method}", *METHODS[method], *SHORT, "~callbacks", "~logger", f"dataset_dir={tmp_path}"], output_dir=tmp_path / "run")
+    cfg = compose_config(
+        [f"model={method}", *METHODS[method], *SHORT, "~callbacks", "~logger", f"dataset_dir={tmp_path}"],
+        output_dir=tmp_path / "run",
+    )
     pl.seed_everything(1)
     datamodule, model = build(cfg)
     images, labels = next(iter(datamodule.train_dataloader()))
@@ -44,12 +46,24 @@ def test_the_training_step_is_one_graph(method, tmp_path):
 def _results(tmp_path, name: str, *overrides: str) -> tuple[pd.DataFrame, dict]:
     from mchad.runs.train import run
 
-    callbacks = [f"~callbacks.{c}" for c in ("model_checkpoint", "progress_bar", "lr_monitor", "validation_views",
-                                             "embedding_animation", "test_plots", "hparams")]  # last.ckpt stays
+    callbacks = [
+        f"~callbacks.{c}"
+        for c in (
+            "model_checkpoint",
+            "progress_bar",
+            "lr_monitor",
+            "validation_views",
+            "embedding_animation",
+            "test_plots",
+            "hparams",
+        )
+    ]  # last.ckpt stays
     cfg = compose_config([*SHORT, *callbacks, "model=gmchad", "datamodule/outliers=photos",
                           f"dataset_dir={tmp_path}", *overrides], output_dir=tmp_path / name)  # fmt: skip
     frame = pd.read_csv(run(cfg))
-    state = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    state = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
+        "state_dict"
+    ]
     return frame, state
 
 
@@ -91,7 +105,9 @@ def test_compile_options(value, expected):
     ],
 )
 def test_bad_compile_values_are_refused_before_training(override, message, tmp_path):
-    cfg = compose_config([*SHORT, "~callbacks", "~logger", override, f"dataset_dir={tmp_path}"], output_dir=tmp_path / "run")
+    cfg = compose_config(
+        [*SHORT, "~callbacks", "~logger", override, f"dataset_dir={tmp_path}"], output_dir=tmp_path / "run"
+    )
     with pytest.raises(ConfigError, match=message):
         build(cfg)
 

@@ -1,15 +1,20 @@
 """Every config composes; the published command-line habits keep working."""
 
 import pytest
+from conftest import ALL_EXPERIMENTS, compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-from conftest import ALL_EXPERIMENTS, compose_config
 
 
 def resolve(cfg) -> dict:
     """The job's config, fully resolved (the hydra node is only complete inside a run)."""
-    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg if k != "hydra"}
+    return {
+        k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+        for k in cfg
+        if k != "hydra"
+    }
+
+
 from mchad.runs.train import trainer_kwargs
 
 
@@ -42,7 +47,15 @@ def test_cifar10_mchad_has_the_published_hyperparameters(tmp_path):
     assert cfg.datamodule.batch_size == 128
     assert list(cfg.datamodule.mean) == [0.4914, 0.4824, 0.4467]
     assert sorted(cfg.datamodule.test_cases) == sorted(
-        ["Textures", "TinyImageNetCrop", "TinyImageNetResize", "LSUNCrop", "LSUNResize", "GaussianNoise", "UniformNoise"]
+        [
+            "Textures",
+            "TinyImageNetCrop",
+            "TinyImageNetResize",
+            "LSUNCrop",
+            "LSUNResize",
+            "GaussianNoise",
+            "UniformNoise",
+        ]
     )
 
 

@@ -243,7 +243,9 @@ def test_decoding_says_how_far_it_is_and_a_cache_hit_says_so(image_folder: Path,
     assert lines[0] == f"decoding {folder}: {total} files (decoded once, then loaded from the cache)"
     assert re.fullmatch(rf"decoding {re.escape(str(folder))}: 1/{total} files \(\d+ files/s\)", lines[1]), lines[1]
     assert len(lines) == total + 1  # start, after files 1..total-1, and the last line
-    assert re.fullmatch(rf"decoding {re.escape(str(folder))}: {total}/{total} files in [\d.]+ s \(\d+ files/s\)", lines[-1])
+    assert re.fullmatch(
+        rf"decoding {re.escape(str(folder))}: {total}/{total} files in [\d.]+ s \(\d+ files/s\)", lines[-1]
+    )
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="mchad"):
         source.load(tmp_path / "data")

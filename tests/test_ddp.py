@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import ROOT
+
 from mchad.data.loaders import TensorBatchLoader
 from mchad.data.sources import ImageArray
 from mchad.distributed import shard_bounds
@@ -47,7 +47,9 @@ def test_training_batches_are_the_single_process_batches_split_over_the_ranks(wo
     process takes (same seeded order for any world size), no sample twice, equal parts."""
     n, batch_size = 51, 12  # last batch: 3 rows (kept for 2 and 3 ranks, too small for 4)
     single = _batches(n, batch_size, 1, 0, shuffle=True, seed=7, drop_last=drop_last)
-    parts = [_batches(n, batch_size, world_size, r, shuffle=True, seed=7, drop_last=drop_last) for r in range(world_size)]
+    parts = [
+        _batches(n, batch_size, world_size, r, shuffle=True, seed=7, drop_last=drop_last) for r in range(world_size)
+    ]
     steps = len(single) - (1 if not drop_last and world_size > 3 else 0)
     assert all(len(p) == steps for p in parts)  # every rank takes the same number of steps
     for step, batch in enumerate(single[:steps]):
@@ -117,7 +119,9 @@ def test_running_centres_follow_the_global_batch(tmp_path):
 
     # spawn, not fork: a child forked after this process ran torch's OpenMP pool (any earlier
     # test) deadlocks in its first parallel op
-    mp.start_processes(_ii_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(
+        _ii_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
     centres = [torch.load(tmp_path / f"centres{r}.pt") for r in (0, 1)]
     torch.testing.assert_close(centres[0], centres[1])
     torch.testing.assert_close(centres[0], single())
@@ -180,7 +184,12 @@ def _run(*overrides: str, cwd: Path, timeout: int = 240) -> subprocess.Completed
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT / "src"), env.get("PYTHONPATH", "")])
     return subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(ROOT / "run.py"), *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -198,7 +207,11 @@ def _quick(logs: Path, probe: Path | None = None, *more: str) -> list[str]:
         "~callbacks.test_plots",
     ]
     if probe is not None:
-        args += ["+callbacks.probe._target_=ddp_probe.SampleProbe", "allowed_targets=[ddp_probe.*]", f"+callbacks.probe.out={probe}"]
+        args += [
+            "+callbacks.probe._target_=ddp_probe.SampleProbe",
+            "allowed_targets=[ddp_probe.*]",
+            f"+callbacks.probe.out={probe}",
+        ]
     return [*args, *more]
 
 
@@ -210,12 +223,22 @@ def two_process_run(tmp_path_factory):
     # full_train_set: every training image in every epoch (the last, smaller batch kept)
     # a fitted detector too: its scores are joined like the method's
     detectors = "detectors=[energy,mahalanobis]"
-    result = _run(*_quick(logs, probe, "model=ii", detectors, "trainer.devices=2", "+datamodule.full_train_set=true"), cwd=tmp)
+    result = _run(
+        *_quick(logs, probe, "model=ii", detectors, "trainer.devices=2", "+datamodule.full_train_set=true"), cwd=tmp
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p.parent for p in logs.glob("runs/*/*/config.yaml"))
     assert len(runs) == 1, runs
     single = _run(
-        *_quick(logs / "single", None, "model=ii", detectors, "+datamodule.full_train_set=true", "train=false", f"ckpt_path={runs[0]}"),
+        *_quick(
+            logs / "single",
+            None,
+            "model=ii",
+            detectors,
+            "+datamodule.full_train_set=true",
+            "train=false",
+            f"ckpt_path={runs[0]}",
+        ),
         cwd=tmp,
     )
     assert single.returncode == 0, single.stderr[-3000:]
@@ -277,7 +300,9 @@ def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
     """Guards the NaN guard in DDP: rank 1's batch at step 3 turns NaN; both processes stop
     (no hang), with status 1, one `error:` line and no results.csv."""
     logs = tmp_path / "logs"
-    overrides = _quick(logs, tmp_path / "probe", "trainer.devices=2", "+callbacks.probe.nan_rank=1", "+callbacks.probe.nan_step=3")
+    overrides = _quick(
+        logs, tmp_path / "probe", "trainer.devices=2", "+callbacks.probe.nan_rank=1", "+callbacks.probe.nan_step=3"
+    )
     result = _run(*overrides, cwd=tmp_path, timeout=180)
     assert result.returncode == 1, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -297,7 +322,9 @@ def test_resume_and_evaluation_only_in_two_processes(tmp_path):
     resumed = _run(f"resume={run_dir}", "trainer.max_epochs=2", "trainer.devices=2", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (resumed.stdout + resumed.stderr).count("Results: ") == 1
-    tested = _run(*_quick(logs / "eval2", None, "trainer.devices=2", "train=false", f"ckpt_path={run_dir}"), cwd=tmp_path)
+    tested = _run(
+        *_quick(logs / "eval2", None, "trainer.devices=2", "train=false", f"ckpt_path={run_dir}"), cwd=tmp_path
+    )
     single = _run(*_quick(logs / "eval1", None, "train=false", f"ckpt_path={run_dir}"), cwd=tmp_path)
     assert tested.returncode == 0 and single.returncode == 0, tested.stderr[-3000:] + single.stderr[-3000:]
     (two,) = list((logs / "eval2").glob("runs/*/*/results.csv"))
@@ -324,7 +351,9 @@ def test_a_failing_rank_stops_a_rank_waiting_in_a_collective_with_its_cause(tmp_
         port = probe.getsockname()[1]
     from rank_failure_probe import failing_rank
 
-    context = mp.start_processes(failing_rank, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    context = mp.start_processes(
+        failing_rank, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
     rank0, rank1 = context.processes
     try:
         rank0.join(timeout=90)

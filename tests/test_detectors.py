@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import compose_config
+from test_robustness import SHORT, _light_overrides
+
 from mchad.errors import ConfigError
 from mchad.models.detectors import SPECS, DetectorBank, check_detectors
 from mchad.models.methods import MCHAD, Softmax
@@ -17,7 +18,6 @@ from mchad.results.aggregate import main as aggregate_main
 from mchad.results.metrics import METRIC_COLUMNS, case_metrics, oscr
 from mchad.results.scores import SCORES_FILE, load_scores, recompute_metrics
 from mchad.runs.train import RESULT_COLUMNS, run
-from test_robustness import SHORT, _light_overrides
 
 # ----------------------------------------------------------------------------- OSCR
 
@@ -179,7 +179,11 @@ def evaluated(tmp_path_factory, trained, fast):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(DetectorBank, "fit", spy)
         before = (trained / "results.csv").read_bytes()
-        run(compose_config([*fast, "train=false", f"ckpt_path={trained}", detectors, "detector_fit_samples=300"], folder))
+        run(
+            compose_config(
+                [*fast, "train=false", f"ckpt_path={trained}", detectors, "detector_fit_samples=300"], folder
+            )
+        )
     record["reference_unchanged"] = before == (trained / "results.csv").read_bytes()
     return folder, record
 

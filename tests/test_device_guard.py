@@ -18,7 +18,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from conftest import ROOT, compose_config
 from device_emulation import EMULATED, DeviceMismatch, on_emulated_device
 
@@ -50,7 +49,9 @@ def unplaced_factories(source: str, filename: str = "<string>") -> list[str]:
         if isinstance(node, ast.ImportFrom) and node.module == "torch":
             for alias in node.names:
                 if alias.name in FACTORIES:
-                    problems.append(f"{filename}:{node.lineno}: `from torch import {alias.name}` hides a factory from this check")
+                    problems.append(
+                        f"{filename}:{node.lineno}: `from torch import {alias.name}` hides a factory from this check"
+                    )
         if not (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)
@@ -66,7 +67,9 @@ def unplaced_factories(source: str, filename: str = "<string>") -> list[str]:
         span = lines[max(0, first - 2) : node.end_lineno]
         if any(MARKER.search(line) for line in span):
             continue
-        problems.append(f"{filename}:{node.lineno}: torch.{node.func.attr}(...) without {keyword}= or a `# cpu: <why>` comment")
+        problems.append(
+            f"{filename}:{node.lineno}: torch.{node.func.attr}(...) without {keyword}= or a `# cpu: <why>` comment"
+        )
     return problems
 
 
@@ -131,7 +134,11 @@ def _emulated_overrides(tmp_path: Path, *extra: str) -> list[str]:
         "model.backbone.width=8",
         "datamodule.test_cases.GaussianNoise.n=64",
         "datamodule.test_cases.UniformNoise.n=64",
-        *(f"callbacks.{c}.{k}=64" for c in ("validation_views", "embedding_animation") for k in ("max_samples", "unknown_samples")),
+        *(
+            f"callbacks.{c}.{k}=64"
+            for c in ("validation_views", "embedding_animation")
+            for k in ("max_samples", "unknown_samples")
+        ),
         "+trainer.strategy._target_=pytorch_lightning.strategies.SingleDeviceStrategy",
         f"+trainer.strategy.device={EMULATED}",
         f"dataset_dir={tmp_path / 'data'}",
@@ -186,9 +193,13 @@ def test_resume_and_evaluation_only_keep_to_the_device(tmp_path, emulated_data_d
     overrides = _emulated_overrides(tmp_path, "++datamodule.data_on_device=true")
     with on_emulated_device():
         run(compose_config(overrides, output_dir=tmp_path / "run"))
-        resumed = compose_config([*overrides, f"resume={tmp_path / 'run'}", "trainer.max_epochs=2"], output_dir=tmp_path / "run")
+        resumed = compose_config(
+            [*overrides, f"resume={tmp_path / 'run'}", "trainer.max_epochs=2"], output_dir=tmp_path / "run"
+        )
         run(resumed)
-        tested = compose_config([*overrides, "train=false", f"ckpt_path={tmp_path / 'run'}"], output_dir=tmp_path / "eval")
+        tested = compose_config(
+            [*overrides, "train=false", f"ckpt_path={tmp_path / 'run'}"], output_dir=tmp_path / "eval"
+        )
         assert pd.read_csv(run(tested))["AUROC"].notna().all()
 
 
@@ -258,13 +269,17 @@ def _recorded_steps(tmp_path, overrides: list[str], first: int, last: int) -> li
     from mchad.runs.train import build, make_trainer
 
     cfg = compose_config(
-        _emulated_overrides(tmp_path, "++datamodule.data_on_device=true", f"trainer.limit_train_batches={last + 1}", *overrides),
+        _emulated_overrides(
+            tmp_path, "++datamodule.data_on_device=true", f"trainer.limit_train_batches={last + 1}", *overrides
+        ),
         output_dir=tmp_path / "run",
     )
     with on_emulated_device() as mode:
         datamodule, model = build(cfg)
         # training steps only: the validation (and its callbacks) come after them
-        trainer = make_trainer(cfg, extra_callbacks=(_step_recorder(mode, first, last),), num_sanity_val_steps=0, limit_val_batches=0)
+        trainer = make_trainer(
+            cfg, extra_callbacks=(_step_recorder(mode, first, last),), num_sanity_val_steps=0, limit_val_batches=0
+        )
         trainer.fit(model, datamodule=datamodule)
     assert trainer.global_step == last + 1
     return mode.syncs
@@ -299,7 +314,9 @@ def test_logging_steps_are_the_only_ones_that_wait(tmp_path, emulated_data_devic
     from mchad.runs.train import build, make_trainer
 
     cfg = compose_config(
-        _emulated_overrides(tmp_path, "++datamodule.data_on_device=true", "trainer.limit_train_batches=6", "trainer.log_every_n_steps=3"),
+        _emulated_overrides(
+            tmp_path, "++datamodule.data_on_device=true", "trainer.limit_train_batches=6", "trainer.log_every_n_steps=3"
+        ),
         output_dir=tmp_path / "run",
     )
     counter = PerStep()

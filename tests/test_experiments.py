@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import EXPERIMENTS, compose_config, make_image_folder
 from hydra.utils import instantiate
 
-from conftest import EXPERIMENTS, compose_config, make_image_folder
 from mchad.errors import ConfigError, DataNotFoundError
 from mchad.models.module import OODModel
 from mchad.runs.train import build, run
@@ -71,7 +71,10 @@ def test_experiment_builds_the_published_loss(experiment):
     # training
     assert (cfg.trainer.min_epochs, cfg.trainer.max_epochs) == (row.min_epochs, row.max_epochs)
     assert cfg.datamodule.batch_size == row.batch_size
-    assert (cfg.trainer.limit_train_batches, cfg.trainer.limit_val_batches) == (row.limit_train_batches, row.limit_val_batches)
+    assert (cfg.trainer.limit_train_batches, cfg.trainer.limit_val_batches) == (
+        row.limit_train_batches,
+        row.limit_val_batches,
+    )
     assert cfg.model.backbone._target_ == "mchad.models.backbones.WideResNetBackbone"
     if method_key in OUTLIER_EXPOSURE:
         assert cfg.datamodule.outliers._target_ == "mchad.data.TinyImages300kSource"
@@ -98,8 +101,9 @@ class TinyFolders(dict):
 
     def __missing__(self, classes: int) -> Path:
         # 100 classes: 2 images each (200 training images, every class in train or validation)
-        self[classes] = make_image_folder(self.root / str(classes) / self.name, classes=classes,
-                                          per_class=5 if classes <= 10 else 2)
+        self[classes] = make_image_folder(
+            self.root / str(classes) / self.name, classes=classes, per_class=5 if classes <= 10 else 2
+        )
         return self[classes]
 
 
@@ -137,7 +141,9 @@ def tiny_overrides(experiment: str, folders: TinyFolders, tmp_path: Path) -> lis
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_one_training_and_test_step(experiment, tiny_folder, tmp_path):
-    cfg = compose_config([*tiny_overrides(experiment, tiny_folder, tmp_path), "++trainer.fast_dev_run=true"], output_dir=tmp_path / "run")
+    cfg = compose_config(
+        [*tiny_overrides(experiment, tiny_folder, tmp_path), "++trainer.fast_dev_run=true"], output_dir=tmp_path / "run"
+    )
     frame = pd.read_csv(run(cfg))
     method = experiment.split("-")[1]
     assert (frame.method == METHODS[method]).all()
@@ -154,7 +160,10 @@ def test_g_variants_see_outliers_in_training(experiment, tiny_folder, tmp_path):
     """A training batch holds ID images and outliers (label -1); the push term is non-zero on
     it (with a margin wide enough to reach the untrained embeddings, also CAC's published ||.||^4) and zero without them."""
     overrides = tiny_overrides(experiment, tiny_folder, tmp_path)
-    overrides = [o for o in overrides if o != "model.backbone.width=4"] + ["model/backbone=convnet", "model.margin=1000000"]
+    overrides = [o for o in overrides if o != "model.backbone.width=4"] + [
+        "model/backbone=convnet",
+        "model.margin=1000000",
+    ]
     datamodule, model = build(compose_config(overrides, output_dir=tmp_path / "run"))
     images, labels = next(iter(datamodule.train_dataloader()))
     assert (labels < 0).sum() == 4 and (labels >= 0).sum() == 4
@@ -165,14 +174,18 @@ def test_g_variants_see_outliers_in_training(experiment, tiny_folder, tmp_path):
 
 
 def test_g_variant_without_outliers_is_refused(tiny_folder, tmp_path):
-    overrides = [o for o in tiny_overrides("cifar10-gcac", tiny_folder, tmp_path) if not o.startswith("datamodule/outliers")]
+    overrides = [
+        o for o in tiny_overrides("cifar10-gcac", tiny_folder, tmp_path) if not o.startswith("datamodule/outliers")
+    ]
     overrides = [o for o in overrides if not o.startswith("datamodule.outliers")]
     with pytest.raises(ConfigError, match="needs outliers"):
         build(compose_config([*overrides, "~datamodule/outliers"], output_dir=tmp_path / "run"))
 
 
 def test_tinyimages_missing_offline_is_one_line(tiny_folder, tmp_path):
-    overrides = [o for o in tiny_overrides("cifar10-gmchad", tiny_folder, tmp_path) if not o.startswith("datamodule/outliers")]
+    overrides = [
+        o for o in tiny_overrides("cifar10-gmchad", tiny_folder, tmp_path) if not o.startswith("datamodule/outliers")
+    ]
     overrides = [o for o in overrides if not o.startswith("datamodule.outliers")]
     cfg = compose_config([*overrides, "+datamodule.outliers.download=false"], output_dir=tmp_path / "run")
     with pytest.raises(DataNotFoundError, match="TinyImages300k not found") as error:
@@ -204,11 +217,17 @@ def test_pretrained_checkpoint_through_the_config(tiny_folder, tmp_path):
     torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "imagenet_wrn.pt")
     overrides = tiny_overrides("cifar10-mchad", tiny_folder, tmp_path)
     overrides = [o for o in overrides if not o.startswith("model/backbone") and not o.startswith("model.backbone")]
-    cfg = compose_config([*overrides, f"++model.pretrained_checkpoint={tmp_path / 'imagenet_wrn.pt'}"], output_dir=tmp_path / "run")
+    cfg = compose_config(
+        [*overrides, f"++model.pretrained_checkpoint={tmp_path / 'imagenet_wrn.pt'}"], output_dir=tmp_path / "run"
+    )
     _, model = build(cfg)
     loaded = model.backbone.net.state_dict()
     assert torch.equal(loaded["conv1.weight"], source.state_dict()["conv1.weight"])
     assert loaded["fc.weight"].shape == (16, 128)
     with pytest.raises(ConfigError, match="not a readable PyTorch checkpoint"):
         (tmp_path / "bad.pt").write_bytes(b"\x00garbage")
-        build(compose_config([*overrides, f"++model.pretrained_checkpoint={tmp_path / 'bad.pt'}"], output_dir=tmp_path / "run"))
+        build(
+            compose_config(
+                [*overrides, f"++model.pretrained_checkpoint={tmp_path / 'bad.pt'}"], output_dir=tmp_path / "run"
+            )
+        )

@@ -20,7 +20,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from conftest import EXPERIMENTS, compose_config, make_image_folder
 from test_experiments import tiny_overrides
 
@@ -96,7 +95,9 @@ def test_every_experiment_trains_validates_and_tests(experiment, tiny_folder, tm
 def test_data_on_device_or_on_the_host(on_device, tiny_folder, tmp_path, loader_devices):
     """Both data paths with every default callback (the first crashed at validation when the
     validation images lived on the GPU and the callbacks' noise on the host)."""
-    overrides = experiment_overrides("cifar10-gmchad", tiny_folder, tmp_path, f"++datamodule.data_on_device={on_device}")
+    overrides = experiment_overrides(
+        "cifar10-gmchad", tiny_folder, tmp_path, f"++datamodule.data_on_device={on_device}"
+    )
     train_and_test(overrides, tmp_path / "run")
     assert set(loader_devices) == {DEVICE if on_device else "cpu"}
 
@@ -112,7 +113,11 @@ def test_compiled_step_with_cuda_graphs_and_bf16(tiny_folder, tmp_path):
     """The fastest settings: the whole step's forward and backward as CUDA graphs
     (``reduce-overhead``; on the CPU inductor skips the graphs), bf16-mixed, outliers."""
     overrides = experiment_overrides(
-        "cifar10-gmchad", tiny_folder, tmp_path, "model.compile=reduce-overhead", "trainer.precision=bf16-mixed",
+        "cifar10-gmchad",
+        tiny_folder,
+        tmp_path,
+        "model.compile=reduce-overhead",
+        "trainer.precision=bf16-mixed",
         "trainer.limit_train_batches=4",
     )
     frame = train_and_test(overrides, tmp_path / "run")
@@ -136,7 +141,11 @@ def test_the_training_step_never_synchronises(tiny_folder, tmp_path):
                 torch.cuda.set_sync_debug_mode("default")
 
     overrides = experiment_overrides(
-        "cifar10-gmchad", tiny_folder, tmp_path, "trainer.limit_train_batches=3", "trainer.log_every_n_steps=50",
+        "cifar10-gmchad",
+        tiny_folder,
+        tmp_path,
+        "trainer.limit_train_batches=3",
+        "trainer.log_every_n_steps=50",
         "++datamodule.data_on_device=true",
     )
     cfg = compose_config(overrides, output_dir=tmp_path / "run")
@@ -177,7 +186,9 @@ def test_checkpoint_moves_between_gpu_and_cpu(tiny_folder, tmp_path):
     on_cpu = [o for o in on_device if not o.startswith("trainer.accelerator=")] + ["trainer.accelerator=cpu"]
     for trained, tested, name in ((on_device, on_cpu, "there"), (on_cpu, on_device, "back")):
         here = train_and_test(trained, tmp_path / f"{name}-trained")
-        moved = train_and_test([*tested, "train=false", f"ckpt_path={tmp_path / f'{name}-trained'}"], tmp_path / f"{name}-tested")
+        moved = train_and_test(
+            [*tested, "train=false", f"ckpt_path={tmp_path / f'{name}-trained'}"], tmp_path / f"{name}-tested"
+        )
         assert moved.Accuracy.to_numpy() == pytest.approx(here.Accuracy.to_numpy(), abs=0.06), name  # one flip of 18
         assert moved.AUROC.to_numpy() == pytest.approx(here.AUROC.to_numpy(), abs=0.05), name
 

@@ -9,12 +9,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import ROOT, compose_config, make_image_folder
+
 from mchad.bench import gpu_check
 
 SCRIPT = ROOT / "bash" / "gpu-check.sh"
@@ -34,9 +33,25 @@ def test_dry_run_prints_the_steps_and_runs_nothing(tmp_path):
     assert f"PYTHONPATH {ROOT / 'src'}:/opt/wheels" in result.stdout  # the repository's src/ first
     commands = [shlex.split(line[2:]) for line in result.stdout.splitlines() if line.startswith("+ ")]
     tests, decode, default, bf16, fastest, bench = commands
-    assert tests[1:] == ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors", "-m", "gpu", str(ROOT / "tests")]
+    assert tests[1:] == [
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--continue-on-collection-errors",
+        "-m",
+        "gpu",
+        str(ROOT / "tests"),
+    ]
     assert decode[-2:] == [str(data), str(tmp_path / "work" / "datasets")]
-    paper = {"experiment=cifar10-mchad", "datamodule=imagefolder", f"datamodule.root={data}", "testmodules=noise", "trainer.gpus=1"}
+    paper = {
+        "experiment=cifar10-mchad",
+        "datamodule=imagefolder",
+        f"datamodule.root={data}",
+        "testmodules=noise",
+        "trainer.gpus=1",
+    }
     for run, name in ((default, "default"), (bf16, "bf16"), (fastest, "fastest")):
         assert run[1] == str(ROOT / "run.py") and paper <= set(run)
         assert f"hydra.run.dir={tmp_path / 'work' / name}" in run
@@ -52,7 +67,7 @@ def test_dry_run_prints_the_steps_and_runs_nothing(tmp_path):
     # the benchmark's arguments parse, and ask for every GPU figure of the summary
     from mchad.bench import parse_args
 
-    args = parse_args(bench[bench.index("--") + 1:])
+    args = parse_args(bench[bench.index("--") + 1 :])
     assert set(args.only.split(",")) == {"train", "eval", "startup", "packed"} and args.packed == 8
     assert args.row_seeds == 0 and args.work_dir == str(tmp_path / "work" / "bench-runs")
     assert not (tmp_path / "work").exists()
@@ -117,7 +132,9 @@ def test_timer_and_summary_of_a_real_run(tmp_path):
     assert row["images_per_s"] == pytest.approx(marks["images"] / (t1 - t0 - marks["validation_s"]))
     text = gpu_check.summary(tmp_path / "work")
     assert "AUROC Digits6-9" in text and "default" in text
-    assert "run-default 400 s (exit 1)" in text and "OVER BUDGET: 500 s > 480 s; the longest phase was run-default" in text
+    assert (
+        "run-default 400 s (exit 1)" in text and "OVER BUDGET: 500 s > 480 s; the longest phase was run-default" in text
+    )
 
 
 def test_summary_of_a_failed_run_says_so(tmp_path):
@@ -136,7 +153,10 @@ def test_benchmark_figures_of_a_cpu_run(tmp_path):
     assert figures["gpu_util"] is None and "syncs" not in figures and "packed" not in figures
     lines = gpu_check.summary(tmp_path).splitlines()
     assert lines[-2].startswith("benchmark (--data synthetic") and "scored at nan img/s" in lines[-2]
-    assert lines[-1] == "GPU busy while the benchmark's Lightning steps ran: n/a (bare loop n/a); host syncs per step: n/a; CUDA's own start: n/a"
+    assert (
+        lines[-1]
+        == "GPU busy while the benchmark's Lightning steps ran: n/a (bare loop n/a); host syncs per step: n/a; CUDA's own start: n/a"
+    )
 
 
 def test_summary_shows_the_gpu_figures(tmp_path):
@@ -154,13 +174,19 @@ def test_summary_shows_the_gpu_figures(tmp_path):
     }  # fmt: skip
     (tmp_path / "bench.json").write_text(json.dumps(gpu_check.figures(report, ["--device", "cuda"])))
     lines = gpu_check.summary(tmp_path).splitlines()
-    assert lines[-3] == ("benchmark (--device cuda): Lightning 6,100 img/s, bare loop 6,500 img/s, ratio 0.940; "
-                         "ID + OOD test sets scored at 90,000 img/s")
-    assert lines[-2] == ("GPU busy while the benchmark's Lightning steps ran: 27 % (bare loop 31 %) [target >= 80 %: MISSED]; "
-                         "host syncs per step: median 0, max 2 over 14 steps, 0 outside the logging steps "
-                         "[target 0 outside logging steps: MET]; CUDA's own start: 1.50 s")
-    assert lines[-1] == ("packed trials (ray, 8 at once): alone 5,000 img/s, combined 21,000 img/s, ratio 4.20x [target >= 4x: MET]; "
-                         "seconds to the first step: alone 9.0, packed median 21.0; 21-seed sweep in 200 s [target <= 180 s: MISSED]")
+    assert lines[-3] == (
+        "benchmark (--device cuda): Lightning 6,100 img/s, bare loop 6,500 img/s, ratio 0.940; "
+        "ID + OOD test sets scored at 90,000 img/s"
+    )
+    assert lines[-2] == (
+        "GPU busy while the benchmark's Lightning steps ran: 27 % (bare loop 31 %) [target >= 80 %: MISSED]; "
+        "host syncs per step: median 0, max 2 over 14 steps, 0 outside the logging steps "
+        "[target 0 outside logging steps: MET]; CUDA's own start: 1.50 s"
+    )
+    assert lines[-1] == (
+        "packed trials (ray, 8 at once): alone 5,000 img/s, combined 21,000 img/s, ratio 4.20x [target >= 4x: MET]; "
+        "seconds to the first step: alone 9.0, packed median 21.0; 21-seed sweep in 200 s [target <= 180 s: MISSED]"
+    )
 
 
 def test_barrier_waits_for_the_parties_or_the_timeout(tmp_path):

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
-
 from conftest import ROOT, compose_config, make_image_folder
+from PIL import Image
+from test_robustness import SHORT, _error_of, _light_overrides, run_cli
+
 from mchad.runs.train import RESULT_COLUMNS, run
 from mchad.task import main
-from test_robustness import SHORT, _error_of, _light_overrides, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,14 @@ def _one_line_cli_error(*overrides: str, cwd: Path = ROOT) -> str:
 
 
 def _image_overrides(root: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return ["datamodule=imagefolder", f"datamodule.root={root}", "datamodule.n_classes=3",
-            f"dataset_dir={tmp_path / 'data'}", "testmodules=noise", *extra]
+    return [
+        "datamodule=imagefolder",
+        f"datamodule.root={root}",
+        "datamodule.n_classes=3",
+        f"dataset_dir={tmp_path / 'data'}",
+        "testmodules=noise",
+        *extra,
+    ]
 
 
 # --------------------------------------------------------------------- refused before any work
@@ -86,12 +92,19 @@ def test_a_run_without_test_cases_is_refused_before_training(fast, tmp_path):
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
-@pytest.mark.parametrize("override, how", [("trainer.gpus=1", "drop trainer.gpus or set trainer.gpus=0"),
-                                           ("trainer.accelerator=cuda", "set trainer.accelerator=cpu (or auto)")])
+@pytest.mark.parametrize(
+    "override, how",
+    [
+        ("trainer.gpus=1", "drop trainer.gpus or set trainer.gpus=0"),
+        ("trainer.accelerator=cuda", "set trainer.accelerator=cpu (or auto)"),
+    ],
+)
 def test_a_gpu_asked_for_without_one_is_one_line_saying_how_to_use_the_cpu(override, how, fast, tmp_path):
     """Issue 32: today `error: trainer: No supported gpu backend found!` with no hint."""
     message = _error_of([*fast, override], tmp_path / "run")
-    assert message.startswith(f"error: {override} asks for a GPU, but no GPU was found") and message.endswith(how), message
+    assert message.startswith(f"error: {override} asks for a GPU, but no GPU was found") and message.endswith(how), (
+        message
+    )
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -188,8 +201,9 @@ def test_image_folder_names_skipped_files_and_empty_class_folders(tmp_path, capl
 def test_rgb_folder_as_test_case_of_the_digits_model_is_announced(tmp_path, caplog, monkeypatch):
     """An RGB 40x40 folder tested against the 1x8x8 digits model: today silently converted,
     with a progress bar "decoding <another dataset's name>"."""
-    import mchad.data.sources as sources
     from hydra.utils import instantiate
+
+    import mchad.data.sources as sources
 
     folder = tmp_path / "my-photos"
     folder.mkdir()
@@ -198,8 +212,13 @@ def test_rgb_folder_as_test_case_of_the_digits_model_is_announced(tmp_path, capl
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     bars = []
     monkeypatch.setattr(sources, "progress", lambda items, total, desc: bars.append(desc) or items)
-    cfg = compose_config(["testmodules=[digits,imagefolder]", f"datamodule.test_cases.ImageFolder.root={folder}",
-                          f"dataset_dir={tmp_path / 'data'}"])
+    cfg = compose_config(
+        [
+            "testmodules=[digits,imagefolder]",
+            f"datamodule.test_cases.ImageFolder.root={folder}",
+            f"dataset_dir={tmp_path / 'data'}",
+        ]
+    )
     datamodule = instantiate(cfg.datamodule)
     with caplog.at_level(logging.WARNING, logger="mchad"):
         datamodule.setup("fit")
@@ -248,19 +267,34 @@ def test_n_classes_follows_the_image_folder_and_a_different_one_is_refused(fast,
     assert cfg.datamodule.n_classes is None
     resolve_n_classes(cfg)
     assert cfg.datamodule.n_classes == 5 and cfg.model.method.n_classes == 5
-    overrides = ["datamodule=imagefolder", f"datamodule.root={root}", f"dataset_dir={tmp_path / 'data'}", "testmodules=noise"]
+    overrides = [
+        "datamodule=imagefolder",
+        f"datamodule.root={root}",
+        f"dataset_dir={tmp_path / 'data'}",
+        "testmodules=noise",
+    ]
     with _no_decoding():
         message = _error_of([*fast, *overrides, "datamodule.n_classes=10"], tmp_path / "run2")
-    assert message == (f"error: datamodule.n_classes=10 but {root / 'train'} has 5 classes; drop datamodule.n_classes "
-                       "(it follows from the data) or set it to 5")
+    assert message == (
+        f"error: datamodule.n_classes=10 but {root / 'train'} has 5 classes; drop datamodule.n_classes "
+        "(it follows from the data) or set it to 5"
+    )
 
 
 def test_n_classes_of_a_known_dataset_is_checked_without_its_data(fast, tmp_path):
     """CIFAR10 with n_classes=5: refused before the data are even looked for (today: after
     loading, and n_classes=100 passed)."""
     for wrong in (5, 100):
-        message = _error_of([*fast, "experiment=cifar10-mchad", "model/backbone=convnet", f"datamodule.n_classes={wrong}",
-                             f"dataset_dir={tmp_path / 'nodata'}"], tmp_path / f"run{wrong}")
+        message = _error_of(
+            [
+                *fast,
+                "experiment=cifar10-mchad",
+                "model/backbone=convnet",
+                f"datamodule.n_classes={wrong}",
+                f"dataset_dir={tmp_path / 'nodata'}",
+            ],
+            tmp_path / f"run{wrong}",
+        )
         assert f"datamodule.n_classes={wrong} but CIFAR10 has 10 classes" in message
 
 
@@ -268,17 +302,23 @@ def test_open_set_splits_of_an_image_folder_must_name_the_same_classes(tmp_path)
     """The known/unknown lists index the training folder's classes: a test folder without
     `cat` is refused (before decoding) instead of shifting the unknown classes."""
     from mchad.data import ImageFolderSource, OpenSetDataModule
-    from mchad.errors import DataError
     from mchad.data.osr import CIFAR10_CLASSES
+    from mchad.errors import DataError
 
     root = tmp_path / "cifar"
     for split in ("train", "test"):
         for name in CIFAR10_CLASSES:
             (root / split / name).mkdir(parents=True)
     (root / "test" / "cat").rmdir()
-    datamodule = OpenSetDataModule(setting="cifar10", split=0, train=ImageFolderSource(str(root), "train"),
-                                   test=ImageFolderSource(str(root), "test"), n_classes=6, name="CIFAR10 6/4",
-                                   dataset_dir=str(tmp_path / "data"))
+    datamodule = OpenSetDataModule(
+        setting="cifar10",
+        split=0,
+        train=ImageFolderSource(str(root), "train"),
+        test=ImageFolderSource(str(root), "test"),
+        n_classes=6,
+        name="CIFAR10 6/4",
+        dataset_dir=str(tmp_path / "data"),
+    )
     with _no_decoding(), pytest.raises(DataError, match="test lacks cat"):
         datamodule.setup("fit")
 
@@ -288,9 +328,20 @@ def test_open_set_splits_of_an_image_folder_must_name_the_same_classes(tmp_path)
 
 def _write_fake_results(run_dir: Path) -> None:
     (run_dir / ".hydra").mkdir(parents=True)
-    row = {"experiment": "digits-mchad", "id_dataset": "Digits", "method": "MCHAD", "test_case": "GaussianNoise",
-           "score": "distance", "seed": 1, "Accuracy": 0.9, "AUROC": 0.9, "AUPR-IN": 0.9, "AUPR-OUT": 0.9,
-           "FPR95": 0.1, "evaluated_from": ""}
+    row = {
+        "experiment": "digits-mchad",
+        "id_dataset": "Digits",
+        "method": "MCHAD",
+        "test_case": "GaussianNoise",
+        "score": "distance",
+        "seed": 1,
+        "Accuracy": 0.9,
+        "AUROC": 0.9,
+        "AUPR-IN": 0.9,
+        "AUPR-OUT": 0.9,
+        "FPR95": 0.1,
+        "evaluated_from": "",
+    }
     with open(run_dir / "results.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=RESULT_COLUMNS)
         writer.writeheader()
@@ -346,7 +397,9 @@ def test_results_name_what_ran_and_eval_only_rows_belong_to_their_checkpoint(fas
     frame = pd.read_csv(run(compose_config([*fast, "model=cac", "seed=7"], trained)))
     assert (frame.experiment == "digits-cac").all() and (frame.seed == 7).all()
     assert frame.evaluated_from.isna().all()
-    evaluated = pd.read_csv(run(compose_config([*fast, "model=cac", "train=false", f"ckpt_path={trained}"], tmp_path / "runs" / "eval")))
+    evaluated = pd.read_csv(
+        run(compose_config([*fast, "model=cac", "train=false", f"ckpt_path={trained}"], tmp_path / "runs" / "eval"))
+    )
     assert (evaluated.seed == 7).all() and (evaluated.experiment == "digits-cac").all()
     assert (evaluated.evaluated_from == str(trained / "checkpoints" / "last.ckpt")).all()
     results, _ = find_results(tmp_path / "runs")
@@ -361,13 +414,20 @@ def test_bash_dry_run_anywhere_prints_commands_without_escapes():
     printed commands read `experiment=cifar10-mchad\\,cifar10-gmchad`."""
     if shutil.which("bash") is None:
         pytest.skip("needs bash")
-    result = subprocess.run(["bash", str(ROOT / "bash" / "run-vary-radius.sh"), "trainer.gpus=1", "--dry-run"],
-                            env={**os.environ, "PYTHON": sys.executable, "RADII": "0,1", "SEEDS": "1"},
-                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    result = subprocess.run(
+        ["bash", str(ROOT / "bash" / "run-vary-radius.sh"), "trainer.gpus=1", "--dry-run"],
+        env={**os.environ, "PYTHON": sys.executable, "RADII": "0,1", "SEEDS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     (line,) = result.stdout.splitlines()
-    assert line == (f"+ {sys.executable} {ROOT / 'run.py'} -m experiment=cifar10-mchad,cifar10-gmchad "
-                    "model.radius=0,1 seed=1 trainer.gpus=1")
+    assert line == (
+        f"+ {sys.executable} {ROOT / 'run.py'} -m experiment=cifar10-mchad,cifar10-gmchad "
+        "model.radius=0,1 seed=1 trainer.gpus=1"
+    )
 
 
 def test_notebook_runs(tmp_path, monkeypatch):

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
-
 from conftest import ROOT, compose_config
 
 PACKAGE = ROOT / "src" / "mchad"
@@ -32,8 +30,16 @@ LAYERS = {
     "callbacks, models": ["mchad.callbacks", "mchad.models"],
     "results": ["mchad.results"],
     "data": ["mchad.data"],
-    "foundation": ["mchad", "mchad.errors", "mchad.devices", "mchad.distributed", "mchad.checkpoints",
-                   "mchad.failures", "mchad.resolvers", "mchad.targets"],
+    "foundation": [
+        "mchad",
+        "mchad.errors",
+        "mchad.devices",
+        "mchad.distributed",
+        "mchad.checkpoints",
+        "mchad.failures",
+        "mchad.resolvers",
+        "mchad.targets",
+    ],
 }
 
 
@@ -204,7 +210,9 @@ def test_the_top_level_holds_few_modules():
 
 
 def test_no_module_is_longer_than_600_lines():
-    lengths = {path.relative_to(ROOT): len(path.read_text(encoding="utf-8").splitlines()) for path in PACKAGE.rglob("*.py")}
+    lengths = {
+        path.relative_to(ROOT): len(path.read_text(encoding="utf-8").splitlines()) for path in PACKAGE.rglob("*.py")
+    }
     assert not {p: n for p, n in lengths.items() if n > MAX_LINES}
 
 
@@ -221,7 +229,7 @@ def walkthrough(title: str) -> tuple[dict[str, str], list[str]]:
     section = found.group(1)
     files, command = {}, None
     for indent, block in re.findall(r"^( *)```\w*\n(.*?)^\1```", section, re.S | re.M):
-        lines = [line[len(indent):] for line in block.splitlines()]
+        lines = [line[len(indent) :] for line in block.splitlines()]
         if lines[0].startswith("python run.py "):
             command = shlex.split(lines[0])[2:]
         else:  # the file's name: a comment line of its own at the top
@@ -263,7 +271,11 @@ def test_adding_a_dataset_as_the_docs_say(tmp_path, monkeypatch):
         labels = np.arange(n) % 3  # 3 classes, told apart by their colour
         images = rng.normal(60, 20, (n, 32, 32, 3))
         images[np.arange(n), :, :, labels] += 120
-        np.savez(tmp_path / "datasets" / "mydata" / f"{split}.npz", images=images.clip(0, 255).astype(np.uint8), labels=labels)
+        np.savez(
+            tmp_path / "datasets" / "mydata" / f"{split}.npz",
+            images=images.clip(0, 255).astype(np.uint8),
+            labels=labels,
+        )
     frame = follow("Adding a dataset", tmp_path, monkeypatch, [f"dataset_dir={tmp_path / 'datasets'}"])
     assert (frame.id_dataset == "MyData").all()
     assert set(frame.test_case) == {"GaussianNoise", "UniformNoise"}

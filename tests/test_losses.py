@@ -159,7 +159,9 @@ def test_pytorch_ood_cac_tuplet_differs_below_the_last_class():
     d = torch.tensor([[1.0, 2.0, 5.0]])
     lib = CACLoss(3, alpha=0.0)
     assert lib(d, torch.tensor([0])).item() == pytest.approx(math.log(1 + 1 + math.exp(-1)), abs=1e-5)
-    assert losses.tuplet(d, torch.tensor([0])).item() == pytest.approx(math.log(1 + math.exp(-1) + math.exp(-4)), abs=1e-6)
+    assert losses.tuplet(d, torch.tensor([0])).item() == pytest.approx(
+        math.log(1 + math.exp(-1) + math.exp(-4)), abs=1e-6
+    )
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -13,10 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra.utils import instantiate
+from conftest import CONFIG_DIR, ROOT, compose_config
 from PIL import Image
 
-from conftest import CONFIG_DIR, ROOT, compose_config
 from mchad.data.openood import OpenOODSource, benchmark_class, ood_groups
 from mchad.errors import DataNotFoundError
 from mchad.results.leaderboard import PUBLISHED, QUOTED_SOURCE, leaderboard, split_openood
@@ -26,8 +25,15 @@ OPENOOD_EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("o
 METHODS = ["mchad", "gmchad", "cac", "gcac", "center", "gcenter", "ii", "softmax"]
 CLASSES = ["airplane", "automobile", "bird"]
 # the folder of each OOD set (as in OpenOOD's lists), its image size and channels
-OOD_FOLDERS = {"cifar100": (32, "RGB"), "cifar10": (32, "RGB"), "tin": (64, "RGB"), "mnist": (28, "L"),
-               "svhn": (32, "RGB"), "texture": (45, "RGB"), "places365": (32, "RGB")}
+OOD_FOLDERS = {
+    "cifar100": (32, "RGB"),
+    "cifar10": (32, "RGB"),
+    "tin": (64, "RGB"),
+    "mnist": (28, "L"),
+    "svhn": (32, "RGB"),
+    "texture": (45, "RGB"),
+    "places365": (32, "RGB"),
+}
 
 
 def _image(path: Path, size: int, mode: str, rng: np.random.Generator, colour: int | None = None) -> None:
@@ -51,7 +57,11 @@ def make_openood(root: Path, id_name: str = "CIFAR10", per_class: int = 8, per_o
     lists.mkdir(parents=True)
     images = root / "images_classic"
     own = cls._subdir  # the ID set's folder, e.g. cifar10
-    for split, list_name in [("train", cls._train_imglist), ("test", cls._test_id_imglist), ("val", cls._val_id_imglist)]:
+    for split, list_name in [
+        ("train", cls._train_imglist),
+        ("test", cls._test_id_imglist),
+        ("val", cls._val_id_imglist),
+    ]:
         lines = []
         for label, name in enumerate(CLASSES):
             for i in range({"train": per_class, "test": per_class // 2, "val": per_class // 4}[split]):
@@ -60,8 +70,10 @@ def make_openood(root: Path, id_name: str = "CIFAR10", per_class: int = 8, per_o
                 lines.append(f"{relative} {label}")
         (lists / list_name).write_text("\n".join(lines) + "\n")
     folders = {name: file.split("_", 1)[1].rsplit(".", 1)[0] for name, file in cls._ood_imglists}
-    for list_name, folder, split in [(cls._val_ood_imglist, "tin", "val"),
-                                     *[(f, folders[n], "test") for n, f in cls._ood_imglists]]:
+    for list_name, folder, split in [
+        (cls._val_ood_imglist, "tin", "val"),
+        *[(f, folders[n], "test") for n, f in cls._ood_imglists],
+    ]:
         size, mode = OOD_FOLDERS[folder]
         relative = [f"{folder}/{split}/{i:03d}.{'jpg' if folder == 'texture' else 'png'}" for i in range(per_ood)]
         for name in relative:
@@ -78,11 +90,21 @@ def openood_dir(tmp_path_factory) -> Path:
 def tiny_overrides(experiment: str, openood: Path, tmp_path: Path, *extra: str) -> list[str]:
     """The experiment on the miniature layout: OpenOOD's splits, a tiny CNN, two steps."""
     overrides = [
-        f"experiment={experiment}", f"openood_dir={openood}", f"dataset_dir={tmp_path / 'datasets'}",
-        "datamodule.n_classes=3", "datamodule.batch_size=4", "datamodule.outlier_batch_size=4",
-        "datamodule.test_batch_size=16", "model/backbone=convnet", "model.backbone.width=4",
-        "trainer.max_epochs=1", "trainer.min_epochs=1", "trainer.limit_train_batches=2",
-        f"paths.log_dir={tmp_path / 'logs'}", "~callbacks", "~logger",
+        f"experiment={experiment}",
+        f"openood_dir={openood}",
+        f"dataset_dir={tmp_path / 'datasets'}",
+        "datamodule.n_classes=3",
+        "datamodule.batch_size=4",
+        "datamodule.outlier_batch_size=4",
+        "datamodule.test_batch_size=16",
+        "model/backbone=convnet",
+        "model.backbone.width=4",
+        "trainer.max_epochs=1",
+        "trainer.min_epochs=1",
+        "trainer.limit_train_batches=2",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "~callbacks",
+        "~logger",
     ]
     if experiment.split("-")[2].startswith("g"):
         overrides += ["datamodule/outliers=noise", "datamodule.outliers.n=8"]
@@ -103,7 +125,12 @@ def test_openood_experiment_composes_with_the_recipe(experiment, tmp_path):
     assert cfg.model.backbone._target_ == "mchad.models.backbones.ResNet18_32x32"
     optimizer = cfg.model.optimizer
     assert (optimizer._target_, optimizer.lr, optimizer.momentum, optimizer.nesterov, optimizer.weight_decay) == (
-        "torch.optim.SGD", 0.1, 0.9, True, 5e-4)
+        "torch.optim.SGD",
+        0.1,
+        0.9,
+        True,
+        5e-4,
+    )
     assert (cfg.trainer.min_epochs, cfg.trainer.max_epochs, cfg.trainer.limit_train_batches) == (100, 100, 391)
     assert (cfg.model.scheduler.T_max, cfg.model.scheduler.eta_min) == (100 * 391, 1e-6)
     assert (cfg.datamodule.batch_size, cfg.datamodule.crop_padding, cfg.datamodule.flip) == (128, 4, True)
@@ -138,8 +165,14 @@ def test_sources_read_the_lists_of_pytorch_oods_benchmark(openood_dir, tmp_path)
     array = mnist.load(tmp_path)
     assert mnist.group == "far" and array.images.shape == (6, 3, 32, 32) and (array.labels == -1).all()
     assert OpenOODSource("CIFAR10", "TinyImageNet", openood_dir).group == "near"
-    assert ood_groups("CIFAR100") == {"CIFAR10": "near", "TinyImageNet": "near", "MNIST": "far", "SVHN": "far",
-                                      "Textures": "far", "Places365": "far"}
+    assert ood_groups("CIFAR100") == {
+        "CIFAR10": "near",
+        "TinyImageNet": "near",
+        "MNIST": "far",
+        "SVHN": "far",
+        "Textures": "far",
+        "Places365": "far",
+    }
     # decoded once: the second load is the cache
     from mchad.data import sources
 
@@ -167,14 +200,27 @@ def test_missing_list_or_folder_is_one_line_naming_it(openood_dir, tmp_path):
 
 def test_offline_run_stops_with_one_error_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), "experiment=openood-cifar10-mchad", f"openood_dir={tmp_path / 'none'}",
-         f"dataset_dir={tmp_path}", f"paths.log_dir={tmp_path / 'logs'}", "~callbacks", "~logger"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        [
+            sys.executable,
+            str(ROOT / "run.py"),
+            "experiment=openood-cifar10-mchad",
+            f"openood_dir={tmp_path / 'none'}",
+            f"dataset_dir={tmp_path}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            "~callbacks",
+            "~logger",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: OpenOOD v1.5 CIFAR10 train: image list benchmark_imglist/cifar10/train_cifar10.txt")
+    assert lines[0].startswith(
+        "error: OpenOOD v1.5 CIFAR10 train: image list benchmark_imglist/cifar10/train_cifar10.txt"
+    )
     assert str(tmp_path / "none" / "benchmark_imglist") in lines[0]
 
 
@@ -187,10 +233,13 @@ def _per_seed_groups(frame: pd.DataFrame, score: str) -> dict[str, float]:
 def two_runs(openood_dir, tmp_path_factory) -> Path:
     """Two seeds of openood-cifar10-mchad (one with a detector) and one Softmax run."""
     sweep = tmp_path_factory.mktemp("sweep")
-    for index, (experiment, seed) in enumerate([("openood-cifar10-mchad", 1), ("openood-cifar10-mchad", 2),
-                                                ("openood-cifar10-softmax", 1)]):
-        cfg = compose_config(tiny_overrides(experiment, openood_dir, sweep, f"seed={seed}", "detectors=[energy]"),
-                             output_dir=sweep / str(index))
+    for index, (experiment, seed) in enumerate(
+        [("openood-cifar10-mchad", 1), ("openood-cifar10-mchad", 2), ("openood-cifar10-softmax", 1)]
+    ):
+        cfg = compose_config(
+            tiny_overrides(experiment, openood_dir, sweep, f"seed={seed}", "detectors=[energy]"),
+            output_dir=sweep / str(index),
+        )
         run(cfg)
     return sweep
 
@@ -210,12 +259,24 @@ def test_miniature_run_writes_grouped_rows(two_runs):
 
 
 def test_ungrouped_test_cases_have_an_empty_group(openood_dir, tmp_path):
-    cfg = compose_config(tiny_overrides("openood-cifar10-ii", openood_dir, tmp_path, "testmodules=[openood,noise]",
-                                        "datamodule.test_cases.GaussianNoise.n=8", "datamodule.test_cases.UniformNoise.n=8"),
-                         output_dir=tmp_path / "run")
+    cfg = compose_config(
+        tiny_overrides(
+            "openood-cifar10-ii",
+            openood_dir,
+            tmp_path,
+            "testmodules=[openood,noise]",
+            "datamodule.test_cases.GaussianNoise.n=8",
+            "datamodule.test_cases.UniformNoise.n=8",
+        ),
+        output_dir=tmp_path / "run",
+    )
     frame = pd.read_csv(run(cfg))
     noise = frame.test_case.isin(["GaussianNoise", "UniformNoise"])
-    assert noise.sum() == 2 * frame.score.nunique() and frame.group[noise].isna().all() and frame.group[~noise].notna().all()
+    assert (
+        noise.sum() == 2 * frame.score.nunique()
+        and frame.group[noise].isna().all()
+        and frame.group[~noise].notna().all()
+    )
 
 
 def test_leaderboard_group_means_by_hand(two_runs):
@@ -251,8 +312,18 @@ def test_aggregate_writes_the_leaderboard(two_runs, tmp_path, capsys):
     assert main([str(two_runs), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     csv = pd.read_csv(out / "leaderboard.csv")
-    assert {"ID dataset", "Training", "Postprocessor", "Near-OOD AUROC", "Far-OOD AUROC", "ID Accuracy",
-            "Near-OOD FPR95", "Far-OOD FPR95", "Runs", "Source"} <= set(csv.columns)
+    assert {
+        "ID dataset",
+        "Training",
+        "Postprocessor",
+        "Near-OOD AUROC",
+        "Far-OOD AUROC",
+        "ID Accuracy",
+        "Near-OOD FPR95",
+        "Far-OOD FPR95",
+        "Runs",
+        "Source",
+    } <= set(csv.columns)
     assert set(csv.Postprocessor[csv.Training == "MCHAD"]) == {"distance", "msp", "energy"}
     markdown = (out / "leaderboard.md").read_text()
     assert "quoted" in markdown and "OpenOOD v1.5 leaderboard, Jingkang50/OpenOOD, ResNet-18, 3 runs" in markdown
@@ -266,11 +337,23 @@ def test_objective_scores_a_detector_on_openoods_validation_split(openood_dir, t
 
     from mchad.errors import ConfigError
 
-    overrides = tiny_overrides("openood-cifar10-center", openood_dir, tmp_path, "detectors=[knn]",
-                               "detector_args.knn.k=2", "objective.score=knn", "objective.metric=val_auroc")
+    overrides = tiny_overrides(
+        "openood-cifar10-center",
+        openood_dir,
+        tmp_path,
+        "detectors=[knn]",
+        "detector_args.knn.k=2",
+        "objective.score=knn",
+        "objective.metric=val_auroc",
+    )
     run(compose_config(overrides, output_dir=tmp_path / "run"))
     objective = OmegaConf.load(tmp_path / "run" / "objective.yaml")
-    assert (objective.score, objective.unknowns, objective.n_known, objective.n_unknown) == ("knn", "val_unknowns", 6, 6)
+    assert (objective.score, objective.unknowns, objective.n_known, objective.n_unknown) == (
+        "knn",
+        "val_unknowns",
+        6,
+        6,
+    )
     assert 0 <= objective.value <= 1 and objective.value == objective.val_auroc
     with pytest.raises(ConfigError, match="objective.score=nearest is not a score of this run"):
         run(compose_config([*overrides, "objective.score=nearest"], output_dir=tmp_path / "bad"))
@@ -282,7 +365,10 @@ def test_run_openood_dry_run_sweeps_every_method_both_datasets_three_seeds():
 
     (command,) = _commands(_script("run-openood.sh", "-n", "openood_dir=/data/openood"))
     args = _overrides(command)
-    assert _sweep(args["experiment"]) == [f"openood-{d}-{m}" for d in ("cifar10", "cifar100")
-                                          for m in ["mchad", "gmchad", "center", "gcenter", "cac", "gcac", "ii", "softmax"]]
+    assert _sweep(args["experiment"]) == [
+        f"openood-{d}-{m}"
+        for d in ("cifar10", "cifar100")
+        for m in ["mchad", "gmchad", "center", "gcenter", "cac", "gcac", "ii", "softmax"]
+    ]
     assert _sweep(args["seed"]) == ["1", "2", "3"]
     assert command[-1] == "openood_dir=/data/openood"

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import ROOT, compose_config
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import ROOT, compose_config
 from mchad.data.osr import CIFAR10_CLASSES, CIFAR100_CLASSES, SplitError, class_split, splits
 from mchad.errors import ConfigError, DataError, DataNotFoundError
 from mchad.resolvers import OSR_METHODS, OSR_SETTINGS
@@ -27,7 +27,12 @@ from mchad.results.openset_tables import openset_table
 from mchad.runs.train import build, run
 
 # (known, unknown) classes per split and the size of the unknown dataset
-COUNTS = {"cifar10": (6, 4, 10), "cifarplus10": (4, 10, 100), "cifarplus50": (4, 50, 100), "tinyimagenet": (20, 180, 200)}
+COUNTS = {
+    "cifar10": (6, 4, 10),
+    "cifarplus10": (4, 10, 100),
+    "cifarplus50": (4, 50, 100),
+    "tinyimagenet": (20, 180, 200),
+}
 PROTOCOLS = ["neal", "cac"]
 
 
@@ -66,10 +71,12 @@ def test_cac_lists_are_those_its_generator_produces():
     """CAC's datasets/generate_class_splits.py (random.seed(1000); MNIST, SVHN, CIFAR10
     shuffled in turn, then CIFAR+10/+50 sampled from its 50 CIFAR-100 animal classes, then
     TinyImageNet), re-run here: an independent check of the copied lists."""
-    animals = ("beaver dolphin otter seal whale aquarium_fish flatfish ray shark trout bee beetle butterfly "
-               "caterpillar cockroach bear leopard lion tiger wolf camel cattle chimpanzee elephant kangaroo fox "
-               "porcupine possum raccoon skunk crab lobster snail spider worm baby boy girl man woman crocodile "
-               "dinosaur lizard snake turtle hamster mouse rabbit shrew squirrel").split()
+    animals = (
+        "beaver dolphin otter seal whale aquarium_fish flatfish ray shark trout bee beetle butterfly "
+        "caterpillar cockroach bear leopard lion tiger wolf camel cattle chimpanzee elephant kangaroo fox "
+        "porcupine possum raccoon skunk crab lobster snail spider worm baby boy girl man woman crocodile "
+        "dinosaur lizard snake turtle hamster mouse rabbit shrew squirrel"
+    ).split()
     rng = random.Random(1000)
     for dataset in ["MNIST", "SVHN", "CIFAR10"]:
         for split in range(5):
@@ -176,8 +183,9 @@ def test_image_folder_open_set_data_hold_the_split_classes(cifar_folder, tmp_pat
 
 @pytest.mark.parametrize("experiment, method", [("osr-cifar10-mchad", "MCHAD"), ("osr-cifar10-cac", "CAC")])
 def test_tiny_image_folder_open_set_run_writes_rows(cifar_folder, tmp_path, experiment, method, caplog):
-    cfg = compose_config([f"experiment={experiment}", "split=2", *_tiny_overrides(cifar_folder, tmp_path)],
-                         output_dir=tmp_path / "run")
+    cfg = compose_config(
+        [f"experiment={experiment}", "split=2", *_tiny_overrides(cifar_folder, tmp_path)], output_dir=tmp_path / "run"
+    )
     with caplog.at_level("INFO", logger="mchad.runs.train"):
         frame = pd.read_csv(run(cfg))
     # the console's table has results.csv's columns, the split included (issue 32)
@@ -216,8 +224,14 @@ def test_split_out_of_range_is_a_config_error(tmp_path):
 
 # AUROC and accuracy per model, split and seed (fractions), chosen by hand
 FAKE = {
-    "MCHAD": {"AUROC": [[0.90, 0.92], [0.80, 0.84], [0.70, 0.74]], "Accuracy": [[0.95, 0.93], [0.90, 0.92], [0.85, 0.87]]},
-    "CAC": {"AUROC": [[0.60, 0.70], [0.65, 0.75], [0.50, 0.60]], "Accuracy": [[0.90, 0.90], [0.80, 0.80], [0.70, 0.70]]},
+    "MCHAD": {
+        "AUROC": [[0.90, 0.92], [0.80, 0.84], [0.70, 0.74]],
+        "Accuracy": [[0.95, 0.93], [0.90, 0.92], [0.85, 0.87]],
+    },
+    "CAC": {
+        "AUROC": [[0.60, 0.70], [0.65, 0.75], [0.50, 0.60]],
+        "Accuracy": [[0.90, 0.90], [0.80, 0.80], [0.70, 0.70]],
+    },
 }
 
 
@@ -226,12 +240,21 @@ def _write_fake_sweep(root: Path) -> None:
         folder = root / f"{method}-{split}-{seed}"
         folder.mkdir(parents=True)
         rows = [
-            {"experiment": f"osr-cifar10-{method.lower()}", "id_dataset": "CIFAR10 6/4", "method": method,
-             "test_case": "Unknown", "score": score, "seed": seed + 1,
-             "Accuracy": values["Accuracy"][split][seed],
-             "AUROC": values["AUROC"][split][seed] if score == "distance" else 0.5,
-             "AUPR-IN": 0.5, "AUPR-OUT": 0.5, "FPR95": 0.5, "OSCR": 0.9 * values["Accuracy"][split][seed],
-             "split": split}
+            {
+                "experiment": f"osr-cifar10-{method.lower()}",
+                "id_dataset": "CIFAR10 6/4",
+                "method": method,
+                "test_case": "Unknown",
+                "score": score,
+                "seed": seed + 1,
+                "Accuracy": values["Accuracy"][split][seed],
+                "AUROC": values["AUROC"][split][seed] if score == "distance" else 0.5,
+                "AUPR-IN": 0.5,
+                "AUPR-OUT": 0.5,
+                "FPR95": 0.5,
+                "OSCR": 0.9 * values["Accuracy"][split][seed],
+                "split": split,
+            }
             for score in ("distance", "msp")
         ]
         pd.DataFrame(rows).to_csv(folder / "results.csv", index=False)
@@ -280,8 +303,13 @@ def test_openset_table_other_score(tmp_path):
 
 
 def test_run_openset_dry_run_lists_every_setting_method_and_split(tmp_path):
-    result = subprocess.run(["bash", str(ROOT / "bash" / "run-openset.sh"), "--dry-run", "dataset_dir=/data"],
-                            capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    result = subprocess.run(
+        ["bash", str(ROOT / "bash" / "run-openset.sh"), "--dry-run", "dataset_dir=/data"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+    )
     assert result.returncode == 0, result.stderr
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("+ ")]
     args = shlex.split(line[2:])
@@ -289,8 +317,13 @@ def test_run_openset_dry_run_lists_every_setting_method_and_split(tmp_path):
     experiments = args[3].removeprefix("experiment=").split(",")
     assert experiments == [f"osr-{s}-{m}" for s, m in product(OSR_SETTINGS, OSR_METHODS)]
     assert args[4:] == ["split=0,1,2,3,4", "osr.protocol=neal", "seed=1", "dataset_dir=/data"]
-    bad = subprocess.run(["bash", str(ROOT / "bash" / "run-openset.sh"), "-n"], capture_output=True, text=True,
-                         timeout=60, env={"PATH": "/usr/bin:/bin", "SETTINGS": "mnist"})
+    bad = subprocess.run(
+        ["bash", str(ROOT / "bash" / "run-openset.sh"), "-n"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "SETTINGS": "mnist"},
+    )
     assert bad.returncode == 2 and "unknown setting mnist" in bad.stderr
 
 

@@ -6,8 +6,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import compose_config
+
 from mchad.runs import provenance
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from omegaconf import OmegaConf, open_dict
-
 from conftest import ROOT, compose_config
-from mchad.errors import CheckpointError, NonFiniteLossError
+from omegaconf import OmegaConf
+
+from mchad.errors import NonFiniteLossError
 from mchad.models.module import OODModel
 from mchad.runs.train import RESULT_COLUMNS, run, write_results
 from mchad.task import main
@@ -125,7 +125,12 @@ def test_eval_only_reproduces_and_tests_new_modules(reference, fast, tmp_path):
     assert (evaluated.pop("evaluated_from") == str(reference / "checkpoints" / "last.ckpt")).all()
     pd.testing.assert_frame_equal(trained.drop(columns="evaluated_from"), evaluated, check_exact=True)
     assert not (tmp_path / "same" / "checkpoints").exists()  # nothing was trained
-    other = run(compose_config([*fast, "train=false", f"ckpt_path={reference}/checkpoints/last.ckpt", "testmodules=noise"], tmp_path / "noise"))
+    other = run(
+        compose_config(
+            [*fast, "train=false", f"ckpt_path={reference}/checkpoints/last.ckpt", "testmodules=noise"],
+            tmp_path / "noise",
+        )
+    )
     frame = pd.read_csv(other)
     assert set(frame.test_case) == {"GaussianNoise", "UniformNoise"}
     assert set(frame.Accuracy) == set(pd.read_csv(reference / "results.csv").Accuracy)  # the same ID test set
@@ -145,10 +150,15 @@ def test_eval_only_takes_the_model_of_the_run_and_refuses_a_contradicting_one(fa
     # agreeing choices are accepted, contradicting ones refused naming both
     run(compose_config([*fast, "model=cac", "train=false", f"ckpt_path={cac}"], tmp_path / "agree"))
     message = _error_of([*fast, "model=mchad", "train=false", f"ckpt_path={cac}"], tmp_path / "a")
-    assert message.startswith("error: model=mchad contradicts the model of the run being tested, model.name=CAC in "
-                              f"{cac / 'config.yaml'} (model.name MCHAD here, CAC there)"), message
+    assert message.startswith(
+        "error: model=mchad contradicts the model of the run being tested, model.name=CAC in "
+        f"{cac / 'config.yaml'} (model.name MCHAD here, CAC there)"
+    ), message
     message = _error_of([*fast, "model.n_embedding=8", "train=false", f"ckpt_path={cac}"], tmp_path / "b")
-    assert f"model.n_embedding=8 contradicts the model of the run being tested, model.n_embedding={saved.n_embedding}" in message
+    assert (
+        f"model.n_embedding=8 contradicts the model of the run being tested, model.n_embedding={saved.n_embedding}"
+        in message
+    )
 
 
 def _error_of(overrides: list[str], output_dir: Path) -> str:
@@ -173,7 +183,15 @@ def _error_of(overrides: list[str], output_dir: Path) -> str:
         (["train=false"], "ckpt_path"),
         (["resume=/nonexistent/run"], "not a run folder"),
     ],
-    ids=["n_embedding", "negative-weight", "negative-margin", "misspelled-added-key", "missing-data", "eval-without-ckpt", "resume-nowhere"],
+    ids=[
+        "n_embedding",
+        "negative-weight",
+        "negative-margin",
+        "misspelled-added-key",
+        "missing-data",
+        "eval-without-ckpt",
+        "resume-nowhere",
+    ],
 )
 def test_bad_input_is_one_line_without_results(overrides, expected, fast, tmp_path):
     """Guards bad input: each mistake ends with one `error: ...` line naming the cause,
@@ -184,7 +202,13 @@ def test_bad_input_is_one_line_without_results(overrides, expected, fast, tmp_pa
 def test_corrupt_image_is_one_line(image_folder, fast, tmp_path):
     """Guards a corrupt image file: named in one line (not a PIL traceback)."""
     (image_folder / "train" / "class0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
-    overrides = ["datamodule=imagefolder", f"datamodule.root={image_folder}", "datamodule.n_classes=3", f"dataset_dir={tmp_path}/data", "testmodules=noise"]
+    overrides = [
+        "datamodule=imagefolder",
+        f"datamodule.root={image_folder}",
+        "datamodule.n_classes=3",
+        f"dataset_dir={tmp_path}/data",
+        "testmodules=noise",
+    ]
     assert "broken.png" in _error_of([*fast, *overrides], tmp_path / "run")
 
 
@@ -308,13 +332,22 @@ def test_failed_run_removes_stale_results(reference, fast, tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
     shutil.copy(reference / "results.csv", folder / "results.csv")
-    overrides = ["train=false", f"ckpt_path={reference}", "testmodules=imagefolder", "datamodule.test_cases.ImageFolder.root=/nonexistent/ood"]
+    overrides = [
+        "train=false",
+        f"ckpt_path={reference}",
+        "testmodules=imagefolder",
+        "datamodule.test_cases.ImageFolder.root=/nonexistent/ood",
+    ]
     assert "not found" in _error_of([*fast, *overrides], folder)
 
 
 @pytest.mark.parametrize(
     "override, expected",
-    [("experiment=no-such-experiment", "no-such-experiment"), ("model=no-such-method", "no-such-method"), ("trainer.max_epoch=3", "max_epoch")],
+    [
+        ("experiment=no-such-experiment", "no-such-experiment"),
+        ("model=no-such-method", "no-such-method"),
+        ("trainer.max_epoch=3", "max_epoch"),
+    ],
 )
 def test_cli_config_mistakes_exit_nonzero(override, expected, tmp_path):
     """Guards Hydra-level mistakes (unknown experiment or method, misspelled key): non-zero
@@ -414,7 +447,9 @@ def test_trusted_checkpoint_loads_with_the_opt_in(reference, fast, tmp_path):
     """Guards the opt-in: with trust_checkpoint=true the same file is unpickled fully (its
     payload runs, as the user accepted) and the model tests as the reference run did."""
     evil, marker = _planted(reference, tmp_path)
-    results = run(compose_config([*fast, "train=false", f"ckpt_path={evil}", "trust_checkpoint=true"], tmp_path / "run"))
+    results = run(
+        compose_config([*fast, "train=false", f"ckpt_path={evil}", "trust_checkpoint=true"], tmp_path / "run")
+    )
     assert marker.exists()
     # the planted copy lies outside a run folder: its seed is unknown (empty), evaluated_from names it
     metrics_equal(reference / "results.csv", results, ignore=("seed", "evaluated_from"))
@@ -438,7 +473,9 @@ def signal_handlers():
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
-def test_a_preemption_signal_stops_at_a_batch_and_says_preempted(name, reference, fast, tmp_path, monkeypatch, capsys, signal_handlers):
+def test_a_preemption_signal_stops_at_a_batch_and_says_preempted(
+    name, reference, fast, tmp_path, monkeypatch, capsys, signal_handlers
+):
     """SIGTERM (or SLURM's --signal SIGUSR1) in epoch 3 of 3: exit status 143, FAILED.txt says
     preempted and how to resume; the trial continuation the sweeper uses (MCHAD_CONTINUE, same
     config) and resume= both end with the uninterrupted run's results.csv."""
@@ -493,8 +530,15 @@ def test_on_slurm_lightnings_auto_requeue_is_off(fast, tmp_path, monkeypatch):
 
     from mchad.runs.train import make_trainer
 
-    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
-                       "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "node1"}.items():
+    for key, value in {
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "train",
+        "SLURM_JOB_ID": "7",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "node1",
+    }.items():
         monkeypatch.setenv(key, value)
     trainer = make_trainer(compose_config(fast, tmp_path), loggers=[])
     environment = trainer._accelerator_connector.cluster_environment
@@ -509,13 +553,27 @@ def test_sigterm_to_a_run_exits_143_soon_and_resume_gives_the_uninterrupted_resu
     import time
 
     tests = str(ROOT / "tests")
-    signal_callback = ["+callbacks.signal._target_=sigkill_callback.SignalAt", "allowed_targets=[sigkill_callback.*]", "+callbacks.signal.seed=${seed}",
-                       f"+callbacks.signal.stamp={tmp_path / 'sent'}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    signal_callback = [
+        "+callbacks.signal._target_=sigkill_callback.SignalAt",
+        "allowed_targets=[sigkill_callback.*]",
+        "+callbacks.signal.seed=${seed}",
+        f"+callbacks.signal.stamp={tmp_path / 'sent'}",
+    ]
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]),
+    }
 
     def cli(*overrides: str, **extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(ROOT / "run.py"), *overrides], cwd=ROOT, env={**env, **extra},
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, str(ROOT / "run.py"), *overrides],
+            cwd=ROOT,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     whole = cli(*fast, *signal_callback, f"hydra.run.dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-3000:]

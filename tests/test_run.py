@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import ROOT, SHARED_DATA, compose_config
+
 from mchad.runs.train import RESULT_COLUMNS, run
 
 METRICS = ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95"]
@@ -85,7 +85,13 @@ def test_cli_run_on_an_image_folder_writes_everything(image_folder, tmp_path):
     import json
 
     provenance = json.loads((run_dir / "provenance.json").read_text())
-    assert set(provenance["datasets"]) == {"id/train", "id/test", "ood/GaussianNoise", "ood/UniformNoise", "ood/ImageFolder"}
+    assert set(provenance["datasets"]) == {
+        "id/train",
+        "id/test",
+        "ood/GaussianNoise",
+        "ood/UniformNoise",
+        "ood/ImageFolder",
+    }
     assert provenance["environment"]["torch"] and provenance["environment"]["device"].startswith("CPU")
     assert frame.code_version.nunique() == frame.config_hash.nunique() == 1
     assert frame.code_version.iloc[0] == provenance["code"]["version"]
@@ -119,7 +125,9 @@ def test_run_folders_are_unique_within_the_same_second():
 
 def test_missing_dataset_offline_is_one_clear_line(tmp_path):
     """Path 3 of the README without internet: the download fails with a clear cause."""
-    result = run_cli("experiment=cifar10-mchad", f"dataset_dir={tmp_path / 'nodata'}", f"paths.log_dir={tmp_path / 'logs'}")
+    result = run_cli(
+        "experiment=cifar10-mchad", f"dataset_dir={tmp_path / 'nodata'}", f"paths.log_dir={tmp_path / 'logs'}"
+    )
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: CIFAR10")

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import compose_config
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from conftest import compose_config
 from mchad.data import OODDataModule
 from mchad.data.sources import ImageArray, Source, decode_files, fit_image
 from mchad.models.methods import CAC, MCHAD, Center
@@ -133,7 +133,10 @@ def test_squash_resize_is_the_published_tensor_resize(tmp_path):
     # ours: short side resized, centre cropped: a 45 x 70 image loses its left and right edges
     path = tmp_path / "big.png"
     big.save(path)
-    assert decode_files([str(path)], 32, resize="crop")[0].permute(1, 2, 0).numpy().tolist() == fit_image(big, 32, "crop").tolist()
+    assert (
+        decode_files([str(path)], 32, resize="crop")[0].permute(1, 2, 0).numpy().tolist()
+        == fit_image(big, 32, "crop").tolist()
+    )
     assert not np.array_equal(fit_image(big, 32, "crop"), ours)
     assert decode_files([str(path)], 32, resize="squash")[0].permute(1, 2, 0).numpy().tolist() == ours.tolist()
 

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, compose_config
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_config
 from mchad.results.aggregate import main as aggregate_main
 from mchad.results.read_results import find_results
 from mchad.sweeps.sweep import FAILED_FILE, SweepReport, collect_trials, run_trial, sweep_status
@@ -45,8 +45,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _ray_works() -> bool:
     try:
-        import ray  # noqa: F401
         import hydra_plugins.hydra_ray_launcher.ray_launcher  # noqa: F401
+        import ray  # noqa: F401
     except ImportError:
         return False
     return True
@@ -187,10 +187,16 @@ def test_single_run_does_not_import_ray_and_fails_with_one_line(tmp_path):
     """A single run never creates the launcher (start-up time): no ray module is imported."""
     result = subprocess.run(
         [sys.executable, "-X", "importtime", str(RUN_PY), "model.weight_center=-1", f"paths.log_dir={tmp_path}"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 1
-    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    imported = [
+        line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
+    ]
     assert "torch" in imported  # the run got as far as building the model
     assert not [m for m in imported if m == "ray" or m.startswith("ray.")]
     messages = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
@@ -217,8 +223,12 @@ def test_collect_trials_reports_a_dead_worker_and_waits_for_the_rest(tmp_path, c
         3: JobReturn(status=JobStatus.COMPLETED, _return_value={"status": "ok"}),
     }
     order = [1, 2, 3, 0]  # the order the trials end in
-    config = {idx: OmegaConf.create({"hydra": {"sweep": {"dir": str(root), "subdir": "${hydra.job.num}"},
-                                                "job": {"num": idx}}}) for idx in outcomes}
+    config = {
+        idx: OmegaConf.create(
+            {"hydra": {"sweep": {"dir": str(root), "subdir": "${hydra.job.num}"}, "job": {"num": idx}}}
+        )
+        for idx in outcomes
+    }
     trials = {f"ref{idx}": (idx, [f"seed={idx}"], config[idx]) for idx in outcomes}
 
     def wait(pending, num_returns):
@@ -235,7 +245,11 @@ def test_collect_trials_reports_a_dead_worker_and_waits_for_the_rest(tmp_path, c
     assert [job.return_value["status"] for job in jobs] == ["ok", "failed", "failed", "ok"]
     assert all(job.status == JobStatus.COMPLETED for job in jobs)  # Hydra's sweeper goes on
     dead, raised = root / "1", root / "2"
-    assert (dead / FAILED_FILE).read_text().startswith("error: the trial's worker process died or was lost (WorkerCrashedError")
+    assert (
+        (dead / FAILED_FILE)
+        .read_text()
+        .startswith("error: the trial's worker process died or was lost (WorkerCrashedError")
+    )
     assert OmegaConf.load(dead / ".hydra" / "overrides.yaml") == ["seed=1"]
     assert "CUDA error" in (raised / FAILED_FILE).read_text().splitlines()[0]
     assert sweep_status(root)[0] == [finished[0], finished[3]]
@@ -246,10 +260,14 @@ def test_collect_trials_reports_a_dead_worker_and_waits_for_the_rest(tmp_path, c
     assert f"FAILED {dead}: the trial's worker process died" in err and f"FAILED {raised}: the trial raised" in err
 
 
-TRIAL_LINE = r"trial #(\d+) (.+): accuracy [\d.]+, AUROC [\d.]+ \(distance, mean of 3 test cases\), objective [\d.]+ \((.+)\)"
+TRIAL_LINE = (
+    r"trial #(\d+) (.+): accuracy [\d.]+, AUROC [\d.]+ \(distance, mean of 3 test cases\), objective [\d.]+ \((.+)\)"
+)
 
 
-def check_sweep_console(output: str, sweep_dir: Path, swept: dict[int, str], failed: dict[int, str] | None = None) -> None:
+def check_sweep_console(
+    output: str, sweep_dir: Path, swept: dict[int, str], failed: dict[int, str] | None = None
+) -> None:
     """The driver's console of a sweep: one line per trial (number, swept values, headline
     metrics and objective, or the failure, and its folder) and the report, nothing else: no
     results tables, no worker-prefixed lines, no foreign warnings, no colour codes."""
@@ -318,8 +336,12 @@ def test_ray_sweep_runs_trials_apart_and_reports_a_failing_one(tmp_path):
         assert f"FAILED {trial}: model.method:" in result.stderr
     # the console: one line per trial and the report (issue 32)
     swept = {int(t.name): key for key, t in trials.items()}
-    check_sweep_console(output, sweep_dir, {n: k for n, k in swept.items() if "=0.5" in k},
-                        {n: k for n, k in swept.items() if "=-1" in k})
+    check_sweep_console(
+        output,
+        sweep_dir,
+        {n: k for n, k in swept.items() if "=0.5" in k},
+        {n: k for n, k in swept.items() if "=-1" in k},
+    )
 
     results, missing = find_results(sweep_dir)
     assert sorted(results["seed"].unique()) == [1, 2] and results["run_dir"].nunique() == 2
@@ -335,8 +357,12 @@ def test_ray_sweep_reports_a_trial_whose_worker_was_killed(tmp_path):
     (Slow: a local Ray start takes 20-60 s on 2 shared cores; the fast test above pins the
     collection logic.)"""
     env = _env(PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    killer = ["+callbacks.killer._target_=sigkill_callback.KillOnSeed", "allowed_targets=[sigkill_callback.*]", "+callbacks.killer.seed=${seed}",
-              "+callbacks.killer.kill_seed=2"]
+    killer = [
+        "+callbacks.killer._target_=sigkill_callback.KillOnSeed",
+        "allowed_targets=[sigkill_callback.*]",
+        "+callbacks.killer.seed=${seed}",
+        "+callbacks.killer.kill_seed=2",
+    ]
     result = _sweep(["seed=1,2", "paths.log_dir=logs", *TINY, *killer], tmp_path, env, timeout=400)
     output = result.stdout + result.stderr
     (sweep_dir,) = (tmp_path / "logs" / "multiruns").iterdir()
@@ -359,11 +385,25 @@ def test_a_ray_trial_whose_worker_was_killed_continues_from_its_checkpoint_when_
     after epoch 1 and leaves the finished one alone (MCHAD_TEST_SIGNAL: tests/sigkill_callback.py)."""
     env = _env(PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     sweep_dir = tmp_path / "sweep"
-    command = ["seed=1,2", "paths.log_dir=logs", f"hydra.sweep.dir={sweep_dir}", "trainer.max_epochs=3",
-               "trainer.min_epochs=3", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "~logger",
-               "~callbacks.validation_views", "~callbacks.embedding_animation", "~callbacks.test_plots",
-               "~callbacks.hparams", "~callbacks.progress_bar", "~callbacks.lr_monitor",
-               "+callbacks.signal._target_=sigkill_callback.SignalAt", "allowed_targets=[sigkill_callback.*]", "+callbacks.signal.seed=${seed}"]
+    command = [
+        "seed=1,2",
+        "paths.log_dir=logs",
+        f"hydra.sweep.dir={sweep_dir}",
+        "trainer.max_epochs=3",
+        "trainer.min_epochs=3",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=1",
+        "~logger",
+        "~callbacks.validation_views",
+        "~callbacks.embedding_animation",
+        "~callbacks.test_plots",
+        "~callbacks.hparams",
+        "~callbacks.progress_bar",
+        "~callbacks.lr_monitor",
+        "+callbacks.signal._target_=sigkill_callback.SignalAt",
+        "allowed_targets=[sigkill_callback.*]",
+        "+callbacks.signal.seed=${seed}",
+    ]
     killed = _sweep(command, tmp_path, {**env, "MCHAD_TEST_SIGNAL": "SIGKILL:seed=2:epoch=1:batch=1"}, timeout=400)
     output = killed.stdout + killed.stderr
     assert killed.returncode == 1, output[-3000:]
@@ -414,9 +454,23 @@ def ray_head():
     env = _env(RAY_AUTH_MODE="disabled")
     log_path = Path(temp_dir) / "ray-start.log"
     head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        cwd=temp_dir, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        cwd=temp_dir,
+        env=env,
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
     def stop() -> None:
@@ -451,8 +505,12 @@ def test_sweep_on_an_existing_cluster(ray_head, tmp_path):
     """The workers of a cluster started elsewhere (other cwd, no MCHAD_ROOT) write each
     trial to the driver's <sweep dir>/<job num>/."""
     address, env = ray_head
-    result = _sweep([f"hydra.launcher.ray.init.address={address}", "seed=1,2", "paths.log_dir=logs", *TINY],
-                    tmp_path, env, timeout=400)
+    result = _sweep(
+        [f"hydra.launcher.ray.init.address={address}", "seed=1,2", "paths.log_dir=logs", *TINY],
+        tmp_path,
+        env,
+        timeout=400,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert f"Connecting to the existing Ray cluster at {address}" in output

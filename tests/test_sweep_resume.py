@@ -15,17 +15,22 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+from conftest import ROOT, compose_config
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_config
 from mchad.errors import ConfigError
 from mchad.runs.objective import OBJECTIVE_FILE, read_objective, trial_objective
 from mchad.sweeps.sweep_resume import LaunchPending, Trial, config_differences, counts_note, record
 
 RUN_PY = ROOT / "run.py"
 QUICK = [
-    "trainer.max_epochs=1", "trainer.min_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-    "trainer.enable_progress_bar=false", "~logger", "~callbacks",
+    "trainer.max_epochs=1",
+    "trainer.min_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false",
+    "~logger",
+    "~callbacks",
 ]
 
 
@@ -34,7 +39,11 @@ def _multirun(args: list[str], cwd: Path, timeout: int = 400) -> subprocess.Comp
 
     return subprocess.run(
         [sys.executable, str(RUN_PY), "-m", "hydra/launcher=basic", *args],
-        cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -77,7 +86,9 @@ def test_config_differences_name_changed_added_and_removed_keys():
     saved = {"seed": 3, "model": {"margin": 4.0, "radius": 0.0}, "trainer": {"max_epochs": 1}}
     wanted = {"seed": 3, "model": {"margin": 5.0}, "trainer": {"max_epochs": 1, "precision": "bf16-mixed"}}
     assert config_differences(saved, wanted) == [
-        "model.margin (4.0 -> 5.0)", "model.radius (0.0 -> <absent>)", "trainer.precision (<absent> -> bf16-mixed)",
+        "model.margin (4.0 -> 5.0)",
+        "model.radius (0.0 -> <absent>)",
+        "trainer.precision (<absent> -> bf16-mixed)",
     ]
     assert config_differences(saved, saved) == []
 
@@ -134,9 +145,17 @@ def test_the_objective_is_computed_from_validation_data_before_any_test_set(tmp_
     monkeypatch.setattr(OODDataModule, "test_dataloader", touched)
     monkeypatch.setattr(OODModel, "test_step", touched)
     cfg = compose_config(
-        ["trainer.max_epochs=2", "trainer.min_epochs=2", "trainer.enable_progress_bar=false", "~logger.tensorboard",
-         "~callbacks.embedding_animation", "~callbacks.test_plots", "~callbacks.hparams",
-         "callbacks.validation_views.projector=false", "callbacks.validation_views.histogram_image=false"],
+        [
+            "trainer.max_epochs=2",
+            "trainer.min_epochs=2",
+            "trainer.enable_progress_bar=false",
+            "~logger.tensorboard",
+            "~callbacks.embedding_animation",
+            "~callbacks.test_plots",
+            "~callbacks.hparams",
+            "callbacks.validation_views.projector=false",
+            "callbacks.validation_views.histogram_image=false",
+        ],
         output_dir=tmp_path,
     )
     with pytest.raises(_TestSetTouched):
@@ -197,8 +216,14 @@ def test_optuna_search_on_the_quick_start_optimises_the_validation_objective(tmp
 
     sweep_dir = tmp_path / "search"
     result = _multirun(
-        ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", *QUICK,
-         f"hydra.sweep.dir={sweep_dir}", f"paths.log_dir={tmp_path}/logs"],
+        [
+            "hydra/sweeper=optuna",
+            "hydra.sweeper.n_trials=4",
+            "hydra.sweeper.n_jobs=2",
+            *QUICK,
+            f"hydra.sweep.dir={sweep_dir}",
+            f"paths.log_dir={tmp_path}/logs",
+        ],
         tmp_path,
     )
     output = result.stdout + result.stderr
@@ -207,10 +232,19 @@ def test_optuna_search_on_the_quick_start_optimises_the_validation_objective(tmp
     # the console (issue 32): a line per trial with its drawn values, no Optuna colour codes
     assert "\x1b[" not in output and "[I " not in output
     assert sorted(line.split(":")[0].split()[1] for line in output.splitlines() if line.startswith("trial #")) == [
-        "#0", "#1", "#2", "#3"]
+        "#0",
+        "#1",
+        "#2",
+        "#3",
+    ]
     best = OmegaConf.load(sweep_dir / "optimization_results.yaml")
     assert set(best.best_params) == {
-        "model.weight_center", "model.weight_ce", "model.margin", "model.radius", "model.optimizer.lr"}
+        "model.weight_center",
+        "model.weight_ce",
+        "model.margin",
+        "model.radius",
+        "model.optimizer.lr",
+    }
     assert best.study.complete == 4 and best.objective.metric == "mean"
 
     study = optuna.load_study(study_name="digits-mchad", storage=f"sqlite:///{sweep_dir}/optuna.db")
@@ -229,8 +263,14 @@ def test_optuna_search_on_the_quick_start_optimises_the_validation_objective(tmp
 
     # continued in the same folder: 2 more trials, in new folders, with new parameters
     more = _multirun(
-        ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", *QUICK,
-         f"hydra.sweep.dir={sweep_dir}", f"paths.log_dir={tmp_path}/logs"],
+        [
+            "hydra/sweeper=optuna",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.n_jobs=2",
+            *QUICK,
+            f"hydra.sweep.dir={sweep_dir}",
+            f"paths.log_dir={tmp_path}/logs",
+        ],
         tmp_path,
     )
     assert more.returncode == 0, (more.stdout + more.stderr)[-3000:]
@@ -283,17 +323,23 @@ def test_unfinished_trials_continue_from_a_readable_checkpoint_else_start_over_a
     _trial_folder(tmp_path / "1", 1, good)
     _trial_folder(tmp_path / "2", 2, good[: len(good) // 2])
     _trial_folder(tmp_path / "3", 30, good)  # was run with seed=30
-    master = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path), "subdir": "${hydra.job.num}"}, "job": {"num": 0}}})
+    master = OmegaConf.create(
+        {"hydra": {"sweep": {"dir": str(tmp_path), "subdir": "${hydra.job.num}"}, "job": {"num": 0}}}
+    )
     jobs = [[f"seed={n}"] for n in range(5)]
     sweeper = SimpleNamespace(config=master, overrides=[jobs], hydra_context=SimpleNamespace(config_loader=_Loader()))
     launcher = _RecordingLauncher()
     with caplog.at_level("INFO"):
         LaunchPending(launcher, sweeper).launch(jobs, initial_job_idx=0)
     ckpt = tmp_path / "1" / "checkpoints" / "last.ckpt"
-    assert launcher.calls == [([["seed=1", f"++hydra.job.env_set.{CONTINUE_ENV}={ckpt}"], ["seed=2"], ["seed=3"], ["seed=4"]], 1)]
+    assert launcher.calls == [
+        ([["seed=1", f"++hydra.job.env_set.{CONTINUE_ENV}={ckpt}"], ["seed=2"], ["seed=3"], ["seed=4"]], 1)
+    ]
     lines = continued_lines(tmp_path)
     assert lines[0] == f"#1 resumed from epoch 2 (2 of 4 epochs done, {ckpt})"
-    assert lines[1].startswith(f"#2 starts over: checkpoint {tmp_path / '2' / 'checkpoints' / 'last.ckpt'} is unreadable")
+    assert lines[1].startswith(
+        f"#2 starts over: checkpoint {tmp_path / '2' / 'checkpoints' / 'last.ckpt'} is unreadable"
+    )
     assert lines[2] == "#3 starts over: its config changed since its checkpoint (differs in seed (30 -> 3))"
     assert len(lines) == 3 and all("\n" not in line for line in lines)
     messages = [r.getMessage() for r in caplog.records]
@@ -329,10 +375,20 @@ def test_the_report_lists_preempted_trials_apart_and_exits_143(tmp_path, capsys)
 # 4 short deterministic epochs with last.ckpt every epoch; the signal callback is in every
 # trial's config (it acts only when MCHAD_TEST_SIGNAL says so, so the re-run's config is the same)
 CONTINUABLE = [
-    "trainer.max_epochs=4", "trainer.min_epochs=4", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
-    "trainer.enable_progress_bar=false", "trainer.deterministic=true", "~logger.tensorboard",
-    "~callbacks.validation_views", "~callbacks.embedding_animation", "~callbacks.test_plots", "~callbacks.hparams",
-    "+callbacks.signal._target_=sigkill_callback.SignalAt", "allowed_targets=[sigkill_callback.*]", "+callbacks.signal.seed=${seed}",
+    "trainer.max_epochs=4",
+    "trainer.min_epochs=4",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.deterministic=true",
+    "~logger.tensorboard",
+    "~callbacks.validation_views",
+    "~callbacks.embedding_animation",
+    "~callbacks.test_plots",
+    "~callbacks.hparams",
+    "+callbacks.signal._target_=sigkill_callback.SignalAt",
+    "allowed_targets=[sigkill_callback.*]",
+    "+callbacks.signal.seed=${seed}",
 ]
 
 
@@ -343,8 +399,12 @@ def _multirun_env(args: list[str], cwd: Path, **env: str) -> subprocess.Complete
 
     tests = str(Path(__file__).resolve().parent)
     return subprocess.run(
-        [sys.executable, str(RUN_PY), "-m", "hydra/launcher=basic", *args], cwd=cwd, capture_output=True, text=True,
-        env=_env(PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]), **env), timeout=600,
+        [sys.executable, str(RUN_PY), "-m", "hydra/launcher=basic", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=_env(PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]), **env),
+        timeout=600,
     )
 
 
@@ -375,11 +435,16 @@ def test_a_sweep_killed_mid_trial_continues_that_trial_exactly(tmp_path):
     assert (sweep_dir / "2" / "results.csv").is_file()
     assert not list(sweep_dir.glob("*/FAILED.txt"))
 
-    reference = _multirun_env(["seed=2", *command[1:-2], f"hydra.sweep.dir={tmp_path / 'reference'}",
-                               f"paths.log_dir={tmp_path}/logs"], tmp_path)
+    reference = _multirun_env(
+        ["seed=2", *command[1:-2], f"hydra.sweep.dir={tmp_path / 'reference'}", f"paths.log_dir={tmp_path}/logs"],
+        tmp_path,
+    )
     assert reference.returncode == 0, (reference.stdout + reference.stderr)[-3000:]
-    pd.testing.assert_frame_equal(pd.read_csv(sweep_dir / "1" / "results.csv"),
-                                  pd.read_csv(tmp_path / "reference" / "0" / "results.csv"), check_exact=True)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(sweep_dir / "1" / "results.csv"),
+        pd.read_csv(tmp_path / "reference" / "0" / "results.csv"),
+        check_exact=True,
+    )
     with np.load(sweep_dir / "1" / "scores.npz") as a, np.load(tmp_path / "reference" / "0" / "scores.npz") as b:
         assert sorted(a.files) == sorted(b.files) and len(a.files) > 3
         for key in a.files:

@@ -47,16 +47,20 @@ def _metrics(auroc: float) -> dict[str, float]:
 @pytest.fixture()
 def sweep(tmp_path):
     root = tmp_path / "sweep"
-    for job, ((dataset, method), (aurocs, accuracies, score)) in enumerate(
-        (key, value) for key, value in RUNS.items()
-    ):
+    for job, ((dataset, method), (aurocs, accuracies, score)) in enumerate((key, value) for key, value in RUNS.items()):
         for i, seed in enumerate(SEEDS):
             run = root / f"{job}_{seed}"
             (run / ".hydra").mkdir(parents=True)
             rows = []
             for ood, offset in OOD_OFFSETS.items():
-                base = {"experiment": f"{dataset}-{method}".lower(), "id_dataset": dataset, "method": method,
-                        "test_case": ood, "seed": seed, "Accuracy": accuracies[i]}
+                base = {
+                    "experiment": f"{dataset}-{method}".lower(),
+                    "id_dataset": dataset,
+                    "method": method,
+                    "test_case": ood,
+                    "seed": seed,
+                    "Accuracy": accuracies[i],
+                }
                 rows.append({**base, "score": score, **_metrics(aurocs[i] + offset)})
                 if method == "CAC":
                     rows.append({**base, "score": "cac", **_metrics(CAC_OWN_SCORE_AUROC)})
@@ -83,19 +87,22 @@ def _expected_best(dataset: str, metric: str) -> set[str]:
 def _expected_significant(dataset: str, method: str, metric: str, alpha: float = 0.05) -> bool:
     if method == "MCHAD":
         return False
-    p = stats.ttest_ind(_per_seed_percent(dataset, "MCHAD", metric), _per_seed_percent(dataset, method, metric),
-                        equal_var=False).pvalue
+    p = stats.ttest_ind(
+        _per_seed_percent(dataset, "MCHAD", metric), _per_seed_percent(dataset, method, metric), equal_var=False
+    ).pvalue
     return p < alpha
 
 
-CELL = re.compile(r"^\$(?P<bold>\\mathbf\{)?(?P<mean>\d+\.\d+) \\pm (?P<spread>\d+\.\d+)\}?"
-                  r"(?P<dagger>\^\{\\dagger\})?\$$")
+CELL = re.compile(
+    r"^\$(?P<bold>\\mathbf\{)?(?P<mean>\d+\.\d+) \\pm (?P<spread>\d+\.\d+)\}?"
+    r"(?P<dagger>\^\{\\dagger\})?\$$"
+)
 
 
 def _parse_latex(tex: str) -> tuple[str, list[str], list[list[str]]]:
     """Column spec, header cells and body rows (cells) of the one tabular in ``tex``."""
     spec = re.search(r"\\begin\{tabular\}\{([^}]*)\}", tex).group(1)
-    body = tex[tex.index("\\toprule"):tex.index("\\bottomrule")].splitlines()[1:]
+    body = tex[tex.index("\\toprule") : tex.index("\\bottomrule")].splitlines()[1:]
     rows = [re.split(r"(?<!\\)&", line.removesuffix("\\\\").strip()) for line in body if line != "\\midrule"]
     rows = [[cell.strip() for cell in row] for row in rows]
     return spec, rows[0], rows[1:]
@@ -113,11 +120,21 @@ def _tables(sweep, spread="sem", alpha=0.05, config=None):
 def test_latex_structure_bold_and_markers_are_exactly_the_known_ones(sweep):
     spec, header, rows = _parse_latex(render_latex(_tables(sweep)))
     assert spec == "ll" + "c" * len(METRICS)
-    assert header[2:] == [r"Accuracy $\uparrow$", r"AUROC $\uparrow$", r"AUPR-IN $\uparrow$",
-                          r"AUPR-OUT $\uparrow$", r"FPR95 $\downarrow$"]
+    assert header[2:] == [
+        r"Accuracy $\uparrow$",
+        r"AUROC $\uparrow$",
+        r"AUPR-IN $\uparrow$",
+        r"AUPR-OUT $\uparrow$",
+        r"FPR95 $\downarrow$",
+    ]
     # methods as rows grouped by dataset, the config's order, dataset named once per group
-    assert [row[:2] for row in rows] == [["CIFAR10", "MCHAD"], ["", "CAC"], ["", "Softmax"],
-                                         ["SVHN", "MCHAD"], ["", "CAC"]]
+    assert [row[:2] for row in rows] == [
+        ["CIFAR10", "MCHAD"],
+        ["", "CAC"],
+        ["", "Softmax"],
+        ["SVHN", "MCHAD"],
+        ["", "CAC"],
+    ]
     dataset = None
     for row in rows:
         assert len(row) == len(spec)
@@ -186,8 +203,13 @@ def test_config_sets_order_names_and_scores(sweep, tmp_path):
     config = load_table_config(path)
     table = _tables(sweep, config=config)
     # SVHN first, listed methods in the listed order, Softmax (unlisted) after them
-    assert table.rows == [("SVHN", "CAC (own score)"), ("SVHN", "Ours"), ("CIFAR10", "CAC (own score)"),
-                          ("CIFAR10", "Ours"), ("CIFAR10", "Softmax")]
+    assert table.rows == [
+        ("SVHN", "CAC (own score)"),
+        ("SVHN", "Ours"),
+        ("CIFAR10", "CAC (own score)"),
+        ("CIFAR10", "Ours"),
+        ("CIFAR10", "Softmax"),
+    ]
     cac_auroc = table.cells[2][1]
     assert cac_auroc.mean == pytest.approx(100 * CAC_OWN_SCORE_AUROC) and cac_auroc.best
     caption = render_markdown(table).splitlines()[-1]
@@ -196,8 +218,12 @@ def test_config_sets_order_names_and_scores(sweep, tmp_path):
 
 @pytest.mark.parametrize(
     "text, message",
-    [("methods: {MCHAD: 1}\n", "must be a list"), ("colours: [red]\n", "unknown key"),
-     ("methods:\n  - {name: X}\n", "needs a 'method'"), ("- a\n", "expected a mapping")],
+    [
+        ("methods: {MCHAD: 1}\n", "must be a list"),
+        ("colours: [red]\n", "unknown key"),
+        ("methods:\n  - {name: X}\n", "needs a 'method'"),
+        ("- a\n", "expected a mapping"),
+    ],
 )
 def test_bad_table_config_is_one_error_line(sweep, tmp_path, capsys, text, message):
     path = tmp_path / "tables.yaml"
@@ -230,11 +256,24 @@ def test_per_ood_table_has_ood_sets_as_columns_for_one_metric(sweep):
 def test_main_writes_paper_tables_and_wide_csv(sweep, tmp_path, capsys):
     out = tmp_path / "agg"
     assert main([str(sweep), "--out", str(out), "--per-ood-metric", "auroc", "FPR95", "--spread", "std"]) == 0
-    for name in ("table.md", "table.tex", "table.csv", "table_per_ood.csv", "table_per_ood_AUROC.md",
-                 "table_per_ood_AUROC.tex", "table_per_ood_FPR95.tex", "welch.csv", "welch_per_ood.csv"):
+    for name in (
+        "table.md",
+        "table.tex",
+        "table.csv",
+        "table_per_ood.csv",
+        "table_per_ood_AUROC.md",
+        "table_per_ood_AUROC.tex",
+        "table_per_ood_FPR95.tex",
+        "welch.csv",
+        "welch_per_ood.csv",
+    ):
         assert (out / name).is_file(), name
-    assert (out / "table.csv").read_text().splitlines()[0].startswith(
-        "Dataset,Model,Score,OOD sets,Seeds,Seed list,Accuracy mean,Accuracy std,Accuracy sem,")
+    assert (
+        (out / "table.csv")
+        .read_text()
+        .splitlines()[0]
+        .startswith("Dataset,Model,Score,OOD sets,Seeds,Seed list,Accuracy mean,Accuracy std,Accuracy sem,")
+    )
     printed = capsys.readouterr().out
     assert "| CIFAR10 | MCHAD" in printed and "91.00 ± 1.00" in printed and "standard deviation" in printed
 
@@ -259,7 +298,12 @@ def test_latex_compiles(sweep, tmp_path):
         "\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
         f"\\input{{{out / 'table.tex'}}}\n\\input{{{out / 'table_per_ood_AUROC.tex'}}}\n\\end{{document}}\n"
     )
-    result = subprocess.run([engine, "-interaction=nonstopmode", "-halt-on-error", document.name],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [engine, "-interaction=nonstopmode", "-halt-on-error", document.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout[-2000:]
     assert (tmp_path / "doc.pdf").stat().st_size > 0

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pickle
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import ALL_EXPERIMENTS, compose_config
+from omegaconf import OmegaConf
+from test_robustness import run_cli
+
 from mchad.errors import ConfigError
 from mchad.targets import ALLOWED, allowed_patterns, check_targets, config_targets, is_allowed
-from test_robustness import run_cli
 
 
 class Planted:
@@ -45,7 +45,9 @@ def test_patterns_allow_below_a_package_or_one_exact_name():
     "target", ["torch.load", "shutil.copy", "builtins.open", "os.system", "pickle.loads", "${oc.env:EVIL}"]
 )
 def test_targets_off_the_list_are_refused_naming_key_and_target(target):
-    cfg = OmegaConf.create({"model": {"method": {"_target_": "mchad.models.methods.MCHAD"}}, "callbacks": {"x": {"_target_": target}}})
+    cfg = OmegaConf.create(
+        {"model": {"method": {"_target_": "mchad.models.methods.MCHAD"}}, "callbacks": {"x": {"_target_": target}}}
+    )
     with pytest.raises(ConfigError, match=r"^callbacks\.x\._target_=.* is not an allowed target"):
         check_targets(cfg)
 
@@ -66,7 +68,9 @@ def test_allowed_targets_adds_a_users_package():
 def _assert_refused(result, key: str, target: str) -> None:
     assert result.returncode == 1, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {key}={target} is not an allowed target"), result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}={target} is not an allowed target"), result.stderr[
+        -2000:
+    ]
 
 
 def test_a_planted_pickle_through_torch_load_is_refused_without_running(tmp_path):
@@ -77,8 +81,11 @@ def test_a_planted_pickle_through_torch_load_is_refused_without_running(tmp_path
     marker.unlink()
     logs = tmp_path / "logs"
     result = run_cli(
-        "+callbacks.x._target_=torch.load", f"+callbacks.x.f={planted}", "+callbacks.x.weights_only=false",
-        f"paths.log_dir={logs}", timeout=300,
+        "+callbacks.x._target_=torch.load",
+        f"+callbacks.x.f={planted}",
+        "+callbacks.x.weights_only=false",
+        f"paths.log_dir={logs}",
+        timeout=300,
     )
     _assert_refused(result, "callbacks.x._target_", "torch.load")
     assert not marker.exists()
@@ -96,7 +103,9 @@ def test_shutil_copy_and_builtins_open_in_an_experiment_file_are_refused(tmp_pat
         f"  wipe:\n    _target_: builtins.open\n    file: {victim}\n    mode: w\n"
     )
     result = run_cli(
-        "experiment=evil", f"hydra.searchpath=[file://{tmp_path / 'config'}]", f"paths.log_dir={tmp_path / 'logs'}",
+        "experiment=evil",
+        f"hydra.searchpath=[file://{tmp_path / 'config'}]",
+        f"paths.log_dir={tmp_path / 'logs'}",
         timeout=300,
     )
     assert result.returncode == 1, result.stderr[-2000:]
@@ -107,8 +116,13 @@ def test_shutil_copy_and_builtins_open_in_an_experiment_file_are_refused(tmp_pat
 
 def test_a_sweep_is_refused_before_any_trial(tmp_path):
     result = run_cli(
-        "-m", "hydra/launcher=basic", "seed=1,2", "+callbacks.x._target_=builtins.exec", "+callbacks.x._args_=[1]",
-        f"paths.log_dir={tmp_path}", timeout=300,
+        "-m",
+        "hydra/launcher=basic",
+        "seed=1,2",
+        "+callbacks.x._target_=builtins.exec",
+        "+callbacks.x._args_=[1]",
+        f"paths.log_dir={tmp_path}",
+        timeout=300,
     )
     _assert_refused(result, "callbacks.x._target_", "builtins.exec")
     assert not (tmp_path / "multiruns").exists()

@@ -34,7 +34,6 @@ def _existing(path: str | Path) -> Path:
     return p.resolve()
 
 
-
 def checkpoint_file(path: str | Path) -> Path:
     """A checkpoint file, or a run folder standing for its ``checkpoints/last.ckpt``."""
     p = _existing(path)
@@ -61,7 +60,9 @@ def safe_torch_load(path: str | Path, what: str = "checkpoint", trust: bool = Fa
     as they come, for the caller to word.
     """
     if trust:
-        log.warning("Loading %s %s with full unpickling (%s=true): it can run code from the file", what, path, TRUST_KEY)
+        log.warning(
+            "Loading %s %s with full unpickling (%s=true): it can run code from the file", what, path, TRUST_KEY
+        )
         return torch.load(path, map_location="cpu", weights_only=False)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -99,7 +100,9 @@ def load_checkpoint(path: str | Path, hint: str = "", trust: bool = False) -> di
     except UnsafeCheckpointError:
         raise
     except Exception as error:
-        raise CheckpointError(f"checkpoint {p} is unreadable (truncated or corrupt?): {first_line(error)}{hint}") from error
+        raise CheckpointError(
+            f"checkpoint {p} is unreadable (truncated or corrupt?): {first_line(error)}{hint}"
+        ) from error
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"checkpoint {p} is not a checkpoint of this project (it has no state_dict)")
     return ckpt
@@ -124,7 +127,6 @@ def check_fits(model: torch.nn.Module, ckpt: dict, path: str | Path) -> None:
         )
 
 
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file and renames it: a run killed while saving
     keeps its previous last.ckpt instead of a truncated one."""
@@ -139,4 +141,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
-

@@ -146,7 +146,9 @@ def register_experiments() -> None:
             }
             if method in ("cac", "gcac"):  # CAC's embedding has one dimension per known class
                 node["model"] = {"n_embedding": "${datamodule.n_classes}"}
-            store_config(store, group="experiment", name=osr_experiment_name(setting, method), node=node, package="_global_")
+            store_config(
+                store, group="experiment", name=osr_experiment_name(setting, method), node=node, package="_global_"
+            )
 
 
 register()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shlex
 import shutil
 import sys
 import traceback

@@ -82,5 +82,9 @@ class OptunaSearchConfig(SearchPathPlugin):
             from mchad.targets import store_config
 
             store_config(
-                ConfigStore.instance(), group="hydra/sweeper", name="optuna", node={"defaults": ["optuna_search"]}, provider="mchad"
+                ConfigStore.instance(),
+                group="hydra/sweeper",
+                name="optuna",
+                node={"defaults": ["optuna_search"]},
+                provider="mchad",
             )

@@ -89,29 +89,61 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
     p.add_argument("--compile", default="false", help="model.compile: false, true or a torch.compile mode")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a further run.py override, e.g. --set model.backbone.width=16 (repeatable)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0: torch's default); in (e), of every trial run as a process (0: the "
-                        "trial alone torch's default, each packed one its share of the cores)")
-    p.add_argument("--sync-steps", type=int, default=20,
-                   help="(a), CUDA only: training steps whose host synchronisations are counted")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a further run.py override, e.g. --set model.backbone.width=16 (repeatable)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default); in (e), of every trial run as a process (0: the "
+        "trial alone torch's default, each packed one its share of the cores)",
+    )
+    p.add_argument(
+        "--sync-steps",
+        type=int,
+        default=20,
+        help="(a), CUDA only: training steps whose host synchronisations are counted",
+    )
     p.add_argument("--packed", type=int, default=8, metavar="K", help="(e): trials trained at once")
     p.add_argument("--packed-steps", type=int, default=100, help="(e): training steps of each trial")
-    p.add_argument("--packing", choices=["auto", "processes", "ray"], default="auto",
-                   help="(e): K plain processes, one Ray sweep (hydra/launcher=ray_gpu, or ray on a CPU), "
-                        "or auto = Ray if importable and on a GPU, else processes")
-    p.add_argument("--packed-config", choices=["bench", "quickstart"], default="bench",
-                   help="(e): the trials' configuration: the benchmark's (cifar10-mchad, --data, --backbone, ...) "
-                        "or the quick-start's (digits)")
-    p.add_argument("--row-seeds", type=int, default=0, metavar="N",
-                   help="(e): also time a whole N-seed sweep, K at once (0: off; the paper's CIFAR-10 row: 21)")
-    p.add_argument("--only", default=None,
-                   help=f"comma-separated sections of {', '.join(SECTIONS)} (default: {','.join(DEFAULT_SECTIONS)}, "
-                        "and packed on a GPU)")
-    p.add_argument("--work-dir", default=None,
-                   help="keep the timed runs' folders and logs here (a new or empty folder; default: a temporary "
-                        "folder, removed at the end)")
+    p.add_argument(
+        "--packing",
+        choices=["auto", "processes", "ray"],
+        default="auto",
+        help="(e): K plain processes, one Ray sweep (hydra/launcher=ray_gpu, or ray on a CPU), "
+        "or auto = Ray if importable and on a GPU, else processes",
+    )
+    p.add_argument(
+        "--packed-config",
+        choices=["bench", "quickstart"],
+        default="bench",
+        help="(e): the trials' configuration: the benchmark's (cifar10-mchad, --data, --backbone, ...) "
+        "or the quick-start's (digits)",
+    )
+    p.add_argument(
+        "--row-seeds",
+        type=int,
+        default=0,
+        metavar="N",
+        help="(e): also time a whole N-seed sweep, K at once (0: off; the paper's CIFAR-10 row: 21)",
+    )
+    p.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated sections of {', '.join(SECTIONS)} (default: {','.join(DEFAULT_SECTIONS)}, "
+        "and packed on a GPU)",
+    )
+    p.add_argument(
+        "--work-dir",
+        default=None,
+        help="keep the timed runs' folders and logs here (a new or empty folder; default: a temporary "
+        "folder, removed at the end)",
+    )
     args = p.parse_args(argv)
     if args.work_dir and Path(args.work_dir).exists() and any(Path(args.work_dir).iterdir()):
         p.error(f"--work-dir {args.work_dir} is not empty (its runs would mix with this benchmark's)")
@@ -137,8 +169,13 @@ def main(argv=None) -> dict:
     import pytorch_lightning  # noqa: F401  (sets its loggers' levels on import: quiet them after)
 
     args = parse_args(argv)
-    quiet = {"pytorch_lightning": logging.WARNING, "lightning": logging.WARNING, "lightning_fabric": logging.WARNING,
-             "lightning.pytorch": logging.WARNING, "mchad": logging.ERROR}
+    quiet = {
+        "pytorch_lightning": logging.WARNING,
+        "lightning": logging.WARNING,
+        "lightning_fabric": logging.WARNING,
+        "lightning.pytorch": logging.WARNING,
+        "mchad": logging.ERROR,
+    }
     levels = {name: logging.getLogger(name).level for name in quiet}
     try:
         for name, level in quiet.items():
@@ -172,11 +209,16 @@ def _main(args, argv: list[str]) -> dict:
         sections = set(args.only.split(",")) if args.only else {*DEFAULT_SECTIONS, *(("packed",) if on_gpu else ())}
         print("=" * 78)
         print("mchad benchmark:", " ".join(argv) or "(defaults)")
-        print(f"machine: {gpu or 'CPU only'}; {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads; load average {load:.1f} at start")
-        print(f"data: {args.data}" + (f" ({args.root})" if args.data == "cifar10" else " (uint8 3x32x32, 50k/10k)")
-              + f"; backbone {args.backbone}; batch {args.batch_size}; Adam + cosine; precision {args.precision}; "
-              f"device {device}; channels_last {args.channels_last}; compile {args.compile}")
+        print(
+            f"machine: {gpu or 'CPU only'}; {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; load average {load:.1f} at start"
+        )
+        print(
+            f"data: {args.data}"
+            + (f" ({args.root})" if args.data == "cifar10" else " (uint8 3x32x32, 50k/10k)")
+            + f"; backbone {args.backbone}; batch {args.batch_size}; Adam + cosine; precision {args.precision}; "
+            f"device {device}; channels_last {args.channels_last}; compile {args.compile}"
+        )
         print("=" * 78, flush=True)
 
         if "train" in sections:
@@ -201,15 +243,21 @@ def _main(args, argv: list[str]) -> dict:
                                             "text": sampler.describe(light_windows)}}  # fmt: skip
             ratio = statistics.median(ratios)  # paired: each Lightning repeat with the bare one next to it
             of_medians = statistics.median(light) / statistics.median(bare)
-            print(f"(a) training, {args.steps} steps x {args.batch_size} images after {args.warmup} warm-up steps, {args.repeats} repeats")
+            print(
+                f"(a) training, {args.steps} steps x {args.batch_size} images after {args.warmup} warm-up steps, {args.repeats} repeats"
+            )
             print(f"    run.py Lightning path : {fmt(light, ' img/s')}")
             print(f"    bare PyTorch loop     : {fmt(bare, ' img/s')}")
-            print(f"    ratio Lightning/bare  : {ratio:.3f} (median of the paired repeats {', '.join(f'{r:.3f}' for r in ratios)}); "
-                  f"ratio of the medians {of_medians:.3f}  [target >= 0.95: {'MET' if ratio >= 0.95 else 'MISSED'}]")
+            print(
+                f"    ratio Lightning/bare  : {ratio:.3f} (median of the paired repeats {', '.join(f'{r:.3f}' for r in ratios)}); "
+                f"ratio of the medians {of_medians:.3f}  [target >= 0.95: {'MET' if ratio >= 0.95 else 'MISSED'}]"
+            )
             per_step = (args.batch_size / statistics.median(light) - args.batch_size / statistics.median(bare)) * 1e3
             print(f"    framework overhead    : {per_step:+.1f} ms per step", flush=True)
-            print(f"    GPU busy, Lightning   : {sampler.describe(light_windows)}"
-                  + (f"  [target >= 80 %: {'MET' if busy >= 80 else 'MISSED'}]" if busy is not None else ""))
+            print(
+                f"    GPU busy, Lightning   : {sampler.describe(light_windows)}"
+                + (f"  [target >= 80 %: {'MET' if busy >= 80 else 'MISSED'}]" if busy is not None else "")
+            )
             print(f"    GPU busy, bare loop   : {sampler.describe(bare_windows)}", flush=True)
             if on_gpu:
                 warm = args.warmup + 3  # past the first steps' one-off work (compilation, CUDA graph capture)
@@ -218,42 +266,60 @@ def _main(args, argv: list[str]) -> dict:
                 outside = sum(c for i, c in enumerate(per) if i not in logging_steps)
                 report["syncs"] = {"per_step": per, "logging_steps": logging_steps, "outside_logging": outside,
                                    "locations": dict(counter.locations)}  # fmt: skip
-                print(f"    host syncs per step   : median {statistics.median(per):g}, max {max(per)} over {len(per)} steps "
-                      f"after {warm} warm-up steps; {sum(per)} in all, {outside} outside the logging steps "
-                      f"({', '.join(map(str, logging_steps)) or 'none'}; trainer.log_every_n_steps="
-                      f"{cfg.trainer.log_every_n_steps})  [target 0 outside logging steps: {'MET' if outside == 0 else 'MISSED'}]")
+                print(
+                    f"    host syncs per step   : median {statistics.median(per):g}, max {max(per)} over {len(per)} steps "
+                    f"after {warm} warm-up steps; {sum(per)} in all, {outside} outside the logging steps "
+                    f"({', '.join(map(str, logging_steps)) or 'none'}; trainer.log_every_n_steps="
+                    f"{cfg.trainer.log_every_n_steps})  [target 0 outside logging steps: {'MET' if outside == 0 else 'MISSED'}]"
+                )
                 for where, n in counter.locations.most_common(8):
                     print(f"      {n:4d} x {where}")
             else:
-                print("    host syncs per step   : n/a (CUDA only; the CPU test suite checks the step with an emulated device)")
+                print(
+                    "    host syncs per step   : n/a (CUDA only; the CPU test suite checks the step with an emulated device)"
+                )
 
         if "data" in sections:
             rates = data_pipeline(compose(args, next(runs)), args, args.data_batches)
             report["data"] = rates
             reference = statistics.median(report["train"]["lightning"]) if "train" in report else None
-            print(f"(b) data pipeline alone (permutation, gather, transfer, crop+flip+normalise), {args.data_batches} batches")
+            print(
+                f"(b) data pipeline alone (permutation, gather, transfer, crop+flip+normalise), {args.data_batches} batches"
+            )
             print(f"    {fmt(rates, ' img/s')}")
             if reference:
                 ratio = statistics.median(rates) / reference
-                print(f"    ratio data/training   : {ratio:.1f}x  [target >= 10x: {'MET' if ratio >= 10 else 'MISSED'}]", flush=True)
+                print(
+                    f"    ratio data/training   : {ratio:.1f}x  [target >= 10x: {'MET' if ratio >= 10 else 'MISSED'}]",
+                    flush=True,
+                )
 
         if "eval" in sections:
             ev = evaluation(compose(args, next(runs), eval_sets=True), args)
             report["eval"] = ev
-            print(f"(c) testing: ID test set + {ev['cases']} OOD sets = {ev['images']:,} images, {ev['rows']} metric rows")
+            print(
+                f"(c) testing: ID test set + {ev['cases']} OOD sets = {ev['images']:,} images, {ev['rows']} metric rows"
+            )
             print(f"    scoring               : {fmt(ev['scoring'], ' img/s')}")
             print(f"    scoring + all metrics : {fmt(ev['metrics'], ' s', 2)}")
             print(f"    whole trainer.test    : {fmt(ev['test_call'], ' s', 2)} (with the plotting callbacks)")
             if "train" in report:
-                print(f"    scoring/training rate : {statistics.median(ev['scoring']) / statistics.median(report['train']['lightning']):.1f}x", flush=True)
+                print(
+                    f"    scoring/training rate : {statistics.median(ev['scoring']) / statistics.median(report['train']['lightning']):.1f}x",
+                    flush=True,
+                )
 
         if "startup" in sections:
             print("(d) start-up: `python run.py ...` to its first training step")
             cases = {"quick-start (digits)": []}
             if args.data == "cifar10":
                 cases["CIFAR-10 image folder"] = [
-                    "experiment=cifar10-mchad", "datamodule=imagefolder", f"datamodule.root={args.root}",
-                    "testmodules=noise", f"model/backbone={args.backbone}", *args.set,
+                    "experiment=cifar10-mchad",
+                    "datamodule=imagefolder",
+                    f"datamodule.root={args.root}",
+                    "testmodules=noise",
+                    f"model/backbone={args.backbone}",
+                    *args.set,
                 ]
             report["startup"] = {}
             for name, overrides in cases.items():
@@ -267,24 +333,33 @@ def _main(args, argv: list[str]) -> dict:
                 sanity = statistics.median(info["phases"]["sanity validation"])
                 if sanity > 0.1:  # Lightning's 2 validation batches before training: model compute, not set-up
                     rest = [t - v for t, v in zip(times, info["phases"]["sanity validation"])]
-                    print(f"    {'':22s}  without the sanity validation: {fmt(rest, ' s', 2)}  "
-                          f"[target <= 5 s: {'MET' if statistics.median(rest) <= 5 else 'MISSED'}]")
-                print(f"    {'':22s}  Ray imported: {info['ray_imported']}; images decoded: {info['decoded_images']}; "
-                      f"uint8 cache files loaded: {info['cache_loads']}; also imported: {', '.join(info['imported'])}", flush=True)
+                    print(
+                        f"    {'':22s}  without the sanity validation: {fmt(rest, ' s', 2)}  "
+                        f"[target <= 5 s: {'MET' if statistics.median(rest) <= 5 else 'MISSED'}]"
+                    )
+                print(
+                    f"    {'':22s}  Ray imported: {info['ray_imported']}; images decoded: {info['decoded_images']}; "
+                    f"uint8 cache files loaded: {info['cache_loads']}; also imported: {', '.join(info['imported'])}",
+                    flush=True,
+                )
             if on_gpu:  # in fresh processes: cold, as at the start of a run
                 costs = [first_use_seconds("cuda") for _ in range(args.startup_repeats)]
                 report["cuda_start"] = {name: [c[name] for c in costs] for name in costs[0]}
                 cuda_own = [sum(v for n, v in c.items() if n != "import torch") for c in costs]
                 report["cuda_start"]["CUDA's own start"] = cuda_own
-                print(f"    CUDA's own start (torch.cuda.init() + first matmul + first cuDNN conv, fresh process): "
-                      f"{fmt(cuda_own, ' s', 2)}")
+                print(
+                    f"    CUDA's own start (torch.cuda.init() + first matmul + first cuDNN conv, fresh process): "
+                    f"{fmt(cuda_own, ' s', 2)}"
+                )
                 print("      " + "; ".join(f"{n} {statistics.median(v):.2f} s" for n, v in report["cuda_start"].items()
                                            if n != "CUDA's own start"))  # fmt: skip
             else:
                 print("    CUDA's own start: n/a (no GPU)")
             total, heavy = import_times()
-            print(f"    `import mchad.runs.train` (python -X importtime): {total:.2f} s; heaviest: "
-                  + ", ".join(f"{n} {t:.2f}" for n, t in heavy[:6]))
+            print(
+                f"    `import mchad.runs.train` (python -X importtime): {total:.2f} s; heaviest: "
+                + ", ".join(f"{n} {t:.2f}" for n, t in heavy[:6])
+            )
         if "packed" in sections:
             try:
                 packed_section(args, work, on_gpu, gpu_index, report)

@@ -57,9 +57,9 @@ def first_step_probe(out: str):
             self.marks["sanity_end"] = time.time()
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            from mchad.data import sources
-
             import resource
+
+            from mchad.data import sources
 
             usage = resource.getrusage(resource.RUSAGE_SELF)
             info = {
@@ -67,7 +67,9 @@ def first_step_probe(out: str):
                 **self.marks,
                 "cpu_seconds": usage.ru_utime + usage.ru_stime,
                 "ray_imported": "ray" in sys.modules,
-                "imported": [m for m in ("pandas", "sklearn", "scipy", "matplotlib", "tensorboard") if m in sys.modules],
+                "imported": [
+                    m for m in ("pandas", "sklearn", "scipy", "matplotlib", "tensorboard") if m in sys.modules
+                ],
                 "decoded_images": getattr(sources, "DECODED_IMAGES", None),
                 "cache_loads": getattr(sources, "CACHE_LOADS", None),
             }
@@ -114,8 +116,10 @@ def bench_overrides(args) -> list[str]:
         overrides += ["datamodule=imagefolder", f"datamodule.root={args.root}"]
     else:  # a merge would keep the torchvision source's keys: drop the node, then add ours
         for split, n, seed in (("train", 50000, 1), ("test", 10000, 2)):
-            overrides += [f"~datamodule.{split}",
-                          f"+datamodule.{split}={{_target_:mchad.bench.common.synthetic_source,n:{n},seed:{seed}}}"]
+            overrides += [
+                f"~datamodule.{split}",
+                f"+datamodule.{split}={{_target_:mchad.bench.common.synthetic_source,n:{n},seed:{seed}}}",
+            ]
     if args.device != "auto":
         overrides += [f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}"]
     return overrides + list(args.set)
@@ -125,13 +129,12 @@ def compose(args, output_dir: Path, eval_sets: bool = False):
     """The run.py configuration for the benchmark's data, backbone, batch size and device."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-
-    from mchad.targets import VERSION_BASE_KWARGS
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     import mchad  # noqa: F401  (resolvers)
+    from mchad.targets import VERSION_BASE_KWARGS
 
     overrides = [*bench_overrides(args), f"seed={args.seed}"]
     GlobalHydra.instance().clear()
@@ -150,7 +153,10 @@ def compose(args, output_dir: Path, eval_sets: bool = False):
             # crop/resize, LSUN crop/resize): scoring cost does not depend on the content
             for i in range(1, 6):
                 cases[f"synthetic{i}"] = {
-                    "_target_": "mchad.bench.common.synthetic_source", "n": n, "seed": 100 + i, "labelled": False,
+                    "_target_": "mchad.bench.common.synthetic_source",
+                    "n": n,
+                    "seed": 100 + i,
+                    "labelled": False,
                     "name": f"synthetic{i}",
                 }
         cfg.datamodule.test_cases = cases
@@ -194,7 +200,6 @@ def step_timer(first: int, last: int):
                 self.window = (self._wall0, time.time())
 
     return StepTimer()
-
 
 
 def resolve_device(cfg):

@@ -56,8 +56,16 @@ class UtilisationSampler:
 
             return float(torch.cuda.utilization(self.index))
         proc = subprocess.run(
-            [self._smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", nvidia_smi_id(self.index)],
-            capture_output=True, text=True, timeout=10,
+            [
+                self._smi,
+                "--query-gpu=utilization.gpu",
+                "--format=csv,noheader,nounits",
+                "-i",
+                nvidia_smi_id(self.index),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         lines = proc.stdout.split()
         if proc.returncode or not lines:
@@ -208,5 +216,3 @@ def host_syncs(cfg, warmup: int, steps: int, set_mode=None):
     trainer = lightning_trainer(cfg, warmup + steps + 1, [counter])
     trainer.fit(model, datamodule=datamodule)
     return counter
-
-

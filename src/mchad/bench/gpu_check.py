@@ -186,7 +186,9 @@ def summary(work: Path) -> str:
                                          for name, seconds, status in done) + f"; total {total:.0f} s")  # fmt: skip
         if total > BUDGET_S:
             worst = max(done, key=lambda p: p[1])
-            text.append(f"OVER BUDGET: {total:.0f} s > {BUDGET_S} s; the longest phase was {worst[0]} ({worst[1]:.0f} s)")
+            text.append(
+                f"OVER BUDGET: {total:.0f} s > {BUDGET_S} s; the longest phase was {worst[0]} ({worst[1]:.0f} s)"
+            )
     return "\n".join(text)
 
 
@@ -204,7 +206,8 @@ def bench_lines(b: dict) -> list[str]:
     lines = [
         "benchmark ({args}): Lightning {lightning:,.0f} img/s, bare loop {bare:,.0f} img/s, "
         "ratio {ratio:.3f}; ID + OOD test sets scored at {scoring:,.0f} img/s".format(
-            **{"lightning": nan, "bare": nan, "ratio": nan, "scoring": nan, **b})  # older files: n/a as nan
+            **{"lightning": nan, "bare": nan, "ratio": nan, "scoring": nan, **b}
+        )  # older files: n/a as nan
     ]
     util, syncs, cuda = b.get("gpu_util"), b.get("syncs"), b.get("cuda_start_s")
     sync_text = "n/a"
@@ -272,7 +275,10 @@ def bench(work: Path, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) < 2 or argv[0] not in ("summary", "bench"):
-        print("error: usage: python -m mchad.bench.gpu_check summary WORK | bench WORK -- <bench arguments>", file=sys.stderr)
+        print(
+            "error: usage: python -m mchad.bench.gpu_check summary WORK | bench WORK -- <bench arguments>",
+            file=sys.stderr,
+        )
         return 1
     work = Path(argv[1])
     if argv[0] == "summary":

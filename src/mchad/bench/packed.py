@@ -12,7 +12,6 @@ from pathlib import Path
 from mchad.bench.common import REPO, bench_overrides, fmt
 from mchad.bench.gpu import UtilisationSampler
 
-
 # --- (e) packed trials --------------------------------------------------------------------------------
 TIMER_OVERRIDES = [
     "+callbacks.gpu_check_timer._target_=mchad.bench.gpu_check.run_timer",
@@ -77,8 +76,19 @@ def run_processes(commands: list[tuple[list[str], Path]], concurrency: int, thre
             log.parent.mkdir(parents=True, exist_ok=True)
             launched[i] = time.time()
             handle = log.open("w")
-            running.append((subprocess.Popen([*command, f"+callbacks.gpu_check_timer.started={launched[i]}"],
-                                             cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT), handle, log))
+            running.append(
+                (
+                    subprocess.Popen(
+                        [*command, f"+callbacks.gpu_check_timer.started={launched[i]}"],
+                        cwd=REPO,
+                        env=env,
+                        stdout=handle,
+                        stderr=subprocess.STDOUT,
+                    ),
+                    handle,
+                    log,
+                )
+            )
         time.sleep(0.05)
         for entry in [e for e in running if e[0].poll() is not None]:
             running.remove(entry)
@@ -94,7 +104,11 @@ def multirun(overrides: list[str], seeds: int, k: int, on_gpu: bool, sweep_dir: 
     """One ``python run.py -m`` of ``seeds`` seeds on Ray, k trials at once (each 1/k of the GPU,
     or of the CPUs without one); returns its launch time. Fails unless every trial succeeded."""
     cores = os.cpu_count() or 1
-    launcher = ["hydra/launcher=ray_gpu", f"hydra.launcher.ray.remote.num_gpus={share(1, k)}"] if on_gpu else ["hydra/launcher=ray"]
+    launcher = (
+        ["hydra/launcher=ray_gpu", f"hydra.launcher.ray.remote.num_gpus={share(1, k)}"]
+        if on_gpu
+        else ["hydra/launcher=ray"]
+    )
     # ray_gpu reserves 4 CPUs a trial: 8 trials would wait for 32 cores; give each 1/k of them
     launcher.append(f"hydra.launcher.ray.remote.num_cpus={share(cores, k)}")
     seed_list = ",".join(str(s) for s in range(1, seeds + 1))
@@ -107,7 +121,9 @@ def multirun(overrides: list[str], seeds: int, k: int, on_gpu: bool, sweep_dir: 
         proc = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
     done = len(list(sweep_dir.glob("*/results.csv")))
     if proc.returncode or done != seeds:
-        raise RuntimeError(f"Ray sweep failed (exit {proc.returncode}, {done}/{seeds} trials done):\n{log.read_text()[-3000:]}")
+        raise RuntimeError(
+            f"Ray sweep failed (exit {proc.returncode}, {done}/{seeds} trials done):\n{log.read_text()[-3000:]}"
+        )
     return started
 
 
@@ -143,7 +159,11 @@ def packed_trials(args, work: Path, on_gpu: bool, way: str, gpu_index: int | Non
     alone_rate = alone["images"] / (alone["train_end"] - alone["released"])
     combined = sum(t["images"] for t in trials) / (window[1] - window[0])
     return {
-        "way": way, "k": k, "alone": alone_rate, "combined": combined, "ratio": combined / alone_rate,
+        "way": way,
+        "k": k,
+        "alone": alone_rate,
+        "combined": combined,
+        "ratio": combined / alone_rate,
         "alone_first_step_s": alone["first_step"] - alone["started"],
         "first_step_s": [t["first_step"] - t["started"] for t in trials],
         # launch of the first trial to the end of the last one's training: what the start-ups add
@@ -181,26 +201,38 @@ def packed_section(args, work: Path, on_gpu: bool, gpu_index: int | None, report
     }[way]
     name = "the quick-start (digits)" if args.packed_config == "quickstart" else "the benchmark's configuration"
     alone_threads = f"{args.threads} CPU thread(s)" if args.threads else "torch's default CPU threads"
-    print(f"(e) packed trials: {name}, {args.packed_steps} training steps each; 1 trial alone ({alone_threads}), "
-          f"then {how}")
+    print(
+        f"(e) packed trials: {name}, {args.packed_steps} training steps each; 1 trial alone ({alone_threads}), "
+        f"then {how}"
+    )
     pk = packed_trials(args, work / "packed", on_gpu, way, gpu_index)
     report["packed"] = pk
     goal = "target >= 4x for 8 trials on one GPU"
     mark = f"{goal}: {'MET' if pk['ratio'] >= 4 else 'MISSED'}" if on_gpu and k == 8 else f"{goal}: not this case"
-    print(f"    alone                 : {pk['alone']:,.0f} img/s (first step to end of training, its validation "
-          f"batch included)")
-    print(f"    {f'{k} at once, combined':22s}: {pk['combined']:,.0f} img/s (all their images / from the moment "
-          f"all {k} reached their first step to the end of the last one's training)")
+    print(
+        f"    alone                 : {pk['alone']:,.0f} img/s (first step to end of training, its validation "
+        f"batch included)"
+    )
+    print(
+        f"    {f'{k} at once, combined':22s}: {pk['combined']:,.0f} img/s (all their images / from the moment "
+        f"all {k} reached their first step to the end of the last one's training)"
+    )
     print(f"    ratio packed/alone    : {pk['ratio']:.2f}x  [{mark}]")
-    print(f"    seconds to 1st step   : alone {pk['alone_first_step_s']:.1f} s; packed {fmt(pk['first_step_s'], ' s', 1)}; "
-          f"first launch to the end of the last one's training {pk['wall_s']:.1f} s")
+    print(
+        f"    seconds to 1st step   : alone {pk['alone_first_step_s']:.1f} s; packed {fmt(pk['first_step_s'], ' s', 1)}; "
+        f"first launch to the end of the last one's training {pk['wall_s']:.1f} s"
+    )
     print(f"    GPU busy while packed : {pk['gpu_util_text']}")
     print(f"    measured with         : {way}", flush=True)
     if args.row_seeds:
         seconds = seed_row(args, work / "row", on_gpu, way)
         report["row"] = {"seeds": args.row_seeds, "seconds": seconds, "way": way, "k": k}
-        print(f"    {args.row_seeds}-seed sweep, {k} at once ({way}), full length: {seconds:.0f} s"
-              + (f"  [target <= 180 s on one H200: {'MET' if seconds <= 180 else 'MISSED'}]" if on_gpu else
-                 "  (the target, <= 180 s, is for one H200)"), flush=True)
-
-
+        print(
+            f"    {args.row_seeds}-seed sweep, {k} at once ({way}), full length: {seconds:.0f} s"
+            + (
+                f"  [target <= 180 s on one H200: {'MET' if seconds <= 180 else 'MISSED'}]"
+                if on_gpu
+                else "  (the target, <= 180 s, is for one H200)"
+            ),
+            flush=True,
+        )

@@ -31,7 +31,8 @@ def _rank(rank: int, world_size: int, port: int, steps: int, repeats: int, out: 
 
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(
-        torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)))
+        torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))  # cpu: gloo benchmark, the model is on the CPU
     store = _get_default_store()
@@ -79,11 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         mp.start_processes(_rank, args=(2, port, args.steps, args.repeats, out), nprocs=2, start_method="spawn")
         rank0 = json.loads(Path(out, "rank0.json").read_text())
     off, on = rank0["off"], rank0["on"]
-    print(f"median step time (ms), {args.steps} steps per block, rank 0: without watchdog "
-          f"{' '.join(f'{t * 1e3:.3f}' for t in off)}; with {' '.join(f'{t * 1e3:.3f}' for t in on)}")
-    print(f"difference of the medians: {(statistics.median(on) - statistics.median(off)) * 1e3:+.3f} ms per step "
-          f"({(statistics.median(on) / statistics.median(off) - 1) * 100:+.1f} %); one look at the store "
-          f"{rank0['poll'] * 1e6:.0f} us (every 0.5 s)")
+    print(
+        f"median step time (ms), {args.steps} steps per block, rank 0: without watchdog "
+        f"{' '.join(f'{t * 1e3:.3f}' for t in off)}; with {' '.join(f'{t * 1e3:.3f}' for t in on)}"
+    )
+    print(
+        f"difference of the medians: {(statistics.median(on) - statistics.median(off)) * 1e3:+.3f} ms per step "
+        f"({(statistics.median(on) / statistics.median(off) - 1) * 100:+.1f} %); one look at the store "
+        f"{rank0['poll'] * 1e6:.0f} us (every 0.5 s)"
+    )
     return 0
 
 

@@ -19,7 +19,9 @@ def startup(overrides: list[str], repeats: int, workdir: Path) -> tuple[list[flo
     for r in range(repeats):
         out = workdir / f"probe{r}.json"
         command = [
-            sys.executable, str(REPO / "run.py"), *overrides,
+            sys.executable,
+            str(REPO / "run.py"),
+            *overrides,
             f"hydra.run.dir={workdir}/run{r}",
             "+callbacks.bench_probe._target_=mchad.bench.common.first_step_probe",
             f"+callbacks.bench_probe.out={out}",
@@ -92,5 +94,3 @@ def first_use_seconds(device: str = "cuda") -> dict[str, float]:
     if proc.returncode:
         raise RuntimeError(f"first use of {device} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.splitlines()[-1])
-
-

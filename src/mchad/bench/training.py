@@ -47,7 +47,11 @@ def train_bare(cfg, args) -> tuple[float, tuple[float, float]]:
     from mchad.data.loaders import TensorBatchLoader
 
     loader = TensorBatchLoader(
-        datamodule.data["train"], args.batch_size, shuffle=True, drop_last=True, seed=datamodule.seed,
+        datamodule.data["train"],
+        args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        seed=datamodule.seed,
         device=device if device.type == "cuda" else None,
     )
     autocast = (
@@ -149,5 +153,3 @@ def evaluation(cfg, args) -> dict[str, list[float]]:
         results["metrics"].append(timer.t_metrics - timer.t0)
     results["rows"] = len(model.test_results)
     return results
-
-

@@ -48,7 +48,6 @@ def sphere_geometry(method: torch.nn.Module) -> dict[str, Any]:
     return {"radius": radius, "margin": margin if margin > 0 else None, "squared": True}
 
 
-
 class EmbeddingAnimation(ValidationCallback):
     """2-D embeddings with centres and hyperspheres per epoch, and their animation.
 
@@ -189,7 +188,9 @@ class EmbeddingAnimation(ValidationCallback):
         data = self._frame_data(sample, pl_module)
         finite = np.isfinite(data["embeddings"]).all(axis=1)
         if not finite.all():
-            log.warning("embedding animation: %d non-finite embeddings at epoch %d not drawn", (~finite).sum(), sample.epoch)
+            log.warning(
+                "embedding animation: %d non-finite embeddings at epoch %d not drawn", (~finite).sum(), sample.epoch
+            )
             data["embeddings"], data["labels"] = data["embeddings"][finite], data["labels"][finite]
         self.limits = self._expand(self._limits_for(data))
         path = self._frame_dir(trainer) / f"epoch_{sample.epoch:03d}.png"
@@ -201,7 +202,11 @@ class EmbeddingAnimation(ValidationCallback):
             return
         stale = [e for e, (_, _, lim) in self.frames.items() if lim != self.limits]
         if stale:
-            log.info("embedding animation: redrawing %d of %d frames with the final axis limits", len(stale), len(self.frames))
+            log.info(
+                "embedding animation: redrawing %d of %d frames with the final axis limits",
+                len(stale),
+                len(self.frames),
+            )
             self._progress_loop(stale, lambda e: self._redraw(e))
         if not self.gif:
             return
@@ -223,6 +228,8 @@ class EmbeddingAnimation(ValidationCallback):
             from tqdm.auto import tqdm
         except ImportError:  # pragma: no cover
             tqdm = None
-        iterator = tqdm(items, desc="redrawing frames", unit="frame", leave=False) if tqdm and len(items) > 10 else items
+        iterator = (
+            tqdm(items, desc="redrawing frames", unit="frame", leave=False) if tqdm and len(items) > 10 else items
+        )
         for item in iterator:
             fn(item)

@@ -70,5 +70,7 @@ class TestCasePlots(Callback):
                         continue
                     written.append(path)
                     if writer is not None:
-                        writer.add_image(f"test/{case}/{score}/{kind}", image_array(path), trainer.global_step, dataformats="HWC")
+                        writer.add_image(
+                            f"test/{case}/{score}/{kind}", image_array(path), trainer.global_step, dataformats="HWC"
+                        )
         log.info("test plots: %d images in %s", len(written), folder)

@@ -35,7 +35,6 @@ def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-
 class HyperparameterLogger(Callback):
     """After testing: the flattened, resolved config and key metrics for TensorBoard's HPARAMS tab.
 

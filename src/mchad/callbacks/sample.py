@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 UNKNOWN = -1
 
 #: the latest validation sample per trainer (shared by the callbacks of one run)
-_CACHE: "weakref.WeakKeyDictionary[pl.Trainer, tuple[tuple, ValidationSample]]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[pl.Trainer, tuple[tuple, ValidationSample]] = weakref.WeakKeyDictionary()
 
 
 def headline_score(scores: dict[str, Any]) -> str:
@@ -43,8 +43,9 @@ def method_centers(method: torch.nn.Module) -> Tensor | None:
     return to_host(centers).float().clone()
 
 
-
-def unknown_images(datamodule: Any, shape: tuple[int, ...], dtype: torch.dtype, n: int, seed: int) -> tuple[Tensor, str]:
+def unknown_images(
+    datamodule: Any, shape: tuple[int, ...], dtype: torch.dtype, n: int, seed: int
+) -> tuple[Tensor, str]:
     """``n`` unknown images for validation and where they come from (never a test set), on
     the host (:mod:`mchad.devices`).
 
@@ -68,7 +69,6 @@ def unknown_images(datamodule: Any, shape: tuple[int, ...], dtype: torch.dtype, 
     return torch.from_numpy(values / 255.0).to(dtype), "noise"  # cpu: host images, see mchad.devices
 
 
-
 def known_vs_unknown_auroc(known: Tensor, unknown: Tensor) -> float:
     """AUROC of known vs. unknown scores (larger = more anomalous), the non-finite ones left out; NaN without both."""
     if len(known) == 0 or len(unknown) == 0:
@@ -86,7 +86,6 @@ def _class_names(datamodule: Any, n_classes: int | None) -> list[str] | None:
     if names is not None and (n_classes is None or len(names) == n_classes):
         return [str(n) for n in names]
     return None
-
 
 
 @dataclass
@@ -176,7 +175,12 @@ def _forward(pl_module: pl.LightningModule, inputs: Tensor, batch_size: int) -> 
 
 
 def validation_sample(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, max_samples: int, unknown_samples: int, noise_seed: int, batch_size: int
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    max_samples: int,
+    unknown_samples: int,
+    noise_seed: int,
+    batch_size: int,
 ) -> ValidationSample:
     """Score the first ``max_samples`` validation images and ``unknown_samples`` unknown ones.
 

@@ -49,7 +49,9 @@ class BatchTransform(nn.Module):
         if padding > 0 or flip:
             augmented = crop_flip(images, padding, flip)
             # a select, not indexing: static shapes, no host sync
-            images = augmented if augment_rows is None else torch.where(augment_rows.view(-1, 1, 1, 1), augmented, images)
+            images = (
+                augmented if augment_rows is None else torch.where(augment_rows.view(-1, 1, 1, 1), augmented, images)
+            )
         x = images.float()
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -100,4 +102,3 @@ def crop_flip(
         cols = cols + dx.view(b, 1, 1)
     index = (rows * wp + cols).expand(b, h, w).reshape(b, 1, h * w).expand(b, c, h * w)
     return x.reshape(b, c, hp * wp).gather(2, index).view(b, c, h, w)
-

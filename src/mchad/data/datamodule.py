@@ -156,11 +156,19 @@ class OODDataModule(pl.LightningDataModule):
         shape = self.image_shape
         if self.val_unknown_source is not None:
             source = self.val_unknown_source
-            self.val_unknowns = conform(self._load(source, "val/unknowns").as_outliers(), shape, f"val_unknowns: {source.describe()}")
+            self.val_unknowns = conform(
+                self._load(source, "val/unknowns").as_outliers(), shape, f"val_unknowns: {source.describe()}"
+            )
         for name, source in self.test_case_sources.items():
-            self.test_cases[name] = conform(self._load(source, f"ood/{name}").as_outliers(), shape, f"test case {name}: {source.describe()}")
+            self.test_cases[name] = conform(
+                self._load(source, f"ood/{name}").as_outliers(), shape, f"test case {name}: {source.describe()}"
+            )
         if self.outlier_source is not None:
-            outliers = conform(self._load(self.outlier_source, "outliers").as_outliers(), shape, f"outliers: {self.outlier_source.describe()}")
+            outliers = conform(
+                self._load(self.outlier_source, "outliers").as_outliers(),
+                shape,
+                f"outliers: {self.outlier_source.describe()}",
+            )
             if self.outlier_fraction < 1:
                 keep = torch.randperm(len(outliers), generator=torch.Generator().manual_seed(self.seed + 2))
                 outliers = outliers.subset(keep[: max(1, round(len(outliers) * self.outlier_fraction))])
@@ -301,7 +309,10 @@ def conform(array: ImageArray, shape: tuple[int, int, int], what: str = "") -> I
     if what and tuple(images.shape[1:]) != tuple(shape):
         log.warning(
             "%s: %d images of %s converted to the model's input shape %s",
-            what, len(images), "x".join(map(str, images.shape[1:])), "x".join(map(str, shape)),
+            what,
+            len(images),
+            "x".join(map(str, images.shape[1:])),
+            "x".join(map(str, shape)),
         )
     if images.shape[1] != channels:
         if channels == 1:

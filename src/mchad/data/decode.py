@@ -89,4 +89,3 @@ def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     w, h = image.size
     left, top = (w - size) // 2, (h - size) // 2
     return image.crop((left, top, left + size, top + size))
-

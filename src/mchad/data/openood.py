@@ -48,7 +48,12 @@ log = logging.getLogger(__name__)
 #: the ID datasets with an OpenOOD v1.5 benchmark in pytorch-ood (datamodule.name -> class)
 BENCHMARKS = {"CIFAR10": "CIFAR10_OpenOOD", "CIFAR100": "CIFAR100_OpenOOD"}
 #: splits besides the OOD test sets: the benchmark class's attribute holding each list's name
-SPLITS = {"train": "_train_imglist", "val": "_val_id_imglist", "test": "_test_id_imglist", "val_ood": "_val_ood_imglist"}
+SPLITS = {
+    "train": "_train_imglist",
+    "val": "_val_id_imglist",
+    "test": "_test_id_imglist",
+    "val_ood": "_val_ood_imglist",
+}
 GROUPS = ("near", "far")
 IMAGES_FOLDER = "images_classic"  # OpenOOD's folder of the 32x32 benchmarks' images
 LISTS_FOLDER = "benchmark_imglist"
@@ -78,7 +83,7 @@ def _hub_lists() -> Path:
 def _how_to_get(name: str, root: Path) -> str:
     cls = BENCHMARKS[name]
     return (
-        f"Get it where there is internet: pip install gdown, then python -c \"from pytorch_ood.benchmark import {cls}; "
+        f'Get it where there is internet: pip install gdown, then python -c "from pytorch_ood.benchmark import {cls}; '
         f"{cls}('{root / IMAGES_FOLDER}', None)\" (the lists go to torch.hub's cache), or OpenOOD's "
         "scripts/download/download.py --contents datasets --datasets ood_v1.5 --dataset_mode benchmark --save_dir DIR "
         "DIR2, and set openood_dir=DIR (the folder holding benchmark_imglist/ and images_classic/)"
@@ -97,8 +102,15 @@ class OpenOODSource(Source):
     ``<dataset_dir>/cache/`` under a key covering the list file and the image folder.
     """
 
-    def __init__(self, name: str, split: str, root: str | Path = "data/openood", download: bool = True,
-                 size: int = 32, resize: str = "crop"):
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        root: str | Path = "data/openood",
+        download: bool = True,
+        size: int = 32,
+        resize: str = "crop",
+    ):
         cls = benchmark_class(name)
         names = [s for s, _ in cls._ood_imglists]
         if split not in SPLITS and split not in names:
@@ -151,7 +163,13 @@ class OpenOODSource(Source):
         raise self._missing(f"image folder {folder}/", places, cause)
 
     def _missing(self, what: str, places: list[Path], cause: BaseException | None) -> DataNotFoundError:
-        reason = f" (download failed: {_short(cause)})" if cause is not None else " (download=false)" if not self.download else ""
+        reason = (
+            f" (download failed: {_short(cause)})"
+            if cause is not None
+            else " (download=false)"
+            if not self.download
+            else ""
+        )
         looked = " or ".join(str(p) for p in places)
         return DataNotFoundError(
             f"OpenOOD v1.5 {self.benchmark} {self.split}: {what} not found in {looked}{reason}. {_how_to_get(self.benchmark, self.root)}"
@@ -208,8 +226,9 @@ class OpenOODTestSets(Source):
     """Every near- and far-OOD test set of the benchmark for ``name``, as one test-case entry
     that the data module expands into one test case per set (:meth:`test_sets`)."""
 
-    def __init__(self, name: str, root: str | Path = "data/openood", download: bool = True, size: int = 32,
-                 resize: str = "crop"):
+    def __init__(
+        self, name: str, root: str | Path = "data/openood", download: bool = True, size: int = 32, resize: str = "crop"
+    ):
         benchmark_class(name)
         self.benchmark, self.root, self.download, self.size, self.resize = name, root, download, size, resize
         self.name = f"OpenOOD {name} OOD test sets"

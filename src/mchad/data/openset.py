@@ -80,7 +80,9 @@ class ClassSubset(Source):
         self._check_names(array.classes)
         labels = array.labels
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.n_classes):
-            raise DataError(f"{where}: labels span {int(labels.min())}..{int(labels.max())}, expected 0..{self.n_classes - 1}")
+            raise DataError(
+                f"{where}: labels span {int(labels.min())}..{int(labels.max())}, expected 0..{self.n_classes - 1}"
+            )
         present = set(torch.unique(labels).tolist())
         empty = [c for c in self.classes if c not in present]
         if empty:

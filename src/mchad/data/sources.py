@@ -155,7 +155,9 @@ def _cached(dataset_dir: Path, key: str, build, what: str = "") -> ImageArray:
     return array
 
 
-def decode_files(files: list[str], size: int | None, mode: str = "RGB", desc: str = "decoding", resize: str = "crop") -> Tensor:
+def decode_files(
+    files: list[str], size: int | None, mode: str = "RGB", desc: str = "decoding", resize: str = "crop"
+) -> Tensor:
     """Decode image files in parallel threads (PIL releases the GIL) into uint8 N x C x H x W,
     images of another size brought to ``size`` by ``resize`` (see RESIZE_MODES)."""
     if not files:
@@ -164,7 +166,9 @@ def decode_files(files: list[str], size: int | None, mode: str = "RGB", desc: st
     DECODED_IMAGES += len(files)
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
-        arrays = list(progress(pool.map(lambda f: decode_image(f, size, mode, resize), files, chunksize=256), len(files), desc))
+        arrays = list(
+            progress(pool.map(lambda f: decode_image(f, size, mode, resize), files, chunksize=256), len(files), desc)
+        )
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise ValueError(f"images differ in size {sorted(shapes)[:3]}...; set a size to resize them to")
@@ -272,7 +276,10 @@ class ImageFolderSource(Source):
         if skipped:
             log.warning(
                 "%s: skipped %d file(s) that are not images (%s), e.g. %s",
-                folder, len(skipped), " ".join(sorted(IMAGE_SUFFIXES)), os.path.relpath(skipped[0], folder),
+                folder,
+                len(skipped),
+                " ".join(sorted(IMAGE_SUFFIXES)),
+                os.path.relpath(skipped[0], folder),
             )
         if empty:
             log.warning("%s: class folder(s) %s hold no images and are skipped", folder, ", ".join(empty))
@@ -365,7 +372,9 @@ class PytorchOODSource(Source):
         if cls is None:
             raise ValueError(f"pytorch-ood has no image dataset {self.name!r}")
         root = Path(dataset_dir)
-        key = f"pytorch-ood|{self.name}|{root.resolve()}|{self.size}" + ("" if self.resize == "crop" else f"|{self.resize}")
+        key = f"pytorch-ood|{self.name}|{root.resolve()}|{self.size}" + (
+            "" if self.resize == "crop" else f"|{self.resize}"
+        )
         path = _cache_file(root, key)
 
         def build() -> ImageArray:
@@ -385,7 +394,11 @@ class PytorchOODSource(Source):
             if files:
                 images = decode_files(files, self.size, desc=f"decoding {self.name}", resize=self.resize)
             else:
-                images = _to_uint8_nchw(np.stack([fit_image(dataset[i][0].convert("RGB"), self.size, self.resize) for i in range(len(dataset))]))
+                images = _to_uint8_nchw(
+                    np.stack(
+                        [fit_image(dataset[i][0].convert("RGB"), self.size, self.resize) for i in range(len(dataset))]
+                    )
+                )
             return ImageArray(images, torch.full((len(images),), -1, dtype=torch.long))  # cpu: host data
 
         if not path.exists():
@@ -467,7 +480,9 @@ class NoiseSource(Source):
 
     KINDS = ("gaussian", "uniform")
 
-    def __init__(self, kind: str, n: int = 10000, size: int = 32, channels: int = 3, seed: int = 0, name: str | None = None):
+    def __init__(
+        self, kind: str, n: int = 10000, size: int = 32, channels: int = 3, seed: int = 0, name: str | None = None
+    ):
         if kind not in self.KINDS:
             raise ValueError(f"noise kind must be one of {self.KINDS}, got {kind!r}")
         self.kind, self.n, self.size, self.channels, self.seed = kind, n, size, channels, seed
@@ -517,7 +532,9 @@ class DigitsSource(Source):
     ``outlier=True`` (the open-set test case of the quick-start).
     """
 
-    def __init__(self, split: str = "train", classes: list[int] | None = None, outlier: bool = False, name: str | None = None):
+    def __init__(
+        self, split: str = "train", classes: list[int] | None = None, outlier: bool = False, name: str | None = None
+    ):
         if split not in ("train", "test"):
             raise ValueError(f"digits split must be 'train' or 'test', got {split!r}")
         self.split = split
@@ -540,7 +557,9 @@ class DigitsSource(Source):
         keep = (in_test if self.split == "test" else ~in_test) & np.isin(target, self.classes)
         relabel = {c: i for i, c in enumerate(self.classes)}
         labels = np.array([-1 if self.outlier else relabel[t] for t in target[keep]], dtype=np.int64)
-        return ImageArray(_to_uint8_nchw(images[keep]), torch.from_numpy(labels), [str(c) for c in self.classes])  # cpu: host data
+        return ImageArray(
+            _to_uint8_nchw(images[keep]), torch.from_numpy(labels), [str(c) for c in self.classes]
+        )  # cpu: host data
 
 
 class PhotoPatchesSource(Source):
@@ -548,7 +567,9 @@ class PhotoPatchesSource(Source):
     a temple in China and a flower), fixed by ``seed``; all labels -1. Real images that are not
     digits: the offline outlier-exposure source of the quick-start."""
 
-    def __init__(self, n: int = 10000, size: int = 8, grayscale: bool = True, seed: int = 0, name: str = "PhotoPatches"):
+    def __init__(
+        self, n: int = 10000, size: int = 8, grayscale: bool = True, seed: int = 0, name: str = "PhotoPatches"
+    ):
         if n < 1 or size < 1:
             raise ValueError(f"n and size must be >= 1, got n={n}, size={size}")
         self.n, self.size, self.grayscale, self.seed, self.name = n, size, grayscale, seed, name

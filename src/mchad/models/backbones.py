@@ -144,11 +144,12 @@ def load_pretrained(backbone: nn.Module, source: str, trust: bool = False) -> di
             loaded[key] = value
     unexpected = [k for k in state if k not in own and not k.startswith(OUTPUT_LAYER)]
     missing = [
-        k for k in own
-        if k not in loaded and not k.startswith(OUTPUT_LAYER) and not k.endswith("num_batches_tracked")
+        k for k in own if k not in loaded and not k.startswith(OUTPUT_LAYER) and not k.endswith("num_batches_tracked")
     ]
     if missing or mismatched:
-        problems = mismatched + [f"{k} (missing)" for k in missing if not any(m.startswith(k + " ") for m in mismatched)]
+        problems = mismatched + [
+            f"{k} (missing)" for k in missing if not any(m.startswith(k + " ") for m in mismatched)
+        ]
         raise ConfigError(
             f"model.pretrained_checkpoint={source} does not match the backbone {type(target).__name__}: "
             f"{len(problems)} of {len(own)} tensors missing or of another shape, e.g. {', '.join(problems[:3])}"
@@ -180,18 +181,26 @@ def _read_checkpoint(path, trust: bool = False) -> dict[str, Tensor]:
         raise
     except Exception as error:
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"model.pretrained_checkpoint={path} is not a readable PyTorch checkpoint ({reason})") from None
+        raise ConfigError(
+            f"model.pretrained_checkpoint={path} is not a readable PyTorch checkpoint ({reason})"
+        ) from None
     # unwrap {"state_dict": {...}}, {"model": {...}}, ... until a dict of tensors remains
     for _ in range(3):
         if isinstance(data, dict) and data and all(isinstance(v, Tensor) for v in data.values()):
             return dict(data)
         if not isinstance(data, dict):
             break
-        nested = [data[k] for k in ("state_dict", "model_state_dict", "model", "net", "network") if isinstance(data.get(k), dict)]
+        nested = [
+            data[k]
+            for k in ("state_dict", "model_state_dict", "model", "net", "network")
+            if isinstance(data.get(k), dict)
+        ]
         if not nested:
             break
         data = nested[0]
-    raise ConfigError(f"model.pretrained_checkpoint={path} holds no state dict (a dict of tensors, possibly under 'state_dict')")
+    raise ConfigError(
+        f"model.pretrained_checkpoint={path} holds no state dict (a dict of tensors, possibly under 'state_dict')"
+    )
 
 
 def _registry_state(name: str) -> dict[str, Tensor]:

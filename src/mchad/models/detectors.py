@@ -95,7 +95,9 @@ def tunable_args(name: str) -> set[str]:
     return {p for p, v in parameters.items() if p not in _SUPPLIED and v.kind is not v.VAR_KEYWORD}
 
 
-def check_detectors(names, method: Method, method_name: str, args: dict | None = None, fit_samples: int = 1) -> list[str]:
+def check_detectors(
+    names, method: Method, method_name: str, args: dict | None = None, fit_samples: int = 1
+) -> list[str]:
     """The detector names, validated before training: unknown names, repeated names, detectors
     that cannot apply to ``method`` and unknown arguments raise :class:`ConfigError` (one line)."""
     names = [names] if isinstance(names, str) else list(names or [])
@@ -156,8 +158,16 @@ class DetectorBank:
         return len(self.names)
 
     @torch.no_grad()
-    def fit(self, forward: Callable[[Tensor], dict[str, Tensor]], method: Method, images: Tensor, labels: Tensor,
-            transform: Callable[[Tensor], Tensor], device: torch.device, batch_size: int = 512) -> None:
+    def fit(
+        self,
+        forward: Callable[[Tensor], dict[str, Tensor]],
+        method: Method,
+        images: Tensor,
+        labels: Tensor,
+        transform: Callable[[Tensor], Tensor],
+        device: torch.device,
+        batch_size: int = 512,
+    ) -> None:
         """Build every detector from the trained ``method`` and fit those that need it.
 
         ``images`` (uint8) and ``labels`` are the **training split**; ``forward`` is the model
@@ -195,8 +205,11 @@ class DetectorBank:
                 raise ConfigError(f"detector {name} could not be set up{seen}: {cause}") from error
             self.detectors[name] = detector
             self.seconds[name] = self._clock(device) - start
-        log.info("Detectors %s built%s", ", ".join(self.names),
-                 f"; fitted on {len(self.fit_indices)} training samples" if need_fit else "")
+        log.info(
+            "Detectors %s built%s",
+            ", ".join(self.names),
+            f"; fitted on {len(self.fit_indices)} training samples" if need_fit else "",
+        )
 
     def scores(self, method: Method, out: dict[str, Tensor]) -> dict[str, Tensor]:
         """Outlier scores of one batch per detector (larger = more anomalous), on the batch's device."""

@@ -116,7 +116,9 @@ def tuplet(distances: Tensor, target: Tensor, first_classes: bool = False) -> Te
     mask = class_mask(target, distances.shape[1], distances.dtype)
     d_true = (distances * mask).sum(dim=1, keepdim=True)
     if first_classes:
-        compared = (torch.arange(distances.shape[1], device=distances.device) < distances.shape[1] - 1).to(distances.dtype)
+        compared = (torch.arange(distances.shape[1], device=distances.device) < distances.shape[1] - 1).to(
+            distances.dtype
+        )
     else:
         compared = 1 - mask
     others = (d_true - distances).clamp(max=50).exp() * compared

@@ -102,7 +102,9 @@ class CenterMethod(Method):
 
     score_names = ("distance", "msp")
 
-    def __init__(self, centers: ClassCenters, margin: float = 0.0, radius: float = 0.0, semantics: Semantics = "published"):
+    def __init__(
+        self, centers: ClassCenters, margin: float = 0.0, radius: float = 0.0, semantics: Semantics = "published"
+    ):
         super().__init__()
         self.class_centers = centers
         self.push = losses.OutlierPush(margin, radius, semantics)
@@ -250,7 +252,9 @@ class CAC(CenterMethod):
     ):
         if n_embedding != n_classes:
             raise ValueError(f"CAC needs n_embedding = n_classes = {n_classes}, got n_embedding={n_embedding}")
-        check_non_negative(magnitude=magnitude, margin=margin, weight_center=weight_center, weight_ce=weight_ce, weight_oe=weight_oe)
+        check_non_negative(
+            magnitude=magnitude, margin=margin, weight_center=weight_center, weight_ce=weight_ce, weight_oe=weight_oe
+        )
         # pytorch-ood's CACLoss creates the fixed anchors (not learnable)
         super().__init__(CACLoss(n_classes, magnitude=magnitude).centers, margin, 0.0, semantics)
         self.weights = {"anchor": weight_ce * weight_center, "tuplet": weight_ce, "oe": weight_oe}

@@ -149,7 +149,9 @@ class OODModel(pl.LightningModule):
         means = sums[: len(self._train_keys)] / steps
         for k, v in zip(self._train_keys, means):
             self.log(f"train/{k}_epoch", v, on_step=False, on_epoch=True, sync_dist=True)
-        self.log("train/acc", sums[-2] / sums[-1].clamp(min=1), on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log(
+            "train/acc", sums[-2] / sums[-1].clamp(min=1), on_step=False, on_epoch=True, prog_bar=True, sync_dist=True
+        )
         self._train_sums = None
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -168,9 +170,11 @@ class OODModel(pl.LightningModule):
             return optimizer
         # a period set in the config (the experiments: the published min_epochs *
         # limit_train_batches) is kept; otherwise it spans the whole run
-        period = {} if "T_max" in getattr(self.scheduler_factory, "keywords", {}) else {
-            "T_max": max(1, int(self.trainer.estimated_stepping_batches))
-        }
+        period = (
+            {}
+            if "T_max" in getattr(self.scheduler_factory, "keywords", {})
+            else {"T_max": max(1, int(self.trainer.estimated_stepping_batches))}
+        )
         scheduler = self.scheduler_factory(optimizer, **period)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -266,5 +270,7 @@ class OODModel(pl.LightningModule):
             # DDP: each rank's own seconds, their mean logged
             self.log(f"test/seconds/{name}", seconds, sync_dist=True)
         if self.detectors.seconds:
-            log.info("Detector seconds (fit + scoring): %s",
-                     ", ".join(f"{name} {seconds:.3f}" for name, seconds in self.detectors.seconds.items()))
+            log.info(
+                "Detector seconds (fit + scoring): %s",
+                ", ".join(f"{name} {seconds:.3f}" for name, seconds in self.detectors.seconds.items()),
+            )

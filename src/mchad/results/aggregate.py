@@ -133,7 +133,6 @@ def summary_table(
     return sort_rows(table, config)
 
 
-
 def _per_seed_values(rows: pd.DataFrame, by_ood: bool) -> pd.DataFrame:
     """One value per seed (in %); rows repeating a seed (and the OOD sets unless ``by_ood``) are averaged."""
     keys = ["id_dataset", "method"] + (["test_case"] if by_ood else []) + ["seed"]
@@ -188,17 +187,31 @@ def welch_tests(
                         "Model seeds": b.size,
                     }
                 )
-    columns = [DATASET] + ([OOD_SET] if by_ood else []) + [
-        "Metric", "Baseline", MODEL, "Baseline mean", "Model mean",
-        "Difference", "t", "p", "Baseline seeds", "Model seeds"]
+    columns = (
+        [DATASET]
+        + ([OOD_SET] if by_ood else [])
+        + [
+            "Metric",
+            "Baseline",
+            MODEL,
+            "Baseline mean",
+            "Model mean",
+            "Difference",
+            "t",
+            "p",
+            "Baseline seeds",
+            "Model seeds",
+        ]
+    )
     welch = pd.DataFrame.from_records(records, columns=columns)
     if welch.empty:
         return welch
     # the table's order: dataset (OOD set), metric, model
     welch["_metric"] = welch["Metric"].map({m: i for i, m in enumerate(metrics)})
     keys = [DATASET] + ([OOD_SET] if by_ood else [])
-    welch = welch.sort_values(keys + ["_metric"], key=lambda c: c if c.name == "_metric" else display_order(c, config),
-                              kind="stable")
+    welch = welch.sort_values(
+        keys + ["_metric"], key=lambda c: c if c.name == "_metric" else display_order(c, config), kind="stable"
+    )
     return welch.drop(columns="_metric").reset_index(drop=True)
 
 
@@ -265,7 +278,6 @@ def plot_auroc_bars(
     return fig
 
 
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -296,20 +308,45 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="OOD score to report: by default each method's score from the table config (distance; msp for "
         "Softmax); 'headline' (each run's first score) or a score name such as distance, msp, cac for all",
     )
-    parser.add_argument("--baseline", default=None,
-                        help="model the t-tests and significance markers compare against (default: the table "
-                        "config's, MCHAD)")
-    parser.add_argument("--spread", choices=SPREADS, default="sem",
-                        help="what ± shows: standard error of the mean over seeds (default) or standard deviation")
-    parser.add_argument("--alpha", type=_fraction, default=0.05,
-                        help="significance threshold of Welch's t-test for the † markers (default: 0.05)")
-    parser.add_argument("--per-ood-metric", type=_metric_name, nargs="+", default=["AUROC"], metavar="METRIC",
-                        help=f"metric(s) of the per-OOD-set tables, one table each ({', '.join(METRICS)}; "
-                        "default: AUROC)")
-    parser.add_argument("--decimals", type=int, choices=range(0, 5), default=2, metavar="{0..4}",
-                        help="decimals printed in the paper tables (default: 2)")
-    parser.add_argument("--table-config", type=Path, default=None,
-                        help="YAML with method order, display names and scores (default: mchad/results/tables.yaml)")
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="model the t-tests and significance markers compare against (default: the table config's, MCHAD)",
+    )
+    parser.add_argument(
+        "--spread",
+        choices=SPREADS,
+        default="sem",
+        help="what ± shows: standard error of the mean over seeds (default) or standard deviation",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=_fraction,
+        default=0.05,
+        help="significance threshold of Welch's t-test for the † markers (default: 0.05)",
+    )
+    parser.add_argument(
+        "--per-ood-metric",
+        type=_metric_name,
+        nargs="+",
+        default=["AUROC"],
+        metavar="METRIC",
+        help=f"metric(s) of the per-OOD-set tables, one table each ({', '.join(METRICS)}; default: AUROC)",
+    )
+    parser.add_argument(
+        "--decimals",
+        type=int,
+        choices=range(0, 5),
+        default=2,
+        metavar="{0..4}",
+        help="decimals printed in the paper tables (default: 2)",
+    )
+    parser.add_argument(
+        "--table-config",
+        type=Path,
+        default=None,
+        help="YAML with method order, display names and scores (default: mchad/results/tables.yaml)",
+    )
     parser.add_argument(
         "--published-aupr-names",
         action="store_true",
@@ -363,8 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         welch_per_ood = welch_tests(results, baseline, score, by_ood=True, config=config)
         config = dataclasses.replace(config, baseline=baseline)
         paper = paper_table(table, welch, METRICS, config, options)
-        per_ood_papers = {m: per_ood_paper_table(per_ood, welch_per_ood, m, config, options)
-                          for m in args.per_ood_metric}
+        per_ood_papers = {
+            m: per_ood_paper_table(per_ood, welch_per_ood, m, config, options) for m in args.per_ood_metric
+        }
         if args.published_aupr_names:
             for written in (paper, *per_ood_papers.values()):
                 written.caption.append("AUPR names as published (AUPR-IN: OOD positive)")
@@ -398,8 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     for note in provenance_notes:
         print(note)
     per_ood_names = ", ".join(f"table_per_ood_{safe_name(m)}.md|tex" for m in per_ood_papers)
-    print(f"written to {out_dir}: table.md|tex|csv, {per_ood_names}, table_per_ood.csv, welch.*, "
-          "welch_per_ood.*, missing.txt, " + ", ".join(p.name for p in plots))
+    print(
+        f"written to {out_dir}: table.md|tex|csv, {per_ood_names}, table_per_ood.csv, welch.*, "
+        "welch_per_ood.*, missing.txt, " + ", ".join(p.name for p in plots)
+    )
     if openset_files:
         report_openset(openset, openset_files, None, out_dir, score)
     return 0
@@ -410,12 +450,16 @@ def _print_notes(results: pd.DataFrame, score: str | Mapping[str, str], baseline
     score_name = "configured" if isinstance(score, Mapping) else f"'{score}'"
     without_score = sorted(set(results["method"]) - set(results.loc[selected, "method"]))
     if without_score:
-        print(f"note: no rows with the {score_name} score for {', '.join(without_score)} (not in the table; "
-              "see --score, --table-config)")
+        print(
+            f"note: no rows with the {score_name} score for {', '.join(without_score)} (not in the table; "
+            "see --score, --table-config)"
+        )
     duplicated = results.duplicated(subset=KEY_COLUMNS, keep=False)
     if duplicated.any():
-        print(f"note: {int(duplicated.sum())} rows share experiment/dataset/method/test case/score/seed "
-              "with another run (averaged into one value for that seed)")
+        print(
+            f"note: {int(duplicated.sum())} rows share experiment/dataset/method/test case/score/seed "
+            "with another run (averaged into one value for that seed)"
+        )
     if welch.empty:
         scored = results.loc[selected, "method"]
         if (scored == baseline).any():

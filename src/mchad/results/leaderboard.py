@@ -80,13 +80,26 @@ def leaderboard(rows: pd.DataFrame) -> pd.DataFrame:
     ours["Source"] = MEASURED
     datasets = list(dict.fromkeys(ours["ID dataset"]))
     quoted = pd.DataFrame(
-        [{"ID dataset": d, "Training": t, "Postprocessor": p, "Near-OOD AUROC": near, "Far-OOD AUROC": far,
-          "ID Accuracy": acc, "Runs": 3, "Source": QUOTED_SOURCE} for d, t, p, near, far, acc in PUBLISHED if d in datasets]
+        [
+            {
+                "ID dataset": d,
+                "Training": t,
+                "Postprocessor": p,
+                "Near-OOD AUROC": near,
+                "Far-OOD AUROC": far,
+                "ID Accuracy": acc,
+                "Runs": 3,
+                "Source": QUOTED_SOURCE,
+            }
+            for d, t, p, near, far, acc in PUBLISHED
+            if d in datasets
+        ]
     )
     table = pd.concat([ours, quoted], ignore_index=True)
     order = {d: i for i, d in enumerate(datasets)}
-    table = table.sort_values(["ID dataset", "Source"], key=lambda c: c.map(order) if c.name == "ID dataset" else c != MEASURED,
-                              kind="stable").reset_index(drop=True)
+    table = table.sort_values(
+        ["ID dataset", "Source"], key=lambda c: c.map(order) if c.name == "ID dataset" else c != MEASURED, kind="stable"
+    ).reset_index(drop=True)
     columns = [*KEYS, *(c for name in VALUES for c in (name, f"{name} std")), "Runs", "Source"]
     return table.reindex(columns=columns)
 
@@ -106,7 +119,9 @@ def render(table: pd.DataFrame) -> str:
             view[name] = [_cell(m, s) for m, s in zip(part[name], part[f"{name} std"])]
         view["Runs"] = part["Runs"].astype(int).astype(str)
         view["Source"] = part["Source"]
-        parts.append(f"### {dataset}\n\n" + to_markdown(view.reset_index(drop=True), [False, False, *[True] * 6, False]))
+        parts.append(
+            f"### {dataset}\n\n" + to_markdown(view.reset_index(drop=True), [False, False, *[True] * 6, False])
+        )
     caption = (
         "OpenOOD v1.5 (testmodules=openood): mean ± std (ddof=1) over training runs, in %; near/far = "
         "unweighted mean over the OOD sets of the group; FPR95 at 95 % TPR of the ID data, OOD positive. "

@@ -38,9 +38,14 @@ def oscr(id_scores: Tensor, id_correct: Tensor, ood_scores: Tensor) -> float:
     device = id_scores.device
     scores = torch.cat([id_scores.double(), ood_scores.to(device).double()])
     n_id, n_ood = id_scores.numel(), ood_scores.numel()
-    ccr_step = torch.cat([id_correct.to(device).double() / n_id, torch.zeros(n_ood, dtype=torch.float64, device=device)])
+    ccr_step = torch.cat(
+        [id_correct.to(device).double() / n_id, torch.zeros(n_ood, dtype=torch.float64, device=device)]
+    )
     fpr_step = torch.cat(
-        [torch.zeros(n_id, dtype=torch.float64, device=device), torch.full((n_ood,), 1.0 / n_ood, dtype=torch.float64, device=device)]
+        [
+            torch.zeros(n_id, dtype=torch.float64, device=device),
+            torch.full((n_ood,), 1.0 / n_ood, dtype=torch.float64, device=device),
+        ]
     )
     order = scores.argsort(stable=True)
     sorted_scores = scores[order]

@@ -9,7 +9,16 @@ from pathlib import Path
 import pandas as pd
 
 from mchad.results.read_results import HEADLINE, RESULTS_FILE, MissingRun, select_score
-from mchad.results.tables import DATASET, DISPLAY_NAMES, MARKDOWN, MODEL, safe_name, sort_rows, to_markdown, write_tables
+from mchad.results.tables import (
+    DATASET,
+    DISPLAY_NAMES,
+    MARKDOWN,
+    MODEL,
+    safe_name,
+    sort_rows,
+    to_markdown,
+    write_tables,
+)
 
 # the test case of the unknown classes and the reported metrics
 UNKNOWN_CASE = "Unknown"
@@ -36,7 +45,9 @@ def openset_table(df: pd.DataFrame, score: str | Mapping[str, str] = HEADLINE) -
     return sort_rows(table)
 
 
-def write_openset_tables(df: pd.DataFrame, out_dir: str | Path, score: str | Mapping[str, str] = HEADLINE) -> list[Path]:
+def write_openset_tables(
+    df: pd.DataFrame, out_dir: str | Path, score: str | Mapping[str, str] = HEADLINE
+) -> list[Path]:
     """One table per open-set setting, ``openset_<setting>.csv|md|html|tex``; [] without open-set rows."""
     if df.empty:
         return []
@@ -47,9 +58,13 @@ def write_openset_tables(df: pd.DataFrame, out_dir: str | Path, score: str | Map
     return written
 
 
-
-def report_openset(openset: pd.DataFrame, files: list[Path], missing: list[MissingRun] | None, out_dir: Path,
-                   score: str | Mapping[str, str]) -> int:
+def report_openset(
+    openset: pd.DataFrame,
+    files: list[Path],
+    missing: list[MissingRun] | None,
+    out_dir: Path,
+    score: str | Mapping[str, str],
+) -> int:
     """Print the open-set tables; with ``missing`` (open-set runs only) also write missing.txt."""
     if missing is not None:
         header = f"# {len(missing)} missing/failed trial(s): run folders without {RESULTS_FILE}\n"
@@ -59,8 +74,10 @@ def report_openset(openset: pd.DataFrame, files: list[Path], missing: list[Missi
     view = table[[DATASET, MODEL, "Splits", "Seeds"]].astype(str)
     for metric in metrics:
         # one run has no spread: "–", as in the OOD tables (tables.MARKDOWN.nospread)
-        view[metric] = [f"{m:.2f} ± {MARKDOWN.nospread if pd.isna(s) else f'{s:.2f}'}"
-                        for m, s in zip(table[f"{metric} mean"], table[f"{metric} std"])]
+        view[metric] = [
+            f"{m:.2f} ± {MARKDOWN.nospread if pd.isna(s) else f'{s:.2f}'}"
+            for m, s in zip(table[f"{metric} mean"], table[f"{metric} std"])
+        ]
     score_name = score if isinstance(score, str) else "configured per method"
     print(f"\nOpen-set recognition (score: {score_name}; mean ± std over splits and seeds, in %)\n")
     print(to_markdown(view, [False, False, True, True] + [True] * len(metrics)))

@@ -22,8 +22,9 @@ Conventions (see the project's method notes):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
@@ -157,7 +158,9 @@ def axis_limits(
             if rr is not None:
                 ext = np.maximum(ext, rr)
         boxes.append(
-            np.array([(cen[:, 0] - ext).min(), (cen[:, 0] + ext).max(), (cen[:, 1] - ext).min(), (cen[:, 1] + ext).max()])
+            np.array(
+                [(cen[:, 0] - ext).min(), (cen[:, 0] + ext).max(), (cen[:, 1] - ext).min(), (cen[:, 1] + ext).max()]
+            )
         )
     if not boxes:
         return (-1.0, 1.0, -1.0, 1.0)

@@ -40,10 +40,14 @@ def check_provenance(df: pd.DataFrame, allow_mixed: bool = False) -> list[str]:
         if not allow_mixed:
             raise MixedProvenanceError(f"{line}; re-run them alike, or pass --allow-mixed to aggregate them anyway")
         notes.append(f"note: --allow-mixed: {line}")
-    configs = [key for key, rows in df.groupby(["id_dataset", "method"], sort=True) if rows["config_hash"].nunique() > 1]
+    configs = [
+        key for key, rows in df.groupby(["id_dataset", "method"], sort=True) if rows["config_hash"].nunique() > 1
+    ]
     if configs:
-        notes.append(f"note: {len(configs)} table cell(s) mix configurations (config_hash), e.g. "
-                     f"{' / '.join(configs[0])}; intended for a hyperparameter sweep, else compare the runs' config.yaml")
+        notes.append(
+            f"note: {len(configs)} table cell(s) mix configurations (config_hash), e.g. "
+            f"{' / '.join(configs[0])}; intended for a hyperparameter sweep, else compare the runs' config.yaml"
+        )
     unrecorded = df.loc[df["code_version"] == UNKNOWN, "run_dir"].nunique()
     if unrecorded:
         notes.append(f"note: {unrecorded} run(s) record no provenance (results.csv from before it): not checked")

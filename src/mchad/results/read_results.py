@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mchad.failures import FAILED_FILE, RESULTS_FILE, failure_cause
+from mchad.failures import RESULTS_FILE, failure_cause
 
 HEADLINE = "headline"
 KEY_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed"]
@@ -54,7 +54,6 @@ class MissingRun:
         return f"{self.path}\t{overrides}{cause}"
 
 
-
 def find_results(paths: str | Path | Iterable[str | Path]) -> tuple[pd.DataFrame, list[MissingRun]]:
     """Read every results.csv below ``paths``; also list run folders that have none.
 
@@ -85,11 +84,16 @@ def _count_models_once(results: pd.DataFrame) -> pd.DataFrame:
     are left out with a warning."""
     unknown_seed = (results["evaluated_from"] != "") & results["seed"].isna()
     if unknown_seed.any():
-        warnings.warn(f"{int(unknown_seed.sum())} eval-only row(s) without a seed are left out "
-                      "(their checkpoint is not in a run folder with a config.yaml)", stacklevel=2)
+        warnings.warn(
+            f"{int(unknown_seed.sum())} eval-only row(s) without a seed are left out "
+            "(their checkpoint is not in a run folder with a config.yaml)",
+            stacklevel=2,
+        )
     results = results[~unknown_seed]
     evaluated = results["evaluated_from"] != ""
-    checkpoint = results["evaluated_from"].where(evaluated, results["run_dir"].map(lambda d: str(Path(d, "checkpoints", "last.ckpt"))))
+    checkpoint = results["evaluated_from"].where(
+        evaluated, results["run_dir"].map(lambda d: str(Path(d, "checkpoints", "last.ckpt")))
+    )
     model = checkpoint.map(lambda p: str(Path(p).resolve()))
     # trained runs' rows first: they are the ones kept
     order = results.assign(_evaluated=evaluated, _model=model).sort_values("_evaluated", kind="stable")
@@ -135,7 +139,9 @@ def _read_results(path: Path) -> pd.DataFrame:
     split = pd.to_numeric(frame["split"], errors="coerce") if "split" in frame.columns else np.nan
     oscr = pd.to_numeric(frame["OSCR"], errors="coerce") if "OSCR" in frame.columns else np.nan
     frame_group = frame["group"].where(frame["group"].notna(), None) if "group" in frame.columns else None
-    provenance = {c: frame[c].fillna(UNKNOWN).astype(str) if c in frame.columns else UNKNOWN for c in PROVENANCE_COLUMNS}
+    provenance = {
+        c: frame[c].fillna(UNKNOWN).astype(str) if c in frame.columns else UNKNOWN for c in PROVENANCE_COLUMNS
+    }
     frame = frame[[*REQUIRED_COLUMNS, "evaluated_from"]].assign(**provenance)
     frame["split"], frame["OSCR"] = split, oscr
     # OpenOOD runs (testmodules=openood) say each test case's group: near, far (else empty)
@@ -155,7 +161,9 @@ def _find_missing(roots: list[Path], result_files: list[Path]) -> list[MissingRu
         if any(run_dir == done or run_dir in done.parents for done in finished):
             continue
         missing.append(
-            MissingRun(run_dir, _read_overrides(run_dir / ".hydra" / "overrides.yaml"), failure_cause(run_dir, missing=""))
+            MissingRun(
+                run_dir, _read_overrides(run_dir / ".hydra" / "overrides.yaml"), failure_cause(run_dir, missing="")
+            )
         )
     return missing
 
@@ -195,7 +203,6 @@ def select_score(df: pd.DataFrame, score: str | Mapping[str, str]) -> pd.DataFra
     return rows
 
 
-
 def published_aupr_names(results: pd.DataFrame) -> pd.DataFrame:
     """``results`` with AUPR-IN and AUPR-OUT swapped: pytorch-ood 0.0.7 (the published tables)
     called the PR curve with OOD as positive class AUPR-IN, today's AUPR-OUT."""
@@ -221,10 +228,13 @@ def find_results_from_scores(paths: Iterable[str | Path]) -> tuple[pd.DataFrame,
     if written:
         on = ["run_dir", "test_case", "score"]
         results = results.merge(pd.concat(written)[on + context], on=on, how="left")
-    for column, default in {**dict.fromkeys(PROVENANCE_COLUMNS, UNKNOWN), "split": np.nan, "evaluated_from": ""}.items():
+    for column, default in {
+        **dict.fromkeys(PROVENANCE_COLUMNS, UNKNOWN),
+        "split": np.nan,
+        "evaluated_from": "",
+    }.items():
         results[column] = results[column].fillna(default) if column in results.columns else default
     return _count_models_once(results), _find_missing(roots, files)
-
 
 
 def _one_line(exc: BaseException | str) -> str:

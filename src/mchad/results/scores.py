@@ -69,7 +69,9 @@ class RunScores:
         return pd.concat(frames, ignore_index=True)
 
 
-def save_scores(outputs: dict[str, dict[str, torch.Tensor]], score_names: list[str], meta: dict, path: str | Path) -> Path:
+def save_scores(
+    outputs: dict[str, dict[str, torch.Tensor]], score_names: list[str], meta: dict, path: str | Path
+) -> Path:
     """Write a run's per-sample scores atomically (temporary file, then rename).
 
     ``outputs`` is :attr:`mchad.models.module.OODModel.test_outputs`: ``{"ID": {score: ..., "labels": ...,
@@ -128,8 +130,12 @@ def recompute_metrics(scores: RunScores | str | Path, extra: dict[str, Metric] |
         for name in scores.score_names:
             id_scores = torch.from_numpy(ind[name])  # cpu: as labels
             ood_scores = torch.from_numpy(scores.sets[case][name])  # cpu: as labels
-            row = {**{k: scores.meta[k] for k in ("experiment", "id_dataset", "method")}, "test_case": case,
-                   "score": name, "seed": None if int(scores.meta["seed"]) == UNKNOWN_SEED else int(scores.meta["seed"])}
+            row = {
+                **{k: scores.meta[k] for k in ("experiment", "id_dataset", "method")},
+                "test_case": case,
+                "score": name,
+                "seed": None if int(scores.meta["seed"]) == UNKNOWN_SEED else int(scores.meta["seed"]),
+            }
             row.update(case_metrics(id_scores, labels, predictions, ood_scores))
             for metric, function in (extra or {}).items():
                 row[metric] = float(function(id_scores.double(), labels, predictions, ood_scores.double()))

@@ -90,8 +90,13 @@ def load_table_config(path: str | Path | None = None) -> TableConfig:
         extra = sorted(set(entry) - {"method", "name", "score"})
         if extra:
             raise TableConfigError(f"{path}: unknown key(s) {', '.join(extra)} in methods entry {entry['method']}")
-        methods.append(MethodStyle(str(entry["method"]), str(entry.get("name") or entry["method"]),
-                                   str(entry["score"]) if entry.get("score") else None))
+        methods.append(
+            MethodStyle(
+                str(entry["method"]),
+                str(entry.get("name") or entry["method"]),
+                str(entry["score"]) if entry.get("score") else None,
+            )
+        )
     names = [m.method for m in methods]
     if len(set(names)) != len(names):
         raise TableConfigError(f"{path}: a method is listed twice in methods")
@@ -163,10 +168,25 @@ def paper_table(
         for metric in metrics
     ]
     p_values = _p_values(welch, [METRIC])
-    caption = _seed_sentences(f"{', '.join(metrics)} in {{percent}}", summary, config, options,
-                              ", each seed's value being its mean over the OOD sets")
-    return _layout(long, list(metrics), [m not in LOWER_IS_BETTER for m in metrics], p_values,
-                   config, options, caption, summary, label="tab:aggregate", show_arrows=True)
+    caption = _seed_sentences(
+        f"{', '.join(metrics)} in {{percent}}",
+        summary,
+        config,
+        options,
+        ", each seed's value being its mean over the OOD sets",
+    )
+    return _layout(
+        long,
+        list(metrics),
+        [m not in LOWER_IS_BETTER for m in metrics],
+        p_values,
+        config,
+        options,
+        caption,
+        summary,
+        label="tab:aggregate",
+        show_arrows=True,
+    )
 
 
 def per_ood_paper_table(
@@ -185,10 +205,21 @@ def per_ood_paper_table(
     welch_metric = welch_per_ood[welch_per_ood[METRIC] == metric] if not welch_per_ood.empty else welch_per_ood
     p_values = _p_values(welch_metric, [OOD_SET])
     direction = "lower" if metric in LOWER_IS_BETTER else "higher"
-    caption = _seed_sentences(f"{metric} in {{percent}} per OOD set ({direction} is better)", summary_per_ood,
-                              config, options)
-    return _layout(long, columns, [metric not in LOWER_IS_BETTER] * len(columns), p_values, config, options,
-                   caption, summary_per_ood, label=f"tab:per-ood-{_label_name(metric)}", show_arrows=False)
+    caption = _seed_sentences(
+        f"{metric} in {{percent}} per OOD set ({direction} is better)", summary_per_ood, config, options
+    )
+    return _layout(
+        long,
+        columns,
+        [metric not in LOWER_IS_BETTER] * len(columns),
+        p_values,
+        config,
+        options,
+        caption,
+        summary_per_ood,
+        label=f"tab:per-ood-{_label_name(metric)}",
+        show_arrows=False,
+    )
 
 
 def _long_row(record: Mapping, column: str, mean: float, spread: float) -> dict:
@@ -217,19 +248,27 @@ def _layout(long, columns, higher_is_better, p_values, config, options, caption,
                     continue
                 p = p_values.get((dataset, method, column), math.nan)
                 significant = method != config.baseline and math.isfinite(p) and p < options.alpha
-                row.append(Cell(float(of_method.at[column, "mean"]), float(of_method.at[column, "spread"]),
-                                significant=significant))
+                row.append(
+                    Cell(
+                        float(of_method.at[column, "mean"]),
+                        float(of_method.at[column, "spread"]),
+                        significant=significant,
+                    )
+                )
             rows.append((dataset, config.display_name(method)))
             cells.append(row)
     _mark_best(rows, cells, higher_is_better, options.decimals)
 
     tested = any(math.isfinite(p) for p in p_values.values())
-    caption = caption + [_score_phrase(summary, config),
-                         "best per column and dataset in bold" + ("" if all(higher_is_better) else
-                                                                  " (lowest for FPR95)")]
+    caption = caption + [
+        _score_phrase(summary, config),
+        "best per column and dataset in bold" + ("" if all(higher_is_better) else " (lowest for FPR95)"),
+    ]
     if tested:
-        caption.append(f"{{dagger}}: differs from {config.display_name(config.baseline)} at p < {options.alpha:g} "
-                       "(Welch's t-test over seeds)")
+        caption.append(
+            f"{{dagger}}: differs from {config.display_name(config.baseline)} at p < {options.alpha:g} "
+            "(Welch's t-test over seeds)"
+        )
     return PaperTable(columns, higher_is_better, rows, cells, caption, options.decimals, label, show_arrows)
 
 
@@ -247,18 +286,23 @@ def _mark_best(rows, cells, higher_is_better, decimals) -> None:
                 cell.best = value == best
 
 
-def _seed_sentences(what_is_shown: str, summary: pd.DataFrame, config: TableConfig, options: TableOptions,
-                    per_seed: str = "") -> list[str]:
+def _seed_sentences(
+    what_is_shown: str, summary: pd.DataFrame, config: TableConfig, options: TableOptions, per_seed: str = ""
+) -> list[str]:
     spread = "standard error of the mean" if options.spread == "sem" else "standard deviation (ddof=1)"
     seeds_by_method: dict[tuple[str, str], set[int]] = {}
     for record in summary.to_dict("records"):
         key = (record[DATASET], record[MODEL])
         seeds_by_method.setdefault(key, set()).update(_seed_values(record[SEED_LIST]))
     all_seeds = set().union(*seeds_by_method.values()) if seeds_by_method else set()
-    sentences = [f"{what_is_shown}: mean {{pm}} {spread} over {len(all_seeds)} seeds ({_seed_text(all_seeds)})"
-                 + per_seed]
-    fewer = [f"{config.display_name(method)} on {dataset} ({_seed_text(seeds)})"
-             for (dataset, method), seeds in seeds_by_method.items() if seeds != all_seeds]
+    sentences = [
+        f"{what_is_shown}: mean {{pm}} {spread} over {len(all_seeds)} seeds ({_seed_text(all_seeds)})" + per_seed
+    ]
+    fewer = [
+        f"{config.display_name(method)} on {dataset} ({_seed_text(seeds)})"
+        for (dataset, method), seeds in seeds_by_method.items()
+        if seeds != all_seeds
+    ]
     if fewer:
         sentences.append("fewer seeds for " + ", ".join(fewer))
     if any(len(s) < 2 for s in seeds_by_method.values()):
@@ -320,8 +364,10 @@ class _Markup:
         return self.wrap.format(body + (self.marker if cell.significant else ""))
 
     def header(self, table: PaperTable) -> list[str]:
-        return [DATASET, "Method"] + [self.escape(c) + (self.arrows[h] if table.show_arrows else "")
-                                      for c, h in zip(table.columns, table.higher_is_better)]
+        return [DATASET, "Method"] + [
+            self.escape(c) + (self.arrows[h] if table.show_arrows else "")
+            for c, h in zip(table.columns, table.higher_is_better)
+        ]
 
     def body(self, table: PaperTable) -> list[list[str]]:
         """Cells per row; the dataset named on the first row of its group only."""
@@ -346,13 +392,28 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
 
 
-MARKDOWN = _Markup(cell_pm=" ± ", nospread="–", missing="–", bold="**{}**", marker=" †", wrap="{}",
-                   arrows={True: " ↑", False: " ↓"},
-                   symbols={"pm": "±", "dagger": "†", "percent": "%", "nospread": "–"}, escape=str)
-LATEX = _Markup(cell_pm=" \\pm ", nospread="\\mbox{--}", missing="--", bold="\\mathbf{{{}}}",
-                marker="^{\\dagger}", wrap="${}$", arrows={True: " $\\uparrow$", False: " $\\downarrow$"},
-                symbols={"pm": "$\\pm$", "dagger": "$^\\dagger$", "percent": "\\%", "nospread": "--"},
-                escape=latex_escape)
+MARKDOWN = _Markup(
+    cell_pm=" ± ",
+    nospread="–",
+    missing="–",
+    bold="**{}**",
+    marker=" †",
+    wrap="{}",
+    arrows={True: " ↑", False: " ↓"},
+    symbols={"pm": "±", "dagger": "†", "percent": "%", "nospread": "–"},
+    escape=str,
+)
+LATEX = _Markup(
+    cell_pm=" \\pm ",
+    nospread="\\mbox{--}",
+    missing="--",
+    bold="\\mathbf{{{}}}",
+    marker="^{\\dagger}",
+    wrap="${}$",
+    arrows={True: " $\\uparrow$", False: " $\\downarrow$"},
+    symbols={"pm": "$\\pm$", "dagger": "$^\\dagger$", "percent": "\\%", "nospread": "--"},
+    escape=latex_escape,
+)
 
 
 def render_markdown(table: PaperTable) -> str:
@@ -385,8 +446,18 @@ def render_latex(table: PaperTable) -> str:
     return "\n".join(lines) + "\n"
 
 
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 
 
 def to_markdown(table: pd.DataFrame, right_align: list[bool] | None = None) -> str:
@@ -444,7 +515,6 @@ def display_orders(config: TableConfig | None) -> dict[str, tuple[str, ...] | li
 def display_order(column: pd.Series, config: TableConfig | None = None) -> pd.Series:
     categories = ordered(column, display_orders(config).get(column.name, []))
     return pd.Series(pd.Categorical(column, categories=categories, ordered=True), index=column.index)
-
 
 
 def write_tables(

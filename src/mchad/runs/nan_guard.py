@@ -74,7 +74,9 @@ class NonFiniteLossGuard(pl.Callback):
 
     @staticmethod
     def _fail(trainer, step: int, value: float | None, elsewhere: bool = False) -> None:
-        what = "NaN" if value is not None and value != value else ("infinite" if value is not None else "NaN or infinite")
+        what = (
+            "NaN" if value is not None and value != value else ("infinite" if value is not None else "NaN or infinite")
+        )
         where = " in another process" if elsewhere else ""
         raise NonFiniteLossError(
             f"the training loss became {what}{where} at step {step} (epoch {trainer.current_epoch}); training stopped. "

@@ -85,7 +85,9 @@ def config_hash(cfg) -> str:
     container = _without_seed(container, container.get("seed"))
     places = {**(container.get("paths") or {}), "dataset_dir": container.get("dataset_dir")}
     # longest first: output_dir lies below log_dir, which lies below root_dir
-    prefixes = sorted(((str(v), f"<{k}>") for k, v in places.items() if isinstance(v, str) and v), key=lambda p: -len(p[0]))
+    prefixes = sorted(
+        ((str(v), f"<{k}>") for k, v in places.items() if isinstance(v, str) and v), key=lambda p: -len(p[0])
+    )
     content = {k: v for k, v in container.items() if k not in _RUN_KEYS}
     for prefix, name in prefixes:
         content = replace_path_prefix(content, prefix, name)
@@ -147,8 +149,9 @@ def environment(trainer) -> dict[str, Any]:
     }
 
 
-def record(cfg, code: dict[str, Any], datamodule, trainer, rows: list[dict], output_dir: Path,
-           checkpoint: Path | None = None) -> list[dict]:
+def record(
+    cfg, code: dict[str, Any], datamodule, trainer, rows: list[dict], output_dir: Path, checkpoint: Path | None = None
+) -> list[dict]:
     """Write ``provenance.json`` into ``output_dir``; return ``rows`` with the provenance columns."""
     datasets = dict(getattr(datamodule, "fingerprints", {}) or {})
     shared = [f"{name}={datasets[name]}" for name in sorted(datasets) if not name.startswith("ood/")]
@@ -166,8 +169,14 @@ def record(cfg, code: dict[str, Any], datamodule, trainer, rows: list[dict], out
     for row in rows:
         case = f"ood/{row.get('test_case')}"
         data = _short_hash(*shared, f"{case}={datasets.get(case, UNKNOWN)}")
-        out.append({**row, "code_version": info["code"]["version"], "data_fingerprint": data,
-                    "config_hash": info["config_hash"]})
+        out.append(
+            {
+                **row,
+                "code_version": info["code"]["version"],
+                "data_fingerprint": data,
+                "config_hash": info["config_hash"],
+            }
+        )
     return out
 
 

@@ -24,8 +24,10 @@ CONFIG_FILE = "config.yaml"
 
 def _is_group_override(saved: DictConfig, key: str, value: Any) -> bool:
     node = OmegaConf.select(saved, key, default=None)
-    return "/" in key or key in ("experiment", "testmodules") or (
-        isinstance(node, DictConfig) and not isinstance(value, dict)
+    return (
+        "/" in key
+        or key in ("experiment", "testmodules")
+        or (isinstance(node, DictConfig) and not isinstance(value, dict))
     )
 
 
@@ -146,7 +148,6 @@ def replace_path_prefix(value: Any, old: str, new: str) -> Any:
     return value
 
 
-
 def keep_csv_history(loggers: list, global_step: int) -> None:
     """Keep a resumed run's earlier ``metrics.csv`` rows (up to the checkpoint's step).
 
@@ -179,4 +180,3 @@ def keep_csv_history(loggers: list, global_step: int) -> None:
             warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
             writer = logger.experiment  # created now: it removes the old file
         writer.metrics = rows + writer.metrics
-

@@ -56,4 +56,3 @@ class RNGState(pl.Callback):
         if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
         log.info("Restored the random number generators' states from the checkpoint")
-

@@ -24,8 +24,17 @@ from mchad.runs.validate import check_config, check_gpu_present, check_test_case
 log = logging.getLogger(__name__)
 
 # evaluated_from: the checkpoint an eval-only run (train=false) tested, empty for a trained run
-RESULT_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed", *METRIC_COLUMNS,
-                  "evaluated_from", *PROVENANCE_COLUMNS]
+RESULT_COLUMNS = [
+    "experiment",
+    "id_dataset",
+    "method",
+    "test_case",
+    "score",
+    "seed",
+    *METRIC_COLUMNS,
+    "evaluated_from",
+    *PROVENANCE_COLUMNS,
+]
 
 
 def on_terminal() -> bool:
@@ -95,9 +104,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, OODModel]:
     backbone = _instantiate(cfg.model.backbone, "model.backbone")
     width = output_width(backbone, datamodule.image_shape)
     if width != cfg.model.n_embedding:
-        raise ConfigError(
-            f"the backbone outputs {width} values but model.n_embedding={cfg.model.n_embedding}"
-        )
+        raise ConfigError(f"the backbone outputs {width} values but model.n_embedding={cfg.model.n_embedding}")
     if cfg.model.get("pretrained_checkpoint"):
         load_pretrained(backbone, str(cfg.model.pretrained_checkpoint), trust=bool(cfg.get("trust_checkpoint", False)))
     method = _instantiate(cfg.model.method, "model.method")
@@ -118,7 +125,9 @@ def make_detectors(cfg: DictConfig, method) -> DetectorBank:
     or not applicable to the method."""
     args = OmegaConf.to_container(cfg.get("detector_args") or {}, resolve=True)
     fit_samples = cfg.get("detector_fit_samples", 10000)
-    names = check_detectors(cfg.get("detectors"), method, cfg.model.get("name", type(method).__name__), args, fit_samples)
+    names = check_detectors(
+        cfg.get("detectors"), method, cfg.model.get("name", type(method).__name__), args, fit_samples
+    )
     return DetectorBank(names, args, fit_samples, seed=int(cfg.seed))
 
 
@@ -174,7 +183,9 @@ def compile_options(value) -> dict | None:
         if unknown:
             raise ConfigError(f"model.compile: unknown torch.compile argument(s) {', '.join(sorted(unknown))}")
         return options
-    raise ConfigError(f"model.compile must be false, true, a torch.compile mode or a mapping of its arguments, got {value!r}")
+    raise ConfigError(
+        f"model.compile must be false, true, a torch.compile mode or a mapping of its arguments, got {value!r}"
+    )
 
 
 def make_loggers(cfg: DictConfig) -> list:
@@ -186,8 +197,8 @@ def make_trainer(cfg: DictConfig, loggers: list | None = None, extra_callbacks: 
     callbacks, the RNG-state and non-finite-loss callbacks, and atomic checkpoint writes."""
     from mchad.checkpoints import AtomicCheckpointIO
     from mchad.runs.nan_guard import NonFiniteLossGuard
-    from mchad.runs.rng_state import RNGState
     from mchad.runs.preemption import cluster_plugins
+    from mchad.runs.rng_state import RNGState
 
     callbacks = [*extra_callbacks, *(_instantiate(c, "callbacks") for c in cfg.get("callbacks", {}).values())]
     callbacks += [RNGState(), NonFiniteLossGuard()]
@@ -307,9 +318,8 @@ def run(cfg: DictConfig) -> Path:
     """
     from mchad.checkpoints import check_fits, checkpoint_file, load_checkpoint
     from mchad.distributed import is_launch_rank_zero
-    from mchad.runs import provenance
+    from mchad.runs import provenance, rank_watch
     from mchad.runs.resume import eval_config, keep_csv_history, resume_config
-    from mchad.runs import rank_watch
 
     writer = is_launch_rank_zero()  # DDP: rank 0 alone writes files (the others only compute)
     ckpt_file: Path | None = None
@@ -367,8 +377,12 @@ def run(cfg: DictConfig) -> Path:
     try:
         if training:
             # Lightning loads the file again: explicitly weights-only too (its None means torch's default)
-            trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt_file is None else str(ckpt_file),
-                        weights_only=not trust)
+            trainer.fit(
+                model,
+                datamodule=datamodule,
+                ckpt_path=None if ckpt_file is None else str(ckpt_file),
+                weights_only=not trust,
+            )
             # validation data only, before any test set is scored; rank 0 alone (DDP)
             if cfg.get("objective") is not None and trainer.is_global_zero:
                 write_objective(cfg.objective, trainer, model, output_dir)

@@ -82,9 +82,14 @@ def check_gpu_present(cfg: DictConfig) -> None:
     mps = accelerator == "gpu" and torch.backends.mps.is_available()  # Lightning's gpu on Apple silicon
     if torch.cuda.is_available() or mps:
         return
-    asked, drop = (f"trainer.gpus={gpus}", "drop trainer.gpus or set trainer.gpus=0") if gpus not in (None, 0, "0") else (
-        f"trainer.accelerator={accelerator}", "set trainer.accelerator=cpu (or auto)")
-    raise ConfigError(f"{asked} asks for a GPU, but no GPU was found (torch.cuda.is_available() is false); to run on the CPU {drop}")
+    asked, drop = (
+        (f"trainer.gpus={gpus}", "drop trainer.gpus or set trainer.gpus=0")
+        if gpus not in (None, 0, "0")
+        else (f"trainer.accelerator={accelerator}", "set trainer.accelerator=cpu (or auto)")
+    )
+    raise ConfigError(
+        f"{asked} asks for a GPU, but no GPU was found (torch.cuda.is_available() is false); to run on the CPU {drop}"
+    )
 
 
 def _check_writable(folder: Path, what: str, how: str) -> None:

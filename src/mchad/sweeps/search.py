@@ -135,5 +135,10 @@ def write_best(impl: Any, sweep_dir: Path) -> None:
         results.best_trial_dir = str(folder)
         results.validation = OmegaConf.load(folder / OBJECTIVE_FILE)
     OmegaConf.save(results, path)
-    log.info("Best trial #%d: %s = %s (%s)", best.number, results.objective.metric if results.objective else "value",
-             best.value, path)
+    log.info(
+        "Best trial #%d: %s = %s (%s)",
+        best.number,
+        results.objective.metric if results.objective else "value",
+        best.value,
+        path,
+    )

@@ -150,7 +150,9 @@ def _headline(results: Path) -> str:
         return "no results"
     score = rows[0]["score"]
     aurocs = [float(r["AUROC"]) for r in rows if r["score"] == score and r.get("AUROC") not in ("", None)]
-    auroc = f"AUROC {sum(aurocs) / len(aurocs):.3f} ({score}, mean of {len(aurocs)} test cases)" if aurocs else "no AUROC"
+    auroc = (
+        f"AUROC {sum(aurocs) / len(aurocs):.3f} ({score}, mean of {len(aurocs)} test cases)" if aurocs else "no AUROC"
+    )
     return f"accuracy {float(rows[0]['Accuracy']):.3f}, {auroc}"
 
 
@@ -368,12 +370,16 @@ class SweepReport(Callback):
         preempted = [(trial, cause) for trial, cause in stopped if is_preempted(cause)]
         failed = [(trial, cause) for trial, cause in stopped if not is_preempted(cause)]
         note = f", {len(preempted)} preempted" if preempted else ""
-        lines = [f"sweep {sweep_dir}: {len(finished)} trial(s) finished, {len(failed)} failed{note}{counts_note(sweep_dir)}"]
+        lines = [
+            f"sweep {sweep_dir}: {len(finished)} trial(s) finished, {len(failed)} failed{note}{counts_note(sweep_dir)}"
+        ]
         lines += [f"  {line}" for line in continued_lines(sweep_dir)]
         lines += [f"  FAILED {trial}: {cause}" for trial, cause in failed]
         lines += [f"  PREEMPTED {trial}: {cause}" for trial, cause in preempted]
         if failed:
-            lines.append(f"  (causes in <trial>/{FAILED_FILE}; aggregate with: python -m mchad.results.aggregate {sweep_dir})")
+            lines.append(
+                f"  (causes in <trial>/{FAILED_FILE}; aggregate with: python -m mchad.results.aggregate {sweep_dir})"
+            )
         if preempted:
             lines.append(f"  (continue the preempted trials: the same command with hydra.sweep.dir={sweep_dir})")
         report = "\n".join(lines)

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -215,14 +216,22 @@ class LaunchPending:
             raise SystemExit(f"error: {error}") from None
         done = [t for t in trials if t.done]
         for trial in done:
-            log.info("#%d done (%s): %s -- not run again", trial.num, trial.dir / RESULTS_FILE, " ".join(trial.overrides))
+            log.info(
+                "#%d done (%s): %s -- not run again", trial.num, trial.dir / RESULTS_FILE, " ".join(trial.overrides)
+            )
         for trial in trials:
             if trial.note:
                 (log.info if trial.resume is not None else log.warning)("%s", trial.note)
             if trial.note and trial.resume is None:
                 discard_checkpoints(trial.dir)
         _CONTINUED[str(sweep_dir)] = [t.note for t in trials if t.note]
-        log.info("sweep %s: %d of %d trial(s) done before, %d to run", sweep_dir, len(done), len(trials), len(trials) - len(done))
+        log.info(
+            "sweep %s: %d of %d trial(s) done before, %d to run",
+            sweep_dir,
+            len(done),
+            len(trials),
+            len(trials) - len(done),
+        )
         record(sweep_dir, done=len(done), run_now=len(trials) - len(done))
         return trials
 
@@ -245,7 +254,6 @@ class LaunchPending:
                     subdir = trial.dir.relative_to(Path(str(self.sweeper.config.hydra.sweep.dir)))
                     overrides.append(f"hydra.sweep.subdir={_override_value(str(subdir))}")
                 if trial.resume is not None:  # a hydra override: the task config stays the same
-
                     overrides.append(f"++hydra.job.env_set.{CONTINUE_ENV}={_override_value(str(trial.resume))}")
                 launched.append(overrides)
             for trial, result in zip(pending, self.launcher.launch(launched, initial_job_idx=first)):
@@ -255,8 +263,12 @@ class LaunchPending:
         return [
             returns[t.num]
             if not t.done
-            else JobReturn(overrides=t.overrides, working_dir=str(t.dir), status=JobStatus.COMPLETED,
-                           _return_value=read_objective(t.dir))
+            else JobReturn(
+                overrides=t.overrides,
+                working_dir=str(t.dir),
+                status=JobStatus.COMPLETED,
+                _return_value=read_objective(t.dir),
+            )
             for t in batch
         ]
 
