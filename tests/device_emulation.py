@@ -24,7 +24,8 @@ computes on the CPU, but that compares unequal to ``cpu``):
   reports on a GPU.
 
 What it cannot see: code that never goes through torch's Python API (C++ internals, custom
-kernels, e.g. a synchronisation inside a CUDA kernel's launcher), the accelerator-specific branches (``device.type == "cuda"``: the emulated device is
+kernels, e.g. a synchronisation inside a CUDA kernel's launcher), the accelerator-specific branches (``device.type ==
+"cuda"``: the emulated device is
 of type ``cpu``), numerics (precision, compile), memory, and CUDA-only APIs.
 """
 

@@ -174,8 +174,14 @@ def test_trial_overrides_are_the_benchmarks_shortened():
     )
     overrides = trial_overrides(args)
     assert overrides[: len(bench_overrides(args))] == bench_overrides(args)
-    assert {"experiment=cifar10-mchad", "model/backbone=wrn40-2", "trainer.limit_train_batches=7", "trainer.max_epochs=1",
-            "trainer.min_epochs=1", "datamodule.test_cases.GaussianNoise.n=50"} <= set(overrides)  # fmt: skip
+    assert {
+        "experiment=cifar10-mchad",
+        "model/backbone=wrn40-2",
+        "trainer.limit_train_batches=7",
+        "trainer.max_epochs=1",
+        "trainer.min_epochs=1",
+        "datamodule.test_cases.GaussianNoise.n=50",
+    } <= set(overrides)
     assert not any(o.startswith("seed=") for o in overrides)  # each trial gets its own
     full = trial_overrides(args, short=False)
     assert not any(o.startswith(("trainer.limit_train_batches", "trainer.max_epochs")) for o in full)
@@ -265,8 +271,8 @@ class WarningSteps(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         if batch_idx in (3, 6):
-            warnings.warn("called a synchronizing CUDA operation")  # SYNC LINE
-        warnings.warn("an unrelated warning")
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=1)  # SYNC LINE
+        warnings.warn("an unrelated warning", stacklevel=1)
         return self.layer(batch[0]).sum()
 
     def configure_optimizers(self):
@@ -278,9 +284,17 @@ def test_sync_counter_counts_per_step_with_the_source_line():
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 2)), batch_size=1)
     modes = []
     counter = sync_counter(first=2, steps=6, set_mode=modes.append)
-    trainer = pl.Trainer(accelerator="cpu", limit_train_batches=2 + 6 + 1, max_epochs=1, log_every_n_steps=4, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[counter])  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        limit_train_batches=2 + 6 + 1,
+        max_epochs=1,
+        log_every_n_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[counter],
+    )
     trainer.fit(WarningSteps(), train_dataloaders=data)
     assert counter.per_step == [0, 1, 0, 0, 1, 0]  # batches 2..7: the warnings of batches 3 and 6
     assert counter.logging_steps == [1, 5]  # batches 3 and 7: (global step + 1) % 4 == 0

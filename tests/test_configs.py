@@ -5,6 +5,8 @@ from conftest import ALL_EXPERIMENTS, compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from mchad.runs.train import trainer_kwargs
+
 
 def resolve(cfg) -> dict:
     """The job's config, fully resolved (the hydra node is only complete inside a run)."""
@@ -13,9 +15,6 @@ def resolve(cfg) -> dict:
         for k in cfg
         if k != "hydra"
     }
-
-
-from mchad.runs.train import trainer_kwargs
 
 
 def test_default_config_is_the_quickstart(tmp_path):

@@ -69,9 +69,9 @@ def test_pinned_batches_when_asked():
 def test_gathered_on_the_gpu_when_the_data_live_there():
     data = array(20)
     loader = TensorBatchLoader(data, 8, shuffle=True, seed=0, device="cuda")
-    on_gpu = [(i.cpu(), l.cpu()) for i, l in loader]
+    on_gpu = [(images.cpu(), labels.cpu()) for images, labels in loader]
     on_host = list(TensorBatchLoader(data, 8, shuffle=True, seed=0, pin_memory=False))
-    for (a, b), (c, d) in zip(on_gpu, on_host):
+    for (a, b), (c, d) in zip(on_gpu, on_host, strict=True):
         assert torch.equal(a, c) and torch.equal(b, d)
 
 

@@ -158,7 +158,8 @@ def test_experiment_runs_one_training_and_test_step(experiment, tiny_folder, tmp
 @pytest.mark.parametrize("experiment", ["cifar10-gmchad", "svhn-gcenter", "cifar100-gcac"])
 def test_g_variants_see_outliers_in_training(experiment, tiny_folder, tmp_path):
     """A training batch holds ID images and outliers (label -1); the push term is non-zero on
-    it (with a margin wide enough to reach the untrained embeddings, also CAC's published ||.||^4) and zero without them."""
+    it (with a margin wide enough to reach the untrained embeddings, also CAC's published ||.||^4) and zero without
+    them."""
     overrides = tiny_overrides(experiment, tiny_folder, tmp_path)
     overrides = [o for o in overrides if o != "model.backbone.width=4"] + [
         "model/backbone=convnet",

@@ -110,10 +110,16 @@ def test_timer_and_summary_of_a_real_run(tmp_path):
 
     folder = tmp_path / "work" / "default"
     overrides = [
-        "trainer.enable_progress_bar=false", "trainer.max_epochs=2", "trainer.min_epochs=2", "trainer.limit_train_batches=3",
-        f"dataset_dir={tmp_path / 'data'}", "~callbacks", "~logger",
-        "+callbacks.gpu_check_timer._target_=mchad.bench.gpu_check.run_timer", f"+callbacks.gpu_check_timer.out={folder / 'timing.json'}",
-    ]  # fmt: skip
+        "trainer.enable_progress_bar=false",
+        "trainer.max_epochs=2",
+        "trainer.min_epochs=2",
+        "trainer.limit_train_batches=3",
+        f"dataset_dir={tmp_path / 'data'}",
+        "~callbacks",
+        "~logger",
+        "+callbacks.gpu_check_timer._target_=mchad.bench.gpu_check.run_timer",
+        f"+callbacks.gpu_check_timer.out={folder / 'timing.json'}",
+    ]
     run(compose_config(overrides, output_dir=folder))
     (folder / "run.log").write_text("")
     marks = json.loads((folder / "timing.json").read_text())
@@ -146,8 +152,30 @@ def test_summary_of_a_failed_run_says_so(tmp_path):
 
 def test_benchmark_figures_of_a_cpu_run(tmp_path):
     """``gpu_check bench`` on a tiny real CPU benchmark: the figures it keeps, n/a for the GPU's."""
-    assert gpu_check.main(["bench", str(tmp_path), "--", "--data", "synthetic", "--device", "cpu", "--steps", "2",
-                           "--warmup", "1", "--repeats", "1", "--batch-size", "16", "--only", "train"]) == 0  # fmt: skip
+    assert (
+        gpu_check.main(
+            [
+                "bench",
+                str(tmp_path),
+                "--",
+                "--data",
+                "synthetic",
+                "--device",
+                "cpu",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--repeats",
+                "1",
+                "--batch-size",
+                "16",
+                "--only",
+                "train",
+            ]
+        )
+        == 0
+    )
     figures = json.loads((tmp_path / "bench.json").read_text())
     assert figures["lightning"] > 0 and figures["bare"] > 0 and figures["ratio"] > 0
     assert figures["gpu_util"] is None and "syncs" not in figures and "packed" not in figures
@@ -155,23 +183,40 @@ def test_benchmark_figures_of_a_cpu_run(tmp_path):
     assert lines[-2].startswith("benchmark (--data synthetic") and "scored at nan img/s" in lines[-2]
     assert (
         lines[-1]
-        == "GPU busy while the benchmark's Lightning steps ran: n/a (bare loop n/a); host syncs per step: n/a; CUDA's own start: n/a"
+        == "GPU busy while the benchmark's Lightning steps ran: n/a (bare loop n/a); host syncs per step: n/a; "
+        "CUDA's own start: n/a"
     )
 
 
 def test_summary_shows_the_gpu_figures(tmp_path):
     """The figures a GPU run of the benchmark keeps, as the summary prints them (targets marked)."""
     report = {
-        "train": {"lightning": [6000.0, 6200.0, 6100.0], "bare": [6500.0] * 3, "ratio": [0.92, 0.95, 0.94],
-                  "gpu_util": {"lightning": 27.0, "bare": 31.0, "text": "median 27 %"}},
-        "syncs": {"per_step": [0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0], "logging_steps": [2, 12], "outside_logging": 0,
-                  "locations": {"pytorch_lightning/x.py:10": 4}},
+        "train": {
+            "lightning": [6000.0, 6200.0, 6100.0],
+            "bare": [6500.0] * 3,
+            "ratio": [0.92, 0.95, 0.94],
+            "gpu_util": {"lightning": 27.0, "bare": 31.0, "text": "median 27 %"},
+        },
+        "syncs": {
+            "per_step": [0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0],
+            "logging_steps": [2, 12],
+            "outside_logging": 0,
+            "locations": {"pytorch_lightning/x.py:10": 4},
+        },
         "eval": {"scoring": [90000.0]},
         "cuda_start": {"CUDA's own start": [1.5, 1.25, 1.75]},
-        "packed": {"way": "ray", "k": 8, "alone": 5000.0, "combined": 21000.0, "ratio": 4.2, "alone_first_step_s": 9.0,
-                   "first_step_s": [20.0, 21.0, 25.0], "gpu_util": 90.0},
+        "packed": {
+            "way": "ray",
+            "k": 8,
+            "alone": 5000.0,
+            "combined": 21000.0,
+            "ratio": 4.2,
+            "alone_first_step_s": 9.0,
+            "first_step_s": [20.0, 21.0, 25.0],
+            "gpu_util": 90.0,
+        },
         "row": {"seeds": 21, "seconds": 200.0, "way": "ray", "k": 8},
-    }  # fmt: skip
+    }
     (tmp_path / "bench.json").write_text(json.dumps(gpu_check.figures(report, ["--device", "cuda"])))
     lines = gpu_check.summary(tmp_path).splitlines()
     assert lines[-3] == (

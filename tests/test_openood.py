@@ -249,7 +249,7 @@ def test_miniature_run_writes_grouped_rows(two_runs):
     assert (frame.experiment == "openood-cifar10-mchad").all()
     expected = ood_groups("CIFAR10")
     assert list(dict.fromkeys(frame.test_case)) == list(expected)
-    assert dict(zip(frame.test_case, frame.group)) == expected
+    assert dict(zip(frame.test_case, frame.group, strict=True)) == expected
     assert set(frame.score) == {"distance", "msp", "energy"} and len(frame) == 6 * 3  # one row per set and score
     assert frame[["Accuracy", "AUROC", "FPR95"]].notna().all().all()
     # the ID test split is OpenOOD's: 12 images in the miniature (Accuracy in twelfths)

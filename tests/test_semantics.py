@@ -185,7 +185,7 @@ def test_steps_per_epoch_on_a_cifar_sized_set(full, steps, steps_oe):
     loader = oe.train_dataloader()
     assert len(loader) == steps_oe
     if full:
-        batches = [labels for _, labels in (b for _, b in zip(range(392), loader))]
+        batches = [labels for _, labels in (b for _, b in zip(range(392), loader, strict=False))]
         # step 391 holds the last 80 ID images, step 392 starts the ID set again (cycled)
         assert [(b >= 0).sum().item() for b in batches[389:]] == [128, 80, 128]
         assert all((b < 0).sum().item() == 256 for b in batches)

@@ -322,7 +322,7 @@ def test_ray_sweep_runs_trials_apart_and_reports_a_failing_one(tmp_path):
 
     good = [trials[f"seed={s} model.weight_center=0.5"] for s in (1, 2)]
     bad = [trials[f"seed={s} model.weight_center=-1"] for s in (1, 2)]
-    for trial, seed in zip(good, (1, 2)):
+    for trial, seed in zip(good, (1, 2), strict=True):
         assert (trial / "results.csv").is_file(), output[-3000:]
         assert f",{seed}," in (trial / "results.csv").read_text().splitlines()[1]
         assert OmegaConf.load(trial / "config.yaml").paths.root_dir == str(ROOT)

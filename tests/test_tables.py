@@ -139,7 +139,7 @@ def test_latex_structure_bold_and_markers_are_exactly_the_known_ones(sweep):
     for row in rows:
         assert len(row) == len(spec)
         dataset = row[0] or dataset
-        for metric, cell in zip(METRICS, row[2:]):
+        for metric, cell in zip(METRICS, row[2:], strict=True):
             assert cell.count(r"\pm") == 1, cell
             match = CELL.match(cell)
             assert match, cell

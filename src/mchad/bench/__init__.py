@@ -37,7 +37,8 @@ Prints, for the current machine, one model, data set, batch size and optimiser:
     got there, so that they train at the same time; their combined throughput (all their
     training images / from then to the end of the last one's training) against the one alone
     (target >= 4x for 8 trials on one GPU), each trial's seconds to its first step and the
-    wall time from the first launch (``mchad.bench.gpu_check.run_timer``). ``--row-seeds N`` also times a whole N-seed sweep at the
+    wall time from the first launch (``mchad.bench.gpu_check.run_timer``). ``--row-seeds N`` also times a whole
+    N-seed sweep at the
     configuration's own length, K at once (the paper's 21-seed CIFAR-10 row: target <= 180 s
     on one H200).
 
@@ -236,7 +237,7 @@ def _main(args, argv: list[str]) -> dict:
                     timed(train_lightning, light, light_windows)
                     if not r % 2:
                         timed(train_bare, bare, bare_windows)
-            ratios = [a / b for a, b in zip(light, bare)]
+            ratios = [a / b for a, b in zip(light, bare, strict=True)]
             busy = sampler.median(light_windows)
             report["train"] = {"lightning": light, "bare": bare, "ratio": ratios,
                                "gpu_util": {"lightning": busy, "bare": sampler.median(bare_windows),
@@ -244,12 +245,14 @@ def _main(args, argv: list[str]) -> dict:
             ratio = statistics.median(ratios)  # paired: each Lightning repeat with the bare one next to it
             of_medians = statistics.median(light) / statistics.median(bare)
             print(
-                f"(a) training, {args.steps} steps x {args.batch_size} images after {args.warmup} warm-up steps, {args.repeats} repeats"
+                f"(a) training, {args.steps} steps x {args.batch_size} images after {args.warmup} warm-up steps, "
+                f"{args.repeats} repeats"
             )
             print(f"    run.py Lightning path : {fmt(light, ' img/s')}")
             print(f"    bare PyTorch loop     : {fmt(bare, ' img/s')}")
             print(
-                f"    ratio Lightning/bare  : {ratio:.3f} (median of the paired repeats {', '.join(f'{r:.3f}' for r in ratios)}); "
+                f"    ratio Lightning/bare  : {ratio:.3f} (median of the paired repeats "
+                f"{', '.join(f'{r:.3f}' for r in ratios)}); "
                 f"ratio of the medians {of_medians:.3f}  [target >= 0.95: {'MET' if ratio >= 0.95 else 'MISSED'}]"
             )
             per_step = (args.batch_size / statistics.median(light) - args.batch_size / statistics.median(bare)) * 1e3
@@ -267,16 +270,19 @@ def _main(args, argv: list[str]) -> dict:
                 report["syncs"] = {"per_step": per, "logging_steps": logging_steps, "outside_logging": outside,
                                    "locations": dict(counter.locations)}  # fmt: skip
                 print(
-                    f"    host syncs per step   : median {statistics.median(per):g}, max {max(per)} over {len(per)} steps "
+                    f"    host syncs per step   : median {statistics.median(per):g}, max {max(per)} over {len(per)} "
+                    "steps "
                     f"after {warm} warm-up steps; {sum(per)} in all, {outside} outside the logging steps "
                     f"({', '.join(map(str, logging_steps)) or 'none'}; trainer.log_every_n_steps="
-                    f"{cfg.trainer.log_every_n_steps})  [target 0 outside logging steps: {'MET' if outside == 0 else 'MISSED'}]"
+                    f"{cfg.trainer.log_every_n_steps})  [target 0 outside logging steps: "
+                    f"{'MET' if outside == 0 else 'MISSED'}]"
                 )
                 for where, n in counter.locations.most_common(8):
                     print(f"      {n:4d} x {where}")
             else:
                 print(
-                    "    host syncs per step   : n/a (CUDA only; the CPU test suite checks the step with an emulated device)"
+                    "    host syncs per step   : n/a (CUDA only; the CPU test suite checks the step with an "
+                    "emulated device)"
                 )
 
         if "data" in sections:
@@ -284,7 +290,8 @@ def _main(args, argv: list[str]) -> dict:
             report["data"] = rates
             reference = statistics.median(report["train"]["lightning"]) if "train" in report else None
             print(
-                f"(b) data pipeline alone (permutation, gather, transfer, crop+flip+normalise), {args.data_batches} batches"
+                f"(b) data pipeline alone (permutation, gather, transfer, crop+flip+normalise), {args.data_batches} "
+                "batches"
             )
             print(f"    {fmt(rates, ' img/s')}")
             if reference:
@@ -305,7 +312,8 @@ def _main(args, argv: list[str]) -> dict:
             print(f"    whole trainer.test    : {fmt(ev['test_call'], ' s', 2)} (with the plotting callbacks)")
             if "train" in report:
                 print(
-                    f"    scoring/training rate : {statistics.median(ev['scoring']) / statistics.median(report['train']['lightning']):.1f}x",
+                    f"    scoring/training rate : "
+                    f"{statistics.median(ev['scoring']) / statistics.median(report['train']['lightning']):.1f}x",
                     flush=True,
                 )
 
@@ -332,7 +340,7 @@ def _main(args, argv: list[str]) -> dict:
                     print(f"    {'':22s}  {phase:19s}: {fmt(values, ' s', 2)}")
                 sanity = statistics.median(info["phases"]["sanity validation"])
                 if sanity > 0.1:  # Lightning's 2 validation batches before training: model compute, not set-up
-                    rest = [t - v for t, v in zip(times, info["phases"]["sanity validation"])]
+                    rest = [t - v for t, v in zip(times, info["phases"]["sanity validation"], strict=True)]
                     print(
                         f"    {'':22s}  without the sanity validation: {fmt(rest, ' s', 2)}  "
                         f"[target <= 5 s: {'MET' if statistics.median(rest) <= 5 else 'MISSED'}]"

@@ -217,7 +217,8 @@ def bench_lines(b: dict) -> list[str]:
     lines.append(
         f"GPU busy while the benchmark's Lightning steps ran: {_with_unit(util, '.0f', ' %')} (bare loop "
         f"{_with_unit(b.get('gpu_util_bare'), '.0f', ' %')}){_mark(util, '>= 80 %', util is not None and util >= 80)}; "
-        f"host syncs per step: {sync_text}{_mark(syncs, '0 outside logging steps', bool(syncs) and syncs['outside_logging'] == 0)}; "
+        f"host syncs per step: "
+        f"{sync_text}{_mark(syncs, '0 outside logging steps', bool(syncs) and syncs['outside_logging'] == 0)}; "
         f"CUDA's own start: {_with_unit(cuda, '.2f', ' s')}"
     )
     packed = b.get("packed")
@@ -225,7 +226,8 @@ def bench_lines(b: dict) -> list[str]:
         ratio = packed["ratio"]
         line = (f"packed trials ({packed['way']}, {packed['k']} at once): alone {packed['alone']:,.0f} img/s, combined "
                 f"{packed['combined']:,.0f} img/s, ratio {ratio:.2f}x{_mark(ratio, '>= 4x', ratio >= 4)}; seconds to "
-                f"the first step: alone {packed['alone_first_step_s']:.1f}, packed median {packed['first_step_s']:.1f}")  # fmt: skip
+                f"the first step: alone {packed['alone_first_step_s']:.1f}, packed median "
+                f"{packed['first_step_s']:.1f}")  # fmt: skip
         row = b.get("row")
         if row:
             line += (f"; {row['seeds']}-seed sweep in {row['seconds']:.0f} s"
@@ -241,21 +243,38 @@ def figures(report: dict, argv: list[str]) -> dict:
     out: dict = {"args": " ".join(argv)}
     if "train" in report:
         train = report["train"]
-        out.update(lightning=med(train["lightning"]), bare=med(train["bare"]), ratio=med(train["ratio"]),
-                   gpu_util=train["gpu_util"]["lightning"], gpu_util_bare=train["gpu_util"]["bare"])  # fmt: skip
+        out.update(
+            lightning=med(train["lightning"]),
+            bare=med(train["bare"]),
+            ratio=med(train["ratio"]),
+            gpu_util=train["gpu_util"]["lightning"],
+            gpu_util_bare=train["gpu_util"]["bare"],
+        )
     if "syncs" in report:
         per = report["syncs"]["per_step"]
-        out["syncs"] = {"median": med(per), "max": max(per), "steps": len(per),
-                        "outside_logging": report["syncs"]["outside_logging"], "locations": report["syncs"]["locations"]}  # fmt: skip
+        out["syncs"] = {
+            "median": med(per),
+            "max": max(per),
+            "steps": len(per),
+            "outside_logging": report["syncs"]["outside_logging"],
+            "locations": report["syncs"]["locations"],
+        }
     if "eval" in report:
         out["scoring"] = med(report["eval"]["scoring"])
     if "cuda_start" in report:
         out["cuda_start_s"] = med(report["cuda_start"]["CUDA's own start"])
     if "packed" in report:
         p = report["packed"]
-        out["packed"] = {"way": p["way"], "k": p["k"], "alone": p["alone"], "combined": p["combined"], "ratio": p["ratio"],
-                         "alone_first_step_s": p["alone_first_step_s"], "first_step_s": med(p["first_step_s"]),
-                         "gpu_util": p["gpu_util"]}  # fmt: skip
+        out["packed"] = {
+            "way": p["way"],
+            "k": p["k"],
+            "alone": p["alone"],
+            "combined": p["combined"],
+            "ratio": p["ratio"],
+            "alone_first_step_s": p["alone_first_step_s"],
+            "first_step_s": med(p["first_step_s"]),
+            "gpu_util": p["gpu_util"],
+        }
     if "row" in report:
         out["row"] = report["row"]
     if report.get("errors"):

@@ -36,8 +36,12 @@ def trial_overrides(args, short: bool = True) -> list[str]:
             f"datamodule.test_cases.{case}.n={args.eval_size}" for case in ("GaussianNoise", "UniformNoise")
         ]
     if short:
-        overrides += ["trainer.min_epochs=1", "trainer.max_epochs=1", f"trainer.limit_train_batches={args.packed_steps}",
-                      "trainer.limit_val_batches=1"]  # fmt: skip
+        overrides += [
+            "trainer.min_epochs=1",
+            "trainer.max_epochs=1",
+            f"trainer.limit_train_batches={args.packed_steps}",
+            "trainer.limit_val_batches=1",
+        ]
     return overrides + ["trainer.enable_progress_bar=false"]
 
 
@@ -141,8 +145,22 @@ def packed_trials(args, work: Path, on_gpu: bool, way: str, gpu_index: int | Non
     overrides = trial_overrides(args) + TIMER_OVERRIDES
     run_py = [sys.executable, str(REPO / "run.py")]
     # alone: as a user runs one trial (torch's default threads), unless --threads says otherwise
-    run_processes([([*run_py, *overrides, *barrier_overrides(work / "barrier-alone", 1), "seed=1",
-                     f"hydra.run.dir={work / 'alone'}"], work / "alone.log")], 1, threads=args.threads or None)  # fmt: skip
+    run_processes(
+        [
+            (
+                [
+                    *run_py,
+                    *overrides,
+                    *barrier_overrides(work / "barrier-alone", 1),
+                    "seed=1",
+                    f"hydra.run.dir={work / 'alone'}",
+                ],
+                work / "alone.log",
+            )
+        ],
+        1,
+        threads=args.threads or None,
+    )
     alone = read_timings([work / "alone"])[0]
     overrides += barrier_overrides(work / "barrier-packed", k)
     with UtilisationSampler(gpu_index) as sampler:  # GPU busy while the k trials train
@@ -152,7 +170,7 @@ def packed_trials(args, work: Path, on_gpu: bool, way: str, gpu_index: int | Non
         else:
             folders = [work / f"trial{s}" for s in range(1, k + 1)]
             commands = [([*run_py, *overrides, f"seed={s}", f"hydra.run.dir={f}"], work / f"trial{s}.log")
-                        for s, f in zip(range(1, k + 1), folders)]  # fmt: skip
+                        for s, f in zip(range(1, k + 1), folders, strict=True)]  # fmt: skip
             run_processes(commands, k, threads=packed_threads(args))
     trials = read_timings(folders)
     window = (min(t["released"] for t in trials), max(t["train_end"] for t in trials))
@@ -219,7 +237,8 @@ def packed_section(args, work: Path, on_gpu: bool, gpu_index: int | None, report
     )
     print(f"    ratio packed/alone    : {pk['ratio']:.2f}x  [{mark}]")
     print(
-        f"    seconds to 1st step   : alone {pk['alone_first_step_s']:.1f} s; packed {fmt(pk['first_step_s'], ' s', 1)}; "
+        f"    seconds to 1st step   : alone {pk['alone_first_step_s']:.1f} s; packed "
+        f"{fmt(pk['first_step_s'], ' s', 1)}; "
         f"first launch to the end of the last one's training {pk['wall_s']:.1f} s"
     )
     print(f"    GPU busy while packed : {pk['gpu_util_text']}")

@@ -165,7 +165,7 @@ class OutlierExposureLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         outlier_batches = self._cycle(self.outliers, self.base_seeds[1])
         inlier_batches = self._cycle(self.inliers, self.base_seeds[0]) if self.cycle_shorter else iter(self.inliers)
-        for _, (images, labels) in zip(range(len(self)), inlier_batches):
+        for _, (images, labels) in zip(range(len(self)), inlier_batches, strict=False):
             out_images, _ = next(outlier_batches)
             out_labels = torch.full((len(out_images),), -1, dtype=labels.dtype, device=labels.device)
             images, labels = torch.cat([images, out_images]), torch.cat([labels, out_labels])

@@ -172,7 +172,8 @@ class OpenOODSource(Source):
         )
         looked = " or ".join(str(p) for p in places)
         return DataNotFoundError(
-            f"OpenOOD v1.5 {self.benchmark} {self.split}: {what} not found in {looked}{reason}. {_how_to_get(self.benchmark, self.root)}"
+            f"OpenOOD v1.5 {self.benchmark} {self.split}: {what} not found in {looked}{reason}. "
+            f"{_how_to_get(self.benchmark, self.root)}"
         )
 
     def load(self, dataset_dir: str | Path) -> ImageArray:
@@ -197,7 +198,8 @@ class OpenOODSource(Source):
             absent = [f for f in files if not os.path.isfile(f)]
             if absent:
                 raise DataNotFoundError(
-                    f"OpenOOD v1.5 {self.benchmark} {self.split}: {len(absent)} of the {len(files)} images of {list_file.name} "
+                    f"OpenOOD v1.5 {self.benchmark} {self.split}: {len(absent)} of the {len(files)} images of "
+                    f"{list_file.name} "
                     f"are missing in {image_root / folder}, e.g. {absent[0]}. {_how_to_get(self.benchmark, self.root)}"
                 )
             images = decode_files(files, self.size, "RGB", desc=f"decoding {self.name}", resize=self.resize)
@@ -211,7 +213,7 @@ def _class_names(relative: list[str], labels: list[int]) -> list[str] | None:
     """ID classes by label from the folder names (``cifar10/test/airplane/0001.png 0``); None
     for OOD lists (labels -1) or when a label's folder names disagree."""
     names: dict[int, str] = {}
-    for path, label in zip(relative, labels):
+    for path, label in zip(relative, labels, strict=True):
         if label < 0:
             return None
         name = Path(path).parent.name

@@ -120,7 +120,8 @@ def check_detectors(
         extra = sorted(set(kwargs or {}) - tunable_args(name))
         if extra:
             raise ConfigError(
-                f"detector_args.{name}: unknown argument(s) {', '.join(extra)}; valid: {', '.join(sorted(tunable_args(name))) or 'none'}"
+                f"detector_args.{name}: unknown argument(s) {', '.join(extra)}; valid: "
+                f"{', '.join(sorted(tunable_args(name))) or 'none'}"
             )
     if not isinstance(fit_samples, int) or isinstance(fit_samples, bool) or fit_samples < 1:
         raise ConfigError(f"detector_fit_samples must be a positive integer, got {fit_samples!r}")

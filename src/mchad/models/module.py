@@ -147,7 +147,7 @@ class OODModel(pl.LightningModule):
         steps = self._train_steps * self.trainer.world_size
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         means = sums[: len(self._train_keys)] / steps
-        for k, v in zip(self._train_keys, means):
+        for k, v in zip(self._train_keys, means, strict=True):
             self.log(f"train/{k}_epoch", v, on_step=False, on_epoch=True, sync_dist=True)
         self.log(
             "train/acc", sums[-2] / sums[-1].clamp(min=1), on_step=False, on_epoch=True, prog_bar=True, sync_dist=True

@@ -163,7 +163,7 @@ def welch_tests(
     group_keys = ["id_dataset"] + (["test_case"] if by_ood else [])
     records = []
     for group, of_group in per_seed.groupby(group_keys, sort=False):
-        group = dict(zip(group_keys, group if isinstance(group, tuple) else (group,)))
+        group = dict(zip(group_keys, group if isinstance(group, tuple) else (group,), strict=True))
         base = of_group[of_group["method"] == baseline]
         if base.empty:
             continue

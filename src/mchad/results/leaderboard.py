@@ -116,7 +116,7 @@ def render(table: pd.DataFrame) -> str:
     for dataset, part in table.groupby("ID dataset", sort=False):
         view = part[["Training", "Postprocessor"]].astype(str).replace("", "–")
         for name in VALUES:
-            view[name] = [_cell(m, s) for m, s in zip(part[name], part[f"{name} std"])]
+            view[name] = [_cell(m, s) for m, s in zip(part[name], part[f"{name} std"], strict=True)]
         view["Runs"] = part["Runs"].astype(int).astype(str)
         view["Source"] = part["Source"]
         parts.append(

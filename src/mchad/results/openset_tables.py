@@ -76,7 +76,7 @@ def report_openset(
         # one run has no spread: "–", as in the OOD tables (tables.MARKDOWN.nospread)
         view[metric] = [
             f"{m:.2f} ± {MARKDOWN.nospread if pd.isna(s) else f'{s:.2f}'}"
-            for m, s in zip(table[f"{metric} mean"], table[f"{metric} std"])
+            for m, s in zip(table[f"{metric} mean"], table[f"{metric} std"], strict=True)
         ]
     score_name = score if isinstance(score, str) else "configured per method"
     print(f"\nOpen-set recognition (score: {score_name}; mean ± std over splits and seeds, in %)\n")

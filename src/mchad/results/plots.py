@@ -358,7 +358,8 @@ def distance_histogram(
 
     The x axis is logarithmic (with log-spaced bins) when all finite scores are positive
     and span more than two orders of magnitude; the density is then per decade
-    (per unit of ``log10(score)``), so areas on the plot stay proportional to counts. Non-finite scores are dropped (their
+    (per unit of ``log10(score)``), so areas on the plot stay proportional to counts. Non-finite scores are dropped
+    (their
     count is noted in the legend). One of the two sets may be empty, not both.
     """
     ids = _to_numpy(id_scores).reshape(-1)

@@ -36,7 +36,10 @@ def check_provenance(df: pd.DataFrame, allow_mixed: bool = False) -> list[str]:
             f"{value} ({_list_runs(group['run_dir'].unique())})" for value, group in rows.groupby(column, sort=True)
         )
         others = f" (and {len(mixed) - 1} more cell(s))" if len(mixed) > 1 else ""
-        line = f"trials with different {what} ({column}) in one table cell, {' / '.join(map(str, key))}: {versions}{others}"
+        line = (
+            f"trials with different {what} ({column}) in one table cell, {' / '.join(map(str, key))}: "
+            f"{versions}{others}"
+        )
         if not allow_mixed:
             raise MixedProvenanceError(f"{line}; re-run them alike, or pass --allow-mixed to aggregate them anyway")
         notes.append(f"note: --allow-mixed: {line}")

@@ -282,7 +282,7 @@ def _mark_best(rows, cells, higher_is_better, decimals) -> None:
                 continue
             printed = [round(c.mean, decimals) for c in present]
             best = max(printed) if higher else min(printed)
-            for cell, value in zip(present, printed):
+            for cell, value in zip(present, printed, strict=True):
                 cell.best = value == best
 
 
@@ -366,13 +366,13 @@ class _Markup:
     def header(self, table: PaperTable) -> list[str]:
         return [DATASET, "Method"] + [
             self.escape(c) + (self.arrows[h] if table.show_arrows else "")
-            for c, h in zip(table.columns, table.higher_is_better)
+            for c, h in zip(table.columns, table.higher_is_better, strict=True)
         ]
 
     def body(self, table: PaperTable) -> list[list[str]]:
         """Cells per row; the dataset named on the first row of its group only."""
         rows, previous = [], None
-        for (dataset, name), row in zip(table.rows, table.cells):
+        for (dataset, name), row in zip(table.rows, table.cells, strict=True):
             first = self.escape(dataset) if dataset != previous else ""
             rows.append([first, self.escape(name)] + [self.cell(c, table.decimals) for c in row])
             previous = dataset
@@ -468,10 +468,11 @@ def to_markdown(table: pd.DataFrame, right_align: list[bool] | None = None) -> s
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
 
     def line(values: list[str]) -> str:
-        padded = [v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right_align)]
+        padded = [v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right_align, strict=True)]
         return "| " + " | ".join(padded) + " |"
 
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(widths, right_align)) + "|"
+    dashes = [("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(widths, right_align, strict=True)]
+    rule = "|" + "|".join(dashes) + "|"
     return "\n".join([line(headers), rule] + [line(r) for r in cells]) + "\n"
 
 

@@ -256,7 +256,7 @@ class LaunchPending:
                 if trial.resume is not None:  # a hydra override: the task config stays the same
                     overrides.append(f"++hydra.job.env_set.{CONTINUE_ENV}={_override_value(str(trial.resume))}")
                 launched.append(overrides)
-            for trial, result in zip(pending, self.launcher.launch(launched, initial_job_idx=first)):
+            for trial, result in zip(pending, self.launcher.launch(launched, initial_job_idx=first), strict=True):
                 returns[trial.num] = result
         from mchad.runs.objective import read_objective
 
