@@ -33,6 +33,8 @@ def test_benchmark_runs_every_section_on_synthetic_data(capsys, tmp_path, monkey
         [
             "--data",
             "synthetic",
+            "--synthetic-size",  # the sections' figures do not depend on it; 60,000 images take seconds
+            "2000",
             "--device",
             "cpu",
             "--steps",
@@ -81,6 +83,7 @@ def test_unknown_section_is_refused(capsys):
     (["--packed", "0"], "--packed must be at least 1"),
     (["--packed-steps", "0"], "--packed-steps must be at least 1"),
     (["--row-seeds", "-1"], "--row-seeds must be 0"),
+    (["--synthetic-size", "0"], "--synthetic-size must be at least 1"),
     (["--packing", "slurm"], "invalid choice: 'slurm'"),
 ])  # fmt: skip
 def test_bad_packed_options_are_refused(args, message, capsys):
@@ -306,7 +309,9 @@ def test_sync_counter_counts_per_step_with_the_source_line():
 def test_host_syncs_runs_the_benchmarks_training(tmp_path):
     """The benchmark's own model and trainer through the counter (on a GPU: torch's sync debug
     mode; here nothing warns, so every step counts 0)."""
-    args = bench.parse_args(["--data", "synthetic", "--device", "cpu", "--batch-size", "16"])
+    args = bench.parse_args(
+        ["--data", "synthetic", "--synthetic-size", "2000", "--device", "cpu", "--batch-size", "16"]
+    )
     modes = []
     counter = host_syncs(compose(args, tmp_path), warmup=2, steps=12, set_mode=modes.append)
     assert counter.per_step == [0] * 12 and modes == ["warn", 0]

@@ -160,6 +160,8 @@ def test_benchmark_figures_of_a_cpu_run(tmp_path):
                 "--",
                 "--data",
                 "synthetic",
+                "--synthetic-size",
+                "2000",
                 "--device",
                 "cpu",
                 "--steps",

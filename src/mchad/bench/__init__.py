@@ -45,7 +45,8 @@ Prints, for the current machine, one model, data set, batch size and optimiser:
 Every timing is repeated; min and median are printed and the ratios are quoted. ``--data auto``
 uses a CIFAR-10 image folder (``--root``, default ``../shared/data/cifar10-jpeg`` beside the
 repository, or ``$MCHAD_BENCH_ROOT``) if it exists,
-else synthetic uint8 images of CIFAR's shape, so the benchmark runs anywhere offline.
+else synthetic uint8 images of CIFAR's shape (and size, unless ``--synthetic-size``), so the
+benchmark runs anywhere offline.
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m mchad.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", choices=["auto", "cifar10", "synthetic"], default="auto")
     p.add_argument("--root", default=str(DEFAULT_ROOT), help="CIFAR-10 image folder (train/ and test/)")
+    p.add_argument(
+        "--synthetic-size",
+        type=int,
+        default=50000,
+        help="training images of --data synthetic (CIFAR's 50000; the test set a fifth of it)",
+    )
     p.add_argument("--backbone", default="convnet", help="config/model/backbone: convnet, wrn40-2")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--test-batch-size", type=int, default=1024)
@@ -151,7 +158,7 @@ def parse_args(argv=None):
     unknown = set((args.only or "").split(",")) - {"", *SECTIONS}
     if unknown:
         p.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
-    for name in ("packed", "packed_steps", "sync_steps"):
+    for name in ("packed", "packed_steps", "sync_steps", "synthetic_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.row_seeds < 0:

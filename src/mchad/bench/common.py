@@ -115,7 +115,8 @@ def bench_overrides(args) -> list[str]:
     if args.data == "cifar10":
         overrides += ["datamodule=imagefolder", f"datamodule.root={args.root}"]
     else:  # a merge would keep the torchvision source's keys: drop the node, then add ours
-        for split, n, seed in (("train", 50000, 1), ("test", 10000, 2)):
+        size = args.synthetic_size
+        for split, n, seed in (("train", size, 1), ("test", max(1, size // 5), 2)):
             overrides += [
                 f"~datamodule.{split}",
                 f"+datamodule.{split}={{_target_:mchad.bench.common.synthetic_source,n:{n},seed:{seed}}}",
