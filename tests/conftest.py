@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -26,14 +27,29 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("MCHAD_ROOT", str(ROOT))
 
 
+#: composed configs (with their hydra node), by what composing them depends on; see compose_config
+_COMPOSED: dict[tuple, DictConfig] = {}
+
+
 def compose_config(overrides: list[str] | None = None, output_dir: Path | None = None) -> DictConfig:
     """Compose config/train.yaml with ``overrides`` as ``python run.py <overrides>`` would.
 
-    With ``output_dir``, ``paths.output_dir`` points there (no Hydra run needed).
+    With ``output_dir``, ``paths.output_dir`` points there (no Hydra run needed). Composing
+    takes about 0.1 s and the suite composes the same configs hundreds of times, so each is
+    composed once per process and handed out as a deep copy (a test may change its own). The
+    key holds all that composing reads besides the config files: the overrides, the working
+    directory (Hydra's runtime.cwd) and the MCHAD_/HYDRA_ variables.
     """
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), **VERSION_BASE_KWARGS):
-        cfg = compose("train", overrides=list(overrides or []), return_hydra_config=True)
+    key = (
+        tuple(overrides or []),
+        os.getcwd(),
+        tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("MCHAD_", "HYDRA_")))),
+    )
+    if key not in _COMPOSED:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), **VERSION_BASE_KWARGS):
+            _COMPOSED[key] = compose("train", overrides=list(key[0]), return_hydra_config=True)
+    cfg = copy.deepcopy(_COMPOSED[key])
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]  # as in a run: the task sees the job's config only

@@ -101,6 +101,7 @@ def test_bad_split_arguments_are_refused(args):
 
 
 @functools.cache
+@functools.cache  # read only: composed once per method, not once per setting
 def _reference(method: str):
     return compose_config([f"experiment=cifar10-{method}"])
 
