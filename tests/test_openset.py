@@ -288,6 +288,11 @@ def test_a_single_run_prints_no_spread_as_the_ood_table_does(tmp_path, capsys):
     assert aggregate_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "90.00 ± –" in printed and "nan" not in printed
+    # and so do the written tables (the .csv keeps the empty std for machines)
+    written = {ext: (tmp_path / "out" / f"openset_CIFAR10_6_4.{ext}").read_text() for ext in ("md", "html", "tex")}
+    assert "90.00 ± –" in written["md"] and "90.00 ± –" in written["html"]
+    assert r"90.00 \pm \mbox{--}" in written["tex"]
+    assert not any("nan" in text for text in written.values())
 
 
 def test_openset_table_other_score(tmp_path):
