@@ -1,5 +1,6 @@
 """README.md and the manual in docs/: every relative link and every anchor resolves (GitHub's
-heading slugs), the README links every docs page and stays a five-minute read."""
+heading slugs), the README links every docs page and stays a five-minute read; what the pages
+say a run writes is read here for the tests that compare it with real runs (issue 32)."""
 
 from __future__ import annotations
 
@@ -85,6 +86,30 @@ def broken_links(root: Path) -> list[str]:
 def linked_pages(page: Path) -> set[Path]:
     targets = (t.partition("#")[0] for _, t in links(page.read_text(encoding="utf-8")))
     return {(page.parent / unquote(t)).resolve() for t in targets if t and not SCHEME.match(t)}
+
+
+# ----------------------------------------------------------------------------- what the pages say runs write
+
+
+def documented_result_columns(kind: str = "") -> list[str]:
+    """results.csv's columns in the order docs/results.md lists them; ``kind`` (``open-set``,
+    ``OpenOOD``) appends the last column that page names for such a run."""
+    section = (ROOT / "docs" / "results.md").read_text(encoding="utf-8").split("\n## results.csv\n", 1)[1]
+    listed = re.search(r"^Columns[^`]*`([^`]*)`", section, re.M)
+    assert listed, "docs/results.md: no `Columns ... `a, b, ...`` line under ## results.csv"
+    columns = listed.group(1).split(", ")
+    if kind:
+        extra = re.search(rf"`(\w+)` for an? {kind} run", section)
+        assert extra, f"docs/results.md names no last column for an {kind} run"
+        columns.append(extra.group(1))
+    return columns
+
+
+def readme_example_header() -> list[str]:
+    """The header of the README's example results.csv table."""
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("\n## What a run writes: results.csv\n", 1)[1]
+    header = next(line for line in section.splitlines() if line.startswith("|"))
+    return [cell.strip() for cell in header.strip().strip("|").split("|")]
 
 
 # ----------------------------------------------------------------------------- the project's pages

@@ -18,6 +18,7 @@ import pytest
 from conftest import ROOT, compose_config
 from omegaconf import OmegaConf
 from PIL import Image
+from test_docs import documented_result_columns
 
 from mchad.data.osr import CIFAR10_CLASSES, CIFAR100_CLASSES, SplitError, class_split, splits
 from mchad.errors import ConfigError, DataError, DataNotFoundError
@@ -191,6 +192,7 @@ def test_tiny_image_folder_open_set_run_writes_rows(cifar_folder, tmp_path, expe
     # the console's table has results.csv's columns, the split included (issue 32)
     (table,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Results: ")]
     assert table.splitlines()[1].split() == list(frame.columns)
+    assert documented_result_columns("open-set") == list(frame.columns)
     assert set(frame.test_case) == {"Unknown"} and (frame.split == 2).all()
     assert (frame.experiment == experiment).all() and (frame.id_dataset == "CIFAR10 6/4").all()
     assert (frame.method == method).all() and frame.score.iloc[0] == "distance"
