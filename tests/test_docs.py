@@ -8,7 +8,10 @@ import re
 from pathlib import Path
 from urllib.parse import unquote
 
-from conftest import ROOT
+from conftest import ROOT, compose_config
+
+from mchad.resolvers import OSR_SETTINGS
+from mchad.results.tables import safe_name
 
 README_MAX_LINES = 250
 
@@ -90,6 +93,8 @@ def linked_pages(page: Path) -> set[Path]:
 
 # ----------------------------------------------------------------------------- what the pages say runs write
 
+OPENSET_NAME = re.compile(r"\bopenset_(<[^>]*>|\w+)")
+
 
 def documented_result_columns(kind: str = "") -> list[str]:
     """results.csv's columns in the order docs/results.md lists them; ``kind`` (``open-set``,
@@ -112,6 +117,13 @@ def readme_example_header() -> list[str]:
     return [cell.strip() for cell in header.strip().strip("|").split("|")]
 
 
+def documented_openset_files(page: str) -> tuple[set[str], set[str]]:
+    """``(file names, placeholders)`` a page gives the open-set tables: ``openset_CIFAR10_6_4``
+    and ``openset_<...>``."""
+    found = OPENSET_NAME.findall((ROOT / "docs" / page).read_text(encoding="utf-8"))
+    return {f"openset_{n}" for n in found if not n.startswith("<")}, {n for n in found if n.startswith("<")}
+
+
 # ----------------------------------------------------------------------------- the project's pages
 
 
@@ -130,6 +142,17 @@ def test_readme_is_a_short_read_with_the_two_commands():
     assert len(readme.splitlines()) <= README_MAX_LINES
     assert "python run.py" in readme
     assert re.search(r"^pip install -r requirements.txt && pytest\b", readme, re.M)
+
+
+def test_open_set_table_names_are_those_the_code_gives_each_setting():
+    """openset_<id_dataset> (each setting's datamodule.name) with other characters than [A-Za-z0-9_.-]
+    as `_` (CIFAR+10: openset_CIFAR_10); a real aggregation's names: tests/test_openset.py."""
+    titles = [compose_config([f"experiment=osr-{setting}-mchad"]).datamodule.name for setting in OSR_SETTINGS]
+    expected = {f"openset_{safe_name(title)}" for title in titles}
+    names, placeholders = documented_openset_files("open-set.md")
+    assert names == expected and placeholders == {"<id_dataset>"}
+    names, placeholders = documented_openset_files("results.md")
+    assert names <= expected and placeholders == {"<id_dataset>"}
 
 
 # ----------------------------------------------------------------------------- the checker itself

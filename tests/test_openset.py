@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, compose_config
 from omegaconf import OmegaConf
 from PIL import Image
-from test_docs import documented_result_columns
+from test_docs import documented_openset_files, documented_result_columns
 
 from mchad.data.osr import CIFAR10_CLASSES, CIFAR100_CLASSES, SplitError, class_split, splits
 from mchad.errors import ConfigError, DataError, DataNotFoundError
@@ -199,6 +199,12 @@ def test_tiny_image_folder_open_set_run_writes_rows(cifar_folder, tmp_path, expe
     for column in ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95", "OSCR"]:
         assert frame[column].between(0, 1).all(), column
     assert (frame.OSCR <= frame.Accuracy + 1e-9).all()
+    # the aggregation writes the files docs/open-set.md and docs/results.md name
+    assert aggregate_main([str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    written = {p.name for p in (tmp_path / "out").glob("openset_*")}
+    assert written == {f"openset_CIFAR10_6_4.{ext}" for ext in ("csv", "md", "html", "tex")}
+    for page in ("open-set.md", "results.md"):
+        assert "openset_CIFAR10_6_4" in documented_openset_files(page)[0], page
 
 
 def test_wrong_class_folders_are_refused(tmp_path):
