@@ -14,7 +14,7 @@
 #   SEEDS     [1]          Hydra sweep syntax: 1,2,3 or range(1,4)
 #   PROTOCOL  [neal]       neal (Neal et al. 2018 via ARPL / Vaze et al.) or cac (Miller et al. 2021)
 #   PYTHON    [python]
-# Then: python -m mchad.results.aggregate <the sweep folder printed at the start>  (openset_<setting>.*)
+# Then: python -m mchad.results.aggregate <the sweep folder printed at the start>  (openset_<id_dataset>.*)
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 SETTINGS="${SETTINGS:-cifar10 cifarplus10 cifarplus50 tinyimagenet}"

@@ -1,5 +1,6 @@
 """README.md and the manual in docs/: every relative link and every anchor resolves (GitHub's
-heading slugs), the README links every docs page and stays a five-minute read."""
+heading slugs), the README links every docs page and stays a five-minute read; what the pages
+say a run writes is read here for the tests that compare it with real runs (issue 32)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import re
 from pathlib import Path
 from urllib.parse import unquote
 
-from conftest import ROOT
+from conftest import ROOT, compose_config
+
+from mchad.resolvers import OSR_SETTINGS
+from mchad.results.tables import safe_name
 
 README_MAX_LINES = 250
 
@@ -87,6 +91,39 @@ def linked_pages(page: Path) -> set[Path]:
     return {(page.parent / unquote(t)).resolve() for t in targets if t and not SCHEME.match(t)}
 
 
+# ----------------------------------------------------------------------------- what the pages say runs write
+
+OPENSET_NAME = re.compile(r"\bopenset_(<[^>]*>|\w+)")
+
+
+def documented_result_columns(kind: str = "") -> list[str]:
+    """results.csv's columns in the order docs/results.md lists them; ``kind`` (``open-set``,
+    ``OpenOOD``) appends the last column that page names for such a run."""
+    section = (ROOT / "docs" / "results.md").read_text(encoding="utf-8").split("\n## results.csv\n", 1)[1]
+    listed = re.search(r"^Columns[^`]*`([^`]*)`", section, re.M)
+    assert listed, "docs/results.md: no `Columns ... `a, b, ...`` line under ## results.csv"
+    columns = listed.group(1).split(", ")
+    if kind:
+        extra = re.search(rf"`(\w+)` for an? {kind} run", section)
+        assert extra, f"docs/results.md names no last column for an {kind} run"
+        columns.append(extra.group(1))
+    return columns
+
+
+def readme_example_header() -> list[str]:
+    """The header of the README's example results.csv table."""
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("\n## What a run writes: results.csv\n", 1)[1]
+    header = next(line for line in section.splitlines() if line.startswith("|"))
+    return [cell.strip() for cell in header.strip().strip("|").split("|")]
+
+
+def documented_openset_files(page: str) -> tuple[set[str], set[str]]:
+    """``(file names, placeholders)`` a page gives the open-set tables: ``openset_CIFAR10_6_4``
+    and ``openset_<...>``."""
+    found = OPENSET_NAME.findall((ROOT / "docs" / page).read_text(encoding="utf-8"))
+    return {f"openset_{n}" for n in found if not n.startswith("<")}, {n for n in found if n.startswith("<")}
+
+
 # ----------------------------------------------------------------------------- the project's pages
 
 
@@ -105,6 +142,17 @@ def test_readme_is_a_short_read_with_the_two_commands():
     assert len(readme.splitlines()) <= README_MAX_LINES
     assert "python run.py" in readme
     assert re.search(r"^pip install -r requirements.txt && pytest\b", readme, re.M)
+
+
+def test_open_set_table_names_are_those_the_code_gives_each_setting():
+    """openset_<id_dataset> (each setting's datamodule.name) with other characters than [A-Za-z0-9_.-]
+    as `_` (CIFAR+10: openset_CIFAR_10); a real aggregation's names: tests/test_openset.py."""
+    titles = [compose_config([f"experiment=osr-{setting}-mchad"]).datamodule.name for setting in OSR_SETTINGS]
+    expected = {f"openset_{safe_name(title)}" for title in titles}
+    names, placeholders = documented_openset_files("open-set.md")
+    assert names == expected and placeholders == {"<id_dataset>"}
+    names, placeholders = documented_openset_files("results.md")
+    assert names <= expected and placeholders == {"<id_dataset>"}
 
 
 # ----------------------------------------------------------------------------- the checker itself

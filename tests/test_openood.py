@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import CONFIG_DIR, ROOT, compose_config
 from PIL import Image
+from test_docs import documented_result_columns
 
 from mchad.data.openood import OpenOODSource, benchmark_class, ood_groups
 from mchad.errors import DataNotFoundError
@@ -250,6 +251,7 @@ def test_miniature_run_writes_grouped_rows(two_runs):
     expected = ood_groups("CIFAR10")
     assert list(dict.fromkeys(frame.test_case)) == list(expected)
     assert dict(zip(frame.test_case, frame.group, strict=True)) == expected
+    assert list(frame.columns) == documented_result_columns("OpenOOD")  # as docs/results.md lists them
     assert set(frame.score) == {"distance", "msp", "energy"} and len(frame) == 6 * 3  # one row per set and score
     assert frame[["Accuracy", "AUROC", "FPR95"]].notna().all().all()
     # the ID test split is OpenOOD's: 12 images in the miniature (Accuracy in twelfths)

@@ -18,6 +18,7 @@ import pytest
 from conftest import ROOT, compose_config
 from omegaconf import OmegaConf
 from PIL import Image
+from test_docs import documented_openset_files, documented_result_columns
 
 from mchad.data.osr import CIFAR10_CLASSES, CIFAR100_CLASSES, SplitError, class_split, splits
 from mchad.errors import ConfigError, DataError, DataNotFoundError
@@ -192,12 +193,19 @@ def test_tiny_image_folder_open_set_run_writes_rows(cifar_folder, tmp_path, expe
     # the console's table has results.csv's columns, the split included (issue 32)
     (table,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Results: ")]
     assert table.splitlines()[1].split() == list(frame.columns)
+    assert documented_result_columns("open-set") == list(frame.columns)
     assert set(frame.test_case) == {"Unknown"} and (frame.split == 2).all()
     assert (frame.experiment == experiment).all() and (frame.id_dataset == "CIFAR10 6/4").all()
     assert (frame.method == method).all() and frame.score.iloc[0] == "distance"
     for column in ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95", "OSCR"]:
         assert frame[column].between(0, 1).all(), column
     assert (frame.OSCR <= frame.Accuracy + 1e-9).all()
+    # the aggregation writes the files docs/open-set.md and docs/results.md name
+    assert aggregate_main([str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    written = {p.name for p in (tmp_path / "out").glob("openset_*")}
+    assert written == {f"openset_CIFAR10_6_4.{ext}" for ext in ("csv", "md", "html", "tex")}
+    for page in ("open-set.md", "results.md"):
+        assert "openset_CIFAR10_6_4" in documented_openset_files(page)[0], page
 
 
 def test_wrong_class_folders_are_refused(tmp_path):
@@ -289,6 +297,11 @@ def test_a_single_run_prints_no_spread_as_the_ood_table_does(tmp_path, capsys):
     assert aggregate_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "90.00 ± –" in printed and "nan" not in printed
+    # and so do the written tables (the .csv keeps the empty std for machines)
+    written = {ext: (tmp_path / "out" / f"openset_CIFAR10_6_4.{ext}").read_text() for ext in ("md", "html", "tex")}
+    assert "90.00 ± –" in written["md"] and "90.00 ± –" in written["html"]
+    assert r"90.00 \pm \mbox{--}" in written["tex"]
+    assert not any("nan" in text for text in written.values())
 
 
 def test_openset_table_other_score(tmp_path):

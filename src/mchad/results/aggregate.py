@@ -30,7 +30,7 @@ How the numbers are aggregated: every spread is over independent runs (seeds).
 * ``welch.*``: Welch's t-test of the baseline (MCHAD) against every other model per ID
   dataset and metric, on the same per-seed numbers (``welch_per_ood.*``: per OOD set).
 * ``auroc_<dataset>.png``: AUROC per OOD set and model, error bars = std over seeds.
-* ``openset_<setting>.*`` (open-set runs, mchad.data.osr: rows with a ``split``): per model, mean
+* ``openset_<id_dataset>.*`` (open-set runs, mchad.data.osr: rows with a ``split``): per model, mean
   and std (ddof=1) over all runs (five splits x seeds) of Accuracy, AUROC and OSCR of the
   ``Unknown`` test case, in %; these runs stay out of the tables above.
 * ``leaderboard.md|csv`` (OpenOOD v1.5 runs, testmodules=openood: rows with a ``group``):
