@@ -100,3 +100,14 @@ def pytest_configure(config) -> None:
     import torch
 
     torch.set_num_threads(int(threads))
+
+
+#: modules whose tests start whole runs, process groups or a Ray cluster, heaviest first: run
+#: before the rest so that pytest-xdist's workers finish together instead of one waiting for
+#: the other's last long test
+HEAVY_FIRST = ("test_sweep.py", "test_ddp.py", "test_bench.py", "test_sweep_resume.py", "test_run.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: otherwise as collected
