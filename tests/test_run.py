@@ -60,6 +60,9 @@ def test_cli_run_on_an_image_folder_writes_everything(image_folder, tmp_path):
         f"datamodule.test_cases.ImageFolder.root={ood}",
         "datamodule.test_cases.GaussianNoise.n=50",
         "datamodule.test_cases.UniformNoise.n=50",
+        # the views score 1,000 noise images each epoch by default: 50 write the same files
+        "callbacks.validation_views.unknown_samples=50",
+        "callbacks.embedding_animation.unknown_samples=50",
         "trainer.max_epochs=2",
         "trainer.min_epochs=2",
         f"paths.log_dir={logs}",
