@@ -27,6 +27,10 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("MCHAD_ROOT", str(ROOT))
 
 
+#: the shortest CPU benchmark on synthetic data (``python -m mchad.bench``); its figures do not
+#: depend on the data's size, and CIFAR's 60,000 synthetic images would take seconds to make
+TINY_BENCH_ARGS = "--data synthetic --synthetic-size 2000 --device cpu --steps 2 --warmup 1 --repeats 1".split()
+
 #: composed configs (with their hydra node), by what composing them depends on; see compose_config
 _COMPOSED: dict[tuple, DictConfig] = {}
 

@@ -18,6 +18,7 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import TINY_BENCH_ARGS
 
 from mchad import bench
 from mchad.bench.common import bench_overrides, compose
@@ -29,32 +30,8 @@ from mchad.bench.startup import first_use_seconds
 def test_benchmark_runs_every_section_on_synthetic_data(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its own temp folder: other tests run alongside
     before = set(glob.glob(f"{tempfile.gettempdir()}/mchad-bench-*"))
-    report = bench.main(
-        [
-            "--data",
-            "synthetic",
-            "--synthetic-size",  # the sections' figures do not depend on it; 60,000 images take seconds
-            "2000",
-            "--device",
-            "cpu",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--repeats",
-            "1",
-            "--batch-size",
-            "32",
-            "--data-batches",
-            "5",
-            "--eval-size",
-            "64",
-            "--eval-repeats",
-            "1",
-            "--startup-repeats",
-            "1",
-        ]
-    )
+    sizes = "--batch-size 32 --data-batches 5 --eval-size 64 --eval-repeats 1 --startup-repeats 1".split()
+    report = bench.main([*TINY_BENCH_ARGS, *sizes])
     out = capsys.readouterr().out
     for section in ("(a) training", "(b) data pipeline", "(c) testing", "(d) start-up"):
         assert section in out

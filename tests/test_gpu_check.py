@@ -12,7 +12,7 @@ import sys
 
 import pandas as pd
 import pytest
-from conftest import ROOT, compose_config, make_image_folder
+from conftest import ROOT, TINY_BENCH_ARGS, compose_config, make_image_folder
 
 from mchad.bench import gpu_check
 
@@ -153,30 +153,7 @@ def test_summary_of_a_failed_run_says_so(tmp_path):
 def test_benchmark_figures_of_a_cpu_run(tmp_path):
     """``gpu_check bench`` on a tiny real CPU benchmark: the figures it keeps, n/a for the GPU's."""
     assert (
-        gpu_check.main(
-            [
-                "bench",
-                str(tmp_path),
-                "--",
-                "--data",
-                "synthetic",
-                "--synthetic-size",
-                "2000",
-                "--device",
-                "cpu",
-                "--steps",
-                "2",
-                "--warmup",
-                "1",
-                "--repeats",
-                "1",
-                "--batch-size",
-                "16",
-                "--only",
-                "train",
-            ]
-        )
-        == 0
+        gpu_check.main(["bench", str(tmp_path), "--", *TINY_BENCH_ARGS, "--batch-size", "16", "--only", "train"]) == 0
     )
     figures = json.loads((tmp_path / "bench.json").read_text())
     assert figures["lightning"] > 0 and figures["bare"] > 0 and figures["ratio"] > 0
