@@ -4,12 +4,20 @@ folder and a value of the wrong type."""
 
 from __future__ import annotations
 
+import os
+import re
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from mchad.runs import provenance
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -36,3 +44,67 @@ def test_code_version_changes_with_an_untracked_module(tmp_path):
     (repo / "logs").mkdir()  # ignored files (a run's outputs) are not code
     (repo / "logs" / "results.csv").write_text("a,b\n")
     assert provenance.code_version(provenance.code_state(repo / "src")) == second
+
+
+# ----------------------------------------------------------------------------- docs/own-data.md offline
+
+OWN_DATA = ROOT / "docs" / "own-data.md"
+#: what makes the page's command quick on a CPU; none of it touches the data sets
+QUICK = [
+    "model/backbone=convnet",
+    "datamodule.batch_size=8",
+    "datamodule.val_fraction=0.2",
+    "callbacks.validation_views.unknown_samples=50",
+    "callbacks.embedding_animation.unknown_samples=50",
+    "trainer.max_epochs=1",
+    "trainer.min_epochs=1",
+]
+
+
+def own_data_command() -> list[str]:
+    """The overrides of the first ``python run.py`` command of own-data.md's '## Image folders'."""
+    page = OWN_DATA.read_text(encoding="utf-8")
+    section = re.search(r"^## Image folders\n(.*?)(?=^## |\Z)", page, re.S | re.M)
+    assert section is not None, "docs/own-data.md has no '## Image folders'"
+    for block in re.findall(r"^```bash\n(.*?)^```", section.group(1), re.S | re.M):
+        for line in block.splitlines():
+            if line.startswith("python run.py "):
+                return shlex.split(line)[2:]
+    raise AssertionError("docs/own-data.md's '## Image folders' has no `python run.py` command")
+
+
+def test_own_data_command_runs_offline_as_written(tmp_path):
+    """The page's command on a tiny image folder, with every download refused (a proxy that
+    does not exist): it trains, tests against the noise sets of the size the page sets."""
+    from conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "mydata", classes=3, per_class=12)
+    command = [a.replace("/path/to/cifar10-jpeg", str(folder)) for a in own_data_command()]
+    assert f"datamodule.root={folder}" in command
+    offline = {k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
+    logs = tmp_path / "logs"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "run.py"),
+            *command,
+            *QUICK,
+            f"paths.log_dir={logs}",
+            f"dataset_dir={tmp_path / 'd'}",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, **offline, "no_proxy": "", "NO_PROXY": "", "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    (run_dir,) = (logs / "runs").glob("*/*")
+    frame = pd.read_csv(run_dir / "results.csv")
+    assert set(frame.test_case) == {"GaussianNoise", "UniformNoise"}
+    assert frame[["Accuracy", "AUROC"]].notna().all().all()
+    saved = OmegaConf.load(run_dir / "config.yaml").datamodule.test_cases
+    sizes = {name: saved[name].n for name in saved}
+    assert sizes == {"GaussianNoise": 1000, "UniformNoise": 1000}, "the page's +noise_images=1000"
+    log = (run_dir / "run.log").read_text()
+    assert "test cases {'GaussianNoise': 1000, 'UniformNoise': 1000}" in log  # the sets built
