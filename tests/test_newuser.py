@@ -136,3 +136,24 @@ def test_quick_start_console_has_no_slurm_detection_line(tmp_path):
     assert "srun" not in console and "SLURM" not in console, console
     (run_dir,) = (logs / "runs").glob("*/*")
     assert "The `srun` command is available on your system" in (run_dir / "run.log").read_text()
+
+
+def test_truncated_checkpoint_message_ends_in_a_full_sentence(tmp_path):
+    """PyTorch's text for a truncated file runs past 200 characters: the message keeps its
+    first full sentences, not a cut one."""
+    import torch
+
+    from mchad.checkpoints import load_checkpoint
+    from mchad.errors import CheckpointError
+
+    whole = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, whole)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(whole.read_bytes()[:1000])
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(truncated)
+    message = str(raised.value)
+    assert message.startswith(f"checkpoint {truncated} is unreadable (truncated or corrupt?): ")
+    assert "\n" not in message and message.endswith("."), message
+    cause = message.split("(truncated or corrupt?): ", 1)[1]
+    assert cause.startswith("PytorchStreamReader failed reading zip archive"), message
