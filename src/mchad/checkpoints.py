@@ -100,7 +100,9 @@ def load_checkpoint(path: str | Path, hint: str = "", trust: bool = False) -> di
     except UnsafeCheckpointError:
         raise
     except Exception as error:
-        raise CheckpointError(f"checkpoint {p} is unreadable (truncated or corrupt?): {_sentences(error)}{hint}") from error
+        raise CheckpointError(
+            f"checkpoint {p} is unreadable (truncated or corrupt?): {_sentences(error)}{hint}"
+        ) from error
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"checkpoint {p} is not a checkpoint of this project (it has no state_dict)")
     return ckpt
