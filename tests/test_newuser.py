@@ -157,3 +157,27 @@ def test_truncated_checkpoint_message_ends_in_a_full_sentence(tmp_path):
     assert "\n" not in message and message.endswith("."), message
     cause = message.split("(truncated or corrupt?): ", 1)[1]
     assert cause.startswith("PytorchStreamReader failed reading zip archive"), message
+
+
+def test_missing_image_folder_is_named_by_its_path(tmp_path):
+    """datamodule=imagefolder inherits CIFAR10's config (and its sources' name): a missing
+    folder is reported as the image folder it is, not as "CIFAR10 not found"."""
+    from conftest import compose_config
+    from hydra.utils import instantiate
+
+    from mchad.errors import DataNotFoundError
+
+    missing = tmp_path / "nothere"
+    cfg = compose_config(
+        ["experiment=cifar10-mchad", "datamodule=imagefolder", f"datamodule.root={missing}", "testmodules=noise"]
+    )
+    source = instantiate(cfg.datamodule.train)
+    with pytest.raises(DataNotFoundError) as raised:
+        source.class_names()
+    message = str(raised.value)
+    assert message.startswith(f"image folder train not found in {missing}."), message
+    assert "CIFAR10" not in message
+    (missing / "train" / "cat").mkdir(parents=True)
+    source = instantiate({**cfg.datamodule.train, "classes": ["cat", "dog"]})
+    with pytest.raises(DataNotFoundError, match=rf"^image folder {missing / 'train'}: class folders \['dog'\]"):
+        source.class_names()
