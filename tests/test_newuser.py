@@ -181,3 +181,40 @@ def test_missing_image_folder_is_named_by_its_path(tmp_path):
     source = instantiate({**cfg.datamodule.train, "classes": ["cat", "dog"]})
     with pytest.raises(DataNotFoundError, match=rf"^image folder {missing / 'train'}: class folders \['dog'\]"):
         source.class_names()
+
+
+# ----------------------------------------------------------------------------- values a constructor refuses
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("model.optimizer.lr=fast", "model.optimizer.lr=fast"),
+        ("model.optimizer.lr=-1", "model.optimizer"),
+        ("+model.scheduler.eta_min=low", "model.scheduler.eta_min=low"),
+        ("datamodule=imagefolder datamodule.root=/nonexistent/images", "image folder train not found in /nonexistent"),
+    ],
+    ids=["text-lr", "negative-lr", "text-scheduler-value", "missing-image-folder"],
+)
+def test_a_value_the_optimizer_refuses_is_one_line_and_leaves_no_run(tmp_path, override, named):
+    """The optimizer and scheduler are built by Lightning inside fit(): a value they refuse was
+    an internal error with a traceback and a half-filled run folder. Now: one `error:` line
+    naming the key, exit 1, and of the run folder only FAILED.txt (as for any input error
+    found once the config is built, e.g. a missing image folder)."""
+    logs = tmp_path / "logs"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *override.split(), f"paths.log_dir={logs}"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    left = sorted(str(p.relative_to(logs)) for p in logs.rglob("*") if p.is_file())
+    assert len(left) <= 1 and all(p.endswith("/FAILED.txt") for p in left), left
+    if left:
+        assert (logs / left[0]).read_text().startswith(lines[0])

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from mchad.cli import FILE_ONLY, show_tracebacks
 from mchad.errors import Preempted, UserError
 from mchad.failures import FAILED_FILE, one_line, record_failure
+from mchad.runs.instantiate import discard_unstarted_run
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ def main(cfg: DictConfig) -> float | None:
         if not writer:  # every rank stops with status 1
             log.error("%s", one_line(error))
             raise SystemExit(1) from None
+        discard_unstarted_run(output_dir)  # an input error before the run produced anything: only FAILED.txt
         cause = record_failure(output_dir, error)
         log.error("%s", cause, extra=FILE_ONLY)  # run.log; the console gets the one line below
         if show_tracebacks():

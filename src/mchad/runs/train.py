@@ -17,6 +17,7 @@ from mchad.models.backbones import load_pretrained, output_width
 from mchad.models.detectors import DetectorBank, check_detectors
 from mchad.models.module import OODModel
 from mchad.results.metrics import METRIC_COLUMNS
+from mchad.runs.instantiate import check_factories
 from mchad.runs.objective import OBJECTIVE_FILE, check_objective, check_objective_score, write_objective
 from mchad.runs.provenance import COLUMNS as PROVENANCE_COLUMNS
 from mchad.runs.validate import check_config, check_gpu_present, check_test_cases, check_training_data
@@ -347,6 +348,7 @@ def run(cfg: DictConfig) -> Path:
     resolve_n_classes(cfg)
     check_config(cfg)
     check_gpu_present(cfg)
+    check_factories(cfg, _instantiate)  # the optimizer's values, before the data is loaded
     if not resuming and not named:
         cfg.name = experiment_name(cfg)
 
