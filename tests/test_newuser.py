@@ -190,11 +190,9 @@ def test_missing_image_folder_is_named_by_its_path(tmp_path):
     "override, named",
     [
         ("model.optimizer.lr=fast", "model.optimizer.lr=fast"),
-        ("model.optimizer.lr=-1", "model.optimizer"),
-        ("+model.scheduler.eta_min=low", "model.scheduler.eta_min=low"),
         ("datamodule=imagefolder datamodule.root=/nonexistent/images", "image folder train not found in /nonexistent"),
     ],
-    ids=["text-lr", "negative-lr", "text-scheduler-value", "missing-image-folder"],
+    ids=["text-lr", "missing-image-folder"],
 )
 def test_a_value_the_optimizer_refuses_is_one_line_and_leaves_no_run(tmp_path, override, named):
     """The optimizer and scheduler are built by Lightning inside fit(): a value they refuse was
@@ -218,3 +216,29 @@ def test_a_value_the_optimizer_refuses_is_one_line_and_leaves_no_run(tmp_path, o
     assert len(left) <= 1 and all(p.endswith("/FAILED.txt") for p in left), left
     if left:
         assert (logs / left[0]).read_text().startswith(lines[0])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model.optimizer.lr=-1"],
+            "model.optimizer: torch.optim.Adam refuses its arguments (Invalid learning rate: -1)",
+        ),
+        (["+model.scheduler.eta_min=low"], "model.scheduler.eta_min=low: torch.optim.lr_scheduler.CosineAnnealingLR"),
+        (["model.optimizer.weight_decay=much"], "model.optimizer.weight_decay=much: torch.optim.Adam refuses it"),
+    ],
+    ids=["negative-lr", "text-scheduler-value", "text-weight-decay"],
+)
+def test_optimizer_and_scheduler_values_are_tried_when_the_run_starts(overrides, message):
+    """The scheduler's eta_min is first used in its second step: the check steps it once."""
+    from conftest import compose_config
+
+    from mchad.errors import ConfigError
+    from mchad.runs.instantiate import check_factories
+    from mchad.runs.train import _instantiate
+
+    check_factories(compose_config([]), _instantiate)  # the defaults pass
+    with pytest.raises(ConfigError) as raised:
+        check_factories(compose_config(overrides), _instantiate)
+    assert str(raised.value).startswith(message), raised.value
