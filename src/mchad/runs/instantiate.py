@@ -13,7 +13,6 @@ anything, only ``FAILED.txt``.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import sys
 from pathlib import Path
@@ -79,9 +78,6 @@ def discard_unstarted_run(output_dir: str | Path) -> None:
     for logger_dir in ("tb", "csv"):  # a logger that already wrote is a run that started
         if any(f.is_file() for f in (output_dir / logger_dir).rglob("*")):
             return
-    for entry in entries:
+    for entry in entries:  # the folder itself stays: FAILED.txt goes into it (and it may be the cwd)
         if entry.name != "FAILED.txt":
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    with contextlib.suppress(OSError):  # the folder itself when nothing was left, then its date folder
-        output_dir.rmdir()
-        output_dir.parent.rmdir()
