@@ -242,3 +242,26 @@ def test_optimizer_and_scheduler_values_are_tried_when_the_run_starts(overrides,
     with pytest.raises(ConfigError) as raised:
         check_factories(compose_config(overrides), _instantiate)
     assert str(raised.value).startswith(message), raised.value
+
+
+def test_only_a_run_that_produced_nothing_is_discarded(tmp_path):
+    """Hydra's files, config.yaml and empty logger folders go; a folder holding anything a run
+    produced (a checkpoint, logged metrics: a resumed or started run) is left as it is."""
+    from mchad.runs.instantiate import discard_unstarted_run
+
+    def folder(name: str, *files: str) -> Path:
+        root = tmp_path / name
+        for f in (".hydra/config.yaml", "run.log", "config.yaml", *files):
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            (root / f).write_text("x")
+        (root / "tb").mkdir(exist_ok=True)
+        return root
+
+    unstarted = folder("unstarted")
+    discard_unstarted_run(unstarted)
+    assert unstarted.is_dir() and list(unstarted.iterdir()) == []
+    for name, produced in (("resumed", "checkpoints/last.ckpt"), ("started", "csv/metrics.csv")):
+        started = folder(name, produced)
+        before = sorted(p.relative_to(started) for p in started.rglob("*"))
+        discard_unstarted_run(started)
+        assert sorted(p.relative_to(started) for p in started.rglob("*")) == before
