@@ -25,18 +25,14 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import OmegaConf, open_dict  # noqa: E402
 
 import mchad  # noqa: E402, F401  (resolvers, generated experiments)
+from mchad.registry import KINDS, experiments, methods  # noqa: E402
 from mchad.targets import VERSION_BASE_KWARGS  # noqa: E402
-
-#: the methods and datasets whose experiments are pinned (today's published ones)
-METHODS = "mchad gmchad center gcenter cac gcac ii softmax".split()  # list-ok: the pinned snapshot
-OSR_SETTINGS = ("cifar10", "cifarplus10", "cifarplus50", "tinyimagenet")
 
 
 def experiment_names() -> list[str]:
-    names = [f"{d}-{m}" for d in ("cifar10", "cifar100", "svhn") for m in METHODS]
-    names += [f"openood-{d}-{m}" for d in ("cifar10", "cifar100") for m in METHODS]
-    names += [f"osr-{s}-{m}" for s in OSR_SETTINGS for m in METHODS]
-    return names
+    """Every experiment of the methods with published values (those of the snapshot)."""
+    published = [m.key for m in methods().values() if m.published]
+    return [name for kind in KINDS for name in experiments(kind, published)]
 
 
 def composed(name: str) -> dict:

@@ -39,6 +39,7 @@ LAYERS = {
         "mchad.failures",
         "mchad.resolvers",
         "mchad.targets",
+        "mchad.registry",
     ],
 }
 

@@ -27,6 +27,8 @@ import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mchad import registry
+
 # Column names shared with mchad.results.aggregate's tables.
 DATASET, MODEL, OOD_SET = "Dataset", "Model", "OOD set"
 SCORE, SEEDS, SEED_LIST = "Score", "Seeds", "Seed list"
@@ -83,7 +85,9 @@ def load_table_config(path: str | Path | None = None) -> TableConfig:
         raise TableConfigError(f"{path}: unknown key(s) {', '.join(map(str, unknown))}")
 
     methods = []
-    for entry in _string_list_or_mappings(raw.get("methods"), path, "methods"):
+    # without its own list, the method registry's rows (src/mchad/registry/methods.yaml)
+    listed = raw.get("methods") if "methods" in raw else OmegaConf.create(registry.table_methods())
+    for entry in _string_list_or_mappings(listed, path, "methods"):
         entry = {"method": entry} if isinstance(entry, str) else entry
         if not entry.get("method"):
             raise TableConfigError(f"{path}: every entry of methods needs a 'method'")
