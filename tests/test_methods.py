@@ -90,7 +90,7 @@ def test_distance_score_and_prediction():
         method.centers.copy_(torch.tensor([[0.0, 0.0], [4.0, 0.0]]))
     out = method(torch.tensor([[1.0, 0.0], [4.0, 3.0]]))
     # squared distances: (1, 9) and (25, 9)
-    assert out["distances"].tolist() == [[1.0, 9.0], [25.0, 9.0]]
+    assert out.distances.tolist() == [[1.0, 9.0], [25.0, 9.0]]
     assert method.predict(out).tolist() == [0, 1]
     assert method.scores(out)["distance"].tolist() == [1.0, 9.0]
 
@@ -107,7 +107,7 @@ def test_cac_score_larger_means_more_anomalous():
     assert cac[0] < cac[1] < cac[2]
     assert method.scores(out)["distance"].argsort().tolist() == [0, 1, 2]
     # pytorch-ood's CACLoss.score is -max_c gamma_c: it ranks the far-away input as the most normal
-    library = CACLoss.score(out["distances"])
+    library = CACLoss.score(out.distances)
     assert library[2] < library[1]
 
 
