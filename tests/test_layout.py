@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import ROOT, compose_config
 
 PACKAGE = ROOT / "src" / "mchad"
@@ -310,14 +311,7 @@ def test_adding_a_method_as_the_docs_say(tmp_path):
     """Follow "Adding a method" in a copy of the project (its class, model config and registry
     entry only): the documented run trains; its experiments compose on every benchmark; a value
     it does not read is refused; the replication scripts sweep it."""
-    copy = project_copy(tmp_path)
-    files, command, appended = walkthrough("Adding a method")
-    assert len(files) <= 3 and appended == {"src/mchad/registry/methods.yaml"}
-    for name, text in files.items():
-        target = copy / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text((target.read_text(encoding="utf-8") if name in appended else "") + text, encoding="utf-8")
-
+    copy, command = add_method_as_documented(tmp_path)
     result = in_copy(copy, sys.executable, "run.py", *command, f"paths.log_dir={tmp_path / 'logs'}")
     assert result.returncode == 0, result.stderr[-3000:]
     (results,) = (tmp_path / "logs").rglob("results.csv")
@@ -352,6 +346,37 @@ def test_adding_a_method_as_the_docs_say(tmp_path):
         (line,) = [line for line in dry.stdout.splitlines() if line.startswith("+ ")]
         experiments = next(a for a in shlex.split(line[2:]) if a.startswith("experiment=")).split("=", 1)[1]
         assert expected in experiments.split(","), (script, experiments)
+
+
+def add_method_as_documented(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A project copy with the walk-through's method added (its files only); its run command."""
+    copy = project_copy(tmp_path)
+    files, command, appended = walkthrough("Adding a method")
+    assert len(files) <= 3 and appended == {"src/mchad/registry/methods.yaml"}
+    for name, text in files.items():
+        target = copy / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text((target.read_text(encoding="utf-8") if name in appended else "") + text, encoding="utf-8")
+    return copy, command
+
+
+@pytest.mark.slow  # two trainings and the aggregate in subprocesses: about a minute on 2 cores
+def test_a_sweep_with_the_added_method_aggregates_its_row_in_its_place(tmp_path):
+    """Sweep the added method and MCHAD (in that order) and aggregate: the table has its row,
+    after MCHAD as the registry orders them."""
+    copy, _ = add_method_as_documented(tmp_path)
+    logs = tmp_path / "logs"
+    sweep = in_copy(
+        copy, sys.executable, "run.py", "-m", "model=protox,mchad", "hydra/launcher=basic",
+        "++trainer.fast_dev_run=true", f"paths.log_dir={logs}",
+    )  # fmt: skip
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    (folder,) = (logs / "multiruns").iterdir()
+    aggregate = in_copy(copy, sys.executable, "-m", "mchad.results.aggregate", str(folder))
+    assert aggregate.returncode == 0, aggregate.stderr[-3000:]
+    table = pd.read_csv(folder / "aggregate" / "table.csv")
+    assert list(table.Model) == ["MCHAD", "ProtoX"]
+    assert list(table.Score) == ["distance", "distance"]
 
 
 def test_adding_a_dataset_as_the_docs_say(tmp_path, monkeypatch):
