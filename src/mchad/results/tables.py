@@ -4,8 +4,8 @@
 only lays them out, as LaTeX (booktabs) and Markdown:
 
 * rows are methods grouped by ID dataset; order, display names and the OOD score each
-  method is shown with come from a small YAML file (``tables.yaml`` next to this module,
-  or another one via ``load_table_config(path)``), not from code;
+  method is shown with come from the method registry (:mod:`mchad.registry`), unless the table
+  config (``tables.yaml`` next to this module, or another via ``load_table_config(path)``) lists them;
 * the best value per column and dataset is bold (highest; lowest for FPR95), compared at
   the printed precision so that ties are all bold;
 * a dagger marks a method whose per-seed values differ from the baseline's (MCHAD) by
