@@ -17,7 +17,7 @@ acts on the outliers of each batch. Adding a method: a subclass, its config in `
 and its entry in the method registry (docs/layout-and-extending.md, "Adding a method").
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from pytorch_ood.loss import CACLoss, CenterLoss
@@ -60,6 +60,11 @@ class MethodOutput:
     embedding: Tensor | None = None
     distances: Tensor | None = None
     logits: Tensor | None = None
+
+    def rows(self, index: Tensor) -> "MethodOutput":
+        """The output of some rows of the batch (a boolean mask or indices)."""
+        picked = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return replace(self, **{name: value[index] for name, value in picked.items()})
 
 
 @dataclass(frozen=True)
