@@ -246,11 +246,11 @@ def _attribute_geometry(method) -> dict:
     return {"radius": radius, "margin": margin if margin > 0 else None, "squared": True}
 
 
-@pytest.mark.parametrize("semantics", ["published", "paper"])
 #: the built-in methods: those that the views drew before the explicit interface
 BUILT_IN = [key for key, method in registry.methods().items() if method.cls.startswith("mchad.")]
 
 
+@pytest.mark.parametrize("semantics", ["published", "paper"])
 @pytest.mark.parametrize("key", BUILT_IN)
 def test_the_views_draw_what_they_drew_before_through_the_interface(key, semantics):
     """Each registered method's circles and centres, from Method.geometry(), are those the views
