@@ -175,3 +175,10 @@ def test_run_ablation_real_tiny_run_names_the_value(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (results,) = tmp_path.glob("multiruns/*/0/results.csv")
     assert "ablation-weight_ce-0.7" in results.read_text()
+
+
+def test_an_unknown_method_is_refused_naming_it():
+    """The scripts take their methods from the registry, which names a method it does not know."""
+    result = _script("run-openset.sh", "-n", METHODS="mchad protoz")
+    assert result.returncode == 2 and "unknown method protoz" in result.stderr
+    assert not result.stdout
