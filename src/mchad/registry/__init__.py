@@ -120,7 +120,8 @@ def trusted_targets() -> list[str]:
 
 
 def experiment_nodes() -> dict[str, dict[str, Any]]:
-    """The generated experiment configs: name -> config node (package ``_global_``)."""
+    """The generated experiment configs: name -> config node (package ``_global_``), each its
+    defaults, then its own values (``_self_``: ``name`` and what it changes)."""
     nodes: dict[str, dict[str, Any]] = {}
     for method in methods().values():
         if not method.published:  # the published ones are readable files in config/experiment/
@@ -128,7 +129,7 @@ def experiment_nodes() -> dict[str, dict[str, Any]]:
                 defaults: list[Any] = [f"/benchmark/{dataset}", {"override /model": method.model}]
                 if method.outliers:
                     defaults.append({"override /datamodule/outliers": "tinyimages"})
-                nodes[f"{dataset}-{method.key}"] = {"defaults": [*defaults, "_self_"]}
+                nodes[f"{dataset}-{method.key}"] = {"defaults": defaults}
         for dataset in OPENOOD_DATASETS:
             nodes[f"openood-{dataset}-{method.key}"] = {"defaults": [f"{dataset}-{method.key}", "/openood/recipe"]}
         for setting in OSR_SETTINGS:
@@ -137,8 +138,7 @@ def experiment_nodes() -> dict[str, dict[str, Any]]:
                 node["model"] = {"n_embedding": "${datamodule.n_classes}"}
             nodes[f"osr-{setting}-{method.key}"] = node
     for name, node in nodes.items():
-        if node["defaults"][-1] != "_self_":
-            node["defaults"].append("_self_")
+        node["defaults"].append("_self_")
         node["name"] = name
     return nodes
 
