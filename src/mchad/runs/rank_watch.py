@@ -12,11 +12,11 @@ and a watchdog thread on every rank.
   first failure is kept) -- from Lightning's ``on_exception`` hook, before its teardown, and again
   from the task's error handling (:func:`announce`, for failures outside fit/test).
 - Every rank's watchdog looks for the flag every :data:`POLL_S` seconds (one round trip to the
-  store; the training step itself does nothing more). A rank that sees a peer's failure stops its
+  store; the training step itself does nothing more). A rank that sees another rank's failure stops its
   process at once (``os._exit``: its main thread may be blocked inside a collective, where no
-  Python exception can reach it); rank 0 first writes the cause to ``FAILED.txt`` and prints it as
-  the one ``error:`` line. A rank whose own exception came from a peer's failure (gloo: connection
-  closed) reports the peer's cause instead (:func:`peer_failure`).
+  Python exception can reach it); global rank zero first writes the cause to ``FAILED.txt`` and
+  prints it as the one ``error:`` line. A rank whose own exception came from another rank's failure
+  (gloo: connection closed) reports that rank's cause instead (:func:`announce`).
 - The store lives in rank 0's process (or torchrun's agent): when it can no longer be reached,
   rank 0's process is gone; a rank that has not finished within :data:`GRACE_S` then stops too.
 - :func:`finish` after the last collective of a run (the end of testing) stops the watchdog.
@@ -33,7 +33,8 @@ import sys
 import threading
 from pathlib import Path
 
-from mchad.failures import one_line, record_failure
+from mchad.errors import one_line
+from mchad.failures import record_failure
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class _Watch:
         self.finished = threading.Event()  # this rank is done (finished, or reports on its own)
         self.lock = threading.Lock()
         self.stopping = False  # the watchdog is ending the process
-        self.peer_cause: str | None = None
+        self.other_cause: str | None = None  # another rank failed first: its cause
         self.thread = threading.Thread(target=self._run, name="mchad-rank-watch", daemon=True)
 
     def _run(self) -> None:
@@ -75,7 +76,7 @@ class _Watch:
             if self.finished.is_set():
                 return
             self.stopping = True
-        if self.output_dir is not None:  # the writer
+        if self.output_dir is not None:  # global rank zero
             record_failure(self.output_dir, cause)
             log.error("%s", cause, extra={"file_only": True})  # run.log only (mchad.cli.FILE_ONLY)
             print(f"error: {cause}", file=sys.stderr, flush=True)
@@ -91,7 +92,7 @@ _WATCH: _Watch | None = None
 
 
 def start(store, rank: int, output_dir: Path | None) -> None:
-    """Watch for a peer's failure (``output_dir``: rank 0's run folder, None on the others)."""
+    """Watch for another rank's failure (``output_dir``: rank 0's run folder, None on the others)."""
     global _WATCH
     if _WATCH is not None and not _WATCH.finished.is_set():
         return  # fit, then test: one watchdog
@@ -100,31 +101,26 @@ def start(store, rank: int, output_dir: Path | None) -> None:
 
 
 def announce(error: BaseException | str) -> str | None:
-    """Record this rank's failure unless a peer failed first; returns the peer's cause if one
-    did (None if this rank's failure is the first, or no watchdog runs). From now on this rank's
-    main thread reports the failure, not the watchdog."""
+    """Record this rank's failure unless another rank failed first; returns that rank's cause if
+    one did (None if this rank's failure is the first, or no watchdog runs). From now on this
+    rank's main thread reports the failure, not the watchdog."""
     watch = _WATCH
     if watch is None:
         return None
     with watch.lock:
-        if watch.stopping:  # the watchdog is ending the process with a peer's cause
+        if watch.stopping:  # the watchdog is ending the process with another rank's cause
             threading.Event().wait()
         watch.finished.set()
-    if watch.peer_cause is not None:
-        return watch.peer_cause
+    if watch.other_cause is not None:
+        return watch.other_cause
     cause = f"rank {watch.rank} failed: {one_line(error)}"
     try:
         first = watch.store.compare_set(KEY, "", cause).decode()
     except Exception:  # noqa: BLE001 - store gone: rank 0's process ended, its cause is its own
         return None
     if first != cause:
-        watch.peer_cause = first
-    return watch.peer_cause
-
-
-def peer_failure() -> str | None:
-    """The cause of a peer's failure that preceded this rank's (set by :func:`announce`)."""
-    return _WATCH.peer_cause if _WATCH is not None else None
+        watch.other_cause = first
+    return watch.other_cause
 
 
 def finish() -> None:
