@@ -20,7 +20,8 @@ Ctrl-C                     ``interrupted; continue this run with: ...``         
 =========================  ====================================================  ==========================  ====
 
 A rank that sees another rank's failure while blocked in a collective is ended by
-:mod:`mchad.runs.rank_watch` with the same line, FAILED.txt and status.
+:mod:`mchad.runs.rank_watch` with the same line, FAILED.txt and status. A sweep trial does not
+end its process: :func:`mchad.sweeps.sweep.run_trial` writes its FAILED.txt and the sweep goes on.
 """
 
 from __future__ import annotations
