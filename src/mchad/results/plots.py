@@ -240,22 +240,21 @@ def embedding_frame(
 
     ax.scatter(cen[:, 0], cen[:, 1], marker="x", s=60, c="black", linewidths=2, zorder=4)
     handles.append(Line2D([], [], ls="", marker="x", ms=8, mew=2, color="black", label="centre"))
-    _embedding_axes(ax, limits, title, handles)
+    _equal_axes(ax, limits, ("$f(x)_1$", "$f(x)_2$"), title)  # circles stay circles
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     return _save(fig, _prepare_path(path), dpi)
 
 
-def _embedding_axes(ax, limits: tuple[float, float, float, float], title: str, handles: list[Any]) -> None:
-    """Equal axes within ``limits`` (circles stay circles), labels, grid and the legend on the right."""
-    xmin, xmax, ymin, ymax = limits
-    ax.set_xlim(xmin, xmax)
-    ax.set_ylim(ymin, ymax)
+def _equal_axes(ax, limits: tuple[float, float, float, float], labels: tuple[str, str], title: str) -> None:
+    """Axes within ``limits`` (xmin, xmax, ymin, ymax) at equal scale, labelled, with a light grid."""
+    ax.set_xlim(limits[0], limits[1])
+    ax.set_ylim(limits[2], limits[3])
     ax.set_aspect("equal", adjustable="box")
-    ax.set_xlabel("$f(x)_1$")
-    ax.set_ylabel("$f(x)_2$")
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
     if title:
         ax.set_title(title)
     ax.grid(True, lw=0.4, alpha=0.4)
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
 
 
 def _frame_arrays(embeddings, labels, centers, class_names) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -459,14 +458,8 @@ def roc_curve_plot(
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(fpr, tpr, lw=1.8, color="tab:blue", label=f"AUROC = {auroc:.4f}")
     ax.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="chance")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_aspect("equal", adjustable="box")
-    ax.set_xlabel("false positive rate (ID flagged as OOD)")
-    ax.set_ylabel("true positive rate (OOD detected)")
-    if title:
-        ax.set_title(title)
-    ax.grid(True, lw=0.4, alpha=0.4)
+    labels = ("false positive rate (ID flagged as OOD)", "true positive rate (OOD detected)")
+    _equal_axes(ax, (0, 1, 0, 1.01), labels, title)
     ax.legend(loc="lower right", fontsize=9)
     fig.tight_layout()
     return _save(fig, path, dpi)
