@@ -19,18 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from rank_failure_probe import gone
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
 NO_WATCH = "import mchad.runs.rank_watch as w\nw.start = lambda *args, **kwargs: None\n"
-
-
-def _gone(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return True
-    return "\nState:\tZ" in status or "\nState:\tX" in status
 
 
 def case(launcher: str, fail_rank: int, watch: bool, tmp: Path, timeout: float) -> str:
@@ -70,10 +64,10 @@ def case(launcher: str, fail_rank: int, watch: bool, tmp: Path, timeout: float) 
         stderr += "\n(timed out)"
     pids = [int((probe / f"pid{rank}").read_text()) for rank in (0, 1) if (probe / f"pid{rank}").exists()]
     deadline = time.time() + 30
-    while not all(_gone(pid) for pid in pids) and time.time() < deadline:
+    while not all(gone(pid) for pid in pids) and time.time() < deadline:
         time.sleep(0.05)
     ended = time.time()
-    stuck = [pid for pid in pids if not _gone(pid)]
+    stuck = [pid for pid in pids if not gone(pid)]
     for pid in stuck:
         os.kill(pid, 9)
     failed = probe / f"failed{fail_rank}.time"
