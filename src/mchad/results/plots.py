@@ -237,7 +237,6 @@ def embedding_frame(
     for circles, style, what, raw in ((radii, "-", "radius", radius), (margins, "--", "margin", margin)):
         if circles is not None:
             handles.append(_draw_circles(ax, cen, circles, edges, style, what, raw, squared))
-
     ax.scatter(cen[:, 0], cen[:, 1], marker="x", s=60, c="black", linewidths=2, zorder=4)
     handles.append(Line2D([], [], ls="", marker="x", ms=8, mew=2, color="black", label="centre"))
     _equal_axes(ax, limits, ("$f(x)_1$", "$f(x)_2$"), title)  # circles stay circles
