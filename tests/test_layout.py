@@ -22,20 +22,22 @@ from conftest import ROOT, compose_config
 PACKAGE = ROOT / "src" / "mchad"
 WALKTHROUGHS = ROOT / "docs" / "layout-and-extending.md"
 MAX_LINES = 600
+#: lines of a function or method in src/, its signature and docstring included
+MAX_FUNCTION_LINES = 60
 #: modules of the top level beside the subpackages (``__init__`` not counted)
 MAX_TOP_LEVEL = 9
 
 #: The package's layers, highest first: a module may import from its own layer and the ones
 #: below it only. An entry names a module or a subpackage (all its modules); the package's
-#: own ``__init__`` is the root's name (``mchad``), in the foundation.
+#: own ``__init__`` is the root's name (``mchad``), in the base layer.
 LAYERS = {
-    "face": ["mchad.task", "mchad.cli"],
+    "task": ["mchad.task", "mchad.cli"],
     "sweeps, bench": ["mchad.sweeps", "mchad.bench"],
     "runs": ["mchad.runs"],
     "callbacks, models": ["mchad.callbacks", "mchad.models"],
     "results": ["mchad.results"],
     "data": ["mchad.data"],
-    "foundation": [
+    "base": [
         "mchad",
         "mchad.errors",
         "mchad.devices",
@@ -187,24 +189,24 @@ def test_no_module_imports_from_a_higher_layer():
 
 def test_the_layer_check_sees_upward_imports(tmp_path):
     package = tmp_path / "pkg"
-    for sub in ("face", "runs", "data"):
+    for sub in ("task", "runs", "data"):
         (package / sub).mkdir(parents=True)
         (package / sub / "__init__.py").write_text("")
     (package / "__init__.py").write_text("from pkg import base\n")
     (package / "base.py").write_text("X = 1\n")
-    (package / "face" / "main.py").write_text("from pkg.runs.job import run\nimport pkg.data.read\n")
+    (package / "task" / "main.py").write_text("from pkg.runs.job import run\nimport pkg.data.read\n")
     (package / "runs" / "job.py").write_text("from pkg import base\nfrom pkg.data import read\nfrom . import other\n")
     (package / "runs" / "other.py").write_text("")
     (package / "data" / "read.py").write_text("import pkg.base\n")
-    layers = {"face": ["pkg.face"], "runs": ["pkg.runs"], "data": ["pkg.data"], "foundation": ["pkg", "pkg.base"]}
+    layers = {"task": ["pkg.task"], "runs": ["pkg.runs"], "data": ["pkg.data"], "base": ["pkg", "pkg.base"]}
     assert layer_violations(package, layers) == []  # downwards and within a layer only
     (package / "data" / "read.py").write_text("def f():\n    from ..runs.job import run\n")  # function-level, relative
-    (package / "base.py").write_text("import pkg.face.main\n")
+    (package / "base.py").write_text("import pkg.task.main\n")
     (package / "__init__.py").write_text("from pkg.data.read import f\n")
     (package / "stray.py").write_text("")
     assert layer_violations(package, layers) == [
-        "pkg/__init__.py imports pkg.data.read (layer 'data' is above 'foundation')",
-        "pkg/base.py imports pkg.face.main (layer 'face' is above 'foundation')",
+        "pkg/__init__.py imports pkg.data.read (layer 'data' is above 'base')",
+        "pkg/base.py imports pkg.task.main (layer 'task' is above 'base')",
         "pkg/data/read.py imports pkg.runs.job (layer 'runs' is above 'data')",
         "pkg/stray.py: pkg.stray is in no layer of LAYERS (declare it)",
     ]
@@ -220,6 +222,35 @@ def test_no_module_is_longer_than_600_lines():
         path.relative_to(ROOT): len(path.read_text(encoding="utf-8").splitlines()) for path in PACKAGE.rglob("*.py")
     }
     assert not {p: n for p, n in lengths.items() if n > MAX_LINES}
+
+
+def long_functions(root: Path, limit: int) -> dict[str, int]:
+    """``{"path:line name": lines}`` of every function or method below ``root`` longer than ``limit`` lines."""
+    found = {}
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > limit:
+                    found[f"{path.relative_to(root.parent)}:{node.lineno} {node.name}"] = lines
+    return found
+
+
+def test_no_function_in_src_is_longer_than_60_lines():
+    assert long_functions(ROOT / "src", MAX_FUNCTION_LINES) == {}
+
+
+def test_long_functions_are_found(tmp_path):
+    """Guards the check above: a 61-line function and method are reported; a 60-line function and
+    a class of 62 lines whose method has 60 are not."""
+    body = "".join(f"    x{i} = {i}\n" for i in range(59))
+    method = "".join(f"        x{i} = {i}\n" for i in range(59))
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text(
+        f"def long():\n{body}    return 0\n\n\ndef short():\n{body}\n\n"
+        f"class C:\n    def m(self):\n{method}\n\nclass D:\n    def m(self):\n{method}        return 0\n"
+    )
+    assert long_functions(tmp_path / "pkg", 60) == {"pkg/m.py:1 long": 61, "pkg/m.py:190 m": 61}
 
 
 # ----------------------------------------------------------------------------- docs walk-throughs
