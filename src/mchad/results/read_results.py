@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mchad.errors import one_line
 from mchad.failures import FAILED_FILE, RESULTS_FILE, failure_cause
 
 HEADLINE = "headline"
@@ -106,7 +107,7 @@ def _read_results(path: Path) -> pd.DataFrame:
     try:
         frame = pd.read_csv(path)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise ResultsFormatError(f"{path}: unreadable CSV ({_one_line(exc)})") from exc
+        raise ResultsFormatError(f"{path}: unreadable CSV ({one_line(str(exc))})") from exc
 
     absent = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if absent:
@@ -235,7 +236,3 @@ def find_results_from_scores(paths: Iterable[str | Path]) -> tuple[pd.DataFrame,
     }.items():
         results[column] = results[column].fillna(default) if column in results.columns else default
     return _count_models_once(results), _find_missing(roots, files)
-
-
-def _one_line(exc: BaseException | str) -> str:
-    return " ".join(str(exc).split())
