@@ -77,8 +77,10 @@ class _ConsoleFilter(logging.Filter):
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     deprecation = issubclass(category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))
+    # Lightning's SLURM detection warns on every run of a host that has `srun` (twice a run)
+    file_only = deprecation or str(message).startswith("The `srun` command is available on your system")
     logging.getLogger("py.warnings").warning(
-        "%s (%s:%s: %s)", message, filename, lineno, category.__name__, extra={"file_only": deprecation}
+        "%s (%s:%s: %s)", message, filename, lineno, category.__name__, extra={"file_only": file_only}
     )
 
 

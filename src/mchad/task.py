@@ -40,6 +40,7 @@ from omegaconf import DictConfig
 from mchad.cli import FILE_ONLY, show_tracebacks
 from mchad.errors import Preempted, UserError, one_line
 from mchad.failures import FAILED_FILE, record_failure
+from mchad.runs.instantiate import discard_unstarted_run
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ def _failed(error: Exception, output_dir: Path, rank_zero: bool) -> SystemExit |
     if not rank_zero:  # every rank stops with status 1
         log.error("%s", one_line(error))
         return SystemExit(1)
+    discard_unstarted_run(output_dir)  # an input error before the run produced anything: only FAILED.txt
     cause = record_failure(output_dir, error)
     log.error("%s", cause, extra=FILE_ONLY)  # run.log; the console gets the one line of the SystemExit
     if show_tracebacks():

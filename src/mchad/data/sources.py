@@ -241,10 +241,10 @@ class ImageFolderSource(Source):
 
     def _folder(self) -> Path:
         folder = self.root / self.split if self.split else self.root
-        if not folder.is_dir():
+        if not folder.is_dir():  # named by its path: an image folder's config may inherit a dataset's name
             raise _missing(
-                self.name,
-                folder,
+                f"image folder {folder.name}",
+                folder.parent,
                 "Point the config at a folder in image-folder layout (<root>/<split>/<class>/<image>).",
             )
         return folder
@@ -254,7 +254,7 @@ class ImageFolderSource(Source):
         classes = self.classes or subdirs
         missing = [c for c in classes if c not in subdirs]
         if missing:
-            raise _missing(self.name, folder, f"Class folders {missing} are missing.")
+            raise DataNotFoundError(f"image folder {folder}: class folders {missing} are missing.")
         return classes
 
     def class_names(self) -> list[str] | None:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from mchad.errors import one_line
-from mchad.failures import RESULTS_FILE, failure_cause
+from mchad.failures import FAILED_FILE, RESULTS_FILE, failure_cause
 
 HEADLINE = "headline"
 KEY_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed"]
@@ -154,8 +154,8 @@ def _read_results(path: Path) -> pd.DataFrame:
 
 
 def _find_missing(roots: list[Path], result_files: list[Path]) -> list[MissingRun]:
-    # A Hydra run folder is recognised by its .hydra/ folder.
-    run_dirs = sorted({d.parent for root in roots for d in root.rglob(".hydra") if d.is_dir()})
+    # A Hydra run folder is recognised by its .hydra/ folder, a run stopped by an input error by its FAILED.txt alone
+    run_dirs = sorted({d.parent for root in roots for name in (".hydra", FAILED_FILE) for d in root.rglob(name)})
     finished = [f.parent for f in result_files]
     missing = []
     for run_dir in run_dirs:

@@ -23,6 +23,7 @@ from mchad.models.backbones import load_pretrained, output_width
 from mchad.models.detectors import DetectorBank, check_detectors
 from mchad.models.module import OODModel
 from mchad.results.metrics import METRIC_COLUMNS
+from mchad.runs.instantiate import check_factories
 from mchad.runs.objective import OBJECTIVE_FILE, check_objective, check_objective_score, write_objective
 from mchad.runs.provenance import COLUMNS as PROVENANCE_COLUMNS
 from mchad.runs.validate import check_config, check_gpu_present, check_test_cases, check_training_data
@@ -421,6 +422,7 @@ def run_config(begin: Start) -> DictConfig:
     cfg = with_n_classes(begin.cfg)
     check_config(cfg)
     check_gpu_present(cfg)
+    check_factories(cfg, _instantiate)  # the optimizer's values, before the data is loaded
     if begin.resuming or begin.named:
         return cfg
     name = experiment_name(cfg)
