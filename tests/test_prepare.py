@@ -1,0 +1,322 @@
+"""Fetching data once and safely (issue 40): a loopback HTTP server stands in for the download site.
+
+The test builds a tiny CIFAR-10 in torchvision's format (``cifar-10-python.tar.gz`` holding the
+pickled batches) and serves it from 127.0.0.1; torchvision's URL and MD5 sums are patched to
+it, in this process (monkeypatch) or, for the processes a test starts, by a ``sitecustomize``
+module the test writes (:func:`child_env`). No other network is used.
+
+``python tests/test_prepare.py [SRC]`` measures the four-process case (downloads, seconds) with
+the ``mchad`` package in ``SRC`` (default: this tree's src/), e.g. an export of main's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = "cifar-10-batches-py"
+ARCHIVE = "cifar-10-python.tar.gz"
+TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+#: images per batch file: 5 x 40 training images, 40 test images
+PER_BATCH = 40
+
+
+# ----------------------------------------------------------------------------- the tiny data set
+
+
+def tiny_cifar10() -> tuple[bytes, dict]:
+    """``(archive bytes, torchvision's CIFAR10 attributes for it)``: url left to the caller."""
+    rng = np.random.default_rng(0)
+    members, md5 = {}, {}
+    for name in [*TRAIN, "test_batch"]:
+        batch = {
+            "data": rng.integers(0, 256, (PER_BATCH, 3072), dtype=np.uint8),
+            "labels": [int(x) for x in rng.integers(0, 10, PER_BATCH)],
+        }
+        members[name] = pickle.dumps(batch)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    members["batches.meta"] = pickle.dumps({"label_names": names})
+    for name, data in members.items():
+        md5[name] = hashlib.md5(data).hexdigest()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(f"{BASE}/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    archive = buffer.getvalue()
+    attributes = {
+        "tgz_md5": hashlib.md5(archive).hexdigest(),
+        "train_list": [[n, md5[n]] for n in TRAIN],
+        "test_list": [["test_batch", md5["test_batch"]]],
+        "meta": {"filename": "batches.meta", "key": "label_names", "md5": md5["batches.meta"]},
+    }
+    return archive, attributes
+
+
+def patch_cifar10(attributes: dict) -> None:
+    """Point torchvision's CIFAR10 at the tiny data (its URL and MD5 sums)."""
+    import torchvision.datasets
+
+    for key, value in attributes.items():
+        setattr(torchvision.datasets.CIFAR10, key, value)
+
+
+SITECUSTOMIZE = """
+import json, os
+if os.environ.get("MCHAD_TEST_CIFAR10"):
+    import torchvision.datasets
+    for key, value in json.loads(os.environ["MCHAD_TEST_CIFAR10"]).items():
+        setattr(torchvision.datasets.CIFAR10, key, value)
+"""
+
+
+def child_env(folder: Path, attributes: dict, src: Path = ROOT / "src") -> dict[str, str]:
+    """The environment of a process started by a test: the package from ``src`` and torchvision's
+    CIFAR10 patched at start-up (a ``sitecustomize`` in ``folder``, which Python imports first)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = {k: v for k, v in os.environ.items() if k not in ("MCHAD_ROOT", "MCHAD_RUN_ID", "MCHAD_CWD")}
+    env["PYTHONPATH"] = os.pathsep.join([str(folder), str(src)])
+    env["MCHAD_TEST_CIFAR10"] = json.dumps(attributes)
+    env["PYTHONWARNINGS"] = "ignore::DeprecationWarning"
+    return env
+
+
+# ----------------------------------------------------------------------------- the download site
+
+
+class Site:
+    """A threading HTTP server on 127.0.0.1 serving ``files`` ({name: bytes}).
+
+    ``downloads`` counts the requests that fetch a file (torchvision first opens the URL once
+    to follow redirects, with a ``Method: HEAD`` header on a GET: those are counted in
+    ``probes``). The first ``cut`` downloads send half the file, then close the connection;
+    ``seconds``: how long one download takes (sent in 20 parts), like a real site.
+    """
+
+    def __init__(self, files: dict[str, bytes], cut: int = 0, seconds: float = 0.0):
+        self.files, self.cut, self.seconds = files, cut, seconds
+        self.downloads, self.probes = 0, 0
+        self.lock = threading.Lock()
+        site = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                site.serve(self)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/{name}"
+
+    def serve(self, request) -> None:
+        data = self.files.get(request.path.lstrip("/"))
+        if data is None:
+            request.send_error(404)
+            return
+        probe = request.headers.get("Method") == "HEAD"
+        with self.lock:
+            if probe:
+                self.probes += 1
+            else:
+                self.downloads += 1
+            cut = not probe and self.downloads <= self.cut
+        request.send_response(200)
+        request.send_header("Content-Length", str(len(data)))
+        request.end_headers()
+        if probe:
+            return
+        body = data[: len(data) // 2] if cut else data
+        parts = 20
+        for i in range(parts):
+            request.wfile.write(body[i * len(body) // parts : (i + 1) * len(body) // parts])
+            time.sleep(self.seconds / parts)
+        if cut:
+            request.close_connection = True
+
+    def __enter__(self) -> Site:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def cifar10():
+    """``(archive bytes, CIFAR10 attributes without the url)``."""
+    return tiny_cifar10()
+
+
+# ----------------------------------------------------------------------------- several processes meet
+
+LOAD = """
+import hashlib, sys
+from mchad.data.sources import TorchvisionSource
+array = TorchvisionSource("CIFAR10", sys.argv[2]).load(sys.argv[1])
+print(hashlib.sha256(array.images.numpy().tobytes() + array.labels.numpy().tobytes()).hexdigest())
+"""
+
+
+def load_in_processes(dataset_dir: Path, env: dict[str, str], count: int, split: str = "train"):
+    """Start ``count`` processes at the same moment, each loading CIFAR10 from ``dataset_dir``:
+    ``(their results, seconds until the last ended)``."""
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", LOAD, str(dataset_dir), split],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    results = [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs, strict=True)]
+    return results, time.perf_counter() - start
+
+
+def test_four_processes_on_an_empty_folder_download_once_and_read_the_same_data(tmp_path, cifar10):
+    archive, attributes = cifar10
+    with Site({ARCHIVE: archive}, seconds=0.5) as site:
+        env = child_env(tmp_path / "site", {**attributes, "url": site.url(ARCHIVE)})
+        results, _ = load_in_processes(tmp_path / "data", env, 4)
+    for code, _out, err in results:
+        assert code == 0, err[-2000:]
+    assert site.downloads == 1, [err[-500:] for _, _, err in results]
+    assert len({out.strip() for _, out, _ in results}) == 1
+    assert not list((tmp_path / "data").glob(".fetching-*"))  # no temporary folder left
+
+
+# ----------------------------------------------------------------------------- cut connections, bad files
+
+
+def _load(dataset_dir: Path, split: str = "train"):
+    from mchad.data.sources import TorchvisionSource
+
+    return TorchvisionSource("CIFAR10", split).load(dataset_dir)
+
+
+def test_a_cut_connection_is_fetched_again(tmp_path, cifar10, monkeypatch):
+    archive, attributes = cifar10
+    with Site({ARCHIVE: archive}, cut=1) as site:
+        monkeypatch.setattr("torchvision.datasets.CIFAR10.url", site.url(ARCHIVE))
+        for key, value in attributes.items():
+            monkeypatch.setattr(f"torchvision.datasets.CIFAR10.{key}", value)
+        array = _load(tmp_path)
+    assert site.downloads == 2 and len(array) == len(TRAIN) * PER_BATCH
+    assert hashlib.md5((tmp_path / ARCHIVE).read_bytes()).hexdigest() == attributes["tgz_md5"]
+    assert not list(tmp_path.glob(".fetching-*"))
+
+
+def test_a_site_that_always_cuts_stops_with_one_line_and_leaves_no_file(tmp_path, cifar10, monkeypatch):
+    from mchad.errors import DataNotFoundError
+
+    archive, attributes = cifar10
+    with Site({ARCHIVE: archive}, cut=99) as site:
+        monkeypatch.setattr("torchvision.datasets.CIFAR10.url", site.url(ARCHIVE))
+        for key, value in attributes.items():
+            monkeypatch.setattr(f"torchvision.datasets.CIFAR10.{key}", value)
+        with pytest.raises(DataNotFoundError) as error:
+            _load(tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and "CIFAR10 not found in" in message and "download failed 2 times" in message
+    assert site.downloads == 2
+    # the half-written archive was never put where a reader looks
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []
+    assert not list(tmp_path.glob(".fetching-*"))
+
+
+def test_a_truncated_archive_in_place_is_fetched_again(tmp_path, cifar10, monkeypatch):
+    archive, attributes = cifar10
+    (tmp_path / ARCHIVE).write_bytes(archive[: len(archive) // 3])  # an earlier, interrupted download
+    with Site({ARCHIVE: archive}) as site:
+        monkeypatch.setattr("torchvision.datasets.CIFAR10.url", site.url(ARCHIVE))
+        for key, value in attributes.items():
+            monkeypatch.setattr(f"torchvision.datasets.CIFAR10.{key}", value)
+        first = _load(tmp_path)
+        again = _load(tmp_path, "test")
+    assert site.downloads == 1 and len(first) == 200 and len(again) == PER_BATCH
+    assert (tmp_path / ARCHIVE).read_bytes() == archive
+
+
+def test_offline_a_truncated_archive_is_named_in_one_line(tmp_path, cifar10, monkeypatch):
+    from mchad.errors import DataNotFoundError
+
+    archive, attributes = cifar10
+    (tmp_path / ARCHIVE).write_bytes(archive[:1000])
+    monkeypatch.setattr("torchvision.datasets.CIFAR10.url", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # discard port
+    for key, value in attributes.items():
+        monkeypatch.setattr(f"torchvision.datasets.CIFAR10.{key}", value)
+    with pytest.raises(DataNotFoundError) as error:
+        _load(tmp_path)
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"{tmp_path / ARCHIVE} MD5 differs from the library's (incomplete or corrupted)" in message
+    assert "mchad.data.prepare" in message
+    assert (tmp_path / ARCHIVE).stat().st_size == 1000  # not overwritten by a failed download
+
+
+def test_a_second_process_waits_for_the_lock_and_builds_nothing(tmp_path):
+    """The decoded cache: while one holds its lock (building), another waits, then loads what
+    the first wrote instead of decoding again."""
+    import torch
+
+    from mchad.data.fetch import locked
+    from mchad.data.sources import ImageArray, _cache_file, _cached
+
+    built, results = [], []
+
+    def build():
+        built.append(1)
+        return ImageArray(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))
+
+    path = _cache_file(tmp_path, "key")
+    with locked(path.parent, path.stem):  # this thread plays the first process, building
+        waiter = threading.Thread(target=lambda: results.append(_cached(tmp_path, "key", build)))
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive() and not built  # waiting for the lock, not decoding
+        images = torch.ones(3, 3, 4, 4, dtype=torch.uint8)
+        torch.save({"images": images, "labels": torch.zeros(3, dtype=torch.long), "key": "key"}, path)
+    waiter.join(10)
+    assert not built and len(results[0]) == 3  # it loaded the first one's cache
+
+
+if __name__ == "__main__":  # the four-process measurement of the report
+    import tempfile
+
+    src = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else ROOT / "src"
+    archive, attributes = tiny_cifar10()
+    with tempfile.TemporaryDirectory() as tmp, Site({ARCHIVE: archive}, seconds=0.5) as site:
+        env = child_env(Path(tmp) / "site", {**attributes, "url": site.url(ARCHIVE)}, src)
+        results, seconds = load_in_processes(Path(tmp) / "data", env, 4)
+        ok = sum(code == 0 for code, _, _ in results)
+        same = len({out.strip() for code, out, _ in results if code == 0})
+    print(f"{src}: 4 processes on an empty dataset_dir: {site.downloads} download(s), {ok} of 4 succeeded, ")
+    print(f"  {same} distinct result(s), {seconds:.1f} s wall (archive {len(archive)} bytes, served in 0.5 s)")
+    for code, _, err in results:
+        if code:
+            print("  failed:", err.strip().splitlines()[-1][:200])
