@@ -159,21 +159,25 @@ def missing(
 ) -> DataNotFoundError:
     """One line: what is missing or corrupted in ``root``, why it was not fetched, how to get it."""
     state = file_states(root, files or {})
-    found = f"; {state}" if state else ""
-    reason = f"{why}: {first_line(cause)}" if cause is not None else why
-    return DataNotFoundError(f"{name} not found in {root} ({reason}{found}). {how}")
+    if state:  # what is wrong with the files says more than the library's generic message
+        reason = f"{why}; {state}"
+    else:
+        reason = f"{why}: {first_line(cause)}" if cause is not None else why
+    return DataNotFoundError(f"{name} not found in {root} ({reason}). {how}")
 
 
 def file_states(root: Path, files: dict[str, str | None]) -> str:
-    """``"cifar-10-python.tar.gz absent"``, ``"... MD5 differs (incomplete or corrupted)"``."""
+    """``"cifar-10-python.tar.gz absent"`` (none there: the first, the download), else every
+    file that is absent or whose MD5 differs (incomplete or corrupted)."""
     from torchvision.datasets.utils import check_integrity
 
-    states = []
+    absent = [f for f in files if not (root / f).exists()]
+    if files and len(absent) == len(files):
+        return f"{absent[0]} absent"
+    states = [f"{f} absent" for f in absent]
     for filename, md5 in files.items():
         path = root / filename
-        if not path.exists():
-            states.append(f"{filename} absent")
-        elif md5 and not check_integrity(str(path), md5):
+        if filename not in absent and md5 and not check_integrity(str(path), md5):
             states.append(f"{path} MD5 differs from the library's (incomplete or corrupted)")
     return ", ".join(states)
 
