@@ -33,6 +33,8 @@ ARCHIVE = "cifar-10-python.tar.gz"
 TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 #: images per batch file: 5 x 40 training images, 40 test images
 PER_BATCH = 40
+#: a URL where nothing answers (the discard port of loopback): a download there fails at once
+NOWHERE = "http://127.0.0.1:9/"
 
 
 # ----------------------------------------------------------------------------- the tiny data set
@@ -68,33 +70,53 @@ def tiny_cifar10() -> tuple[bytes, dict]:
     return archive, attributes
 
 
-def patch_cifar10(attributes: dict) -> None:
-    """Point torchvision's CIFAR10 at the tiny data (its URL and MD5 sums)."""
-    import torchvision.datasets
+def tiny_lsun_crop(count: int = 12) -> tuple[bytes, dict]:
+    """pytorch-ood's LSUNCrop archive (``LSUN/test/*.jpg``) with ``count`` 36x36 images, and
+    the class attributes for it."""
+    from PIL import Image
 
-    for key, value in attributes.items():
-        setattr(torchvision.datasets.CIFAR10, key, value)
+    rng = np.random.default_rng(1)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for i in range(count):
+            image = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(image, format="JPEG")
+            info = tarfile.TarInfo(f"LSUN/test/{i:03d}.jpg")
+            info.size = image.tell()
+            tar.addfile(info, io.BytesIO(image.getvalue()))
+    archive = buffer.getvalue()
+    return archive, {"tgz_md5": hashlib.md5(archive).hexdigest()}
 
 
 SITECUSTOMIZE = """
-import json, os
-if os.environ.get("MCHAD_TEST_CIFAR10"):
-    import torchvision.datasets
-    for key, value in json.loads(os.environ["MCHAD_TEST_CIFAR10"]).items():
-        setattr(torchvision.datasets.CIFAR10, key, value)
+import importlib, json, os
+for name, values in json.loads(os.environ.get("MCHAD_TEST_PATCHES", "{}")).items():
+    module, cls = name.rsplit(".", 1)
+    for key, value in values.items():
+        setattr(getattr(importlib.import_module(module), cls), key, value)
 """
+CIFAR10_CLASS = "torchvision.datasets.CIFAR10"
+LSUN_CLASS = "pytorch_ood.dataset.img.LSUNCrop"
 
 
-def child_env(folder: Path, attributes: dict, src: Path = ROOT / "src") -> dict[str, str]:
-    """The environment of a process started by a test: the package from ``src`` and torchvision's
-    CIFAR10 patched at start-up (a ``sitecustomize`` in ``folder``, which Python imports first)."""
+def child_env(folder: Path, patches: dict[str, dict], src: Path = ROOT / "src") -> dict[str, str]:
+    """The environment of a process started by a test: the package from ``src`` and the
+    libraries' dataset classes patched at start-up (``patches``: {class: {attribute: value}},
+    applied by a ``sitecustomize`` in ``folder``, which Python imports first; Ray's workers too)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env = {k: v for k, v in os.environ.items() if k not in ("MCHAD_ROOT", "MCHAD_RUN_ID", "MCHAD_CWD")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MCHAD_ROOT", "MCHAD_RUN_ID", "MCHAD_CWD", "RAY_ADDRESS")}
     env["PYTHONPATH"] = os.pathsep.join([str(folder), str(src)])
-    env["MCHAD_TEST_CIFAR10"] = json.dumps(attributes)
+    env["MCHAD_TEST_PATCHES"] = json.dumps(patches)
     env["PYTHONWARNINGS"] = "ignore::DeprecationWarning"
     return env
+
+
+def patch_classes(monkeypatch, patches: dict[str, dict]) -> None:
+    """``patches`` (as for :func:`child_env`) in this process."""
+    for name, values in patches.items():
+        for key, value in values.items():
+            monkeypatch.setattr(f"{name}.{key}", value)
 
 
 # ----------------------------------------------------------------------------- the download site
@@ -201,7 +223,7 @@ def load_in_processes(dataset_dir: Path, env: dict[str, str], count: int, split:
 def test_four_processes_on_an_empty_folder_download_once_and_read_the_same_data(tmp_path, cifar10):
     archive, attributes = cifar10
     with Site({ARCHIVE: archive}, seconds=0.5) as site:
-        env = child_env(tmp_path / "site", {**attributes, "url": site.url(ARCHIVE)})
+        env = child_env(tmp_path / "site", {CIFAR10_CLASS: {**attributes, "url": site.url(ARCHIVE)}})
         results, _ = load_in_processes(tmp_path / "data", env, 4)
     for code, _out, err in results:
         assert code == 0, err[-2000:]
@@ -222,9 +244,7 @@ def _load(dataset_dir: Path, split: str = "train"):
 def test_a_cut_connection_is_fetched_again(tmp_path, cifar10, monkeypatch):
     archive, attributes = cifar10
     with Site({ARCHIVE: archive}, cut=1) as site:
-        monkeypatch.setattr("torchvision.datasets.CIFAR10.url", site.url(ARCHIVE))
-        for key, value in attributes.items():
-            monkeypatch.setattr(f"torchvision.datasets.CIFAR10.{key}", value)
+        patch_classes(monkeypatch, {CIFAR10_CLASS: {**attributes, "url": site.url(ARCHIVE)}})
         array = _load(tmp_path)
     assert site.downloads == 2 and len(array) == len(TRAIN) * PER_BATCH
     assert hashlib.md5((tmp_path / ARCHIVE).read_bytes()).hexdigest() == attributes["tgz_md5"]
@@ -236,9 +256,7 @@ def test_a_site_that_always_cuts_stops_with_one_line_and_leaves_no_file(tmp_path
 
     archive, attributes = cifar10
     with Site({ARCHIVE: archive}, cut=99) as site:
-        monkeypatch.setattr("torchvision.datasets.CIFAR10.url", site.url(ARCHIVE))
-        for key, value in attributes.items():
-            monkeypatch.setattr(f"torchvision.datasets.CIFAR10.{key}", value)
+        patch_classes(monkeypatch, {CIFAR10_CLASS: {**attributes, "url": site.url(ARCHIVE)}})
         with pytest.raises(DataNotFoundError) as error:
             _load(tmp_path)
     message = str(error.value)
@@ -253,9 +271,7 @@ def test_a_truncated_archive_in_place_is_fetched_again(tmp_path, cifar10, monkey
     archive, attributes = cifar10
     (tmp_path / ARCHIVE).write_bytes(archive[: len(archive) // 3])  # an earlier, interrupted download
     with Site({ARCHIVE: archive}) as site:
-        monkeypatch.setattr("torchvision.datasets.CIFAR10.url", site.url(ARCHIVE))
-        for key, value in attributes.items():
-            monkeypatch.setattr(f"torchvision.datasets.CIFAR10.{key}", value)
+        patch_classes(monkeypatch, {CIFAR10_CLASS: {**attributes, "url": site.url(ARCHIVE)}})
         first = _load(tmp_path)
         again = _load(tmp_path, "test")
     assert site.downloads == 1 and len(first) == 200 and len(again) == PER_BATCH
@@ -267,9 +283,7 @@ def test_offline_a_truncated_archive_is_named_in_one_line(tmp_path, cifar10, mon
 
     archive, attributes = cifar10
     (tmp_path / ARCHIVE).write_bytes(archive[:1000])
-    monkeypatch.setattr("torchvision.datasets.CIFAR10.url", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # discard port
-    for key, value in attributes.items():
-        monkeypatch.setattr(f"torchvision.datasets.CIFAR10.{key}", value)
+    patch_classes(monkeypatch, {CIFAR10_CLASS: {**attributes, "url": NOWHERE + ARCHIVE}})
     with pytest.raises(DataNotFoundError) as error:
         _load(tmp_path)
     message = str(error.value)
@@ -305,13 +319,82 @@ def test_a_second_process_waits_for_the_lock_and_builds_nothing(tmp_path):
     assert not built and len(results[0]) == 3  # it loaded the first one's cache
 
 
+def test_a_verified_archive_without_its_folder_is_unpacked_without_network(tmp_path, monkeypatch):
+    """pytorch-ood extracts only what it downloads: a verified archive whose folder is gone
+    (an interrupted extraction) is unpacked from the archive, nothing fetched."""
+    from mchad.data.sources import PytorchOODSource
+
+    archive, attributes = tiny_lsun_crop()
+    (tmp_path / "LSUN.tar.gz").write_bytes(archive)
+    patch_classes(monkeypatch, {LSUN_CLASS: {**attributes, "url": NOWHERE + "LSUN.tar.gz"}})
+    array = PytorchOODSource("LSUNCrop").load(tmp_path)
+    assert tuple(array.images.shape) == (12, 3, 32, 32) and (tmp_path / "LSUN" / "test").is_dir()
+
+
+# ----------------------------------------------------------------------------- the prepare command
+
+#: cifar10-mchad with one of its five downloaded OOD sets (LSUNCrop, served tiny) and the noise sets
+PREPARE_ARGS = ["experiment=cifar10-mchad"] + [
+    f"~datamodule.test_cases.{name}" for name in ("Textures", "TinyImageNetCrop", "TinyImageNetResize", "LSUNResize")
+]
+
+
+def _prepare(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mchad.data.prepare", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_prepare_offline_with_nothing_names_each_missing_data_set_in_one_line(tmp_path):
+    env = child_env(tmp_path / "site", {})
+    result = _prepare(["--offline", "experiment=cifar10-mchad", f"dataset_dir={tmp_path / 'data'}"], tmp_path, env)
+    assert result.returncode == 1, result.stderr[-2000:]
+    missing = [line for line in result.stderr.splitlines() if line.startswith("missing: ")]
+    names = ["CIFAR10", "Textures", "TinyImageNetCrop", "TinyImageNetResize", "LSUNCrop", "LSUNResize"]
+    assert [line.split()[1] for line in missing] == names, result.stderr[-3000:]
+    assert all(f"not found in {tmp_path / 'data'}" in line and "Download it" in line for line in missing)
+    assert "cifar-10-python.tar.gz absent" in missing[0]
+    table = result.stdout.splitlines()
+    assert table[0].split()[:2] == ["data", "set"] and sum("MISSING" in line for line in table) == 7  # 2 CIFAR splits
+
+
+def test_prepare_fetches_once_then_finds_everything_without_network(tmp_path):
+    cifar, cifar_attributes = tiny_cifar10()
+    lsun, lsun_attributes = tiny_lsun_crop()
+    data = tmp_path / "data"
+    with Site({ARCHIVE: cifar, "LSUN.tar.gz": lsun}) as site:
+        patches = {
+            CIFAR10_CLASS: {**cifar_attributes, "url": site.url(ARCHIVE)},
+            LSUN_CLASS: {**lsun_attributes, "url": site.url("LSUN.tar.gz")},
+        }
+        env = child_env(tmp_path / "site", patches)
+        first = _prepare([*PREPARE_ARGS, f"dataset_dir={data}"], tmp_path, env)
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert (site.downloads, site.probes) == (2, 2)
+        again = _prepare([*PREPARE_ARGS, f"dataset_dir={data}"], tmp_path, env)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert (site.downloads, site.probes) == (2, 2)  # no network used the second time
+    rows = {line.split()[0] + line.split()[1]: line.split() for line in again.stdout.splitlines()[1:]}
+    assert rows["CIFAR10(train)"][-1] == "ok" and rows["CIFAR10(train)"][3] == "200"
+    assert rows["CIFAR10(test)"][3] == "40" and rows["LSUNCropood/LSUNCrop"][2:4] == ["12", "1"]
+    assert rows["LSUNCropood/LSUNCrop"][-1] == "ok"
+    assert "missing" not in again.stderr
+    # the decoded cache of LSUNCrop was built by the first, loaded by the second
+    assert "LSUNCrop: loaded 12 images from cache" in again.stderr
+
+
 if __name__ == "__main__":  # the four-process measurement of the report
     import tempfile
 
     src = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else ROOT / "src"
     archive, attributes = tiny_cifar10()
     with tempfile.TemporaryDirectory() as tmp, Site({ARCHIVE: archive}, seconds=0.5) as site:
-        env = child_env(Path(tmp) / "site", {**attributes, "url": site.url(ARCHIVE)}, src)
+        env = child_env(Path(tmp) / "site", {CIFAR10_CLASS: {**attributes, "url": site.url(ARCHIVE)}}, src)
         results, seconds = load_in_processes(Path(tmp) / "data", env, 4)
         ok = sum(code == 0 for code, _, _ in results)
         same = len({out.strip() for code, out, _ in results if code == 0})

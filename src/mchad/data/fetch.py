@@ -37,6 +37,7 @@ LOCK_FOLDER = ".locks"
 ATTEMPTS = 2
 #: prefix of the temporary folders a fetch downloads into (removed when it ends)
 STAGING_PREFIX = ".fetching-"
+ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip", ".tar.xz", ".tar.bz2")
 T = TypeVar("T")
 
 
@@ -124,7 +125,9 @@ def fetch_into(
 
 
 def _link_verified(root: Path, staging: Path, files: dict[str, str | None]) -> None:
-    from torchvision.datasets.utils import check_integrity
+    """Verified files of ``root`` linked into ``staging``, archives unpacked there: pytorch-ood
+    extracts only what it downloads, so a verified archive alone would never be unpacked."""
+    from torchvision.datasets.utils import check_integrity, extract_archive
 
     for filename, md5 in files.items():
         source = root / filename
@@ -135,6 +138,8 @@ def _link_verified(root: Path, staging: Path, files: dict[str, str | None]) -> N
                 os.link(source, staging / filename)
             except OSError:  # no hard links on this file system: a copy
                 shutil.copy2(source, staging / filename)
+            if filename.endswith(ARCHIVES):
+                extract_archive(str(staging / filename), str(staging))
 
 
 def move_into(staging: Path, root: Path) -> None:

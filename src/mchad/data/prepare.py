@@ -13,7 +13,7 @@ images, files, size, checksum) and exits 1 with one line per missing data set (w
 to get it) if anything is missing. ``--offline`` uses no network: it only checks.
 
 A sweep's driver does the same once before its trials start (:func:`prepare_sweep`, called by
-the Ray launcher; ``hydra.launcher.prepare_data=false`` turns it off), and bash/run-*.sh run
+the Ray launcher; ``+hydra.launcher.prepare_data=false`` turns it off), and bash/run-*.sh run
 this command before their sweeps. A swept override (``seed=1,2``, ``split=0,1``) is composed
 with its first value, except ``experiment``, ``dataset_dir``, ``openood_dir`` and the data config
 groups (``datamodule``, ``testmodules``), whose every value is prepared.
