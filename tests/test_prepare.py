@@ -388,6 +388,53 @@ def test_prepare_fetches_once_then_finds_everything_without_network(tmp_path):
     assert "LSUNCrop: loaded 12 images from cache" in again.stderr
 
 
+# ----------------------------------------------------------------------------- sweeps
+
+#: a sweep of tiny CIFAR-10 trials: one epoch, 200 noise images per test case
+SWEEP_ARGS = [
+    "datamodule=cifar10",
+    "testmodules=noise",
+    "datamodule.test_cases.GaussianNoise.n=200",
+    "datamodule.test_cases.UniformNoise.n=200",
+    "paths.log_dir=logs",
+    "trainer.max_epochs=1",
+    "trainer.min_epochs=1",
+    "~logger",
+    "~callbacks",
+]
+
+
+def _sweep(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}  # Ray on 127.0.0.1
+    command = [sys.executable, str(ROOT / "run.py"), "-m", *SWEEP_ARGS, *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_sweep_without_its_data_stops_before_any_trial_in_one_line(tmp_path, cifar10):
+    """The driver prepares before it starts Ray: nothing to fetch offline means one line, exit 1."""
+    _, attributes = cifar10
+    env = child_env(tmp_path / "site", {CIFAR10_CLASS: {**attributes, "url": NOWHERE + ARCHIVE}})
+    result = _sweep(["seed=1,2", f"dataset_dir={tmp_path / 'data'}"], tmp_path, env)
+    assert result.returncode == 1
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: no trial started: CIFAR10 not found in {tmp_path / 'data'} (download failed 2")
+    assert not list((tmp_path / "logs").rglob("results.csv")) and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_three_trial_sweep_on_an_empty_folder_downloads_once(tmp_path, cifar10):
+    archive, attributes = cifar10
+    with Site({ARCHIVE: archive}, seconds=0.5) as site:
+        env = child_env(tmp_path / "site", {CIFAR10_CLASS: {**attributes, "url": site.url(ARCHIVE)}})
+        result = _sweep(["seed=1,2,3", f"dataset_dir={tmp_path / 'data'}"], tmp_path, env)
+    output = result.stdout + result.stderr
+    if result.returncode != 0 and "in start_ray" in output:  # ray.init() failed: no Ray here
+        pytest.skip(f"Ray could not start here: {output[-800:]}")
+    assert result.returncode == 0, output[-3000:]
+    assert site.downloads == 1
+    assert len(list((tmp_path / "logs" / "multiruns").glob("*/*/results.csv"))) == 3
+
+
 if __name__ == "__main__":  # the four-process measurement of the report
     import tempfile
 

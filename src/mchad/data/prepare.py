@@ -220,15 +220,16 @@ def _hub_fetch(entry, offline: bool) -> str | None:
 # ----------------------------------------------------------------------------- all of them
 
 
-def prepare(configs: list[DictConfig], offline: bool = False) -> list[Row]:
-    """Prepare every data set (once) and checkpoint the runs of ``configs`` need; their rows."""
+def prepare(configs: list[DictConfig], offline: bool = False, say=log.debug) -> list[Row]:
+    """Prepare every data set (once) and checkpoint the runs of ``configs`` need; their rows.
+    ``say``: where the line announcing each data set goes."""
     rows, seen = [], set()
     for cfg in configs:
         for role, source, dataset_dir in data_sources(cfg):
             key = _key(source, dataset_dir)
             if key not in seen:
                 seen.add(key)
-                log.info("preparing %s (%s)", source.describe(), role)
+                say(f"preparing {source.describe()} ({role})")
                 rows.append(prepare_source(role, source, Path(dataset_dir), offline))
         row = checkpoint_row(cfg, offline)
         if row is not None and row.dataset not in {r.dataset for r in rows}:
@@ -280,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        rows = prepare([compose(overrides) for overrides in expand(args.overrides)], args.offline)
+        configs = [compose(overrides) for overrides in expand(args.overrides)]
+        rows = prepare(configs, args.offline, say=lambda line: print(line, file=sys.stderr, flush=True))
     except UserError as error:
         print(f"error: {first_line(error)}", file=sys.stderr)
         return 1
@@ -297,11 +299,19 @@ def main(argv: list[str] | None = None) -> int:
 def prepare_sweep(launcher, job_overrides) -> None:
     """The sweep driver's preparation (the Ray launcher calls it before it starts any trial):
     every data set of every trial once; DataNotFoundError naming what is missing."""
+    from omegaconf import OmegaConf
+
     configs = []
     for overrides in job_overrides:
         cfg = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
-        configs.append(cfg)
-    rows = prepare(configs)
+        configs.append(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]))  # the task's config
+    data_log = logging.getLogger("mchad.data")
+    level = data_log.level
+    data_log.setLevel(logging.WARNING)  # the sweep's console: one line per trial; downloads show their bars
+    try:
+        rows = prepare(configs)
+    finally:
+        data_log.setLevel(level)
     lines = missing_lines(rows)
     if lines:
         more = (
