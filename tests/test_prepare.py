@@ -422,11 +422,15 @@ def test_a_sweep_without_its_data_stops_before_any_trial_in_one_line(tmp_path, c
 
 
 @pytest.mark.slow
-def test_a_three_trial_sweep_on_an_empty_folder_downloads_once(tmp_path, cifar10):
+@pytest.mark.parametrize("launcher", ["ray", "basic"])
+def test_a_three_trial_sweep_on_an_empty_folder_downloads_once(tmp_path, cifar10, launcher):
+    """Ray: the driver prepares, then three trials start together; basic: the first trial
+    fetches, the next two find the data."""
     archive, attributes = cifar10
     with Site({ARCHIVE: archive}, seconds=0.5) as site:
         env = child_env(tmp_path / "site", {CIFAR10_CLASS: {**attributes, "url": site.url(ARCHIVE)}})
-        result = _sweep(["seed=1,2,3", f"dataset_dir={tmp_path / 'data'}"], tmp_path, env)
+        args = ["seed=1,2,3", f"dataset_dir={tmp_path / 'data'}", f"hydra/launcher={launcher}"]
+        result = _sweep(args, tmp_path, env)
     output = result.stdout + result.stderr
     if result.returncode != 0 and "in start_ray" in output:  # ray.init() failed: no Ray here
         pytest.skip(f"Ray could not start here: {output[-800:]}")
