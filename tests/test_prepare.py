@@ -388,6 +388,36 @@ def test_prepare_fetches_once_then_finds_everything_without_network(tmp_path):
     assert "LSUNCrop: loaded 12 images from cache" in again.stderr
 
 
+def test_the_pretrained_checkpoint_is_checked_and_a_missing_one_named(tmp_path, monkeypatch):
+    import torch
+    from omegaconf import OmegaConf
+
+    from mchad.data.prepare import checkpoint_row
+
+    weights = tmp_path / "imagenet_wrn_baseline_epoch_99.pt"
+    weights.write_bytes(b"x" * 10)
+    row = checkpoint_row(OmegaConf.create({"model": {"pretrained_checkpoint": str(weights)}}), offline=True)
+    assert (row.files, row.size, row.error) == (1, 10, None)
+    gone = checkpoint_row(OmegaConf.create({"model": {"pretrained_checkpoint": str(tmp_path / "x.pt")}}), True)
+    assert "not found" in gone.error and "github.com/hendrycks/pre-training" in gone.error
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    name = "resnet-18/imagenet200/crossentropy/s0"  # a pytorch-ood model: torch.hub's file, offline absent
+    hub = checkpoint_row(OmegaConf.create({"model": {"pretrained_checkpoint": name}}), offline=True)
+    assert (
+        hub.error.startswith("pretrained checkpoint resnet-18-imagenet200-crossentropy-s0-") and "offline" in hub.error
+    )
+    assert checkpoint_row(OmegaConf.create({"model": {"pretrained_checkpoint": None}}), True) is None
+
+
+def test_the_sweep_scripts_prepare_before_they_sweep():
+    for name in ("run-experiments.sh", "run-openood.sh", "run-openset.sh"):
+        lines = (ROOT / "bash" / name).read_text().splitlines()
+        prepare = [i for i, line in enumerate(lines) if "-m mchad.data.prepare" in line and not line.startswith("#")]
+        sweep = [i for i, line in enumerate(lines) if '/run.py" -m' in line and line.startswith("run ")]
+        assert len(prepare) == 1 and len(sweep) == 1 and prepare[0] < sweep[0], name
+        assert lines[prepare[0]].endswith("|| exit 1"), name  # missing data: no sweep
+
+
 # ----------------------------------------------------------------------------- sweeps
 
 #: a sweep of tiny CIFAR-10 trials: one epoch, 200 noise images per test case
