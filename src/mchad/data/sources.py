@@ -369,8 +369,7 @@ class TorchvisionSource(Source):
         root, cls = Path(dataset_dir), getattr(tvd, self.name)
         split = {"split": self.split} if self.name == "SVHN" else {"train": self.split == "train"}
         how = _how(f"torchvision's {self.name} with download=True", root, IMAGE_FOLDER_INSTEAD)
-        files = self.library_files()
-        data = obtain(self.name, root, constructor(cls, **split), self.download, how, files)
+        data = obtain(self.name, root, constructor(cls, **split), self.download, how, files := self.library_files())
         if self.name == "SVHN":
             images, labels, classes = _to_uint8_nchw(data.data, channels_last=False), data.labels, None
         else:
