@@ -260,7 +260,7 @@ def test_a_site_that_always_cuts_stops_with_one_line_and_leaves_no_file(tmp_path
         with pytest.raises(DataNotFoundError) as error:
             _load(tmp_path)
     message = str(error.value)
-    assert "\n" not in message and "CIFAR10 not found in" in message and "download failed 2 times" in message
+    assert "\n" not in message and "CIFAR10 (train) not found in" in message and "download failed 2 times" in message
     assert site.downloads == 2
     # the half-written archive was never put where a reader looks
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []
@@ -447,7 +447,7 @@ def test_a_sweep_without_its_data_stops_before_any_trial_in_one_line(tmp_path, c
     result = _sweep(["seed=1,2", f"dataset_dir={tmp_path / 'data'}"], tmp_path, env)
     assert result.returncode == 1
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert line.startswith(f"error: no trial started: CIFAR10 not found in {tmp_path / 'data'} (download failed 2")
+    assert line.startswith(f"error: no trial started: CIFAR10 (train) not found in {tmp_path / 'data'} (download failed 2")
     assert not list((tmp_path / "logs").rglob("results.csv")) and "Traceback" not in result.stderr
 
 

@@ -77,9 +77,11 @@ def obtain(
     download: bool,
     how: str,
     files: dict[str, str | None] | None = None,
+    lock: str | None = None,
 ) -> T:
     """``construct(root, False)``: the library's dataset read from ``root``; if that fails,
-    fetched once under ``name``'s lock (:func:`fetch_into`) and read again.
+    fetched once under the data set's lock (``lock``, default ``name``; :func:`fetch_into`)
+    and read again.
 
     ``files``: the file names (in ``root``) the library downloads and their MD5 sums, to name
     an incomplete or corrupted one; ``how``: how to get the data by hand (offline message).
@@ -88,7 +90,7 @@ def obtain(
         return construct(root, False)  # complete: the library checked it, no lock needed
     except Exception:  # noqa: BLE001 - missing, partial or corrupted: fetched (or explained) below
         pass
-    with locked(root, name):
+    with locked(root, lock or name):
         try:
             return construct(root, False)  # another process fetched it while this one waited
         except Exception as error:  # noqa: BLE001 - the cause goes into the message

@@ -162,12 +162,10 @@ def _cached(dataset_dir: Path, key: str, build, what: str = "") -> ImageArray:
     decode) holds the cache file's lock (:func:`mchad.data.fetch.locked`): a second process
     waits for the first and then loads its cache instead of decoding too."""
     path = _cache_file(Path(dataset_dir), key)
-    array = _read_cache(path, key, what)
-    if array is not None:
+    if (array := _read_cache(path, key, what)) is not None:
         return array
     with locked(path.parent, path.stem):
-        array = _read_cache(path, key, what)  # built by another process while this one waited
-        if array is not None:
+        if (array := _read_cache(path, key, what)) is not None:  # built by another process meanwhile
             return array
         array = build()
         try:
@@ -369,7 +367,8 @@ class TorchvisionSource(Source):
         root, cls = Path(dataset_dir), getattr(tvd, self.name)
         split = {"split": self.split} if self.name == "SVHN" else {"train": self.split == "train"}
         how = _how(f"torchvision's {self.name} with download=True", root, IMAGE_FOLDER_INSTEAD)
-        data = obtain(self.name, root, constructor(cls, **split), self.download, how, files := self.library_files())
+        name, files = f"{self.name} ({self.split})", self.library_files()  # one lock for all splits: one archive
+        data = obtain(name, root, constructor(cls, **split), self.download, how, files, lock=self.name)
         if self.name == "SVHN":
             images, labels, classes = _to_uint8_nchw(data.data, channels_last=False), data.labels, None
         else:
@@ -448,7 +447,7 @@ class TinyImageNetSource(Source):
         root = Path(dataset_dir)
         how = _how("pytorch_ood.dataset.img.TinyImageNet(root, download=True)", root, IMAGE_FOLDER_INSTEAD)
         construct = constructor(TinyImageNet, subset=self.split)
-        data = obtain("TinyImageNet", root, construct, self.download, how, library_files(TinyImageNet))
+        data = obtain(self.name, root, construct, self.download, how, library_files(TinyImageNet), "TinyImageNet")
         key = f"tinyimagenet|{self.split}|{root.resolve()}|{len(data.paths)}|{self.size}"
         classes = sorted(data.class_map, key=data.class_map.get)
 
