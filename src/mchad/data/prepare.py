@@ -30,7 +30,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mchad.errors import DataNotFoundError, UserError, first_line
+from mchad.errors import ConfigError, DataNotFoundError, UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,15 @@ def data_sources(cfg: DictConfig) -> list[tuple[str, object, Path]]:
     from mchad.targets import allowed_patterns, check_targets, instantiate
 
     check_targets(cfg)
-    datamodule = instantiate(cfg.datamodule, allowed_patterns(cfg))
+    try:
+        datamodule = instantiate(cfg.datamodule, allowed_patterns(cfg))
+    except Exception as error:  # Hydra 1.3 wraps the constructor's error: the user's mistake, unwrapped
+        cause = error
+        while not isinstance(cause, UserError) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, UserError):
+            raise cause from error
+        raise ConfigError(f"datamodule: {first_line(cause)}") from error
     found = [(f"id/{split}", source) for split, source in datamodule.sources.items()]
     found += [("id/val", datamodule.val_source), ("val/unknowns", datamodule.val_unknown_source)]
     found += [(f"ood/{name}", source) for name, source in datamodule.test_case_sources.items()]
@@ -111,7 +119,10 @@ def data_sources(cfg: DictConfig) -> list[tuple[str, object, Path]]:
 
 def _key(source, dataset_dir: Path) -> str:
     """The same data set loaded the same way (two experiments' CIFAR-10 training set): prepared once."""
-    return repr((type(source).__name__, sorted((k, repr(v)) for k, v in vars(source).items()), str(dataset_dir)))
+    from mchad.data.sources import Source
+
+    parts = sorted((k, _key(v, dataset_dir) if isinstance(v, Source) else repr(v)) for k, v in vars(source).items())
+    return repr((type(source).__name__, parts, str(dataset_dir)))
 
 
 def _offline(source) -> None:
@@ -146,7 +157,8 @@ def prepare_source(role: str, source, dataset_dir: Path, offline: bool) -> Row:
     """Load ``source`` as a run would (fetching it and building its cache); its row."""
     from mchad.data.fetch import checksums_ok
 
-    name = source.describe() + (f" ({source.split})" if isinstance(getattr(source, "split", None), str) else "")
+    name, split = source.describe(), getattr(getattr(source, "source", source), "split", None)
+    name += f" ({split})" if isinstance(split, str) and split not in name else ""
     if offline:
         _offline(source)
     row = Row(name, role, getattr(getattr(source, "source", source), "name", name))
@@ -220,12 +232,20 @@ def _hub_fetch(entry, offline: bool) -> str | None:
 # ----------------------------------------------------------------------------- all of them
 
 
-def prepare(configs: list[DictConfig], offline: bool = False, say=log.debug) -> list[Row]:
+def prepare(configs: list[DictConfig], offline: bool = False, say=log.debug, skip_bad: bool = False) -> list[Row]:
     """Prepare every data set (once) and checkpoint the runs of ``configs`` need; their rows.
-    ``say``: where the line announcing each data set goes."""
+    ``say``: where the line announcing each data set goes; ``skip_bad``: a config whose data
+    module cannot be built is left out (a sweep's trial then reports its own mistake)."""
     rows, seen = [], set()
     for cfg in configs:
-        for role, source, dataset_dir in data_sources(cfg):
+        try:
+            sources = data_sources(cfg)
+        except UserError as error:
+            if not skip_bad:
+                raise
+            say(f"not prepared: {first_line(error)}")
+            continue
+        for role, source, dataset_dir in sources:
             key = _key(source, dataset_dir)
             if key not in seen:
                 seen.add(key)
@@ -283,8 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configs = [compose(overrides) for overrides in expand(args.overrides)]
         rows = prepare(configs, args.offline, say=lambda line: print(line, file=sys.stderr, flush=True))
-    except UserError as error:
-        print(f"error: {first_line(error)}", file=sys.stderr)
+    except Exception as error:  # noqa: BLE001 - an input mistake (composing, a data module's check) in one line
+        from mchad.cli import explain
+
+        message = explain(error, REPO / "config", args.overrides)
+        if message is None:  # a bug: its traceback
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 1
     print(table(rows), flush=True)
     lines = missing_lines(rows)
@@ -309,7 +334,7 @@ def prepare_sweep(launcher, job_overrides) -> None:
     level = data_log.level
     data_log.setLevel(logging.WARNING)  # the sweep's console: one line per trial; downloads show their bars
     try:
-        rows = prepare(configs)
+        rows = prepare(configs, skip_bad=True)
     finally:
         data_log.setLevel(level)
     lines = missing_lines(rows)
@@ -320,7 +345,7 @@ def prepare_sweep(launcher, job_overrides) -> None:
             else ""
         )
         raise DataNotFoundError(f"no trial started: {lines[0]}{more}")
-    log.info("sweep data ready: %d data set(s)", len(rows))
+    log.debug("sweep data ready: %d data set(s)", len(rows))
 
 
 if __name__ == "__main__":
