@@ -5,8 +5,9 @@ pickled batches) and serves it from 127.0.0.1; torchvision's URL and MD5 sums ar
 it, in this process (monkeypatch) or, for the processes a test starts, by a ``sitecustomize``
 module the test writes (:func:`child_env`). No other network is used.
 
-``python tests/test_prepare.py [SRC]`` measures the four-process case (downloads, seconds) with
-the ``mchad`` package in ``SRC`` (default: this tree's src/), e.g. an export of main's.
+``python tests/test_prepare.py [SRC [SECONDS]]`` measures the four-process case (downloads,
+seconds) with the ``mchad`` package in ``SRC`` (default: this tree's src/, e.g. an export of
+main's), the site taking ``SECONDS`` (default 0.5) to send the file.
 """
 
 from __future__ import annotations
@@ -500,14 +501,15 @@ if __name__ == "__main__":  # the four-process measurement of the report
     import tempfile
 
     src = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else ROOT / "src"
+    seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 0.5  # how long the site takes to send the file
     archive, attributes = tiny_cifar10()
-    with tempfile.TemporaryDirectory() as tmp, Site({ARCHIVE: archive}, seconds=0.5) as site:
+    with tempfile.TemporaryDirectory() as tmp, Site({ARCHIVE: archive}, seconds=seconds) as site:
         env = child_env(Path(tmp) / "site", {CIFAR10_CLASS: {**attributes, "url": site.url(ARCHIVE)}}, src)
-        results, seconds = load_in_processes(Path(tmp) / "data", env, 4)
+        results, wall = load_in_processes(Path(tmp) / "data", env, 4)
         ok = sum(code == 0 for code, _, _ in results)
         same = len({out.strip() for code, out, _ in results if code == 0})
     print(f"{src}: 4 processes on an empty dataset_dir: {site.downloads} download(s), {ok} of 4 succeeded, ")
-    print(f"  {same} distinct result(s), {seconds:.1f} s wall (archive {len(archive)} bytes, served in 0.5 s)")
+    print(f"  {same} distinct result(s), {wall:.1f} s wall (archive {len(archive)} bytes, served in {seconds} s)")
     for code, _, err in results:
         if code:
             print("  failed:", err.strip().splitlines()[-1][:200])
