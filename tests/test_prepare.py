@@ -390,6 +390,18 @@ def test_prepare_offline_with_nothing_names_each_missing_data_set_in_one_line(tm
     assert table[0].split()[:2] == ["data", "set"] and sum("MISSING" in line for line in table) == 7  # 2 CIFAR splits
 
 
+def test_prepare_names_an_input_mistake_in_one_line(capsys):
+    from mchad.data.prepare import main
+
+    for args, expected in (
+        (["experiment=nope"], "Could not find 'experiment/nope'"),
+        (["datamodule.val_fraction=2"], "datamodule.val_fraction must be in (0, 1), got 2"),
+    ):
+        assert main(["--offline", *args]) == 1
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith("error: ") and expected in line
+
+
 def test_prepare_fetches_once_then_finds_everything_without_network(tmp_path):
     cifar, cifar_attributes = tiny_cifar10()
     lsun, lsun_attributes = tiny_lsun_crop()

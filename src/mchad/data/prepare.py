@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from mchad.errors import ConfigError, DataNotFoundError, UserError, first_line
@@ -303,13 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configs = [compose(overrides) for overrides in expand(args.overrides)]
         rows = prepare(configs, args.offline, say=lambda line: print(line, file=sys.stderr, flush=True))
-    except Exception as error:  # noqa: BLE001 - an input mistake (composing, a data module's check) in one line
-        from mchad.cli import explain
-
-        message = explain(error, REPO / "config", args.overrides)
-        if message is None:  # a bug: its traceback
-            raise
-        print(f"error: {message}", file=sys.stderr)
+    except (UserError, HydraException) as error:  # an input mistake (a data module's check, composing)
+        print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
         return 1
     print(table(rows), flush=True)
     lines = missing_lines(rows)
