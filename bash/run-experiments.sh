@@ -52,5 +52,7 @@ if [[ -n "$experiment" && "$pretrained" != none ]]; then
     pretrained_arg=("++model.pretrained_checkpoint=$pretrained")
 fi
 
+# every data set fetched (or checked) once before the sweep; offline compute nodes: docs/datasets.md
+[[ "$DRY_RUN" == 1 ]] || "$PYTHON" -m mchad.data.prepare ${experiment:+"$experiment"} "${pretrained_arg[@]}" "$@" || exit 1
 run "$PYTHON" "$ROOT/run.py" -m ${experiment:+"$experiment"} "seed=$SEEDS" "${pretrained_arg[@]}" "$@"
 exit "$STATUS"

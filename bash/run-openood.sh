@@ -29,5 +29,7 @@ fi
 # shellcheck disable=SC2086  # word splitting of the lists is intended
 experiment="$(experiment_args $EXPERIMENTS)"
 
+# every data set fetched (or checked) once before the sweep; offline compute nodes: docs/datasets.md
+[[ "$DRY_RUN" == 1 ]] || "$PYTHON" -m mchad.data.prepare ${experiment:+"$experiment"} "$@" || exit 1
 run "$PYTHON" "$ROOT/run.py" -m ${experiment:+"$experiment"} "seed=$SEEDS" "$@"
 exit "$STATUS"

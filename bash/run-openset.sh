@@ -39,5 +39,7 @@ for setting in $SETTINGS; do
 done
 IFS=, experiment="experiment=${experiments[*]}"
 
+# every data set fetched (or checked) once before the sweep; offline compute nodes: docs/datasets.md
+[[ "$DRY_RUN" == 1 ]] || "$PYTHON" -m mchad.data.prepare "$experiment" "split=$SPLITS" "osr.protocol=$PROTOCOL" "$@" || exit 1
 run "$PYTHON" "$ROOT/run.py" -m "$experiment" "split=$SPLITS" "osr.protocol=$PROTOCOL" "seed=$SEEDS" "$@"
 exit "$STATUS"
