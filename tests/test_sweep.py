@@ -127,8 +127,24 @@ def test_run_trial_records_a_user_error_and_returns(tmp_path):
     assert not (tmp_path / "results.csv").exists()
 
 
-def test_run_trial_records_a_crash_with_its_traceback(tmp_path):
+def test_run_trial_records_a_refused_value_in_one_line(tmp_path):
+    # a value the optimizer refuses was a crash until issue 39: now one input-error line
     cfg = compose_config(["model.optimizer.lr=-1", *TINY], output_dir=tmp_path)
+    summary = run_trial(cfg, tmp_path)
+    assert summary["status"] == "failed"
+    text = (tmp_path / FAILED_FILE).read_text()
+    assert text.startswith("error: model.optimizer") and "learning rate" in text.lower()
+    assert "Traceback" not in text
+
+
+def test_run_trial_records_a_crash_with_its_traceback(tmp_path, monkeypatch):
+    from mchad.runs import train
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("Invalid learning rate: a bug's crash")  # not an input error
+
+    monkeypatch.setattr(train, "check_factories", crash)
+    cfg = compose_config(TINY, output_dir=tmp_path)
     summary = run_trial(cfg, tmp_path)
     assert summary["status"] == "failed"
     text = (tmp_path / FAILED_FILE).read_text()

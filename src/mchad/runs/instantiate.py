@@ -34,7 +34,7 @@ def check_factories(cfg: DictConfig, instantiate) -> None:
 
     from mchad.models.module import make_optimizer
 
-    probe = [torch.nn.Parameter(torch.zeros(1))]
+    probe = [torch.nn.Parameter(torch.zeros(1))]  # cpu: a probe of the optimizer's arguments, never trained
     factory = instantiate(cfg.model.optimizer, "model.optimizer")
     optimizer = _refused_as_config_error(cfg.model.optimizer, "model.optimizer", make_optimizer, factory, probe)
     if cfg.model.get("scheduler"):
