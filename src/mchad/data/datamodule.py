@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mchad.data.augment import BatchTransform
+from mchad.data.augment import BatchTransform, repeat_views
 from mchad.data.classes import check_class_lists, resolve_n_classes
 from mchad.data.loaders import OutlierExposureLoader, TensorBatchLoader
 from mchad.data.sources import ImageArray, Source, data_fingerprint
@@ -105,6 +105,8 @@ class OODDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.seed = seed
         self.transform = BatchTransform(list(mean), list(std), crop_padding, flip)
+        # augmented views per training image: set from the method's train_views (runs/train.py build)
+        self.train_views = 1
         if data_on_device not in (True, False, "auto"):
             raise ConfigError(f"datamodule.data_on_device must be true, false or auto, got {data_on_device!r}")
         self.data_on_device = data_on_device
@@ -279,6 +281,8 @@ class OODDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
         training = self.trainer is not None and self.trainer.training
+        if training:  # the method's augmented views per image (CIDER, PALM: 2)
+            images, labels = repeat_views(images, labels, self.train_views)
         return self.batch_transform(images, labels, training), labels
 
     def batch_transform(self, images: Tensor, labels: Tensor, training: bool) -> Tensor:
