@@ -307,3 +307,26 @@ def test_the_training_step_never_waits_for_the_device(name, tmp_path):
 
     syncs = _recorded_steps(tmp_path, [f"model={name}", "trainer.log_every_n_steps=50"], 1, 4)
     assert syncs == [], "\n".join(syncs)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_the_training_step_is_one_graph(name, tmp_path):
+    """torch.compile sees the whole training step (two views, prototype update) as one graph."""
+    import pytorch_lightning as pl
+    from conftest import compose_config
+    from test_compile import SHORT
+
+    from mchad.runs.train import build
+
+    cfg = compose_config(
+        [f"model={name}", *SHORT, "~callbacks", "~logger", f"dataset_dir={tmp_path}"], output_dir=tmp_path / "run"
+    )
+    pl.seed_everything(1)
+    datamodule, model = build(cfg)
+    images, labels = next(iter(datamodule.train_dataloader()))
+    images, labels = repeat_views(images, labels, datamodule.train_views)
+    model.train()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model.train_terms)(datamodule.transform(images, augment=True), labels)
+    reasons = [str(b.reason).splitlines()[0] for b in explained.break_reasons]
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), reasons
