@@ -330,3 +330,17 @@ def test_the_training_step_is_one_graph(name, tmp_path):
     explained = torch._dynamo.explain(model.train_terms)(datamodule.transform(images, augment=True), labels)
     reasons = [str(b.reason).splitlines()[0] for b in explained.break_reasons]
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), reasons
+
+
+def test_ddp_ranks_keep_the_same_prototypes(monkeypatch):
+    """In DDP every rank stores the normalised mean of all ranks' updated prototypes (here the
+    other rank's update is (0, 1) for a prototype this rank moved to (1, 0))."""
+    import mchad.models.hypersphere as hypersphere
+
+    other = t([0.0, 1.0], [0.0, 1.0])
+    monkeypatch.setattr(hypersphere, "distributed_world", lambda: 2)
+    monkeypatch.setattr(hypersphere, "all_reduce_sum_", lambda tensor: tensor.add_(other))
+    method = CIDER(2, 4, feat_dim=2, momentum=0.0).train()
+    method.loss({"projection": t([1.0, 0.0], [0.0, 1.0])}, torch.tensor([0, 1]))
+    r = 1 / math.sqrt(2)
+    assert torch.allclose(method.prototypes, t([r, r], [0.0, 1.0]))
