@@ -51,17 +51,23 @@ run() {  # print a command (shell-quoted), then run it unless dry run; remember 
     fi
 }
 
-# experiment_args NAME...: "experiment=a,b" for those with a config; "none": no experiment
-# (the quick-start on digits). Missing configs are skipped with a warning.
+registry() {  # python -m mchad.registry ARGS of this checkout: the methods (src/mchad/registry/methods.yaml)
+    PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m mchad.registry "$@"
+}
+
+# experiment_args NAME...: "experiment=a,b" for those with a config (a file in config/experiment/
+# or generated from the method registry); "none": no experiment (the quick-start on digits).
+# Unknown names are skipped with a warning.
 experiment_args() {
-    local name found=()
+    local name found=() generated
+    generated=" $(registry experiments paper | tr '\n' ' ')$(registry experiments openood | tr '\n' ' ')"
     for name in "$@"; do
         if [[ "$name" == none ]]; then
             return 0
-        elif [[ -f "$ROOT/config/experiment/$name.yaml" ]]; then
+        elif [[ -f "$ROOT/config/experiment/$name.yaml" || "$generated" == *" $name "* ]]; then
             found+=("$name")
         else
-            echo "warning: skipping $name: no config/experiment/$name.yaml" >&2
+            echo "warning: skipping $name: no config/experiment/$name.yaml and no such method in src/mchad/registry/methods.yaml" >&2
         fi
     done
     if [[ ${#found[@]} -eq 0 ]]; then

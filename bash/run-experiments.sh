@@ -7,9 +7,8 @@
 #
 # Environment (defaults in brackets):
 #   DATASETS     [cifar10 cifar100 svhn]
-#   METHODS      [mchad gmchad center gcenter cac gcac ii softmax]
-#   EXPERIMENTS  [every <dataset>-<method> of the two above that has config/experiment/*.yaml;
-#                 "none" = the quick-start on digits]
+#   METHODS      [every method of the registry, src/mchad/registry/methods.yaml, in table order]
+#   EXPERIMENTS  [every <dataset>-<method> of the two above; "none" = the quick-start on digits]
 #   SEEDS        [range(1,21)]  Hydra sweep syntax: 1,2,3 or range(1,21)
 #   PRETRAINED   [<dataset_dir>/imagenet_wrn_baseline_epoch_99.pt]  the ImageNet WRN-40-2 every
 #                published run started from (++model.pretrained_checkpoint); "none" = from scratch
@@ -19,7 +18,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 DATASETS="${DATASETS:-cifar10 cifar100 svhn}"
-METHODS="${METHODS:-mchad gmchad center gcenter cac gcac ii softmax}"
+if [[ -z "${METHODS:-}" ]]; then METHODS="$(registry keys)"; fi
 SEEDS="${SEEDS:-range(1,21)}"
 if [[ -z "${EXPERIMENTS:-}" ]]; then
     EXPERIMENTS=""
@@ -53,5 +52,7 @@ if [[ -n "$experiment" && "$pretrained" != none ]]; then
     pretrained_arg=("++model.pretrained_checkpoint=$pretrained")
 fi
 
+# every data set fetched (or checked) once before the sweep; offline compute nodes: docs/datasets.md
+[[ "$DRY_RUN" == 1 ]] || "$PYTHON" -m mchad.data.prepare ${experiment:+"$experiment"} "${pretrained_arg[@]}" "$@" || exit 1
 run "$PYTHON" "$ROOT/run.py" -m ${experiment:+"$experiment"} "seed=$SEEDS" "${pretrained_arg[@]}" "$@"
 exit "$STATUS"

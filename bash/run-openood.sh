@@ -8,15 +8,15 @@
 #
 # Environment (defaults in brackets):
 #   DATASETS     [cifar10 cifar100]
-#   METHODS      [mchad gmchad center gcenter cac gcac ii softmax]
-#   EXPERIMENTS  [every openood-<dataset>-<method> of the two above that has config/experiment/*.yaml]
+#   METHODS      [every method of the registry, src/mchad/registry/methods.yaml, in table order]
+#   EXPERIMENTS  [every openood-<dataset>-<method> of the two above]
 #   SEEDS        [1,2,3]  Hydra sweep syntax: 1,2,3 or range(1,4)
 #   PYTHON       [python]
 # Then: python -m mchad.results.aggregate <the sweep folder printed at the start>  (leaderboard.md|csv)
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 DATASETS="${DATASETS:-cifar10 cifar100}"
-METHODS="${METHODS:-mchad gmchad center gcenter cac gcac ii softmax}"
+if [[ -z "${METHODS:-}" ]]; then METHODS="$(registry keys)"; fi
 SEEDS="${SEEDS:-1,2,3}"
 if [[ -z "${EXPERIMENTS:-}" ]]; then
     EXPERIMENTS=""
@@ -29,5 +29,7 @@ fi
 # shellcheck disable=SC2086  # word splitting of the lists is intended
 experiment="$(experiment_args $EXPERIMENTS)"
 
+# every data set fetched (or checked) once before the sweep; offline compute nodes: docs/datasets.md
+[[ "$DRY_RUN" == 1 ]] || "$PYTHON" -m mchad.data.prepare ${experiment:+"$experiment"} "$@" || exit 1
 run "$PYTHON" "$ROOT/run.py" -m ${experiment:+"$experiment"} "seed=$SEEDS" "$@"
 exit "$STATUS"

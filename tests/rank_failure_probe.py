@@ -1,5 +1,5 @@
 """One process of the rank-failure test (tests/test_ddp.py), in a module of its own so that the
-spawned processes import only torch and the watchdog."""
+spawned processes import only torch and the watchdog; and :func:`gone`, whether a process ended."""
 
 from __future__ import annotations
 
@@ -29,3 +29,12 @@ def failing_rank(rank: int, world_size: int, port: int, out: str) -> None:
             time.sleep(120)
         torch.distributed.all_reduce(value)
     Path(out, f"finished{rank}").write_text("")
+
+
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie waiting for its parent counts as ended)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return "\nState:\tZ" in status or "\nState:\tX" in status

@@ -15,6 +15,8 @@ from conftest import EXPERIMENTS, ROOT
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from mchad import registry
+
 BASH = ROOT / "bash"
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
@@ -50,11 +52,8 @@ def _overrides(command: list[str]) -> dict[str, str]:
 def test_run_experiments_dry_run_sweeps_all_existing_experiments_and_seeds():
     (command,) = _commands(_script("run-experiments.sh", "--dry-run", "dataset_dir=/data", "trainer.gpus=1"))
     args = _overrides(command)
-    datasets, methods = (
-        ["cifar10", "cifar100", "svhn"],
-        ["mchad", "gmchad", "center", "gcenter", "cac", "gcac", "ii", "softmax"],
-    )
-    expected = [f"{d}-{m}" for d in datasets for m in methods if f"{d}-{m}" in EXPERIMENTS]
+    expected = registry.experiments("paper")  # every dataset x method of the registry, in table order
+    assert set(EXPERIMENTS) <= set(expected)
     assert "cifar10-mchad" in expected
     assert _sweep(args["experiment"]) == expected
     assert _sweep(args["seed"]) == [str(s) for s in range(1, 21)]
@@ -176,3 +175,10 @@ def test_run_ablation_real_tiny_run_names_the_value(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (results,) = tmp_path.glob("multiruns/*/0/results.csv")
     assert "ablation-weight_ce-0.7" in results.read_text()
+
+
+def test_an_unknown_method_is_refused_naming_it():
+    """The scripts take their methods from the registry, which names a method it does not know."""
+    result = _script("run-openset.sh", "-n", METHODS="mchad protoz")
+    assert result.returncode == 2 and "unknown method protoz" in result.stderr
+    assert not result.stdout

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_config
+from hydra.utils import instantiate
 from PIL import Image
 
+from mchad import registry
 from mchad.callbacks.animation import sphere_geometry
 from mchad.callbacks.hparams import flatten_config
 from mchad.callbacks.sample import headline_score, method_centers, unknown_images
@@ -226,3 +228,45 @@ def test_unknown_images_from_outliers_or_seeded_noise():
 def test_flatten_config():
     flat = flatten_config({"hydra": {"x": 1}, "a": {"b": 1, "c": [1, 2], "d": None}, "e": "s"})
     assert flat == {"a.b": 1, "a.c": "[1, 2]", "a.d": "None", "e": "s"}
+
+
+def _attribute_geometry(method) -> dict:
+    """The views' geometry as read before the explicit interface (attributes guessed by name):
+    the reference that the pictures stay the same."""
+    holder = None
+    for candidate in (getattr(method, "terms", None), getattr(method, "push", None), method):
+        if candidate is not None and hasattr(candidate, "margin") and hasattr(candidate, "radius"):
+            holder = candidate
+            break
+    if holder is None:
+        return {"radius": 0.0, "margin": None, "squared": True}
+    radius, margin = float(holder.radius or 0.0), float(holder.margin or 0.0)
+    if getattr(holder, "semantics", "published") == "paper":
+        return {"radius": radius, "margin": radius + margin if margin > 0 else None, "squared": False}
+    return {"radius": radius, "margin": margin if margin > 0 else None, "squared": True}
+
+
+#: the built-in methods: those that the views drew before the explicit interface
+BUILT_IN = [key for key, method in registry.methods().items() if method.cls.startswith("mchad.")]
+
+
+@pytest.mark.parametrize("semantics", ["published", "paper"])
+@pytest.mark.parametrize("key", BUILT_IN)
+def test_the_views_draw_what_they_drew_before_through_the_interface(key, semantics):
+    """Each registered method's circles and centres, from Method.geometry(), are those the views
+    found by attribute names before (same frames); CAC's embedding is its number of classes."""
+    entry = registry.methods()[key]
+    cfg = compose_config([f"model={entry.model}", f"model.semantics={semantics}"])
+    for name, value in (("radius", 0.5), ("margin", 3.0)):
+        if name in cfg.model:
+            cfg.model[name] = value
+    if not entry.embedding_is_classes:
+        cfg.model.n_embedding = 2
+    method = instantiate(cfg.model.method)
+    assert sphere_geometry(method) == _attribute_geometry(method)
+    old_centers = getattr(method, "centers", None)
+    new_centers = method_centers(method)
+    if old_centers is None:
+        assert new_centers is None
+    else:
+        assert torch.equal(new_centers, old_centers.detach().cpu().float())

@@ -178,7 +178,7 @@ def test_performance_options_and_bf16_autocast(tmp_path: Path):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
         terms = model._loss(out, labels)
-    assert out["distances"].dtype == torch.float32
+    assert out.distances.dtype == torch.float32
     assert terms["loss"].dtype == torch.float32 and torch.isfinite(terms["loss"])
     terms["loss"].backward()
 

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import ROOT
+from rank_failure_probe import gone
 
 from mchad.data.loaders import TensorBatchLoader
 from mchad.data.sources import ImageArray
@@ -383,10 +384,10 @@ def test_an_exception_on_rank_1_stops_both_ranks_with_its_cause(tmp_path):
     stderr = result.stderr
     pids = [int((probe / f"pid{rank}").read_text()) for rank in (0, 1)]
     deadline = time.time() + 30
-    while not all(_gone(pid) for pid in pids) and time.time() < deadline:
+    while not all(gone(pid) for pid in pids) and time.time() < deadline:
         time.sleep(0.05)
     ended = time.time()
-    assert all(_gone(pid) for pid in pids)
+    assert all(gone(pid) for pid in pids)
     assert result.returncode == 1, stderr[-3000:]
     seconds = ended - float((probe / "failed1.time").read_text())
     print(f"rank 1 failed -> last process gone: {seconds:.2f} s")
@@ -396,12 +397,3 @@ def test_an_exception_on_rank_1_stops_both_ranks_with_its_cause(tmp_path):
     assert errors == [f"error: {cause}"], stderr[-3000:]
     (failed,) = list(logs.glob("runs/**/FAILED.txt"))
     assert failed.read_text().splitlines()[0] == f"error: {cause}"
-
-
-def _gone(pid: int) -> bool:
-    """Whether process ``pid`` has ended (a zombie waiting for its parent counts as ended)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return True
-    return "\nState:\tZ" in status or "\nState:\tX" in status

@@ -21,6 +21,8 @@ import torch
 from conftest import ROOT, compose_config
 from device_emulation import EMULATED, DeviceMismatch, on_emulated_device
 
+from mchad import registry
+
 SRC = ROOT / "src" / "mchad"
 
 #: torch functions that create a tensor (or generator) from nothing: the device must be chosen
@@ -221,10 +223,7 @@ def test_the_non_finite_loss_guard_on_the_device():
 
 # ----------------------------------------------------------------------------- host synchronisation
 #: every method, the G- variants with the quick-start's outlier photos
-METHODS = {
-    "mchad": [], "gmchad": ["datamodule/outliers=photos"], "cac": [], "gcac": ["datamodule/outliers=photos"],
-    "center": [], "gcenter": ["datamodule/outliers=photos"], "ii": [], "softmax": [],
-}  # fmt: skip
+METHODS = {m.key: ["datamodule/outliers=photos"] if m.outliers else [] for m in registry.methods().values()}
 
 
 def test_the_recorder_sees_what_a_gpu_waits_for():

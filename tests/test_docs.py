@@ -10,7 +10,7 @@ from urllib.parse import unquote
 
 from conftest import ROOT, compose_config
 
-from mchad.resolvers import OSR_SETTINGS
+from mchad.registry import OSR_SETTINGS
 from mchad.results.tables import safe_name
 
 README_MAX_LINES = 250

@@ -3,25 +3,30 @@ composes and runs a training and a test step on tiny offline data; outlier expos
 
 from __future__ import annotations
 
+import functools
+import re
 from itertools import product
 from pathlib import Path
 
+import composed_snapshot
 import pandas as pd
 import pytest
 import torch
+import yaml
 from conftest import EXPERIMENTS, compose_config, make_image_folder
 from hydra.utils import instantiate
 
+from mchad import registry
 from mchad.errors import ConfigError, DataNotFoundError
 from mchad.models.module import OODModel
 from mchad.runs.train import build, run
 
 DATASETS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
-METHODS = {
-    "mchad": "MCHAD", "gmchad": "G-MCHAD", "center": "Center", "gcenter": "G-Center",
-    "cac": "CAC", "gcac": "G-CAC", "ii": "II", "softmax": "Softmax",
-}  # fmt: skip
-OUTLIER_EXPOSURE = {"gmchad", "gcenter", "gcac"}
+assert tuple(DATASETS) == registry.DATASETS
+METHODS = {m.key: m.name for m in registry.methods().values()}
+OUTLIER_EXPOSURE = {m.key for m in registry.methods().values() if m.outliers}
+#: the experiments with published values (their readable files), checked against the table below
+PUBLISHED = registry.experiments("paper", [m.key for m in registry.methods().values() if m.published])
 #: the one experiment that keeps the WideResNet-40-2 backbone (the others use a small CNN)
 WRN_EXPERIMENT = "cifar10-gmchad"
 
@@ -32,15 +37,20 @@ WEIGHT_COLUMNS = {c[2:]: c for c in EFFECTIVE.columns if c.startswith("w_")}
 
 
 def test_every_dataset_method_pair_has_an_experiment():
-    assert sorted(EXPERIMENTS) == sorted(f"{d}-{m}" for d, m in product(DATASETS, METHODS))
-    assert sorted(EFFECTIVE.index) == sorted(EXPERIMENTS)
+    """Each method of the registry has an experiment per dataset: the published ones as readable
+    files (with a row of published values), the others generated from the registry."""
+    assert sorted(registry.experiments("paper")) == sorted(f"{d}-{m}" for d, m in product(DATASETS, METHODS))
+    assert sorted(EXPERIMENTS) == sorted(PUBLISHED)
+    assert sorted(EFFECTIVE.index) == sorted(PUBLISHED)
+    for name in registry.experiments("paper"):
+        assert compose_config([f"experiment={name}"]).name == name
 
 
 def given(row: pd.Series, column: str) -> bool:
     return not pd.isna(row[column])
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", PUBLISHED)
 def test_experiment_builds_the_published_loss(experiment):
     """Compose the experiment, build its method, optimiser and scheduler, and compare every
     effective value with the table: the weight of each loss term (the method's own weights and
@@ -139,7 +149,7 @@ def tiny_overrides(experiment: str, folders: TinyFolders, tmp_path: Path) -> lis
     return overrides
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", registry.experiments("paper"))
 def test_experiment_runs_one_training_and_test_step(experiment, tiny_folder, tmp_path):
     cfg = compose_config(
         [*tiny_overrides(experiment, tiny_folder, tmp_path), "++trainer.fast_dev_run=true"], output_dir=tmp_path / "run"
@@ -150,7 +160,7 @@ def test_experiment_runs_one_training_and_test_step(experiment, tiny_folder, tmp
     assert (frame.experiment == f"{tiny_folder.name}-{method}").all()  # what ran: the experiment's model on the folder
     assert set(frame.test_case) == {"GaussianNoise", "UniformNoise"}
     scores = list(dict.fromkeys(frame.score))
-    assert scores[0] == ("msp" if method == "softmax" else "distance")
+    assert scores[0] == registry.methods()[method].score
     assert ("cac" in scores) == (method in {"cac", "gcac"})
     assert frame[["Accuracy", "AUROC"]].notna().all().all()
 
@@ -171,7 +181,7 @@ def test_g_variants_see_outliers_in_training(experiment, tiny_folder, tmp_path):
     out = model(datamodule.transform(images, augment=True))
     assert model.method.loss(out, labels)["oe"].item() > 0
     known = labels >= 0
-    assert model.method.loss({k: v[known] for k, v in out.items()}, labels[known])["oe"].item() == 0.0
+    assert model.method.loss(out.rows(known), labels[known])["oe"].item() == 0.0
 
 
 def test_g_variant_without_outliers_is_refused(tiny_folder, tmp_path):
@@ -232,3 +242,46 @@ def test_pretrained_checkpoint_through_the_config(tiny_folder, tmp_path):
                 [*overrides, f"++model.pretrained_checkpoint={tmp_path / 'bad.pt'}"], output_dir=tmp_path / "run"
             )
         )
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+@functools.cache
+def _saved() -> dict:
+    return yaml.safe_load((Path(__file__).parent / "data" / "composed_experiments.yaml").read_text())
+
+
+@pytest.mark.parametrize("experiment", composed_snapshot.experiment_names())
+def test_composed_config_is_as_saved(experiment):
+    """Every published, OpenOOD and open-set experiment of the published methods composes to the
+    config saved before the method registry (``python tests/composed_snapshot.py <file>``)."""
+    assert composed_snapshot.composed(experiment) == _saved()[experiment]
+
+
+def test_the_snapshot_holds_every_published_experiment():
+    assert sorted(_saved()) == sorted(composed_snapshot.experiment_names())
+    assert len(_saved()) == 3 * 8 + 2 * 8 + 4 * 8
+
+
+#: where the method keys may appear as a list besides the registry: the docs, the published-values
+#: data and the composed-config snapshot (data), and this test
+KEY_LIST_ALLOWED = ("docs/", "tests/data/", "tests/test_experiments.py", "notebooks/", "README.md")
+
+
+def test_the_method_keys_are_listed_in_the_registry_only():
+    """No file but the registry names three or more method keys on one line (a hand-kept list)."""
+    root = Path(__file__).resolve().parents[1]
+    keys = [m.key for m in registry.methods().values()]
+    pattern = re.compile(r"(?<![\\w/.-])(" + "|".join(map(re.escape, keys)) + r")(?![\\w/.-])")
+    found = []
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).as_posix()
+        if path.suffix not in (".py", ".sh", ".yaml", ".yml", ".md", ".csv") or relative.startswith(KEY_LIST_ALLOWED):
+            continue
+        if path == registry.REGISTRY_FILE or any(part.startswith(".") for part in path.parts):
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if len(set(pattern.findall(line))) >= 3:
+                found.append(f"{relative}:{number}: {line.strip()}")
+    assert not found, "method keys listed outside src/mchad/registry/methods.yaml:\n" + "\n".join(found)

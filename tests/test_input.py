@@ -260,12 +260,12 @@ def test_a_class_folder_missing_from_train_is_refused_before_decoding(fast, tmp_
 
 def test_n_classes_follows_the_image_folder_and_a_different_one_is_refused(fast, tmp_path):
     """Issue 32: a 5-class folder trained with the inherited n_classes=10 (5 centres never used)."""
-    from mchad.runs.train import resolve_n_classes
+    from mchad.runs.train import with_n_classes
 
     root = make_image_folder(tmp_path / "images", classes=5, per_class=2)
     cfg = compose_config(["datamodule=imagefolder", f"datamodule.root={root}"], tmp_path / "run")
     assert cfg.datamodule.n_classes is None
-    resolve_n_classes(cfg)
+    cfg = with_n_classes(cfg)
     assert cfg.datamodule.n_classes == 5 and cfg.model.method.n_classes == 5
     overrides = [
         "datamodule=imagefolder",

@@ -12,7 +12,7 @@ from pytorch_ood.loss.crossentropy import cross_entropy
 from pytorch_ood.loss.mchad import CenterRegularizationLoss
 
 from mchad.models import losses
-from mchad.models.methods import CAC, II, MCHAD, Center, Softmax
+from mchad.models.methods import CAC, II, MCHAD, Center, MethodOutput, Softmax
 
 # a batch of 3: two known samples (labels 0, 1) and one outlier (-1); 2 classes
 D = torch.tensor([[1.0, 4.0], [9.0, 0.25], [1.0, 3.0]])
@@ -59,7 +59,7 @@ def test_push_term_both_readings():
 )
 def test_mchad_loss_weighs_the_three_terms(semantics, center, oe, rows):
     method = MCHAD(2, 2, radius=0.5, margin=2.0, weight_center=0.5, weight_ce=1.5, weight_oe=0.1, semantics=semantics)
-    terms = method.loss({"distances": D}, Y)
+    terms = method.loss(MethodOutput(distances=D), Y)
     nll = (math.log1p(math.exp(-3)) + math.log1p(math.exp(-8.75))) / rows
     assert terms["center"].item() == pytest.approx(center, rel=1e-6)
     assert terms["nll"].item() == pytest.approx(nll, rel=1e-5)
@@ -74,7 +74,7 @@ def test_center_method_loss():
     # L_center (r = 0): (1 + 0.25) / 4 = 0.3125;  L_reg (paper, r = 0, m = 2): (4 - 1) + (4 - 3) = 4
     method = Center(2, 2, margin=2.0, weight_center=0.5, weight_ce=1.5, weight_oe=0.1, semantics="paper")
     logits = torch.tensor([[2.0, 0.0], [0.0, 0.0], [5.0, -5.0]])
-    terms = method.loss({"distances": D, "logits": logits}, Y)
+    terms = method.loss(MethodOutput(distances=D, logits=logits), Y)
     nll = (math.log1p(math.exp(-2)) + math.log(2)) / 2
     assert terms["nll"].item() == pytest.approx(nll, rel=1e-6)
     assert terms["center"].item() == pytest.approx(0.3125, abs=1e-9)
@@ -91,7 +91,7 @@ def test_cac_loss_terms():
     assert losses.anchor_pull(d, y).item() == pytest.approx(1.0)
     assert losses.tuplet(d, y).item() == pytest.approx(0.326563, abs=1e-6)
     method = CAC(3, 3, magnitude=2.0, margin=1.0, weight_center=2.0, weight_ce=1.5, weight_oe=0.1, semantics="paper")
-    terms = method.loss({"distances": d}, y)
+    terms = method.loss(MethodOutput(distances=d), y)
     # the published G-CAC weighting: weight_ce * (weight_center * anchor + tuplet) = 1.5 * (2 * 1 + tuplet);
     # no outliers -> L_reg = 0
     assert method.weights == {"anchor": 3.0, "tuplet": 1.5, "oe": 0.1}
@@ -140,7 +140,7 @@ def test_equal_to_pytorch_ood(outliers):
     # the known rows only: with outliers, the published centre and CE terms are n_known / n of them
     lib = MCHADLoss(4, 3, radius=0.7, margin=2.5, weight_center=0.5, weight_nll=1.5, weight_oe=0.01)
     ours = MCHAD(4, 3, radius=0.7, margin=2.5, weight_center=0.5, weight_ce=1.5, weight_oe=0.01)
-    terms = ours.loss({"distances": d}, y)
+    terms = ours.loss(MethodOutput(distances=d), y)
     share = known.sum().item() / len(y)
     if known.any():
         assert torch.allclose(terms["center"], lib_center(d, y) * share, atol=1e-6)
@@ -174,12 +174,12 @@ def test_ii_equal_to_pytorch_ood_over_batches():
         y = torch.randint(0, 3, (16,))  # class 3 never present
         y[:3] = -1
         expected = lib(z, y)
-        got = ours.loss({"embedding": z}, y)["loss"]
+        got = ours.loss(MethodOutput(embedding=z), y)["loss"]
         assert torch.allclose(got, expected, rtol=1e-5), step
         assert torch.allclose(ours.running.centers, lib.running_centers.centers, atol=1e-6)
     lib.eval(), ours.eval()
     z, y = torch.randn(16, 3), torch.randint(0, 3, (16,))
-    assert torch.allclose(ours.loss({"embedding": z}, y)["loss"], lib(z, y), rtol=1e-5)
+    assert torch.allclose(ours.loss(MethodOutput(embedding=z), y)["loss"], lib(z, y), rtol=1e-5)
     # a new epoch starts from fresh running centres
     ours.on_train_epoch_start()
     assert ours.running.centers.abs().sum().item() == 0.0

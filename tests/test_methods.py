@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose_config
+from hydra.utils import instantiate
 from pytorch_ood.loss import CACLoss
 
+from mchad import registry
 from mchad.errors import ConfigError
 from mchad.models.backbones import ConvNet, WideResNetBackbone, load_pretrained
 from mchad.models.methods import CAC, II, MCHAD, Center, Softmax
+from mchad.models.settings import check_model_keys, unread_model_keys
+from mchad.targets import allowed_patterns, is_allowed
 
 C, D = 3, 4
 METHODS = {
@@ -85,7 +90,7 @@ def test_distance_score_and_prediction():
         method.centers.copy_(torch.tensor([[0.0, 0.0], [4.0, 0.0]]))
     out = method(torch.tensor([[1.0, 0.0], [4.0, 3.0]]))
     # squared distances: (1, 9) and (25, 9)
-    assert out["distances"].tolist() == [[1.0, 9.0], [25.0, 9.0]]
+    assert out.distances.tolist() == [[1.0, 9.0], [25.0, 9.0]]
     assert method.predict(out).tolist() == [0, 1]
     assert method.scores(out)["distance"].tolist() == [1.0, 9.0]
 
@@ -102,7 +107,7 @@ def test_cac_score_larger_means_more_anomalous():
     assert cac[0] < cac[1] < cac[2]
     assert method.scores(out)["distance"].argsort().tolist() == [0, 1, 2]
     # pytorch-ood's CACLoss.score is -max_c gamma_c: it ranks the far-away input as the most normal
-    library = CACLoss.score(out["distances"])
+    library = CACLoss.score(out.distances)
     assert library[2] < library[1]
 
 
@@ -217,3 +222,34 @@ def test_pretrained_registry_name_offline(monkeypatch, tmp_path):
         load_pretrained(small_wrn(16), "wrn-40-2/imagenet32-nocifar/crossentropy")
     message = str(error.value)
     assert "\n" not in message and "imagenet_wrn_baseline_epoch_99.pt" in message
+
+
+# ----------------------------------------------------------------------------- the registry's entries
+
+
+@pytest.mark.parametrize("key", registry.keys())
+def test_registry_entry_matches_its_model_config_and_class(key):
+    """Each entry names its model config's class, results.csv name and headline score."""
+    entry = registry.methods()[key]
+    cfg = compose_config([f"model={entry.model}", *(["datamodule/outliers=photos"] if entry.outliers else [])])
+    assert cfg.model.method._target_ == entry.cls
+    assert cfg.model.name == entry.name
+    method = instantiate(cfg.model.method)
+    assert type(method).__module__ + "." + type(method).__qualname__ == entry.cls
+    assert method.score_names[0] == entry.score
+    assert (cfg.model.get("weight_oe") or 0) > 0 if entry.outliers else not cfg.model.get("weight_oe")
+    assert is_allowed(entry.cls, allowed_patterns())  # trusted without allowed_targets=
+
+
+@pytest.mark.parametrize("experiment", [*registry.experiments("paper"), *registry.experiments("openood")])
+def test_every_model_setting_of_an_experiment_is_read(experiment):
+    assert unread_model_keys(compose_config([f"experiment={experiment}"])) == []
+
+
+def test_a_model_setting_that_nothing_reads_is_refused():
+    """Softmax's method takes no margin: +model.margin=7 would train the same model, so it is refused."""
+    with pytest.raises(ConfigError, match=r"^model\.margin=7 is read by nothing: Softmax's config passes no"):
+        check_model_keys(compose_config(["experiment=cifar10-softmax", "+model.margin=7"]))
+    with pytest.raises(ConfigError, match=r"model\.margin=7 is read by nothing.*\(and model\.zeta\)$"):
+        check_model_keys(compose_config(["model=softmax", "+model.margin=7", "+model.zeta=1"]))
+    check_model_keys(compose_config(["model=mchad", "model.margin=7"]))  # MCHAD reads it

@@ -20,12 +20,15 @@ from omegaconf import OmegaConf
 from PIL import Image
 from test_docs import documented_openset_files, documented_result_columns
 
+from mchad import registry
 from mchad.data.osr import CIFAR10_CLASSES, CIFAR100_CLASSES, SplitError, class_split, splits
 from mchad.errors import ConfigError, DataError, DataNotFoundError
-from mchad.resolvers import OSR_METHODS, OSR_SETTINGS
+from mchad.registry import OSR_SETTINGS
 from mchad.results.aggregate import main as aggregate_main
 from mchad.results.openset_tables import openset_table
 from mchad.runs.train import build, run
+
+OSR_METHODS = registry.keys()
 
 # (known, unknown) classes per split and the size of the unknown dataset
 COUNTS = {
@@ -120,9 +123,10 @@ def test_every_setting_method_pair_composes(setting, method):
     # the method's CIFAR-10 hyperparameters; CAC's embedding has one dimension per known class
     for key in ("name", "weight_center", "weight_ce", "weight_oe", "margin"):
         assert cfg.model.get(key) == reference.model.get(key), key
-    expected_embedding = n_known if method in ("cac", "gcac") else reference.model.n_embedding
+    entry = registry.methods()[method]
+    expected_embedding = n_known if entry.embedding_is_classes else reference.model.n_embedding
     assert cfg.model.n_embedding == expected_embedding
-    assert ("outliers" in cfg.datamodule) == (method in ("gmchad", "gcenter", "gcac"))
+    assert ("outliers" in cfg.datamodule) == entry.outliers
     for node in ("datamodule", "model", "trainer"):  # every interpolation resolves
         OmegaConf.to_container(cfg[node], resolve=True)
 

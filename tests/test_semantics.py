@@ -17,7 +17,7 @@ from torchvision.transforms import functional as TF
 
 from mchad.data import OODDataModule
 from mchad.data.sources import ImageArray, Source, decode_files, fit_image
-from mchad.models.methods import CAC, MCHAD, Center
+from mchad.models.methods import CAC, MCHAD, Center, MethodOutput
 
 
 # --- 2. reductions with outliers in the batch (G-MCHAD, G-Center) -------------------------
@@ -35,22 +35,22 @@ def test_id_terms_are_means_over_all_rows_in_the_published_reading(semantics, ro
     # published ID terms are a third of the known-only ones (measured 1.7399 vs 5.2197)
     d, y = id_and_outliers()
     method = MCHAD(2, 2, margin=0.0, weight_oe=1.0, semantics=semantics)
-    terms = method.loss({"distances": d}, y)
+    terms = method.loss(MethodOutput(distances=d), y)
     assert terms["center"].item() == pytest.approx(24 / (rows * 2), rel=1e-6)
     # separation: each ID row log(1 + e^(2 - 6)) = log(1 + e^-4)
     assert terms["nll"].item() == pytest.approx(12 * math.log1p(math.exp(-4)) / rows, rel=1e-5)
     # G-Center: the classifier's CE likewise; logits (3, 0) / (0, 3) -> log(1 + e^-3) per ID row
     center = Center(2, 2, weight_oe=1.0, semantics=semantics)
     logits = torch.tensor([[3.0, 0.0] if i % 2 == 0 else [0.0, 3.0] for i in range(12)] + [[0.0, 0.0]] * 24)
-    terms = center.loss({"distances": d, "logits": logits}, y)
+    terms = center.loss(MethodOutput(distances=d, logits=logits), y)
     assert terms["nll"].item() == pytest.approx(12 * math.log1p(math.exp(-3)) / rows, rel=1e-5)
     assert terms["center"].item() == pytest.approx(24 / (rows * 2), rel=1e-6)
 
 
 def test_without_outliers_both_readings_average_alike():
     d, y = id_and_outliers(n_out=0)
-    published = MCHAD(2, 2, semantics="published").loss({"distances": d}, y)
-    paper = MCHAD(2, 2, semantics="paper").loss({"distances": d}, y)
+    published = MCHAD(2, 2, semantics="published").loss(MethodOutput(distances=d), y)
+    paper = MCHAD(2, 2, semantics="paper").loss(MethodOutput(distances=d), y)
     assert published["center"].item() == paper["center"].item() == pytest.approx(1.0)
     assert published["nll"].item() == pytest.approx(paper["nll"].item())
 
@@ -66,7 +66,7 @@ def test_without_outliers_both_readings_average_alike():
 def test_cac_distance_power(semantics, distances, push):
     method = CAC(2, 2, magnitude=2.0, margin=20.0, weight_oe=1.0, semantics=semantics)
     out = method(torch.tensor([[3.0, 0.0], [0.0, 0.0]]))
-    assert out["distances"][0].tolist() == distances
+    assert out.distances[0].tolist() == distances
     assert method.loss(out, torch.tensor([0, -1]))["oe"].item() == pytest.approx(push)
     # the anchor term is d_y in both: 1
     assert method.loss(out, torch.tensor([0, -1]))["anchor"].item() == pytest.approx(1.0)
@@ -87,7 +87,7 @@ def test_cac_distance_power(semantics, distances, push):
 )
 def test_cac_tuplet_classes(semantics, label, expected):
     method = CAC(3, 3, semantics=semantics)
-    terms = method.loss({"distances": torch.tensor([[1.0, 2.0, 5.0]])}, torch.tensor([label]))
+    terms = method.loss(MethodOutput(distances=torch.tensor([[1.0, 2.0, 5.0]])), torch.tensor([label]))
     assert terms["tuplet"].item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -98,7 +98,7 @@ def test_cac_tuplet_classes(semantics, label, expected):
 )
 def test_g_center_predicts_by_nearest_centre_in_the_published_reading(semantics, weight_oe, expected):
     # nearest centre: class 0; classifier: class 1
-    out = {"distances": torch.tensor([[1.0, 4.0]]), "logits": torch.tensor([[0.0, 2.0]])}
+    out = MethodOutput(distances=torch.tensor([[1.0, 4.0]]), logits=torch.tensor([[0.0, 2.0]]))
     method = Center(2, 2, weight_oe=weight_oe, semantics=semantics)
     assert method.predict(out).tolist() == [expected]
 
@@ -110,7 +110,7 @@ def test_published_cac_score_is_the_maximum_gamma():
     method = CAC(3, 3, semantics="published")
     assert "cac_published" in method.score_names and "cac_published" not in CAC(3, 3, semantics="paper").score_names
     d = torch.tensor([[4.0, 4.0, 4.0], [0.0, 8.0, 8.0]])
-    scores = method.scores({"distances": d})
+    scores = method.scores(MethodOutput(distances=d))
     assert scores["cac_published"][0].item() == pytest.approx(8 / 3, rel=1e-6)
     e8 = math.exp(-8)
     assert scores["cac_published"][1].item() == pytest.approx(8 * (1 - e8 / (1 + 2 * e8)), rel=1e-6)

@@ -10,6 +10,7 @@ from conftest import ALL_EXPERIMENTS, compose_config
 from omegaconf import OmegaConf
 from test_robustness import run_cli
 
+from mchad import registry
 from mchad.errors import ConfigError
 from mchad.targets import ALLOWED, allowed_patterns, check_targets, config_targets, is_allowed
 
@@ -24,7 +25,11 @@ class Planted:
         return (open, (str(self.marker), "w"))
 
 
-@pytest.mark.parametrize("experiment", [None, *ALL_EXPERIMENTS])
+#: the experiment files and those generated from the method registry
+EVERY_EXPERIMENT = sorted({*ALL_EXPERIMENTS, *(name for kind in registry.KINDS for name in registry.experiments(kind))})
+
+
+@pytest.mark.parametrize("experiment", [None, *EVERY_EXPERIMENT])
 def test_every_target_of_every_experiment_is_allowed(experiment):
     cfg = compose_config([] if experiment is None else [f"experiment={experiment}"])
     targets = [target for _, target in config_targets(cfg)]
@@ -126,3 +131,12 @@ def test_a_sweep_is_refused_before_any_trial(tmp_path):
     )
     _assert_refused(result, "callbacks.x._target_", "builtins.exec")
     assert not (tmp_path / "multiruns").exists()
+
+
+def test_a_registered_methods_class_is_trusted_without_allowed_targets(monkeypatch):
+    """The registry's entry (class: my_methods.ProtoX) allows that class on every command; the rest
+    of the package stays refused."""
+    monkeypatch.setattr(registry, "trusted_targets", lambda: ["my_methods.ProtoX"])
+    check_targets(OmegaConf.create({"model": {"method": {"_target_": "my_methods.ProtoX"}}}))
+    with pytest.raises(ConfigError, match=r"model\.method\._target_=my_methods\.Other is not an allowed target"):
+        check_targets(OmegaConf.create({"model": {"method": {"_target_": "my_methods.Other"}}}))

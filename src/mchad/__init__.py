@@ -1,10 +1,11 @@
 """Multi-Class Hypersphere Anomaly Detection (MCHAD) and its baselines for OOD detection.
 
-Importing the package registers the OmegaConf resolvers the configs use and the generated
-open-set experiment configs (cheap: no torch).
+Importing the package registers the OmegaConf resolvers the configs use and the experiment
+configs generated from the method registry (cheap: no torch).
 """
 
-from mchad.resolvers import register_experiments as _register_experiments
+import mchad.resolvers  # noqa: F401  (registers the resolvers)
+from mchad.registry import register_experiments as _register_experiments
 
 _register_experiments()
 

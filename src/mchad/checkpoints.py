@@ -101,11 +101,21 @@ def load_checkpoint(path: str | Path, hint: str = "", trust: bool = False) -> di
         raise
     except Exception as error:
         raise CheckpointError(
-            f"checkpoint {p} is unreadable (truncated or corrupt?): {first_line(error)}{hint}"
+            f"checkpoint {p} is unreadable (truncated or corrupt?): {_sentences(error)}{hint}"
         ) from error
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"checkpoint {p} is not a checkpoint of this project (it has no state_dict)")
     return ckpt
+
+
+def _sentences(error: BaseException, limit: int = 200) -> str:
+    """The first line of ``error``'s message, cut after its last full sentence within ``limit``
+    characters (PyTorch's reader errors run to 300 and more)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if len(text) <= limit:
+        return text
+    end = text.rfind(". ", 0, limit)
+    return text[: end + 1] if end > 0 else first_line(error)
 
 
 def check_fits(model: torch.nn.Module, ckpt: dict, path: str | Path) -> None:

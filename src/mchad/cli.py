@@ -25,6 +25,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from mchad.errors import UserError, first_line
+
 #: ``log.error(..., extra=FILE_ONLY)``: into run.log, not onto the console
 FILE_ONLY = {"file_only": True}
 CONSOLE_PACKAGES = ("mchad", "hydra", "__main__")
@@ -46,26 +48,21 @@ def guard(main: Callable[[], None], config_dir: str | Path) -> None:
         if message is None or show_tracebacks():
             traceback.print_exc()
         if message is None:
-            message = f"internal error, a bug ({type(error).__name__}: {_first_line(error)}); the traceback is above"
+            cause = f"{type(error).__name__}: {first_line(error, limit=None)}"
+            message = f"internal error, a bug ({cause}); the traceback is above"
         print(f"error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 
 
 def explain(error: BaseException, config_dir: str | Path, overrides: list[str]) -> str | None:
     """One line for an input mistake that reaches the entry point, None for a bug."""
-    from mchad.errors import UserError
     from mchad.runs.validate import explain_config_error
 
     if isinstance(error, UserError):
-        return _first_line(error)
+        return first_line(error, limit=None)
     if isinstance(error, OSError) and error.errno in WRITE_ERRNOS and error.filename:
         return f"cannot write {error.filename}: {error.strerror}; set paths.log_dir=<a writable folder>"
     return explain_config_error(error, config_dir, overrides)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 # ---------------------------------------------------------------------------- the console
@@ -80,8 +77,10 @@ class _ConsoleFilter(logging.Filter):
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     deprecation = issubclass(category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))
+    # Lightning's SLURM detection warns on every run of a host that has `srun` (twice a run)
+    file_only = deprecation or str(message).startswith("The `srun` command is available on your system")
     logging.getLogger("py.warnings").warning(
-        "%s (%s:%s: %s)", message, filename, lineno, category.__name__, extra={"file_only": deprecation}
+        "%s (%s:%s: %s)", message, filename, lineno, category.__name__, extra={"file_only": file_only}
     )
 
 

@@ -1,4 +1,5 @@
-"""Errors a user can fix. ``run.py`` prints them as one line and exits non-zero."""
+"""Errors a user can fix, and any exception in one line. ``run.py`` prints a user error as one
+line and exits non-zero (:mod:`mchad.task`)."""
 
 
 class UserError(Exception):
@@ -29,10 +30,20 @@ class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite."""
 
 
-def first_line(error: BaseException) -> str:
-    """The first line of ``error``'s message (its class name if it has none), at most 200 characters."""
+def first_line(error: BaseException, limit: int | None = 200) -> str:
+    """The first line of ``error``'s message (its class name if it has none), at most ``limit`` characters."""
     lines = str(error).strip().splitlines()
-    return (lines[0] if lines else type(error).__name__)[:200]
+    return (lines[0] if lines else type(error).__name__)[:limit]
+
+
+def one_line(error: BaseException | str) -> str:
+    """``error``'s whole message in one line; a bug (not a :class:`UserError`) named by its class."""
+    text = " ".join(str(error).split())
+    if isinstance(error, BaseException):
+        name = type(error).__name__
+        if not isinstance(error, UserError):
+            text = f"{name}: {text}" if text else name
+    return text
 
 
 class Preempted(BaseException):

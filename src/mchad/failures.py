@@ -7,7 +7,7 @@ import logging
 import traceback
 from pathlib import Path
 
-from mchad.errors import UserError
+from mchad.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +30,6 @@ def record_failure(output_dir: str | Path, error: BaseException | str) -> str:
     except OSError as write_error:  # e.g. a read-only run folder: the console has the cause
         log.warning("could not write %s: %s", output_dir / FAILED_FILE, write_error)
     return cause
-
-
-def one_line(error: BaseException | str) -> str:
-    """``error`` in one line; a bug (not a :class:`~mchad.errors.UserError`) named by its class."""
-    text = " ".join(str(error).split())
-    if isinstance(error, BaseException):
-        name = type(error).__name__
-        if not isinstance(error, UserError):
-            text = f"{name}: {text}" if text else name
-    return text
 
 
 def failure_cause(run_dir: Path, missing: str = "unknown cause") -> str:

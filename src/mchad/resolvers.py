@@ -1,5 +1,4 @@
-"""OmegaConf resolvers used by ``config/``, and the generated open-set experiment configs
-(:func:`register_experiments`, Hydra's ConfigStore).
+"""OmegaConf resolvers used by ``config/`` (the generated experiment configs: :mod:`mchad.registry`).
 
 ``run_id`` makes run folders unique even for runs started in the same second (Hydra's
 ``${now:...}`` alone collides): it is fixed per process, so every resolution of the run
@@ -109,46 +108,6 @@ def register() -> None:
     _register("mul", lambda a, b: a * b, replace=True)
     # a value per reading: ${by_semantics:${model.semantics},<published value>,<paper value>}
     _register("by_semantics", by_semantics, replace=True)
-
-
-# ---------------------------------------------------------------------------- open-set experiments
-# Registered with the resolvers on `import mchad` (no torch); the published class splits of each
-# setting are data: mchad.data.osr.
-
-#: open-set setting -> (known dataset, its number of classes, unknown dataset, its number of classes, title)
-OSR_SETTINGS = {
-    "cifar10": ("CIFAR10", 10, "CIFAR10", 10, "CIFAR10 6/4"),
-    "cifarplus10": ("CIFAR10", 10, "CIFAR100", 100, "CIFAR+10"),
-    "cifarplus50": ("CIFAR10", 10, "CIFAR100", 100, "CIFAR+50"),
-    "tinyimagenet": ("TinyImageNet", 200, "TinyImageNet", 200, "TinyImageNet 20/180"),
-}
-OSR_METHODS = ["mchad", "gmchad", "center", "gcenter", "cac", "gcac", "ii", "softmax"]
-
-
-def osr_experiment_name(setting: str, method: str) -> str:
-    return f"osr-{setting}-{method}"
-
-
-def register_experiments() -> None:
-    """Register ``experiment=osr-<setting>-<method>`` for every setting and method in Hydra's
-    ConfigStore: the method's CIFAR-10 experiment (its hyperparameters) plus ``osr=<setting>``
-    (data, splits, test case). Generated rather than 32 files that would differ in two words."""
-    from hydra.core.config_store import ConfigStore
-
-    from mchad.targets import store_config
-
-    store = ConfigStore.instance()
-    for setting in OSR_SETTINGS:
-        for method in OSR_METHODS:
-            node = {
-                "defaults": [f"cifar10-{method}", {"/osr": setting}, "_self_"],
-                "name": osr_experiment_name(setting, method),
-            }
-            if method in ("cac", "gcac"):  # CAC's embedding has one dimension per known class
-                node["model"] = {"n_embedding": "${datamodule.n_classes}"}
-            store_config(
-                store, group="experiment", name=osr_experiment_name(setting, method), node=node, package="_global_"
-            )
 
 
 register()

@@ -8,6 +8,13 @@ without an execution allow-list (an error from 1.5 on). So before anything runs,
 :func:`instantiate` hands the same list to Hydra's own check as well.
 
 Patterns: ``package.*`` allows everything below ``package``; any other entry is one exact name.
+
+Trusting one's own code once: the class of every method in the registry
+(``src/mchad/registry/methods.yaml``, its ``class:``) is allowed on every command, so a registered
+method of one's own (``class: my_methods.ProtoX``) needs no ``allowed_targets=``; other packages of
+one's own go into ``allowed_targets`` in ``config/train.yaml`` once (e.g. ``[my_lab.*]``). Neither
+can be set by a config file someone hands over (the registry is code; a config's ``allowed_targets``
+is the command's or one's own train.yaml).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from mchad import registry
 from mchad.errors import ConfigError
 
 #: the parts of each library that the framework's configs name (config/**.yaml)
@@ -54,16 +62,19 @@ HYDRA_VERSION = tuple(int(part) for part in hydra.__version__.split(".")[:2])
 VERSION_BASE_KWARGS: dict[str, str] = {} if HYDRA_VERSION >= (1, 4) else {"version_base": "1.3"}
 #: ``@hydra.main``'s arguments: the allow-list where Hydra has one, else today's defaults
 MAIN_KWARGS: dict[str, Any] = (
-    {"execution_whitelist": [*ALLOWED, *HYDRA_OWN]} if HYDRA_VERSION >= (1, 4) else VERSION_BASE_KWARGS
+    {"execution_whitelist": [*ALLOWED, *registry.trusted_targets(), *HYDRA_OWN]}
+    if HYDRA_VERSION >= (1, 4)
+    else VERSION_BASE_KWARGS
 )
 
 
 def allowed_patterns(cfg: DictConfig | None = None) -> list[str]:
-    """:data:`ALLOWED` plus the config's ``allowed_targets``."""
+    """:data:`ALLOWED`, the registered methods' classes and the config's ``allowed_targets``."""
     extra = [] if cfg is None else OmegaConf.select(cfg, EXTRA_KEY, default=None) or []
     if isinstance(extra, str):
         extra = [extra]
-    return [*ALLOWED, *(str(p) for p in extra)]
+    trusted = [t for t in registry.trusted_targets() if not is_allowed(t, ALLOWED)]
+    return [*ALLOWED, *trusted, *(str(p) for p in extra)]
 
 
 def is_allowed(target: str, patterns: Iterable[str]) -> bool:
@@ -98,7 +109,8 @@ def check_targets(cfg: DictConfig) -> None:
         if not isinstance(target, str) or not is_allowed(target, patterns):
             raise ConfigError(
                 f"{key}={target} is not an allowed target (a config target runs code): the allowed are "
-                f"{', '.join(patterns)}; to trust a package of your own: {EXTRA_KEY}=['my_package.*']"
+                f"{', '.join(patterns)}; to trust a package of your own: {EXTRA_KEY}=['my_package.*'] (once: in "
+                "config/train.yaml; a method: its entry in src/mchad/registry/methods.yaml)"
             )
 
 

@@ -1,23 +1,46 @@
-"""``run.py``'s Hydra task: one run, or one trial of a sweep; a failure's cause in FAILED.txt.
+"""``run.py``'s Hydra task: one run or one trial of a sweep, and how a run ends.
 
-The entry point above the orchestration: it calls :func:`mchad.runs.train.run` (one run) or
+The top level above the orchestration: it calls :func:`mchad.runs.train.run` (one run) or
 :func:`mchad.sweeps.sweep.run_trial` (one trial of a multirun), and nothing below imports it.
+
+How one run ends is decided here alone, in :func:`task_wrapper` (in the style of
+lightning-hydra-template's ``task_wrapper``); under DDP global rank zero prints the line and
+writes ``<run folder>/FAILED.txt``, every other rank exits with the same status:
+
+=========================  ====================================================  ==========================  ====
+ending                     console (stderr)                                      FAILED.txt                  exit
+=========================  ====================================================  ==========================  ====
+success                    the results table (:mod:`mchad.runs.train`)           removed                     0
+user error (UserError)     ``error: <cause>``                                    ``error: <cause>``          1
+another rank's failure     ``error: rank <r> failed: <cause>``                   the same line               1
+crash (any other error)    its traceback, ``error: internal error, a bug (...)``  the line and the traceback  1
+                           (:func:`mchad.cli.guard`)
+preemption (SIGTERM/USR1)  ``preempted by SIGTERM; continue this run with: ...``  the same line               143
+Ctrl-C                     ``interrupted; continue this run with: ...``          the same line               130
+=========================  ====================================================  ==========================  ====
+
+A rank that sees another rank's failure while blocked in a collective is ended by
+:mod:`mchad.runs.rank_watch` with the same line, FAILED.txt and status. A sweep trial does not
+end its process: :func:`mchad.sweeps.sweep.run_trial` writes its FAILED.txt and the sweep goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from mchad.cli import FILE_ONLY, show_tracebacks
-from mchad.errors import Preempted, UserError
-from mchad.failures import FAILED_FILE, one_line, record_failure
+from mchad.errors import Preempted, UserError, one_line
+from mchad.failures import FAILED_FILE, record_failure
+from mchad.runs.instantiate import discard_unstarted_run
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +49,8 @@ def _console_logging_only() -> None:
     """DDP ranks > 0 log to the console only: Hydra opened a log file in the run folder for
     every process (Lightning's children name theirs ``train_ddp_process_<rank>.log``), which
     belongs to rank 0 alone."""
-    import logging as logging_module
-
-    root = logging_module.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, logging_module.FileHandler)]:
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
         root.removeHandler(handler)
         handler.close()
         path = Path(handler.baseFilename)
@@ -66,77 +87,111 @@ def _refuse_unsafe_targets(cfg: DictConfig) -> None:
 
 
 def main(cfg: DictConfig) -> float | None:
-    """Hydra task: a user error ends the process with one line and exit status 1; Ctrl-C
-    with one line saying how to resume (exit status 130); a preemption (SIGTERM, SIGUSR1:
-    :mod:`mchad.runs.preemption`) likewise, saying ``preempted`` (exit status 143). A failed or
-    stopped run writes its cause to ``<run folder>/FAILED.txt`` (removed again once the run,
-    resumed, succeeds). Under DDP the first failing rank's cause is the one reported
-    (:mod:`mchad.runs.rank_watch`).
-
-    In a multirun (``-m``, e.g. in a Ray worker) a failing trial writes its cause to
+    """Hydra task: one run (:func:`task_wrapper` decides how it ends), or one trial of a
+    multirun (``-m``, e.g. in a Ray worker): a failing trial writes its cause to
     ``<trial>/FAILED.txt`` and returns, so the other trials go on (see mchad.sweeps.sweep); the
     trial returns its validation objective (mchad.runs.objective), which a search sweeper
     (``hydra/sweeper=optuna``) optimises, or None when it failed.
     """
     _refuse_unsafe_targets(cfg)  # before the heavy imports: nothing of the run starts
-    from mchad.runs import preemption, rank_watch
-    from mchad.runs.train import run
-    from mchad.sweeps.sweep import run_trial
+    from mchad.runs import preemption
 
     preemption.install()
     trial = _multirun_trial()
     if trial is not None:
-        from mchad.cli import trial_console
-        from mchad.runs.objective import trial_objective
-        from mchad.sweeps.sweep import in_ray_worker, report_trial
+        return _trial(cfg, trial)
+    _one_run(cfg)
+    return None
 
-        trial_console()  # the trial's messages and tables go to its run.log only
-        summary = run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd)
-        if not in_ray_worker():  # a Ray trial's line is printed by the driver (mchad.sweeps.sweep.collect_trials)
-            report_trial(trial.job.num, list(trial.overrides.task), trial.runtime.output_dir)
-        return trial_objective(summary)
-    from mchad.distributed import is_launch_rank_zero
 
-    writer = is_launch_rank_zero()  # DDP: rank 0 writes FAILED.txt and prints the one error line
-    if not writer:
-        _console_logging_only()
-    output_dir = Path(cfg.paths.output_dir)
-    try:
-        with preemption.armed():
-            run(cfg)
-    except (KeyboardInterrupt, Preempted) as stop:
-        preempted = isinstance(stop, Preempted)
-        code = preemption.EXIT_PREEMPTED if preempted else preemption.EXIT_INTERRUPTED
-        if not writer:
-            raise SystemExit(code) from None
-        from mchad.checkpoints import LAST_CHECKPOINT
+def _trial(cfg: DictConfig, trial: DictConfig) -> float | None:
+    from mchad.cli import trial_console
+    from mchad.runs.objective import trial_objective
+    from mchad.sweeps.sweep import in_ray_worker, report_trial, run_trial
 
-        what = f"preempted by {stop.signal_name}" if preempted else "interrupted"
-        message = f"{what}; {preemption.resume_hint(output_dir, (output_dir / LAST_CHECKPOINT).is_file())}"
-        record_failure(output_dir, message)
-        log.warning("%s", message, extra=FILE_ONLY)
-        print(message, file=sys.stderr, flush=True)
-        raise SystemExit(code) from None
-    except Exception as error:  # noqa: BLE001 - reported below, then the process ends
-        peer = rank_watch.announce(error)  # DDP: the others stop too; a peer's earlier failure is the cause
-        if peer is not None and not isinstance(error, UserError):
-            if writer:
-                record_failure(output_dir, peer)
-                log.error("%s", peer, extra=FILE_ONLY)
-            raise SystemExit(f"error: {peer}" if writer else 1) from None
-        if not isinstance(error, UserError):  # a bug: its cause and traceback in FAILED.txt, then raised on
-            if writer:
-                record_failure(output_dir, error)
+    trial_console()  # the trial's messages and tables go to its run.log only
+    summary = run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd)
+    if not in_ray_worker():  # a Ray trial's line is printed by the driver (mchad.sweeps.sweep.collect_trials)
+        report_trial(trial.job.num, list(trial.overrides.task), trial.runtime.output_dir)
+    return trial_objective(summary)
+
+
+def task_wrapper(task: Callable[[DictConfig], object]) -> Callable[[DictConfig], None]:
+    """How a run ends (the table in this module's docstring): ``task(cfg)`` runs, and its
+    outcome becomes the console line, ``<cfg.paths.output_dir>/FAILED.txt`` and the exit status."""
+
+    @functools.wraps(task)
+    def wrapped(cfg: DictConfig) -> None:
+        from mchad.distributed import is_launch_rank_zero
+
+        output_dir = Path(cfg.paths.output_dir)
+        rank_zero = is_launch_rank_zero()  # DDP: global rank zero writes FAILED.txt and prints the one line
+        if not rank_zero:
+            _console_logging_only()
+        try:
+            task(cfg)
+        except (KeyboardInterrupt, Preempted) as stop:
+            raise _stopped(stop, output_dir, rank_zero) from None
+        except Exception as error:  # noqa: BLE001 - every failure ends here, in one of the ways below
+            ending = _failed(error, output_dir, rank_zero)
+            if ending is None:  # a crash: raised on, mchad.cli.guard prints its traceback and one line
                 raise
-            traceback.print_exc()  # the other ranks: the traceback, but rank 0 prints the one error line
-            raise SystemExit(1) from None
-        if not writer:  # every rank stops with status 1
-            log.error("%s", one_line(error))
-            raise SystemExit(1) from None
-        cause = record_failure(output_dir, error)
-        log.error("%s", cause, extra=FILE_ONLY)  # run.log; the console gets the one line below
-        if show_tracebacks():
-            traceback.print_exc()
-        raise SystemExit(f"error: {cause}") from None
-    if writer:
-        (output_dir / FAILED_FILE).unlink(missing_ok=True)  # e.g. an interrupted run, resumed
+            raise ending from None
+        if rank_zero:
+            (output_dir / FAILED_FILE).unlink(missing_ok=True)  # e.g. an interrupted run, resumed
+
+    return wrapped
+
+
+def _stopped(stop: KeyboardInterrupt | Preempted, output_dir: Path, rank_zero: bool) -> SystemExit:
+    """A preemption or Ctrl-C: how to continue the run, on the console and in FAILED.txt."""
+    from mchad.runs import preemption
+
+    preempted = isinstance(stop, Preempted)
+    code = preemption.EXIT_PREEMPTED if preempted else preemption.EXIT_INTERRUPTED
+    if not rank_zero:
+        return SystemExit(code)
+    from mchad.checkpoints import LAST_CHECKPOINT
+
+    what = f"preempted by {stop.signal_name}" if preempted else "interrupted"
+    message = f"{what}; {preemption.resume_hint(output_dir, (output_dir / LAST_CHECKPOINT).is_file())}"
+    record_failure(output_dir, message)
+    log.warning("%s", message, extra=FILE_ONLY)
+    print(message, file=sys.stderr, flush=True)
+    return SystemExit(code)
+
+
+def _failed(error: Exception, output_dir: Path, rank_zero: bool) -> SystemExit | None:
+    """A failure: the SystemExit that ends the process, None for a crash raised on."""
+    from mchad.runs import rank_watch
+
+    other_rank = rank_watch.announce(error)  # DDP: the others stop too; an earlier failure of another rank is the cause
+    if other_rank is not None and not isinstance(error, UserError):
+        if rank_zero:
+            record_failure(output_dir, other_rank)
+            log.error("%s", other_rank, extra=FILE_ONLY)
+        return SystemExit(f"error: {other_rank}" if rank_zero else 1)
+    if not isinstance(error, UserError):  # a crash: its cause and traceback in FAILED.txt
+        if rank_zero:
+            record_failure(output_dir, error)
+            return None
+        traceback.print_exc()  # the other ranks: the traceback, but rank zero prints the one error line
+        return SystemExit(1)
+    if not rank_zero:  # every rank stops with status 1
+        log.error("%s", one_line(error))
+        return SystemExit(1)
+    discard_unstarted_run(output_dir)  # an input error before the run produced anything: only FAILED.txt
+    cause = record_failure(output_dir, error)
+    log.error("%s", cause, extra=FILE_ONLY)  # run.log; the console gets the one line of the SystemExit
+    if show_tracebacks():
+        traceback.print_exc()
+    return SystemExit(f"error: {cause}")
+
+
+@task_wrapper
+def _one_run(cfg: DictConfig) -> None:
+    from mchad.runs import preemption
+    from mchad.runs.train import run
+
+    with preemption.armed():
+        run(cfg)

@@ -17,7 +17,15 @@ from hydra_plugins.hydra_ray_launcher.ray_launcher import RayLauncher
 
 
 class MchadRayLauncher(RayLauncher):
+    def __init__(self, ray, prepare_data: bool = True) -> None:
+        super().__init__(ray=ray)
+        self.prepare_data = prepare_data
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from mchad.sweeps.sweep import launch_on_ray
 
+        if self.prepare_data:  # every trial's data fetched once, here, before any trial starts
+            from mchad.data.prepare import prepare_sweep
+
+            prepare_sweep(self, job_overrides)
         return launch_on_ray(self, job_overrides, initial_job_idx)

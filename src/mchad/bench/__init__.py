@@ -72,8 +72,8 @@ SECTIONS = ("train", "data", "eval", "startup", "packed")
 DEFAULT_SECTIONS = ("train", "data", "eval", "startup")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mchad.bench", description=__doc__.split("\n\n")[0])
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The timed runs: data, model, sizes, device, repeats."""
     p.add_argument("--data", choices=["auto", "cifar10", "synthetic"], default="auto")
     p.add_argument("--root", default=str(DEFAULT_ROOT), help="CIFAR-10 image folder (train/ and test/)")
     p.add_argument(
@@ -117,6 +117,10 @@ def parse_args(argv=None):
         default=20,
         help="(a), CUDA only: training steps whose host synchronisations are counted",
     )
+
+
+def _add_section_arguments(p: argparse.ArgumentParser) -> None:
+    """(e) packed trials, the sections chosen, where the runs are kept."""
     p.add_argument("--packed", type=int, default=8, metavar="K", help="(e): trials trained at once")
     p.add_argument("--packed-steps", type=int, default=100, help="(e): training steps of each trial")
     p.add_argument(
@@ -152,6 +156,12 @@ def parse_args(argv=None):
         help="keep the timed runs' folders and logs here (a new or empty folder; default: a temporary "
         "folder, removed at the end)",
     )
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m mchad.bench", description=__doc__.split("\n\n")[0])
+    _add_run_arguments(p)
+    _add_section_arguments(p)
     args = p.parse_args(argv)
     if args.work_dir and Path(args.work_dir).exists() and any(Path(args.work_dir).iterdir()):
         p.error(f"--work-dir {args.work_dir} is not empty (its runs would mix with this benchmark's)")
@@ -212,169 +222,18 @@ def _main(args, argv: list[str]) -> dict:
         cfg = compose(args, next(runs))
         device = resolve_device(cfg)
         on_gpu = device.type == "cuda"
-        gpu = torch.cuda.get_device_name(device) if on_gpu else None
         gpu_index = (device.index if device.index is not None else torch.cuda.current_device()) if on_gpu else None
         sections = set(args.only.split(",")) if args.only else {*DEFAULT_SECTIONS, *(("packed",) if on_gpu else ())}
-        print("=" * 78)
-        print("mchad benchmark:", " ".join(argv) or "(defaults)")
-        print(
-            f"machine: {gpu or 'CPU only'}; {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; load average {load:.1f} at start"
-        )
-        print(
-            f"data: {args.data}"
-            + (f" ({args.root})" if args.data == "cifar10" else " (uint8 3x32x32, 50k/10k)")
-            + f"; backbone {args.backbone}; batch {args.batch_size}; Adam + cosine; precision {args.precision}; "
-            f"device {device}; channels_last {args.channels_last}; compile {args.compile}"
-        )
-        print("=" * 78, flush=True)
-
+        _print_header(args, argv, device, load)
         if "train" in sections:
-            light, bare, light_windows, bare_windows = [], [], [], []
-
-            def timed(train, rates, windows):
-                rate, window = train(compose(args, next(runs)), args)
-                rates.append(rate)
-                windows.append(window)
-
-            with UtilisationSampler(gpu_index) as sampler:
-                for r in range(args.repeats):  # alternate (and swap who goes first), so that load changes hit both
-                    if r % 2:
-                        timed(train_bare, bare, bare_windows)
-                    timed(train_lightning, light, light_windows)
-                    if not r % 2:
-                        timed(train_bare, bare, bare_windows)
-            ratios = [a / b for a, b in zip(light, bare, strict=True)]
-            busy = sampler.median(light_windows)
-            report["train"] = {"lightning": light, "bare": bare, "ratio": ratios,
-                               "gpu_util": {"lightning": busy, "bare": sampler.median(bare_windows),
-                                            "text": sampler.describe(light_windows)}}  # fmt: skip
-            ratio = statistics.median(ratios)  # paired: each Lightning repeat with the bare one next to it
-            of_medians = statistics.median(light) / statistics.median(bare)
-            print(
-                f"(a) training, {args.steps} steps x {args.batch_size} images after {args.warmup} warm-up steps, "
-                f"{args.repeats} repeats"
-            )
-            print(f"    run.py Lightning path : {fmt(light, ' img/s')}")
-            print(f"    bare PyTorch loop     : {fmt(bare, ' img/s')}")
-            print(
-                f"    ratio Lightning/bare  : {ratio:.3f} (median of the paired repeats "
-                f"{', '.join(f'{r:.3f}' for r in ratios)}); "
-                f"ratio of the medians {of_medians:.3f}  [target >= 0.95: {'MET' if ratio >= 0.95 else 'MISSED'}]"
-            )
-            per_step = (args.batch_size / statistics.median(light) - args.batch_size / statistics.median(bare)) * 1e3
-            print(f"    framework overhead    : {per_step:+.1f} ms per step", flush=True)
-            print(
-                f"    GPU busy, Lightning   : {sampler.describe(light_windows)}"
-                + (f"  [target >= 80 %: {'MET' if busy >= 80 else 'MISSED'}]" if busy is not None else "")
-            )
-            print(f"    GPU busy, bare loop   : {sampler.describe(bare_windows)}", flush=True)
-            if on_gpu:
-                warm = args.warmup + 3  # past the first steps' one-off work (compilation, CUDA graph capture)
-                counter = host_syncs(compose(args, next(runs)), warm, args.sync_steps)
-                per, logging_steps = counter.per_step or [float("nan")], counter.logging_steps  # nan: no step counted
-                outside = sum(c for i, c in enumerate(per) if i not in logging_steps)
-                report["syncs"] = {"per_step": per, "logging_steps": logging_steps, "outside_logging": outside,
-                                   "locations": dict(counter.locations)}  # fmt: skip
-                print(
-                    f"    host syncs per step   : median {statistics.median(per):g}, max {max(per)} over {len(per)} "
-                    "steps "
-                    f"after {warm} warm-up steps; {sum(per)} in all, {outside} outside the logging steps "
-                    f"({', '.join(map(str, logging_steps)) or 'none'}; trainer.log_every_n_steps="
-                    f"{cfg.trainer.log_every_n_steps})  [target 0 outside logging steps: "
-                    f"{'MET' if outside == 0 else 'MISSED'}]"
-                )
-                for where, n in counter.locations.most_common(8):
-                    print(f"      {n:4d} x {where}")
-            else:
-                print(
-                    "    host syncs per step   : n/a (CUDA only; the CPU test suite checks the step with an "
-                    "emulated device)"
-                )
-
+            _training_section(args, runs, gpu_index, report)
+            _host_syncs_section(args, runs, cfg, on_gpu, report)
         if "data" in sections:
-            rates = data_pipeline(compose(args, next(runs)), args, args.data_batches)
-            report["data"] = rates
-            reference = statistics.median(report["train"]["lightning"]) if "train" in report else None
-            print(
-                f"(b) data pipeline alone (permutation, gather, transfer, crop+flip+normalise), {args.data_batches} "
-                "batches"
-            )
-            print(f"    {fmt(rates, ' img/s')}")
-            if reference:
-                ratio = statistics.median(rates) / reference
-                print(
-                    f"    ratio data/training   : {ratio:.1f}x  [target >= 10x: {'MET' if ratio >= 10 else 'MISSED'}]",
-                    flush=True,
-                )
-
+            _data_section(args, runs, report)
         if "eval" in sections:
-            ev = evaluation(compose(args, next(runs), eval_sets=True), args)
-            report["eval"] = ev
-            print(
-                f"(c) testing: ID test set + {ev['cases']} OOD sets = {ev['images']:,} images, {ev['rows']} metric rows"
-            )
-            print(f"    scoring               : {fmt(ev['scoring'], ' img/s')}")
-            print(f"    scoring + all metrics : {fmt(ev['metrics'], ' s', 2)}")
-            print(f"    whole trainer.test    : {fmt(ev['test_call'], ' s', 2)} (with the plotting callbacks)")
-            if "train" in report:
-                print(
-                    f"    scoring/training rate : "
-                    f"{statistics.median(ev['scoring']) / statistics.median(report['train']['lightning']):.1f}x",
-                    flush=True,
-                )
-
+            _evaluation_section(args, runs, report)
         if "startup" in sections:
-            print("(d) start-up: `python run.py ...` to its first training step")
-            cases = {"quick-start (digits)": []}
-            if args.data == "cifar10":
-                cases["CIFAR-10 image folder"] = [
-                    "experiment=cifar10-mchad",
-                    "datamodule=imagefolder",
-                    f"datamodule.root={args.root}",
-                    "testmodules=noise",
-                    f"model/backbone={args.backbone}",
-                    *args.set,
-                ]
-            report["startup"] = {}
-            for name, overrides in cases.items():
-                times, info = startup(overrides, args.startup_repeats, work / name.split()[0])
-                report["startup"][name] = {"seconds": times, **info}
-                lo, med = summary(times)
-                print(f"    {name:22s}: {fmt(times, ' s', 2)}  [target <= 5 s: {'MET' if med <= 5 else 'MISSED'}]")
-                print(f"    {'':22s}  CPU time of that process: {fmt(info['cpu'], ' s', 2)}")
-                for phase, values in info["phases"].items():
-                    print(f"    {'':22s}  {phase:19s}: {fmt(values, ' s', 2)}")
-                sanity = statistics.median(info["phases"]["sanity validation"])
-                if sanity > 0.1:  # Lightning's 2 validation batches before training: model compute, not set-up
-                    rest = [t - v for t, v in zip(times, info["phases"]["sanity validation"], strict=True)]
-                    print(
-                        f"    {'':22s}  without the sanity validation: {fmt(rest, ' s', 2)}  "
-                        f"[target <= 5 s: {'MET' if statistics.median(rest) <= 5 else 'MISSED'}]"
-                    )
-                print(
-                    f"    {'':22s}  Ray imported: {info['ray_imported']}; images decoded: {info['decoded_images']}; "
-                    f"uint8 cache files loaded: {info['cache_loads']}; also imported: {', '.join(info['imported'])}",
-                    flush=True,
-                )
-            if on_gpu:  # in fresh processes: cold, as at the start of a run
-                costs = [first_use_seconds("cuda") for _ in range(args.startup_repeats)]
-                report["cuda_start"] = {name: [c[name] for c in costs] for name in costs[0]}
-                cuda_own = [sum(v for n, v in c.items() if n != "import torch") for c in costs]
-                report["cuda_start"]["CUDA's own start"] = cuda_own
-                print(
-                    f"    CUDA's own start (torch.cuda.init() + first matmul + first cuDNN conv, fresh process): "
-                    f"{fmt(cuda_own, ' s', 2)}"
-                )
-                print("      " + "; ".join(f"{n} {statistics.median(v):.2f} s" for n, v in report["cuda_start"].items()
-                                           if n != "CUDA's own start"))  # fmt: skip
-            else:
-                print("    CUDA's own start: n/a (no GPU)")
-            total, heavy = import_times()
-            print(
-                f"    `import mchad.runs.train` (python -X importtime): {total:.2f} s; heaviest: "
-                + ", ".join(f"{n} {t:.2f}" for n, t in heavy[:6])
-            )
+            _startup_section(args, work, on_gpu, report)
         if "packed" in sections:
             try:
                 packed_section(args, work, on_gpu, gpu_index, report)
@@ -387,6 +246,181 @@ def _main(args, argv: list[str]) -> dict:
     finally:  # run folders, checkpoints and logs of the timed runs, unless asked to keep them
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _met(ok: bool) -> str:
+    return "MET" if ok else "MISSED"
+
+
+def _print_header(args, argv: list[str], device, load: float) -> None:
+    import torch
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    print("=" * 78)
+    print("mchad benchmark:", " ".join(argv) or "(defaults)")
+    print(
+        f"machine: {gpu or 'CPU only'}; {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; load average {load:.1f} at start"
+    )
+    print(
+        f"data: {args.data}"
+        + (f" ({args.root})" if args.data == "cifar10" else " (uint8 3x32x32, 50k/10k)")
+        + f"; backbone {args.backbone}; batch {args.batch_size}; Adam + cosine; precision {args.precision}; "
+        f"device {device}; channels_last {args.channels_last}; compile {args.compile}"
+    )
+    print("=" * 78, flush=True)
+
+
+def _training_section(args, runs, gpu_index: int | None, report: dict) -> None:
+    """(a) run.py's Lightning path against the bare loop, alternating."""
+    light, bare, light_windows, bare_windows = [], [], [], []
+
+    def timed(train, rates, windows):
+        rate, window = train(compose(args, next(runs)), args)
+        rates.append(rate)
+        windows.append(window)
+
+    with UtilisationSampler(gpu_index) as sampler:
+        for r in range(args.repeats):  # alternate (and swap who goes first), so that load changes hit both
+            if r % 2:
+                timed(train_bare, bare, bare_windows)
+            timed(train_lightning, light, light_windows)
+            if not r % 2:
+                timed(train_bare, bare, bare_windows)
+    ratios = [a / b for a, b in zip(light, bare, strict=True)]
+    busy = sampler.median(light_windows)
+    report["train"] = {"lightning": light, "bare": bare, "ratio": ratios,
+                       "gpu_util": {"lightning": busy, "bare": sampler.median(bare_windows),
+                                    "text": sampler.describe(light_windows)}}  # fmt: skip
+    ratio = statistics.median(ratios)  # paired: each Lightning repeat with the bare one next to it
+    of_medians = statistics.median(light) / statistics.median(bare)
+    print(
+        f"(a) training, {args.steps} steps x {args.batch_size} images after {args.warmup} warm-up steps, "
+        f"{args.repeats} repeats"
+    )
+    print(f"    run.py Lightning path : {fmt(light, ' img/s')}")
+    print(f"    bare PyTorch loop     : {fmt(bare, ' img/s')}")
+    print(
+        f"    ratio Lightning/bare  : {ratio:.3f} (median of the paired repeats "
+        f"{', '.join(f'{r:.3f}' for r in ratios)}); "
+        f"ratio of the medians {of_medians:.3f}  [target >= 0.95: {_met(ratio >= 0.95)}]"
+    )
+    per_step = (args.batch_size / statistics.median(light) - args.batch_size / statistics.median(bare)) * 1e3
+    print(f"    framework overhead    : {per_step:+.1f} ms per step", flush=True)
+    print(
+        f"    GPU busy, Lightning   : {sampler.describe(light_windows)}"
+        + (f"  [target >= 80 %: {_met(busy >= 80)}]" if busy is not None else "")
+    )
+    print(f"    GPU busy, bare loop   : {sampler.describe(bare_windows)}", flush=True)
+
+
+def _host_syncs_section(args, runs, cfg, on_gpu: bool, report: dict) -> None:
+    """(a), CUDA only: host synchronisations per training step, with their source lines."""
+    if not on_gpu:
+        print("    host syncs per step   : n/a (CUDA only; the CPU test suite checks the step with an emulated device)")
+        return
+    warm = args.warmup + 3  # past the first steps' one-off work (compilation, CUDA graph capture)
+    counter = host_syncs(compose(args, next(runs)), warm, args.sync_steps)
+    per, logging_steps = counter.per_step or [float("nan")], counter.logging_steps  # nan: no step counted
+    outside = sum(c for i, c in enumerate(per) if i not in logging_steps)
+    report["syncs"] = {"per_step": per, "logging_steps": logging_steps, "outside_logging": outside,
+                       "locations": dict(counter.locations)}  # fmt: skip
+    print(
+        f"    host syncs per step   : median {statistics.median(per):g}, max {max(per)} over {len(per)} steps "
+        f"after {warm} warm-up steps; {sum(per)} in all, {outside} outside the logging steps "
+        f"({', '.join(map(str, logging_steps)) or 'none'}; trainer.log_every_n_steps="
+        f"{cfg.trainer.log_every_n_steps})  [target 0 outside logging steps: {_met(outside == 0)}]"
+    )
+    for where, n in counter.locations.most_common(8):
+        print(f"      {n:4d} x {where}")
+
+
+def _data_section(args, runs, report: dict) -> None:
+    """(b) the data pipeline alone, against the training throughput."""
+    rates = data_pipeline(compose(args, next(runs)), args, args.data_batches)
+    report["data"] = rates
+    reference = statistics.median(report["train"]["lightning"]) if "train" in report else None
+    print(f"(b) data pipeline alone (permutation, gather, transfer, crop+flip+normalise), {args.data_batches} batches")
+    print(f"    {fmt(rates, ' img/s')}")
+    if reference:
+        ratio = statistics.median(rates) / reference
+        print(f"    ratio data/training   : {ratio:.1f}x  [target >= 10x: {_met(ratio >= 10)}]", flush=True)
+
+
+def _evaluation_section(args, runs, report: dict) -> None:
+    """(c) testing: scoring, metrics, the whole trainer.test."""
+    ev = evaluation(compose(args, next(runs), eval_sets=True), args)
+    report["eval"] = ev
+    print(f"(c) testing: ID test set + {ev['cases']} OOD sets = {ev['images']:,} images, {ev['rows']} metric rows")
+    print(f"    scoring               : {fmt(ev['scoring'], ' img/s')}")
+    print(f"    scoring + all metrics : {fmt(ev['metrics'], ' s', 2)}")
+    print(f"    whole trainer.test    : {fmt(ev['test_call'], ' s', 2)} (with the plotting callbacks)")
+    if "train" in report:
+        rate = statistics.median(ev["scoring"]) / statistics.median(report["train"]["lightning"])
+        print(f"    scoring/training rate : {rate:.1f}x", flush=True)
+
+
+def _startup_section(args, work: Path, on_gpu: bool, report: dict) -> None:
+    """(d) ``python run.py`` to its first training step; CUDA's own start; the heaviest imports."""
+    print("(d) start-up: `python run.py ...` to its first training step")
+    cases = {"quick-start (digits)": []}
+    if args.data == "cifar10":
+        cases["CIFAR-10 image folder"] = [
+            "experiment=cifar10-mchad",
+            "datamodule=imagefolder",
+            f"datamodule.root={args.root}",
+            "testmodules=noise",
+            f"model/backbone={args.backbone}",
+            *args.set,
+        ]
+    report["startup"] = {}
+    for name, overrides in cases.items():
+        times, info = startup(overrides, args.startup_repeats, work / name.split()[0])
+        report["startup"][name] = {"seconds": times, **info}
+        _print_startup(name, times, info)
+    if on_gpu:
+        _cuda_start(args, report)
+    else:
+        print("    CUDA's own start: n/a (no GPU)")
+    total, heavy = import_times()
+    print(
+        f"    `import mchad.runs.train` (python -X importtime): {total:.2f} s; heaviest: "
+        + ", ".join(f"{n} {t:.2f}" for n, t in heavy[:6])
+    )
+
+
+def _print_startup(name: str, times: list[float], info: dict) -> None:
+    lo, med = summary(times)
+    print(f"    {name:22s}: {fmt(times, ' s', 2)}  [target <= 5 s: {_met(med <= 5)}]")
+    print(f"    {'':22s}  CPU time of that process: {fmt(info['cpu'], ' s', 2)}")
+    for phase, values in info["phases"].items():
+        print(f"    {'':22s}  {phase:19s}: {fmt(values, ' s', 2)}")
+    sanity = statistics.median(info["phases"]["sanity validation"])
+    if sanity > 0.1:  # Lightning's 2 validation batches before training: model compute, not set-up
+        rest = [t - v for t, v in zip(times, info["phases"]["sanity validation"], strict=True)]
+        print(
+            f"    {'':22s}  without the sanity validation: {fmt(rest, ' s', 2)}  "
+            f"[target <= 5 s: {_met(statistics.median(rest) <= 5)}]"
+        )
+    print(
+        f"    {'':22s}  Ray imported: {info['ray_imported']}; images decoded: {info['decoded_images']}; "
+        f"uint8 cache files loaded: {info['cache_loads']}; also imported: {', '.join(info['imported'])}",
+        flush=True,
+    )
+
+
+def _cuda_start(args, report: dict) -> None:
+    """CUDA's own start, in fresh processes: cold, as at the start of a run."""
+    costs = [first_use_seconds("cuda") for _ in range(args.startup_repeats)]
+    report["cuda_start"] = {name: [c[name] for c in costs] for name in costs[0]}
+    cuda_own = [sum(v for n, v in c.items() if n != "import torch") for c in costs]
+    report["cuda_start"]["CUDA's own start"] = cuda_own
+    print(
+        "    CUDA's own start (torch.cuda.init() + first matmul + first cuDNN conv, fresh process): "
+        f"{fmt(cuda_own, ' s', 2)}"
+    )
+    print("      " + "; ".join(f"{n} {statistics.median(v):.2f} s" for n, v in report["cuda_start"].items()
+                               if n != "CUDA's own start"))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -138,7 +138,6 @@ def sync_counter(first: int, steps: int, set_mode=None):
     so that Lightning's logging after ``on_train_batch_end`` counts: the trainer must run
     ``first + steps + 1`` batches."""
     import collections
-    import traceback
     import warnings
 
     import pytorch_lightning as pl
@@ -161,11 +160,7 @@ def sync_counter(first: int, steps: int, set_mode=None):
             if "synchroniz" not in str(message):
                 return
             self._count += 1
-            ours = [f for f in traceback.extract_stack()[:-1] if "/src/mchad/" in f.filename]
-            where = f"{short_path(filename)}:{lineno}"
-            if ours and ours[-1].filename != filename:
-                where += f" (from {short_path(ours[-1].filename)}:{ours[-1].lineno})"
-            self.locations[where] += 1
+            self.locations[_sync_location(filename, lineno)] += 1
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == first:
@@ -194,6 +189,18 @@ def sync_counter(first: int, steps: int, set_mode=None):
                 self._finish()
 
     return SyncCounter()
+
+
+def _sync_location(filename: str, lineno: int) -> str:
+    """``file:line`` of a synchronisation, and the line of this package's code that led there
+    (called from the counter's warning hook: the last two frames are the hook's and this one)."""
+    import traceback
+
+    ours = [f for f in traceback.extract_stack()[:-2] if "/src/mchad/" in f.filename]
+    where = f"{short_path(filename)}:{lineno}"
+    if ours and ours[-1].filename != filename:
+        where += f" (from {short_path(ours[-1].filename)}:{ours[-1].lineno})"
+    return where
 
 
 def short_path(filename: str) -> str:

@@ -13,17 +13,15 @@ import torch
 
 from mchad.callbacks.outputs import run_dir
 from mchad.callbacks.sample import ValidationCallback, ValidationSample, known_vs_unknown_auroc, method_centers
+from mchad.models.methods import Method
 from mchad.results import plots
 
 log = logging.getLogger(__name__)
 
 
-def sphere_geometry(method: torch.nn.Module) -> dict[str, Any]:
-    """Arguments ``radius``, ``margin``, ``squared`` of :func:`mchad.results.plots.embedding_frame`.
-
-    Radius ``r``, margin ``m`` and the ``semantics`` are read from the method's push term
-    (``method.push``, an :class:`~mchad.models.losses.OutlierPush`), from ``method.terms`` or from the
-    method itself, whichever has them:
+def sphere_geometry(method: Method) -> dict[str, Any]:
+    """Arguments ``radius``, ``margin``, ``squared`` of :func:`mchad.results.plots.embedding_frame`,
+    from what the method says it can draw (:meth:`~mchad.models.methods.Method.geometry`):
 
     - ``published``: ``r`` bounds the squared distance of known samples (``max(0, d - r)``)
       and outliers are pushed until the squared distance reaches ``m`` (``m^2 - d^2``): circles
@@ -31,19 +29,12 @@ def sphere_geometry(method: torch.nn.Module) -> dict[str, Any]:
     - ``paper``: ``r`` is a Euclidean radius and outliers are pushed beyond ``r + m``:
       circles of radius ``r`` and ``r + m`` (``squared=False``).
 
-    Methods without these attributes get no circles (radius 0, no margin); Center and CAC
-    have no radius (0) and draw the margin of their push term when it is > 0.
+    Radius 0 draws no circle, margin 0 no margin circle (Center and CAC: no radius, their push
+    term's margin when > 0; II and Softmax: none).
     """
-    holder = None
-    for candidate in (getattr(method, "terms", None), getattr(method, "push", None), method):
-        if candidate is not None and hasattr(candidate, "margin") and hasattr(candidate, "radius"):
-            holder = candidate
-            break
-    if holder is None:
-        return {"radius": 0.0, "margin": None, "squared": True}
-    radius = float(getattr(holder, "radius", 0.0) or 0.0)
-    margin = float(getattr(holder, "margin", 0.0) or 0.0)
-    if getattr(holder, "semantics", "published") == "paper":
+    geometry = method.geometry()
+    radius, margin = float(geometry.radius), float(geometry.margin)
+    if geometry.semantics == "paper":
         return {"radius": radius, "margin": radius + margin if margin > 0 else None, "squared": False}
     return {"radius": radius, "margin": margin if margin > 0 else None, "squared": True}
 

@@ -17,6 +17,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
 from mchad.devices import to_host
+from mchad.models.methods import Method
 from mchad.results import plots
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,10 @@ def headline_score(scores: dict[str, Any]) -> str:
     return "distance" if "distance" in scores else next(iter(scores))
 
 
-def method_centers(method: torch.nn.Module) -> Tensor | None:
-    """``method.centers`` as a ``(C, D)`` host tensor, or ``None`` for methods without centres."""
-    centers = getattr(method, "centers", None)
+def method_centers(method: Method) -> Tensor | None:
+    """The method's centres (:meth:`~mchad.models.methods.Method.geometry`) as a ``(C, D)`` host
+    tensor, or ``None`` for methods without centres."""
+    centers = method.geometry().centers
     if not isinstance(centers, Tensor) or centers.ndim != 2:
         return None
     return to_host(centers).float().clone()
@@ -165,8 +167,8 @@ def _forward(pl_module: pl.LightningModule, inputs: Tensor, batch_size: int) -> 
             for name, value in batch_scores.items():
                 scores.setdefault(name, []).append(to_host(value).float())
             predictions.append(to_host(method.predict(out)))
-            if isinstance(out.get("embedding"), Tensor):
-                embeddings.append(to_host(out["embedding"]).float())
+            if isinstance(out.embedding, Tensor):
+                embeddings.append(to_host(out.embedding).float())
     return {
         "scores": {k: torch.cat(v) for k, v in scores.items()},
         "predictions": torch.cat(predictions),

@@ -85,8 +85,7 @@ class OODDataModule(pl.LightningDataModule):
         if not 0 < outlier_fraction <= 1:
             raise ConfigError(f"datamodule.outlier_fraction must be in (0, 1], got {outlier_fraction}")
         self.full_train_set = full_train_set
-        self.outlier_augment = outlier_augment
-        self.outlier_fraction = outlier_fraction
+        self.outlier_augment, self.outlier_fraction = outlier_augment, outlier_fraction
         if len(mean) != len(std):
             raise ConfigError(f"datamodule.mean has {len(mean)} channels but std has {len(std)}")
         self.name = name

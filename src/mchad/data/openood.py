@@ -17,9 +17,10 @@ Where the data is looked up (``root`` = config key ``openood_dir``): the lists i
 ``<root>/benchmark_imglist/<id>/`` (OpenOOD's layout) or pytorch-ood's cache
 ``<torch.hub dir>/openood_benchmark_imglist/benchmark_imglist/<id>/``; the images in
 ``<root>/images_classic/<set>/`` (OpenOOD's layout) or ``<root>/<set>/`` (pytorch-ood's).
-Missing data is downloaded with pytorch-ood's downloaders (they need ``gdown``); offline, a
-missing list or image folder stops the run with one line naming it, the folders looked in
-and how to get it.
+Missing data is downloaded with pytorch-ood's downloaders (they need ``gdown``) into a
+temporary folder under ``root``, renamed into OpenOOD's layout there once complete, one process
+at a time (:mod:`mchad.data.fetch`); offline, a missing list or image folder stops the run
+with one line naming it, the folders looked in and how to get it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 import PIL
 import torch
 
+from mchad.data.fetch import fetch_into, locked
 from mchad.data.sources import (
     DECODE_VERSION,
     RESIZE_MODES,
@@ -90,6 +92,19 @@ def _how_to_get(name: str, root: Path) -> str:
     )
 
 
+def _fetch_lists(staging: Path) -> None:
+    """pytorch-ood's download of OpenOOD's image lists (into torch.hub's dir, which it alone
+    reads) pointed at ``staging``; the lists are left in ``staging/benchmark_imglist``."""
+    from pytorch_ood.benchmark.img.openood import _ensure_imglists
+
+    hub = torch.hub.get_dir()
+    torch.hub.set_dir(str(staging / ".hub"))
+    try:
+        os.replace(_ensure_imglists(download=True), staging / LISTS_FOLDER)
+    finally:
+        torch.hub.set_dir(hub)
+
+
 class OpenOODSource(Source):
     """One split of OpenOOD v1.5's benchmark for the ID dataset ``name``: ``train``, ``val``
     (1,000 ID images), ``test`` (the ID test split), ``val_ood`` (the validation OOD images,
@@ -134,14 +149,14 @@ class OpenOODSource(Source):
                 return place / relative
         cause = None
         if self.download:
-            from pytorch_ood.benchmark.img.openood import _ensure_imglists
-
-            try:  # into pytorch-ood's cache (the second place)
-                _ensure_imglists(download=True)
+            try:  # into the first place (OpenOOD's layout), once, under a lock (mchad.data.fetch)
+                with locked(self.root, "openood-imglists"):
+                    if not (places[0] / relative).is_file():
+                        fetch_into("OpenOOD image lists", self.root, _fetch_lists, "")
             except Exception as error:  # gdown missing, offline, quota: reported with the places looked in
                 cause = error
-            if (places[1] / relative).is_file():
-                return places[1] / relative
+            if (places[0] / relative).is_file():
+                return places[0] / relative
         raise self._missing(f"image list {LISTS_FOLDER}/{relative}", places, cause)
 
     def _image_root(self, folder: str) -> Path:
@@ -154,8 +169,11 @@ class OpenOODSource(Source):
         if self.download:
             from pytorch_ood.benchmark.img.openood import _download_openood_dataset
 
-            try:
-                _download_openood_dataset(folder, str(places[0]))
+            try:  # pytorch-ood's downloader into a temporary folder, renamed into place when it is complete
+                with locked(places[0], f"openood-{folder}"):
+                    if not ((places[0] / folder).is_dir() and any(os.scandir(places[0] / folder))):
+                        fetch = lambda tmp: _download_openood_dataset(folder, str(tmp))  # noqa: E731
+                        fetch_into(f"OpenOOD {folder}", places[0], fetch, "")
             except Exception as error:  # as for the lists
                 cause = error
             if (places[0] / folder).is_dir() and any(os.scandir(places[0] / folder)):

@@ -11,7 +11,7 @@ from mchad.data.datamodule import OODDataModule
 from mchad.data.osr import CLASS_NAMES, SplitError, class_split
 from mchad.data.sources import ImageArray, Source
 from mchad.errors import ConfigError, DataError
-from mchad.resolvers import OSR_SETTINGS
+from mchad.registry import OSR_SETTINGS
 
 UNKNOWN = "Unknown"
 

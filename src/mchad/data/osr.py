@@ -25,8 +25,9 @@ Two published families of lists (``osr.protocol``), copied as data into ``osr_sp
   airplane, automobile, ship, truck.
 
 Known classes are relabelled ``0..k-1`` in the listed order. Nothing here imports torch. The
-settings and the experiment configs ``osr-<setting>-<method>`` that ``import mchad`` registers
-are in :mod:`mchad.resolvers` (``OSR_SETTINGS``, :func:`~mchad.resolvers.register_experiments`).
+settings (``OSR_SETTINGS``) and the experiment configs ``osr-<setting>-<method>`` that ``import mchad``
+registers are the method registry's (:mod:`mchad.registry`: registered before Hydra composes, from the
+foundation, which may not import this package).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-from mchad.resolvers import OSR_SETTINGS
+from mchad.registry import OSR_SETTINGS
 
 #: torchvision's class names, in label order (= sorted folder names of an image folder)
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -25,6 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 from mchad.data.decode import RESIZE_MODES, decode_image, fit_image, progress  # noqa: F401 (fit_image: part of this API)
+from mchad.data.fetch import constructor, library_files, locked, obtain
 from mchad.errors import DataNotFoundError
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 DECODED_IMAGES = 0
 CACHE_LOADS = 0
 
+IMAGE_FOLDER_INSTEAD = "use an image folder: datamodule=imagefolder datamodule.root=/path/to/folder"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 #: part of every image folder's cache key: raise it when decoding (_decode, resizing) changes
 DECODE_VERSION = 2
@@ -116,6 +118,14 @@ def _short(cause: BaseException | str) -> str:
     return text[:160]
 
 
+def _how(call: str, root: Path | str, instead: str) -> str:
+    """How to get a library's dataset by hand (the end of its not-found line)."""
+    return (
+        f"Download it where there is internet (python -m mchad.data.prepare experiment=..., or {call}) and copy it "
+        f"into {root}, or set dataset_dir=/path/holding/it, or {instead}."
+    )
+
+
 def _to_uint8_nchw(images: np.ndarray, channels_last: bool = True) -> Tensor:
     array = np.ascontiguousarray(images)
     if array.ndim == 3:
@@ -129,29 +139,43 @@ def _cache_file(dataset_dir: Path, key: str) -> Path:
     return dataset_dir / "cache" / f"{digest}.pt"
 
 
-def _cached(dataset_dir: Path, key: str, build, what: str = "") -> ImageArray:
-    """Load ``key`` from the cache or build it and write it atomically."""
-    path = _cache_file(Path(dataset_dir), key)
-    if path.exists():
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            if data.get("key", key) != key:
-                raise ValueError("it was built for other data")
-            global CACHE_LOADS
-            CACHE_LOADS += 1
-            log.info("%sloaded %d images from cache %s", f"{what}: " if what else "", len(data["labels"]), path)
-            return ImageArray(data["images"], data["labels"], data.get("classes"), data.get("fingerprint"))
-        except Exception as error:  # a truncated or foreign cache file is rebuilt, not fatal
-            log.warning("Ignoring unreadable cache %s: %s", path, _short(error))
-    array = build()
+def _read_cache(path: Path, key: str, what: str) -> ImageArray | None:
+    """The array cached in ``path`` for ``key``, None if there is none (or it is unreadable)."""
+    if not path.exists():
+        return None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        content = {"images": array.images, "labels": array.labels, "classes": array.classes}
-        torch.save({**content, "key": key, "fingerprint": data_fingerprint(array)}, tmp)
-        os.replace(tmp, path)
-    except OSError as error:  # a read-only dataset_dir only costs decoding again next time
-        log.warning("Could not write cache %s: %s", path, _short(error))
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if data.get("key", key) != key:
+            raise ValueError("it was built for other data")
+        array = ImageArray(data["images"], data["labels"], data.get("classes"), data.get("fingerprint"))
+    except Exception as error:  # a truncated or foreign cache file is rebuilt, not fatal
+        log.warning("Ignoring unreadable cache %s: %s", path, _short(error))
+        return None
+    global CACHE_LOADS
+    CACHE_LOADS += 1
+    log.info("%sloaded %d images from cache %s", f"{what}: " if what else "", len(array), path)
+    return array
+
+
+def _cached(dataset_dir: Path, key: str, build, what: str = "") -> ImageArray:
+    """Load ``key`` from the cache, or build it and write it atomically. Building (fetch and
+    decode) holds the cache file's lock (:func:`mchad.data.fetch.locked`): a second process
+    waits for the first and then loads its cache instead of decoding too."""
+    path = _cache_file(Path(dataset_dir), key)
+    if (array := _read_cache(path, key, what)) is not None:
+        return array
+    with locked(path.parent, path.stem):
+        if (array := _read_cache(path, key, what)) is not None:  # built by another process meanwhile
+            return array
+        array = build()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            content = {"images": array.images, "labels": array.labels, "classes": array.classes}
+            torch.save({**content, "key": key, "fingerprint": data_fingerprint(array)}, tmp)
+            os.replace(tmp, path)
+        except OSError as error:  # a read-only dataset_dir only costs decoding again next time
+            log.warning("Could not write cache %s: %s", path, _short(error))
     return array
 
 
@@ -241,10 +265,10 @@ class ImageFolderSource(Source):
 
     def _folder(self) -> Path:
         folder = self.root / self.split if self.split else self.root
-        if not folder.is_dir():
+        if not folder.is_dir():  # named by its path: an image folder's config may inherit a dataset's name
             raise _missing(
-                self.name,
-                folder,
+                f"image folder {folder.name}",
+                folder.parent,
                 "Point the config at a folder in image-folder layout (<root>/<split>/<class>/<image>).",
             )
         return folder
@@ -254,7 +278,7 @@ class ImageFolderSource(Source):
         classes = self.classes or subdirs
         missing = [c for c in classes if c not in subdirs]
         if missing:
-            raise _missing(self.name, folder, f"Class folders {missing} are missing.")
+            raise DataNotFoundError(f"image folder {folder}: class folders {missing} are missing.")
         return classes
 
     def class_names(self) -> list[str] | None:
@@ -323,32 +347,37 @@ class TorchvisionSource(Source):
 
         return list(CLASS_NAMES.get(self.name, [str(digit) for digit in range(10)]))  # SVHN: digit d is label d
 
+    def library_files(self) -> dict[str, str | None]:
+        """The files torchvision keeps for this split in ``dataset_dir`` and their MD5 sums."""
+        import torchvision.datasets as tvd
+
+        if self.name == "SVHN":
+            return dict([tvd.SVHN.split_list[self.split][1:]])
+        cls = getattr(tvd, self.name)
+        batches = cls.train_list if self.split == "train" else cls.test_list
+        return {
+            cls.filename: cls.tgz_md5,
+            **{f"{cls.base_folder}/{name}": md5 for name, md5 in batches},
+            f"{cls.base_folder}/{cls.meta['filename']}": cls.meta["md5"],
+        }
+
     def load(self, dataset_dir: str | Path) -> ImageArray:
         import torchvision.datasets as tvd
 
-        root = Path(dataset_dir)
-        try:
-            if self.name == "SVHN":
-                data = tvd.SVHN(str(root), split=self.split, download=self.download)
-                images, labels, classes = _to_uint8_nchw(data.data, channels_last=False), data.labels, None
-                checked = [data.split_list[self.split][2]]
-            else:
-                data = getattr(tvd, self.name)(str(root), train=self.split == "train", download=self.download)
-                images, labels, classes = _to_uint8_nchw(data.data), data.targets, list(data.classes)
-                checked = [md5 for _, md5 in (data.train_list if self.split == "train" else data.test_list)]
-            # torchvision verified the files' MD5 sums while loading: they identify the content for free
-            fingerprint = hashlib.sha256(f"torchvision|{self.name}|{self.split}|{checked}".encode()).hexdigest()[:16]
-            # cpu: a data source decodes into host memory (mchad.devices)
-            return ImageArray(images, torch.as_tensor(labels).long(), classes, fingerprint)
-        except Exception as error:  # torchvision raises URLError, RuntimeError, OSError... when offline
-            raise _missing(
-                f"{self.name} ({self.split})",
-                root,
-                f"Download it where there is internet (torchvision's {self.name} with download=True) and copy it "
-                f"into {root}, or set dataset_dir=/path/holding/it, or use an image folder: "
-                "datamodule=imagefolder datamodule.root=/path/to/folder.",
-                error,
-            ) from error
+        root, cls = Path(dataset_dir), getattr(tvd, self.name)
+        split = {"split": self.split} if self.name == "SVHN" else {"train": self.split == "train"}
+        how = _how(f"torchvision's {self.name} with download=True", root, IMAGE_FOLDER_INSTEAD)
+        name, files = f"{self.name} ({self.split})", self.library_files()  # one lock for all splits: one archive
+        data = obtain(name, root, constructor(cls, **split), self.download, how, files, lock=self.name)
+        if self.name == "SVHN":
+            images, labels, classes = _to_uint8_nchw(data.data, channels_last=False), data.labels, None
+        else:
+            images, labels, classes = _to_uint8_nchw(data.data), data.targets, list(data.classes)
+        # torchvision verified the files' MD5 sums while loading: they identify the content for free
+        checked = list(files.values()) if self.name == "SVHN" else list(files.values())[1:-1]  # the split's batches
+        fingerprint = hashlib.sha256(f"torchvision|{self.name}|{self.split}|{checked}".encode()).hexdigest()[:16]
+        # cpu: a data source decodes into host memory (mchad.devices)
+        return ImageArray(images, torch.as_tensor(labels).long(), classes, fingerprint)
 
 
 class PytorchOODSource(Source):
@@ -378,17 +407,9 @@ class PytorchOODSource(Source):
         path = _cache_file(root, key)
 
         def build() -> ImageArray:
-            try:
-                dataset = cls(root=str(root), download=self.download)
-            except Exception as error:
-                raise _missing(
-                    self.name,
-                    root,
-                    f"Download it where there is internet (pytorch_ood.dataset.img.{self.name}(root, download=True)) "
-                    f"and copy it into {root}, or set dataset_dir=/path/holding/it; any image folder can replace "
-                    "it as a test case (see config/testmodules/).",
-                    error,
-                ) from error
+            call = f"pytorch_ood.dataset.img.{self.name}(root, download=True)"
+            how = _how(call, root, "use any image folder as a test case (see config/testmodules/)")
+            dataset = obtain(self.name, root, constructor(cls), self.download, how, library_files(cls))
             # the file-based sets list their files; decode them in parallel instead of via __getitem__
             files = [os.path.join(dataset.basedir, f) for f in getattr(dataset, "files", [])]
             if files:
@@ -424,16 +445,9 @@ class TinyImageNetSource(Source):
         from pytorch_ood.dataset.img import TinyImageNet
 
         root = Path(dataset_dir)
-        try:
-            data = TinyImageNet(root=str(root), subset=self.split, download=self.download)
-        except Exception as error:
-            raise _missing(
-                self.name,
-                root,
-                f"Download it where there is internet (pytorch_ood.dataset.img.TinyImageNet(root, download=True)) and "
-                f"copy it into {root}, or use an image folder: datamodule=imagefolder datamodule.root=/path.",
-                error,
-            ) from error
+        how = _how("pytorch_ood.dataset.img.TinyImageNet(root, download=True)", root, IMAGE_FOLDER_INSTEAD)
+        construct = constructor(TinyImageNet, subset=self.split)
+        data = obtain(self.name, root, construct, self.download, how, library_files(TinyImageNet), "TinyImageNet")
         key = f"tinyimagenet|{self.split}|{root.resolve()}|{len(data.paths)}|{self.size}"
         classes = sorted(data.class_map, key=data.class_map.get)
 
@@ -456,17 +470,10 @@ class TinyImages300kSource(Source):
     def load(self, dataset_dir: str | Path) -> ImageArray:
         from pytorch_ood.dataset.img import TinyImages300k
 
-        try:
-            data = TinyImages300k(root=str(dataset_dir), download=self.download).data
-        except Exception as error:
-            raise _missing(
-                self.name,
-                dataset_dir,
-                f"Download {TinyImages300k.url} into {dataset_dir} where there is internet, or set "
-                "dataset_dir=/path/holding/it, or use any image folder as outliers: "
-                "datamodule/outliers=imagefolder datamodule.outliers.root=/path.",
-                error,
-            ) from error
+        instead = "use any image folder as outliers: datamodule/outliers=imagefolder datamodule.outliers.root=/path"
+        how = _how(f"{TinyImages300k.url} into the folder", dataset_dir, instead)
+        construct, files = constructor(TinyImages300k), library_files(TinyImages300k)
+        data = obtain(self.name, Path(dataset_dir), construct, self.download, how, files).data
         images = _to_uint8_nchw(data)
         return ImageArray(images, torch.full((len(images),), -1, dtype=torch.long))  # cpu: host data
 

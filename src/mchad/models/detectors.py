@@ -34,7 +34,7 @@ from pytorch_ood.api import Detector
 from torch import Tensor
 
 from mchad.errors import ConfigError
-from mchad.models.methods import Method
+from mchad.models.methods import Method, MethodOutput
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class DetectorBank:
     @torch.no_grad()
     def fit(
         self,
-        forward: Callable[[Tensor], dict[str, Tensor]],
+        forward: Callable[[Tensor], MethodOutput],
         method: Method,
         images: Tensor,
         labels: Tensor,
@@ -212,7 +212,7 @@ class DetectorBank:
             f"; fitted on {len(self.fit_indices)} training samples" if need_fit else "",
         )
 
-    def scores(self, method: Method, out: dict[str, Tensor]) -> dict[str, Tensor]:
+    def scores(self, method: Method, out: MethodOutput) -> dict[str, Tensor]:
         """Outlier scores of one batch per detector (larger = more anomalous), on the batch's device."""
         result = {}
         inputs = {LOGITS: method.logits(out).float(), FEATURES: method.features(out).float()}

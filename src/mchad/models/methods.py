@@ -2,19 +2,10 @@
 
 Every method is an ``nn.Module`` whose state (centres, linear head, ...) is part of the
 model: optimised, moved to the model's device and saved in checkpoints with it. The one
-LightningModule (:class:`mchad.models.module.OODModel`) drives all of them through this interface:
-
-- ``forward(z) -> dict`` of tensors computed once per batch (e.g. ``distances``, ``logits``);
-- ``loss(out, y) -> dict`` with the weighted total under ``"loss"`` and the unweighted terms
-  (labels ``< 0`` are outliers; terms that do not use them ignore them);
-- ``predict(out) -> Tensor`` of class indices;
-- ``scores(out) -> dict`` of outlier scores, **larger = more anomalous**; ``score_names``
-  lists them, the headline score first (results.csv holds one row per test case and score);
-- ``on_train_epoch_start()`` for per-epoch state (II's running centres);
-- for post-hoc detectors (:mod:`mchad.models.detectors`): ``features(out)`` (the embedding that the
-  head or the centres act on), ``logits(out)`` and ``logits_of(features)`` (the linear
-  classifier's logits; for methods without one the negated squared distances to the centres)
-  and ``linear_head`` (the ``nn.Linear`` classifier ``head``, or ``None``).
+LightningModule (:class:`mchad.models.module.OODModel`) drives all of them through the
+interface of :class:`Method` (its docstring is the contract): one typed output per batch,
+:class:`MethodOutput` (embedding, distances, logits), and :class:`Geometry`, what the views can
+draw of a method (centres, radius, margin).
 
 Scores: ``distance`` = ``min_c d_c`` (squared distance to the nearest centre, the paper's
 score for every centre-based model); ``msp`` = ``-max_c softmax(logits)_c`` with the logits
@@ -22,9 +13,11 @@ of a linear head, or ``-d`` for methods without one; ``cac`` = CAC's rejection s
 
 The G-variants (G-MCHAD, G-Center, G-CAC) are the same classes with ``weight_oe > 0`` and an
 outlier source in the datamodule: the push regulariser (:class:`mchad.models.losses.OutlierPush`)
-acts on the outliers of each batch. Adding a method means writing such a class and a config
-in ``config/model/``.
+acts on the outliers of each batch. Adding a method: a subclass, its config in ``config/model/``
+and its entry in the method registry (docs/layout-and-extending.md, "Adding a method").
 """
+
+from dataclasses import dataclass, fields, replace
 
 import torch
 from pytorch_ood.loss import CACLoss, CenterLoss
@@ -54,8 +47,55 @@ def weighted(terms: dict[str, Tensor], weights: dict[str, float]) -> dict[str, T
     return terms
 
 
+@dataclass
+class MethodOutput:
+    """What a method computes once per batch (:meth:`Method.forward`).
+
+    ``embedding``: the ``B x D`` features that the head or the centres act on (the views draw it,
+    feature-based detectors use it); ``distances``: ``B x C`` squared distances to the class
+    centres, for centre-based methods; ``logits``: ``B x C`` of a linear classifier head.
+    (A dataclass: torch.compile traces it as one graph, tests/test_compile.py.)
+    """
+
+    embedding: Tensor | None = None
+    distances: Tensor | None = None
+    logits: Tensor | None = None
+
+    def rows(self, index: Tensor) -> "MethodOutput":
+        """The output of some rows of the batch (a boolean mask or indices)."""
+        picked = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return replace(self, **{name: value[index] for name, value in picked.items()})
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the views can draw of a method (:meth:`Method.geometry`): the ``C x D`` class centres
+    (None: no centres, no embedding picture) and the hypersphere radius ``r`` and margin ``m``
+    read by ``semantics`` (see :func:`mchad.callbacks.animation.sphere_geometry`); 0: no circle."""
+
+    centers: Tensor | None = None
+    radius: float = 0.0
+    margin: float = 0.0
+    semantics: Semantics = "published"
+
+
 class Method(nn.Module):
-    """Base class; see the module docstring for the interface."""
+    """The interface every method implements; the LightningModule uses nothing else.
+
+    - ``forward(z) -> MethodOutput``: computed once per batch from the backbone's embedding ``z``;
+    - ``loss(out, y) -> dict``: the unweighted terms and their weighted total under ``"loss"``
+      (:func:`weighted` with :attr:`weights`); labels ``< 0`` are outliers, terms that do not
+      use them ignore them;
+    - ``predict(out) -> Tensor`` of class indices;
+    - ``scores(out) -> dict`` of outlier scores, **larger = more anomalous**, named as in
+      :attr:`score_names`, the headline score first (results.csv: one row per test case and score;
+      the registry's ``score`` names it);
+    - ``geometry() -> Geometry``: what the views can draw (default: nothing);
+    - ``on_train_epoch_start()``: per-epoch state (II's running centres);
+    - for post-hoc detectors (:mod:`mchad.models.detectors`): ``features(out)``, ``logits(out)``,
+      ``logits_of(features)`` and ``linear_head``, given here for any method whose output has
+      ``logits`` (a linear ``head``) or ``distances`` (and centres in its geometry).
+    """
 
     #: effective weight of each loss term (``loss = sum weights[t] * terms[t]``)
     weights: dict[str, float] = {}
@@ -63,14 +103,21 @@ class Method(nn.Module):
     #: outlier scores this method reports; the first is the headline score
     score_names: tuple[str, ...] = ()
 
-    def loss(self, out: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
+    def forward(self, z: Tensor) -> MethodOutput:
         raise NotImplementedError
 
-    def predict(self, out: dict[str, Tensor]) -> Tensor:
+    def loss(self, out: MethodOutput, target: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def scores(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
+    def predict(self, out: MethodOutput) -> Tensor:
         raise NotImplementedError
+
+    def scores(self, out: MethodOutput) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def geometry(self) -> Geometry:
+        """What the views can draw: no centres, no circles unless a method says so."""
+        return Geometry()
 
     def on_train_epoch_start(self) -> None:
         """Hook for per-epoch state (e.g. running centres)."""
@@ -81,18 +128,23 @@ class Method(nn.Module):
         head = getattr(self, "head", None)
         return head if isinstance(head, nn.Linear) else None
 
-    def features(self, out: dict[str, Tensor]) -> Tensor:
+    def features(self, out: MethodOutput) -> Tensor:
         """The ``B x D`` features that the head or the centres act on."""
-        return out["embedding"]
+        return out.embedding
 
-    def logits(self, out: dict[str, Tensor]) -> Tensor:
+    def logits(self, out: MethodOutput) -> Tensor:
         """The ``B x C`` logits: the classifier's, else the negated squared distances ``-d``."""
-        return out["logits"] if "logits" in out else -out["distances"]
+        return out.logits if out.logits is not None else -out.distances
 
     def logits_of(self, features: Tensor) -> Tensor:
         """What :meth:`logits` would be for these features (detectors that alter features)."""
         head = self.linear_head
-        return head(features) if head is not None else -pairwise_distances(features, self.centers)
+        if head is not None:
+            return head(features)
+        centers = self.geometry().centers
+        if centers is None:
+            raise TypeError(f"{type(self).__name__} has neither a linear head nor centres")
+        return -pairwise_distances(features, centers)
 
 
 class CenterMethod(Method):
@@ -117,14 +169,19 @@ class CenterMethod(Method):
         """The ``C x D`` class centres."""
         return self.class_centers.params
 
-    def forward(self, z: Tensor) -> dict[str, Tensor]:
-        return {"embedding": z, "distances": self.class_centers(z)}
+    def geometry(self) -> Geometry:
+        """The centres and the push term's radius, margin and semantics."""
+        push = self.push
+        return Geometry(self.centers, push.radius, push.margin, push.semantics)
 
-    def predict(self, out: dict[str, Tensor]) -> Tensor:
-        return out["distances"].argmin(dim=1)
+    def forward(self, z: Tensor) -> MethodOutput:
+        return MethodOutput(z, distances=self.class_centers(z))
 
-    def scores(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
-        d = out["distances"]
+    def predict(self, out: MethodOutput) -> Tensor:
+        return out.distances.argmin(dim=1)
+
+    def scores(self, out: MethodOutput) -> dict[str, Tensor]:
+        d = out.distances
         return {"distance": d.min(dim=1).values, "msp": msp(-d)}
 
 
@@ -156,8 +213,8 @@ class MCHAD(CenterMethod):
         self.pull_radius = pull
         self.weights = {"center": weight_center, "nll": weight_ce, "oe": weight_oe}
 
-    def loss(self, out: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
-        d = out["distances"]
+    def loss(self, out: MethodOutput, target: Tensor) -> dict[str, Tensor]:
+        d = out.distances
         terms = {
             "center": losses.center_pull(d, target, self.pull_radius, self.all_rows),
             "nll": losses.softmin_nll(d, target, self.all_rows),
@@ -191,25 +248,25 @@ class Center(CenterMethod):
         # the published G-Center (gcenter.py) predicts by the nearest centre, Center by its classifier
         self.predict_by_centre = semantics == "published" and weight_oe > 0
 
-    def forward(self, z: Tensor) -> dict[str, Tensor]:
-        return {**super().forward(z), "logits": self.head(z)}
+    def forward(self, z: Tensor) -> MethodOutput:
+        return MethodOutput(z, distances=self.class_centers(z), logits=self.head(z))
 
-    def loss(self, out: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
-        d = out["distances"]
+    def loss(self, out: MethodOutput, target: Tensor) -> dict[str, Tensor]:
+        d = out.distances
         terms = {
             "center": losses.center_pull(d, target, all_rows=self.all_rows),
-            "nll": losses.cross_entropy_known(out["logits"], target, self.all_rows),
+            "nll": losses.cross_entropy_known(out.logits, target, self.all_rows),
             "oe": self.push(d, target),
         }
         return weighted(terms, self.weights)
 
-    def predict(self, out: dict[str, Tensor]) -> Tensor:
+    def predict(self, out: MethodOutput) -> Tensor:
         if self.predict_by_centre:
-            return out["distances"].argmin(dim=1)
-        return out["logits"].argmax(dim=1)
+            return out.distances.argmin(dim=1)
+        return out.logits.argmax(dim=1)
 
-    def scores(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"distance": out["distances"].min(dim=1).values, "msp": msp(out["logits"])}
+    def scores(self, out: MethodOutput) -> dict[str, Tensor]:
+        return {"distance": out.distances.min(dim=1).values, "msp": msp(out.logits)}
 
 
 class CAC(CenterMethod):
@@ -263,11 +320,11 @@ class CAC(CenterMethod):
         if semantics == "published":
             self.score_names = (*self.score_names, "cac_published")
 
-    def forward(self, z: Tensor) -> dict[str, Tensor]:
-        return {"embedding": z, "distances": self.class_centers(z).pow(self.distance_power)}
+    def forward(self, z: Tensor) -> MethodOutput:
+        return MethodOutput(z, distances=self.class_centers(z).pow(self.distance_power))
 
-    def loss(self, out: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
-        d = out["distances"]
+    def loss(self, out: MethodOutput, target: Tensor) -> dict[str, Tensor]:
+        d = out.distances
         terms = {
             "anchor": losses.anchor_pull(d, target),
             # CAC's anchor and tuplet terms are means over known rows in every reading
@@ -286,11 +343,11 @@ class CAC(CenterMethod):
         """``min_c gamma_c`` — larger = more anomalous."""
         return cls.gamma(distances).min(dim=1).values
 
-    def scores(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
-        scores = {**super().scores(out), "cac": self.rejection_score(out["distances"])}
+    def scores(self, out: MethodOutput) -> dict[str, Tensor]:
+        scores = {**super().scores(out), "cac": self.rejection_score(out.distances)}
         if "cac_published" in self.score_names:
             # the published `cac` score: max_c gamma_c (pytorch-ood 0.0.7's CACLoss.score, un-negated)
-            scores["cac_published"] = self.gamma(out["distances"]).max(dim=1).values
+            scores["cac_published"] = self.gamma(out.distances).max(dim=1).values
         return scores
 
 
@@ -317,12 +374,16 @@ class II(Method):
     def centers(self) -> Tensor:
         return self.running.centers
 
+    def geometry(self) -> Geometry:
+        """The running centres; no hyperspheres."""
+        return Geometry(self.centers)
+
     def on_train_epoch_start(self) -> None:
         self.running.reset()
 
-    def forward(self, z: Tensor) -> dict[str, Tensor]:
+    def forward(self, z: Tensor) -> MethodOutput:
         e = self.norm(z)
-        return {"embedding": e, "distances": pairwise_distances(e, self.running.centers)}
+        return MethodOutput(e, distances=pairwise_distances(e, self.running.centers))
 
     @torch.no_grad()
     def _global_class_means(self, e: Tensor, target: Tensor, means: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
@@ -347,8 +408,8 @@ class II(Method):
         running.copy_(torch.where(present.unsqueeze(1) > 0, updated, running))
         n += 1
 
-    def loss(self, out: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
-        e = out["embedding"]
+    def loss(self, out: MethodOutput, target: Tensor) -> dict[str, Tensor]:
+        e = out.embedding
         means, present = losses.batch_class_means(e, target, self.n_classes)
         if self.training:
             self._update(*self._global_class_means(e.detach(), target, means.detach(), present))
@@ -357,11 +418,11 @@ class II(Method):
             centers = self.running.centers
         return weighted(losses.ii_terms(e, target, centers, present), self.weights)
 
-    def predict(self, out: dict[str, Tensor]) -> Tensor:
-        return out["distances"].argmin(dim=1)
+    def predict(self, out: MethodOutput) -> Tensor:
+        return out.distances.argmin(dim=1)
 
-    def scores(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
-        d = out["distances"]
+    def scores(self, out: MethodOutput) -> dict[str, Tensor]:
+        d = out.distances
         return {"distance": d.min(dim=1).values, "msp": msp(-d)}
 
 
@@ -378,14 +439,14 @@ class Softmax(Method):
         self.head = nn.Linear(n_embedding, n_classes)
         self.weights = {"nll": 1.0}
 
-    def forward(self, z: Tensor) -> dict[str, Tensor]:
-        return {"embedding": z, "logits": self.head(z)}
+    def forward(self, z: Tensor) -> MethodOutput:
+        return MethodOutput(z, logits=self.head(z))
 
-    def loss(self, out: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
-        return weighted({"nll": losses.cross_entropy_known(out["logits"], target)}, self.weights)
+    def loss(self, out: MethodOutput, target: Tensor) -> dict[str, Tensor]:
+        return weighted({"nll": losses.cross_entropy_known(out.logits, target)}, self.weights)
 
-    def predict(self, out: dict[str, Tensor]) -> Tensor:
-        return out["logits"].argmax(dim=1)
+    def predict(self, out: MethodOutput) -> Tensor:
+        return out.logits.argmax(dim=1)
 
-    def scores(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"msp": msp(out["logits"])}
+    def scores(self, out: MethodOutput) -> dict[str, Tensor]:
+        return {"msp": msp(out.logits)}

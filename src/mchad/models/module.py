@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from mchad.devices import to_host
 from mchad.distributed import gather_rows
 from mchad.models.detectors import DetectorBank
-from mchad.models.methods import Method
+from mchad.models.methods import Method, MethodOutput
 from mchad.results.metrics import METRIC_COLUMNS, OOD_METRIC_KEYS, case_metrics
 
 log = logging.getLogger(__name__)
@@ -86,13 +86,13 @@ class OODModel(pl.LightningModule):
         # the training step's computation; compile_step replaces it with its compiled form
         self._train_terms = self.train_terms
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def forward(self, x: Tensor) -> MethodOutput:
         z = self.backbone(x)
         # distances, losses and scores in float32, also under mixed precision (bf16-mixed)
         with torch.autocast(z.device.type, enabled=False):
             return self.method(z.float())
 
-    def _loss(self, out: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
+    def _loss(self, out: MethodOutput, labels: Tensor) -> dict[str, Tensor]:
         with torch.autocast(labels.device.type, enabled=False):
             return self.method.loss(out, labels)
 

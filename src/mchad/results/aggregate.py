@@ -172,37 +172,9 @@ def welch_tests(
             for method in others:
                 a = base[metric].dropna().to_numpy()
                 b = of_group.loc[of_group["method"] == method, metric].dropna().to_numpy()
-                records.append(
-                    {
-                        DATASET: group["id_dataset"],
-                        **({OOD_SET: group["test_case"]} if by_ood else {}),
-                        "Metric": metric,
-                        "Baseline": baseline,
-                        MODEL: method,
-                        "Baseline mean": a.mean() if a.size else math.nan,
-                        "Model mean": b.mean() if b.size else math.nan,
-                        "Difference": (a.mean() - b.mean()) if a.size and b.size else math.nan,
-                        **_welch(a, b),
-                        "Baseline seeds": a.size,
-                        "Model seeds": b.size,
-                    }
-                )
-    columns = (
-        [DATASET]
-        + ([OOD_SET] if by_ood else [])
-        + [
-            "Metric",
-            "Baseline",
-            MODEL,
-            "Baseline mean",
-            "Model mean",
-            "Difference",
-            "t",
-            "p",
-            "Baseline seeds",
-            "Model seeds",
-        ]
-    )
+                place = {DATASET: group["id_dataset"], **({OOD_SET: group["test_case"]} if by_ood else {})}
+                records.append({**place, **_welch_record(metric, baseline, method, a, b)})
+    columns = [DATASET] + ([OOD_SET] if by_ood else []) + list(_welch_record("", "", "", np.ones(0), np.ones(0)))
     welch = pd.DataFrame.from_records(records, columns=columns)
     if welch.empty:
         return welch
@@ -213,6 +185,22 @@ def welch_tests(
         keys + ["_metric"], key=lambda c: c if c.name == "_metric" else display_order(c, config), kind="stable"
     )
     return welch.drop(columns="_metric").reset_index(drop=True)
+
+
+def _welch_record(metric: str, baseline: str, method: str, a: np.ndarray, b: np.ndarray) -> dict[str, object]:
+    """One row of the Welch table (without the dataset and OOD set): the baseline's values ``a``
+    against the model's ``b``."""
+    return {
+        "Metric": metric,
+        "Baseline": baseline,
+        MODEL: method,
+        "Baseline mean": a.mean() if a.size else math.nan,
+        "Model mean": b.mean() if b.size else math.nan,
+        "Difference": (a.mean() - b.mean()) if a.size and b.size else math.nan,
+        **_welch(a, b),
+        "Baseline seeds": a.size,
+        "Model seeds": b.size,
+    }
 
 
 def _welch(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
@@ -319,6 +307,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="sem",
         help="what ± shows: standard error of the mean over seeds (default) or standard deviation",
     )
+    _add_table_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _add_table_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the tables are computed and shown."""
     parser.add_argument(
         "--alpha",
         type=_fraction,
@@ -362,7 +356,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="average trials of one table cell even if they ran on different code or data (default: refuse)",
     )
-    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,8 +366,6 @@ def main(argv: list[str] | None = None) -> int:
         config = load_table_config(args.table_config)
         score = args.score if args.score is not None else config.scores()
         baseline = args.baseline if args.baseline is not None else config.baseline
-        options = TableOptions(spread=args.spread, alpha=args.alpha, decimals=args.decimals)
-
         results, missing = (find_results_from_scores if args.from_scores else find_results)(args.folders)
         provenance_notes = check_provenance(results, args.allow_mixed)
         openset, results = split_openset(results)
@@ -385,53 +376,20 @@ def main(argv: list[str] | None = None) -> int:
         if openood_files:
             report_leaderboard(openood, openood_files)
         if results.empty and not openset_files:  # OpenOOD runs only
-            header = f"# {len(missing)} missing/failed trial(s): run folders without {RESULTS_FILE}\n"
-            (out_dir / "missing.txt").write_text(header + "".join(f"{m}\n" for m in missing), encoding="utf-8")
-            for run in missing:
-                print(f"  {'failed' if run.cause else 'missing'}: {run}")
+            _write_missing(missing, out_dir)
             return 0
         if results.empty:  # open-set runs only
             return report_openset(openset, openset_files, missing, out_dir, score)
         if args.published_aupr_names:
             results = published_aupr_names(results)
-        table = summary_table(results, score, config=config)
-        per_ood = summary_table(results, score, by_ood=True, config=config)
-        welch = welch_tests(results, baseline, score, config=config)
-        welch_per_ood = welch_tests(results, baseline, score, by_ood=True, config=config)
-        config = dataclasses.replace(config, baseline=baseline)
-        paper = paper_table(table, welch, METRICS, config, options)
-        per_ood_papers = {
-            m: per_ood_paper_table(per_ood, welch_per_ood, m, config, options) for m in args.per_ood_metric
-        }
-        if args.published_aupr_names:
-            for written in (paper, *per_ood_papers.values()):
-                written.caption.append("AUPR names as published (AUPR-IN: OOD positive)")
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out_dir / "table.csv", index=False)
-        per_ood.to_csv(out_dir / "table_per_ood.csv", index=False)
-        write_paper_table(paper, out_dir, "table")
-        for metric, per_ood_paper in per_ood_papers.items():
-            write_paper_table(per_ood_paper, out_dir, f"table_per_ood_{safe_name(metric)}")
-        write_tables(welch, out_dir, "welch")
-        write_tables(welch_per_ood, out_dir, "welch_per_ood")
-        plots = []
-        for dataset in table[DATASET].unique():
-            plot_path = out_dir / f"auroc_{safe_name(dataset)}.png"
-            plot_auroc_bars(results, dataset, plot_path, score, config)
-            plots.append(plot_path)
+        paper, welch, per_ood_papers, plots = _paper_tables(args, results, score, baseline, config, out_dir)
     except (AggregateError, TableConfigError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
-    header = f"# {len(missing)} missing/failed trial(s): run folders without {RESULTS_FILE}\n"
-    (out_dir / "missing.txt").write_text(header + "".join(f"{m}\n" for m in missing), encoding="utf-8")
-
-    n_runs = results["run_dir"].nunique()
     print(render_markdown(paper))
-    print(f"runs found: {n_runs} ({len(results)} rows); missing/failed trials: {len(missing)}")
-    for run in missing:
-        print(f"  {'failed' if run.cause else 'missing'}: {run}")
+    print(f"runs found: {results['run_dir'].nunique()} ({len(results)} rows); missing/failed trials: {len(missing)}")
+    _write_missing(missing, out_dir)
     _print_notes(results, score, baseline, welch)
     for note in provenance_notes:
         print(note)
@@ -443,6 +401,45 @@ def main(argv: list[str] | None = None) -> int:
     if openset_files:
         report_openset(openset, openset_files, None, out_dir, score)
     return 0
+
+
+def _paper_tables(args, results: pd.DataFrame, score, baseline: str, config: TableConfig, out_dir: Path):
+    """The summary, per-OOD-set and Welch tables and the AUROC bar plots, written to ``out_dir``;
+    returns the paper table, the Welch table, the per-OOD-set paper tables and the plots' paths."""
+    options = TableOptions(spread=args.spread, alpha=args.alpha, decimals=args.decimals)
+    table = summary_table(results, score, config=config)
+    per_ood = summary_table(results, score, by_ood=True, config=config)
+    welch = welch_tests(results, baseline, score, config=config)
+    welch_per_ood = welch_tests(results, baseline, score, by_ood=True, config=config)
+    config = dataclasses.replace(config, baseline=baseline)
+    paper = paper_table(table, welch, METRICS, config, options)
+    per_ood_papers = {m: per_ood_paper_table(per_ood, welch_per_ood, m, config, options) for m in args.per_ood_metric}
+    if args.published_aupr_names:
+        for written in (paper, *per_ood_papers.values()):
+            written.caption.append("AUPR names as published (AUPR-IN: OOD positive)")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / "table.csv", index=False)
+    per_ood.to_csv(out_dir / "table_per_ood.csv", index=False)
+    write_paper_table(paper, out_dir, "table")
+    for metric, per_ood_paper in per_ood_papers.items():
+        write_paper_table(per_ood_paper, out_dir, f"table_per_ood_{safe_name(metric)}")
+    write_tables(welch, out_dir, "welch")
+    write_tables(welch_per_ood, out_dir, "welch_per_ood")
+    plots = []
+    for dataset in table[DATASET].unique():
+        plot_path = out_dir / f"auroc_{safe_name(dataset)}.png"
+        plot_auroc_bars(results, dataset, plot_path, score, config)
+        plots.append(plot_path)
+    return paper, welch, per_ood_papers, plots
+
+
+def _write_missing(missing: list, out_dir: Path) -> None:
+    """``missing.txt``: the run folders without results.csv, one per line; each printed."""
+    header = f"# {len(missing)} missing/failed trial(s): run folders without {RESULTS_FILE}\n"
+    (out_dir / "missing.txt").write_text(header + "".join(f"{m}\n" for m in missing), encoding="utf-8")
+    for run in missing:
+        print(f"  {'failed' if run.cause else 'missing'}: {run}")
 
 
 def _print_notes(results: pd.DataFrame, score: str | Mapping[str, str], baseline: str, welch: pd.DataFrame) -> None:

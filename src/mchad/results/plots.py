@@ -198,7 +198,7 @@ def embedding_frame(
     figsize: tuple[float, float] = (7.5, 6.0),
     dpi: int = 100,
 ) -> Path:
-    """Scatter plot of 2-D embeddings with class centres and hyperspheres, saved as PNG.
+    """Scatter plot of 2-D embeddings with class centres and hyperspheres, saved as PNG; returns its path.
 
     Args:
         embeddings: ``(N, 2)`` embeddings ``f(x)``.
@@ -221,10 +221,43 @@ def embedding_frame(
         class_names: legend names of the classes (default ``"class k"``).
         figsize, dpi: figure size in inches and resolution. Keep them fixed over an
             animation (frames of one GIF must have equal pixel sizes).
-
-    Returns:
-        The path of the written PNG.
     """
+    emb, lab, cen = _frame_arrays(embeddings, labels, centers, class_names)
+    n_classes = cen.shape[0]
+    radii = _circle_radii(radius, n_classes, squared, "radius")
+    margins = _circle_radii(margin, n_classes, squared, "margin")
+    limits = limits or axis_limits(emb, cen, radius, margin=margin, squared=squared)
+    idx = _subsample_indices(emb.shape[0], max_points)
+    colors = _class_colors(n_classes)
+    fig = _new_figure(figsize, dpi)
+    fig.subplots_adjust(left=0.12, right=0.75, bottom=0.08, top=0.93)
+    ax = fig.add_subplot(1, 1, 1)
+    handles = _draw_points(ax, emb[idx], lab[idx], colors, class_names, n_classes)
+    edges = colors if n_classes <= 20 else ["black"] * n_classes
+    for circles, style, what, raw in ((radii, "-", "radius", radius), (margins, "--", "margin", margin)):
+        if circles is not None:
+            handles.append(_draw_circles(ax, cen, circles, edges, style, what, raw, squared))
+    ax.scatter(cen[:, 0], cen[:, 1], marker="x", s=60, c="black", linewidths=2, zorder=4)
+    handles.append(Line2D([], [], ls="", marker="x", ms=8, mew=2, color="black", label="centre"))
+    _equal_axes(ax, limits, ("$f(x)_1$", "$f(x)_2$"), title)  # circles stay circles
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+    return _save(fig, _prepare_path(path), dpi)
+
+
+def _equal_axes(ax, limits: tuple[float, float, float, float], labels: tuple[str, str], title: str) -> None:
+    """Axes within ``limits`` (xmin, xmax, ymin, ymax) at equal scale, labelled, with a light grid."""
+    ax.set_xlim(limits[0], limits[1])
+    ax.set_ylim(limits[2], limits[3])
+    ax.set_aspect("equal", adjustable="box")
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    if title:
+        ax.set_title(title)
+    ax.grid(True, lw=0.4, alpha=0.4)
+
+
+def _frame_arrays(embeddings, labels, centers, class_names) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The embeddings, labels and centres of a frame as arrays, checked to fit each other."""
     emb = _to_numpy(embeddings)
     lab = _to_numpy(labels, dtype=np.int64).reshape(-1)
     cen = _to_numpy(centers)
@@ -239,21 +272,14 @@ def embedding_frame(
         raise ValueError(f"label {int(lab.max())} has no centre (only {n_classes} centres given)")
     if class_names is not None and len(class_names) != n_classes:
         raise ValueError(f"class_names has {len(class_names)} entries for {n_classes} centres")
-    radii = _circle_radii(radius, n_classes, squared, "radius")
-    margins = _circle_radii(margin, n_classes, squared, "margin")
-    if limits is None:
-        limits = axis_limits(emb, cen, radius, margin=margin, squared=squared)
-    path = _prepare_path(path)
+    return emb, lab, cen
 
-    idx = _subsample_indices(emb.shape[0], max_points)
-    emb, lab = emb[idx], lab[idx]
-    colors = _class_colors(n_classes)
-    outlier = lab < 0
 
-    fig = _new_figure(figsize, dpi)
-    fig.subplots_adjust(left=0.12, right=0.75, bottom=0.08, top=0.93)
-    ax = fig.add_subplot(1, 1, 1)
+def _draw_points(ax, emb, lab, colors, class_names, n_classes: int) -> list[Any]:
+    """The outliers (grey, below) and the known classes; their legend entries (the classes' only
+    up to 20 classes)."""
     handles: list[Any] = []
+    outlier = lab < 0
     if outlier.any():
         pts = emb[outlier]
         ax.scatter(pts[:, 0], pts[:, 1], s=5, color=_OUTLIER_COLOR, alpha=0.35, linewidths=0, zorder=1)
@@ -262,43 +288,26 @@ def embedding_frame(
     if known.any():
         pts = emb[known]
         ax.scatter(pts[:, 0], pts[:, 1], s=5, c=colors[lab[known]], alpha=0.6, linewidths=0, zorder=2)
-    show_classes = n_classes <= 20
-    if show_classes:
+    if n_classes <= 20:
         for k in range(n_classes):
             name = class_names[k] if class_names is not None else f"class {k}"
             handles.append(Line2D([], [], ls="", marker="o", ms=5, color=colors[k], label=name))
+    return handles
 
-    for circles, style, what in ((radii, "-", "radius"), (margins, "--", "margin")):
-        if circles is None:
-            continue
-        for k in range(n_classes):
-            if circles[k] > 0:
-                edge = colors[k] if show_classes else "black"
-                ax.add_patch(Circle(tuple(cen[k]), circles[k], fill=False, ls=style, lw=1.3, ec=edge, zorder=3))
-        raw = radius if what == "radius" else margin
-        raw_arr = _to_numpy(raw).reshape(-1)
-        sym = "r" if what == "radius" else "m"
-        if raw_arr.size == 1:
-            value = float(raw_arr[0])
-            text = f"{what} $\\sqrt{{{sym}}}$, {sym}={_fmt(value)}" if squared else f"{what} {sym}={_fmt(value)}"
-        else:
-            text = f"{what} $\\sqrt{{{sym}_c}}$" if squared else f"{what} {sym}_c"
-        handles.append(Line2D([], [], ls=style, lw=1.3, color="black", label=text))
 
-    ax.scatter(cen[:, 0], cen[:, 1], marker="x", s=60, c="black", linewidths=2, zorder=4)
-    handles.append(Line2D([], [], ls="", marker="x", ms=8, mew=2, color="black", label="centre"))
-
-    xmin, xmax, ymin, ymax = limits
-    ax.set_xlim(xmin, xmax)
-    ax.set_ylim(ymin, ymax)
-    ax.set_aspect("equal", adjustable="box")  # circles stay circles
-    ax.set_xlabel("$f(x)_1$")
-    ax.set_ylabel("$f(x)_2$")
-    if title:
-        ax.set_title(title)
-    ax.grid(True, lw=0.4, alpha=0.4)
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
-    return _save(fig, path, dpi)
+def _draw_circles(ax, cen, circles, edges, style: str, what: str, raw, squared: bool) -> Any:
+    """One circle per centre (none of radius 0) for ``what`` (radius or margin); its legend entry."""
+    for k in range(len(cen)):
+        if circles[k] > 0:
+            ax.add_patch(Circle(tuple(cen[k]), circles[k], fill=False, ls=style, lw=1.3, ec=edges[k], zorder=3))
+    raw_arr = _to_numpy(raw).reshape(-1)
+    sym = "r" if what == "radius" else "m"
+    if raw_arr.size == 1:
+        value = float(raw_arr[0])
+        text = f"{what} $\\sqrt{{{sym}}}$, {sym}={_fmt(value)}" if squared else f"{what} {sym}={_fmt(value)}"
+    else:
+        text = f"{what} $\\sqrt{{{sym}_c}}$" if squared else f"{what} {sym}_c"
+    return Line2D([], [], ls=style, lw=1.3, color="black", label=text)
 
 
 def assemble_gif(frame_paths: Sequence[str | Path], out_path: str | Path, duration_ms: int = 300) -> Path:
@@ -448,14 +457,8 @@ def roc_curve_plot(
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(fpr, tpr, lw=1.8, color="tab:blue", label=f"AUROC = {auroc:.4f}")
     ax.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="chance")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_aspect("equal", adjustable="box")
-    ax.set_xlabel("false positive rate (ID flagged as OOD)")
-    ax.set_ylabel("true positive rate (OOD detected)")
-    if title:
-        ax.set_title(title)
-    ax.grid(True, lw=0.4, alpha=0.4)
+    labels = ("false positive rate (ID flagged as OOD)", "true positive rate (OOD detected)")
+    _equal_axes(ax, (0, 1, 0, 1.01), labels, title)
     ax.legend(loc="lower right", fontsize=9)
     fig.tight_layout()
     return _save(fig, path, dpi)

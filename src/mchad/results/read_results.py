@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mchad.failures import RESULTS_FILE, failure_cause
+from mchad.errors import one_line
+from mchad.failures import FAILED_FILE, RESULTS_FILE, failure_cause
 
 HEADLINE = "headline"
 KEY_COLUMNS = ["experiment", "id_dataset", "method", "test_case", "score", "seed"]
@@ -106,7 +107,7 @@ def _read_results(path: Path) -> pd.DataFrame:
     try:
         frame = pd.read_csv(path)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise ResultsFormatError(f"{path}: unreadable CSV ({_one_line(exc)})") from exc
+        raise ResultsFormatError(f"{path}: unreadable CSV ({one_line(str(exc))})") from exc
 
     absent = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if absent:
@@ -153,8 +154,8 @@ def _read_results(path: Path) -> pd.DataFrame:
 
 
 def _find_missing(roots: list[Path], result_files: list[Path]) -> list[MissingRun]:
-    # A Hydra run folder is recognised by its .hydra/ folder.
-    run_dirs = sorted({d.parent for root in roots for d in root.rglob(".hydra") if d.is_dir()})
+    # A Hydra run folder is recognised by its .hydra/ folder, a run stopped by an input error by its FAILED.txt alone
+    run_dirs = sorted({d.parent for root in roots for name in (".hydra", FAILED_FILE) for d in root.rglob(name)})
     finished = [f.parent for f in result_files]
     missing = []
     for run_dir in run_dirs:
@@ -235,7 +236,3 @@ def find_results_from_scores(paths: Iterable[str | Path]) -> tuple[pd.DataFrame,
     }.items():
         results[column] = results[column].fillna(default) if column in results.columns else default
     return _count_models_once(results), _find_missing(roots, files)
-
-
-def _one_line(exc: BaseException | str) -> str:
-    return " ".join(str(exc).split())

@@ -4,8 +4,8 @@
 only lays them out, as LaTeX (booktabs) and Markdown:
 
 * rows are methods grouped by ID dataset; order, display names and the OOD score each
-  method is shown with come from a small YAML file (``tables.yaml`` next to this module,
-  or another one via ``load_table_config(path)``), not from code;
+  method is shown with come from the method registry (:mod:`mchad.registry`), unless the table
+  config (``tables.yaml`` next to this module, or another via ``load_table_config(path)``) lists them;
 * the best value per column and dataset is bold (highest; lowest for FPR95), compared at
   the printed precision so that ties are all bold;
 * a dagger marks a method whose per-seed values differ from the baseline's (MCHAD) by
@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from mchad import registry
 
 # Column names shared with mchad.results.aggregate's tables.
 DATASET, MODEL, OOD_SET = "Dataset", "Model", "OOD set"
@@ -83,7 +85,9 @@ def load_table_config(path: str | Path | None = None) -> TableConfig:
         raise TableConfigError(f"{path}: unknown key(s) {', '.join(map(str, unknown))}")
 
     methods = []
-    for entry in _string_list_or_mappings(raw.get("methods"), path, "methods"):
+    # without its own list, the method registry's rows (src/mchad/registry/methods.yaml)
+    listed = raw.get("methods") if "methods" in raw else OmegaConf.create(registry.table_methods())
+    for entry in _string_list_or_mappings(listed, path, "methods"):
         entry = {"method": entry} if isinstance(entry, str) else entry
         if not entry.get("method"):
             raise TableConfigError(f"{path}: every entry of methods needs a 'method'")

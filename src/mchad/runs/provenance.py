@@ -4,7 +4,9 @@ Every run writes ``provenance.json`` next to its ``results.csv`` and adds three 
 each results row, which ``python -m mchad.results.aggregate`` checks before it averages trials:
 
 * ``code_version``: package version + git commit, with ``.dirty-<hash of the changes>`` when
-  the working tree differs from the commit (``unknown`` without git or outside a checkout);
+  the working tree differs from the commit: the diff of tracked files and the content of
+  untracked, non-ignored ones (a method in an untracked ``my_methods.py`` is code the run
+  imported); ``unknown`` without git or outside a checkout;
 * ``data_fingerprint``: a hash of the fingerprints of the data behind the row (ID training
   and test set, outliers, the row's OOD test set; see :func:`mchad.data.sources.data_fingerprint`);
 * ``config_hash``: a hash of the resolved configuration without the seed and the run's
@@ -62,8 +64,27 @@ def code_state(source: Path | None = None) -> dict[str, Any]:
         return state
     state["git_dirty"] = bool(status.strip())
     if state["git_dirty"]:  # which changes: two dirty trees of one commit can differ
-        state["git_changes"] = hashlib.sha256(status + b"\0" + diff).hexdigest()[:12]
+        digest = hashlib.sha256(status + b"\0" + diff)
+        _hash_untracked(digest, source)
+        state["git_changes"] = digest.hexdigest()[:12]
     return state
+
+
+def _hash_untracked(digest, source: Path) -> None:
+    """Add the names and contents of the untracked, non-ignored files of the whole checkout
+    (``git status`` names them, ``git diff`` leaves their content out)."""
+    top = _git(["rev-parse", "--show-toplevel"], source)
+    root = Path(os.fsdecode(top.strip())) if top else None
+    listed = _git(["ls-files", "--others", "--exclude-standard", "-z"], root) if root else None
+    if listed is None:
+        digest.update(b"\0untracked:" + UNKNOWN.encode())
+        return
+    for name in sorted(filter(None, listed.split(b"\0"))):
+        digest.update(b"\0" + name + b"\0")
+        try:
+            digest.update(bytes.fromhex(_file_hash(root / os.fsdecode(name))))
+        except OSError:  # removed or unreadable after it was listed: its name still counts
+            digest.update(b"unreadable")
 
 
 def code_version(code: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ earlier ``metrics.csv`` rows. The random states come back with :class:`mchad.run
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ def _touches_model(key: str) -> bool:
 
 
 def eval_config(cfg: DictConfig, ckpt_file: Path, overrides: list[str]) -> tuple[DictConfig, bool]:
-    """``train=false ckpt_path=<run>``: ``cfg`` with the model (method, backbone, n_embedding,
+    """``train=false ckpt_path=<run>``: a copy of ``cfg`` with the model (method, backbone, n_embedding,
     semantics, ...) and the experiment name of the run that wrote ``ckpt_file``, from its
     saved ``config.yaml`` as ``resume=`` restores them; whether there was one (a checkpoint
     outside a run folder is tested with the configured model).
@@ -107,6 +108,7 @@ def eval_config(cfg: DictConfig, ckpt_file: Path, overrides: list[str]) -> tuple
     config = ckpt_file.parent.parent / CONFIG_FILE
     if not config.is_file():
         return cfg, False
+    cfg = copy.deepcopy(cfg)  # the caller's config stays as it is
     try:
         saved = OmegaConf.load(config)
     except Exception as error:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -12,11 +16,14 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from mchad.checkpoints import checkpoint_file
+from mchad.distributed import is_launch_rank_zero
 from mchad.errors import ConfigError, Preempted, UserError
 from mchad.models.backbones import load_pretrained, output_width
 from mchad.models.detectors import DetectorBank, check_detectors
 from mchad.models.module import OODModel
 from mchad.results.metrics import METRIC_COLUMNS
+from mchad.runs.instantiate import check_factories
 from mchad.runs.objective import OBJECTIVE_FILE, check_objective, check_objective_score, write_objective
 from mchad.runs.provenance import COLUMNS as PROVENANCE_COLUMNS
 from mchad.runs.validate import check_config, check_gpu_present, check_test_cases, check_training_data
@@ -80,19 +87,22 @@ def _instantiate(node: DictConfig, what: str, **kwargs):
         raise ConfigError(f"{what}: {lines[0] if lines else type(cause).__name__}") from error
 
 
-def resolve_n_classes(cfg: DictConfig) -> None:
-    """``datamodule.n_classes: null`` (image folders): the training data's number of classes,
-    listed without decoding (a set value is checked against the data by the datamodule)."""
+def with_n_classes(cfg: DictConfig) -> DictConfig:
+    """``cfg``, or a copy of it whose ``datamodule.n_classes: null`` (image folders) is the training
+    data's number of classes, listed without decoding (a set value is checked against the data by
+    the datamodule, :func:`mchad.data.classes.resolve_n_classes`)."""
     if "n_classes" not in cfg.datamodule or cfg.datamodule.n_classes is not None:
-        return
-    from mchad.data.classes import resolve_n_classes as from_data
+        return cfg
+    from mchad.data.classes import resolve_n_classes
 
-    cfg.datamodule.n_classes = from_data(None, _instantiate(cfg.datamodule.train, "datamodule.train"))
+    cfg = copy.deepcopy(cfg)
+    cfg.datamodule.n_classes = resolve_n_classes(None, _instantiate(cfg.datamodule.train, "datamodule.train"))
+    return cfg
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, OODModel]:
     """Instantiate and set up the datamodule, then the model that fits its data."""
-    resolve_n_classes(cfg)
+    cfg = with_n_classes(cfg)
     if (cfg.model.get("weight_oe") or 0) > 0 and cfg.datamodule.get("outliers") is None:
         raise ConfigError(
             f"model.weight_oe={cfg.model.weight_oe} needs outliers: add datamodule/outliers=tinyimages "
@@ -307,6 +317,18 @@ def _remove_stale_results(output_dir: Path) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class Start:
+    """What a run starts from (:func:`start`): its config, the checkpoint it loads and its mode."""
+
+    cfg: DictConfig
+    ckpt_file: Path | None = None
+    training: bool = True
+    resuming: bool = False
+    #: an evaluation-only run of a run folder keeps that run's experiment name
+    named: bool = False
+
+
 def run(cfg: DictConfig) -> Path:
     """Train and test as configured; returns the path of results.csv.
 
@@ -316,83 +338,152 @@ def run(cfg: DictConfig) -> Path:
     - ``ckpt_path=...`` with training: start from that checkpoint's full training state.
 
     A stale results.csv in the run folder is removed first, so a run that fails leaves none.
+    ``cfg`` is not changed: the run's own config is a copy (:func:`run_config`).
     """
-    from mchad.checkpoints import check_fits, checkpoint_file, load_checkpoint
-    from mchad.distributed import is_launch_rank_zero
+    from mchad.checkpoints import check_fits, load_checkpoint
     from mchad.runs import provenance, rank_watch
-    from mchad.runs.resume import eval_config, keep_csv_history, resume_config
 
-    writer = is_launch_rank_zero()  # DDP: rank 0 alone writes files (the others only compute)
-    ckpt_file: Path | None = None
-    trust = bool(cfg.get("trust_checkpoint", False))  # unpickle checkpoints fully (they may run code)
     code = provenance.code_state()  # now: the code may be edited while the run trains
-    resuming = bool(cfg.get("resume"))
-    if resuming:
-        if not cfg.get("train", True):
-            raise ConfigError("resume= continues training; to only test a run use train=false ckpt_path=<run folder>")
-        cfg, ckpt_file = resume_config(cfg, _command_overrides())
-        log.info("Resuming %s from %s", cfg.paths.output_dir, ckpt_file)
-    else:
-        if writer:
-            _remove_stale_results(Path(cfg.paths.output_dir))
-        if cfg.get("ckpt_path"):
-            ckpt_file = checkpoint_file(cfg.ckpt_path)
-    training = bool(cfg.get("train", True))
-    named = False  # an eval-only run of a run folder keeps that run's model and experiment name
-    if not training and ckpt_file is not None:
-        cfg, named = eval_config(cfg, ckpt_file, _command_overrides())
-    if training and cfg.get("objective") is not None:
-        check_objective(cfg.objective)
-    if not training and ckpt_file is None:
-        raise ConfigError("train=false only tests a trained model: give it with ckpt_path=<run folder or .ckpt file>")
-    resolve_n_classes(cfg)
-    check_config(cfg)
-    check_gpu_present(cfg)
-    if not resuming and not named:
-        cfg.name = experiment_name(cfg)
-
+    begin = start(cfg)
+    cfg = run_config(begin)
     output_dir = Path(cfg.paths.output_dir)
-    path = output_dir / "results.csv"
-    if not resuming and writer:  # a resumed run's folder changes only once its checkpoint is known to fit
-        output_dir.mkdir(parents=True, exist_ok=True)
-        _save_config(cfg, output_dir / "config.yaml")
+    if not begin.resuming:  # a resumed run's folder changes only once its checkpoint is known to fit
+        _write_config(cfg, output_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-
-    hint = "; resume from another of its checkpoints: resume=<run folder>/checkpoints/<name>.ckpt" if resuming else ""
-    checkpoint = load_checkpoint(ckpt_file, hint, trust) if ckpt_file is not None else None
+    checkpoint = None if begin.ckpt_file is None else load_checkpoint(begin.ckpt_file, _hint(begin), _trust(cfg))
     datamodule, model = build(cfg)
     check_test_cases(datamodule)
-    if training and cfg.get("objective") is not None:
+    if begin.training and cfg.get("objective") is not None:
         check_objective_score(cfg.objective, model.score_names)
     if checkpoint is not None:
-        check_fits(model, checkpoint, ckpt_file)
-    if resuming and writer:
-        _remove_stale_results(output_dir)
-        _save_config(cfg, output_dir / "config.yaml")
-    loggers = make_loggers(cfg)
-    if training and checkpoint is not None and writer:
-        keep_csv_history(loggers, int(checkpoint.get("global_step", 0)))
-    # DDP: a failing rank stops the others at once (mchad.runs.rank_watch)
-    trainer = make_trainer(cfg, loggers, extra_callbacks=(SharedRunFolder(output_dir), RankFailureWatch(output_dir)))
-
-    try:
-        if training:
-            # Lightning loads the file again: explicitly weights-only too (its None means torch's default)
-            trainer.fit(
-                model,
-                datamodule=datamodule,
-                ckpt_path=None if ckpt_file is None else str(ckpt_file),
-                weights_only=not trust,
-            )
-            # validation data only, before any test set is scored; rank 0 alone (DDP)
-            if cfg.get("objective") is not None and trainer.is_global_zero:
-                write_objective(cfg.objective, trainer, model, output_dir)
+        check_fits(model, checkpoint, begin.ckpt_file)
+    if begin.resuming:
+        _write_config(cfg, output_dir, remove_stale=True)
+    trainer = _make_run_trainer(cfg, begin, checkpoint, output_dir)
+    with _lightning_stops(trainer):
+        if begin.training:
+            fit(cfg, trainer, model, datamodule, begin.ckpt_file)
         else:
             model.load_state_dict(checkpoint["state_dict"])
-            log.info("Testing %s (no training)", ckpt_file)
+            log.info("Testing %s (no training)", begin.ckpt_file)
         del checkpoint
         trainer.test(model, datamodule=datamodule, verbose=False)
         rank_watch.finish()  # past the last collective
+    if not trainer.is_global_zero:  # DDP: its scores are in rank 0's results
+        return output_dir / "results.csv"
+    return write_run_results(cfg, begin, code, datamodule, model, trainer)
+
+
+# ----------------------------------------------------------------------------- the run's modes
+
+
+def start(cfg: DictConfig) -> Start:
+    """The run's mode: resume a run, only test a model, train from a checkpoint, or train afresh."""
+    if cfg.get("resume"):
+        return _resume(cfg)
+    if is_launch_rank_zero():  # DDP: rank 0 alone writes files (the others only compute)
+        _remove_stale_results(Path(cfg.paths.output_dir))
+    if not cfg.get("train", True):
+        return _evaluation_only(cfg)
+    _check_objective(cfg)
+    return Start(cfg, checkpoint_file(cfg.ckpt_path) if cfg.get("ckpt_path") else None)
+
+
+def _resume(cfg: DictConfig) -> Start:
+    """``resume=<run>``: the run's saved config plus the command's value overrides, its last checkpoint."""
+    from mchad.runs.resume import resume_config
+
+    if not cfg.get("train", True):
+        raise ConfigError("resume= continues training; to only test a run use train=false ckpt_path=<run folder>")
+    cfg, ckpt_file = resume_config(cfg, _command_overrides())
+    log.info("Resuming %s from %s", cfg.paths.output_dir, ckpt_file)
+    _check_objective(cfg)
+    return Start(cfg, ckpt_file, resuming=True)
+
+
+def _evaluation_only(cfg: DictConfig) -> Start:
+    """``train=false ckpt_path=<run>``: the model (and experiment name) of the run that wrote the checkpoint."""
+    from mchad.runs.resume import eval_config
+
+    if not cfg.get("ckpt_path"):
+        raise ConfigError("train=false only tests a trained model: give it with ckpt_path=<run folder or .ckpt file>")
+    ckpt_file = checkpoint_file(cfg.ckpt_path)
+    cfg, named = eval_config(cfg, ckpt_file, _command_overrides())
+    return Start(cfg, ckpt_file, training=False, named=named)
+
+
+def _check_objective(cfg: DictConfig) -> None:
+    if cfg.get("objective") is not None:
+        check_objective(cfg.objective)
+
+
+def run_config(begin: Start) -> DictConfig:
+    """The config the run uses, checked: the data's number of classes filled in and, unless the
+    run keeps its own, the experiment name set (in a copy: ``begin.cfg`` stays as it is)."""
+    cfg = with_n_classes(begin.cfg)
+    check_config(cfg)
+    check_gpu_present(cfg)
+    check_factories(cfg, _instantiate)  # the optimizer's values, before the data is loaded
+    if begin.resuming or begin.named:
+        return cfg
+    name = experiment_name(cfg)
+    cfg = copy.deepcopy(cfg) if cfg is begin.cfg else cfg
+    cfg.name = name
+    return cfg
+
+
+def _trust(cfg: DictConfig) -> bool:
+    """Whether checkpoints are unpickled fully (they may run code), ``trust_checkpoint``."""
+    return bool(cfg.get("trust_checkpoint", False))
+
+
+def _hint(begin: Start) -> str:
+    """What a resumed run whose checkpoint is unreadable can do."""
+    return (
+        "; resume from another of its checkpoints: resume=<run folder>/checkpoints/<name>.ckpt"
+        if begin.resuming
+        else ""
+    )
+
+
+def _write_config(cfg: DictConfig, output_dir: Path, remove_stale: bool = False) -> None:
+    """Global rank zero: the run folder with the run's config.yaml (``remove_stale``: a resumed
+    run's previous results removed first)."""
+    if not is_launch_rank_zero():
+        return
+    if remove_stale:
+        _remove_stale_results(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _save_config(cfg, output_dir / "config.yaml")
+
+
+def _make_run_trainer(cfg: DictConfig, begin: Start, checkpoint: dict | None, output_dir: Path) -> pl.Trainer:
+    """The run's trainer: its loggers (continued from a checkpoint, metrics.csv keeps the rows up
+    to it) and the DDP callbacks (one run folder; a failing rank stops the others at once)."""
+    from mchad.runs.resume import keep_csv_history
+
+    loggers = make_loggers(cfg)
+    if begin.training and checkpoint is not None and is_launch_rank_zero():
+        keep_csv_history(loggers, int(checkpoint.get("global_step", 0)))
+    return make_trainer(cfg, loggers, extra_callbacks=(SharedRunFolder(output_dir), RankFailureWatch(output_dir)))
+
+
+def fit(cfg: DictConfig, trainer: pl.Trainer, model: OODModel, datamodule, ckpt_file: Path | None) -> None:
+    """Train (from ``ckpt_file``'s full training state if given), then write the sweep objective."""
+    # Lightning loads the file again: explicitly weights-only too (its None means torch's default)
+    ckpt_path = None if ckpt_file is None else str(ckpt_file)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not _trust(cfg))
+    # validation data only, before any test set is scored; rank 0 alone (DDP)
+    if cfg.get("objective") is not None and trainer.is_global_zero:
+        write_objective(cfg.objective, trainer, model, Path(cfg.paths.output_dir))
+
+
+@contextmanager
+def _lightning_stops(trainer: pl.Trainer) -> Iterator[None]:
+    """Lightning ends ``fit``/``test`` with SystemExit on a preemption and on Ctrl-C: turned back
+    into :class:`~mchad.errors.Preempted` and KeyboardInterrupt (:mod:`mchad.task` ends the run)."""
+    try:
+        yield
     except SystemExit as stop:
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -403,11 +494,17 @@ def run(cfg: DictConfig) -> Path:
         if trainer.interrupted:  # Lightning turns Ctrl-C into SystemExit(1)
             raise KeyboardInterrupt from None
         raise
-    if not trainer.is_global_zero:  # DDP: its scores are in rank 0's results
-        return path
 
+
+def write_run_results(cfg: DictConfig, begin: Start, code, datamodule, model: OODModel, trainer) -> Path:
+    """Global rank zero: the per-sample scores, then results.csv (written last: it marks a finished
+    run) with the run's provenance; returns results.csv's path."""
+    from mchad.results.scores import SCORES_FILE, save_scores
+    from mchad.runs import provenance
+
+    output_dir, ckpt_file = Path(cfg.paths.output_dir), begin.ckpt_file
     # an eval-only run's rows belong to the model it tested: that run's seed
-    seed, evaluated_from = (cfg.seed, "") if training else (checkpoint_seed(ckpt_file), str(ckpt_file))
+    seed, evaluated_from = (cfg.seed, "") if begin.training else (checkpoint_seed(ckpt_file), str(ckpt_file))
     meta = {"experiment": cfg.name, "id_dataset": datamodule.name, "method": cfg.model.name, "seed": seed}
     extra = getattr(datamodule, "result_columns", {})  # e.g. the open-set split
     rows = [{**meta, **extra, **row, "evaluated_from": evaluated_from} for row in model.test_results]
@@ -415,10 +512,8 @@ def run(cfg: DictConfig) -> Path:
     if any(groups.values()):  # OpenOOD's near/far per test case (empty for the other sets)
         rows = [{**row, "group": groups.get(row["test_case"]) or ""} for row in rows]
     rows = provenance.record(cfg, code, datamodule, trainer, rows, output_dir, ckpt_file)
-    from mchad.results.scores import SCORES_FILE, save_scores
-
-    # the per-sample scores first: results.csv, written last, marks a finished run
     save_scores(model.test_outputs, model.score_names, meta, output_dir / SCORES_FILE)
+    path = output_dir / "results.csv"
     write_results(rows, path)
     log.info("Results: %s\n%s", path, result_frame(rows).to_string(index=False))  # every column of results.csv
     return path

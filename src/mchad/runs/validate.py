@@ -23,6 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mchad.errors import ConfigError, DataError
+from mchad.models.settings import check_model_keys
 from mchad.targets import check_targets
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def check_config(cfg: DictConfig) -> None:
     """Refuse a configuration that would run but give meaningless results (or crash later),
     or that names code off the allow-list (a resumed run's saved config included)."""
     check_targets(cfg)
+    check_model_keys(cfg)
     for key, low in INTEGER_KEYS.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:

@@ -31,7 +31,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from mchad.failures import FAILED_FILE, RESULTS_FILE, failure_cause, one_line, record_failure
+from mchad.errors import one_line
+from mchad.failures import FAILED_FILE, RESULTS_FILE, failure_cause, record_failure
 from mchad.sweeps.sweep_resume import CONTINUE_ENV  # set by the sweeper for a continued trial
 
 log = logging.getLogger(__name__)
