@@ -1,6 +1,8 @@
 """CIDER and PALM: each loss term pinned by values computed by hand from the papers' equations
 (docs/methods.md) on tiny tensors, the prototype updates on hand-made batches, the interface,
-the two views, and no host synchronisation (meta device; the emulated-device training step)."""
+the two views, and no host synchronisation (meta device). The device guards, the no-sync check of
+the training step and the one-graph check cover them through the registry
+(tests/test_device_guard.py, tests/test_compile.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_device_guard import emulated_data_device  # noqa: F401 - the fixture
 
 from mchad.data.augment import BatchTransform, repeat_views
 from mchad.models.cider import CIDER, CompLoss, DisLoss, ema_prototypes
+from mchad.models.hypersphere import SphereOutput
 from mchad.models.palm import PALM, class_restricted, mle_loss, proto_contrastive_loss, sinkhorn
 
 METHODS = {
@@ -108,14 +110,14 @@ def test_cider_loss_weighs_updated_prototypes():
     method.prototypes.copy_(t([1.0, 0.0], [0.0, 1.0]))
     z, y = t([0.0, 1.0], [0.6, 0.8]), torch.tensor([0, 1])
     updated = ema_prototypes(method.prototypes, z, y, 0.5)
-    terms = method.loss({"projection": z}, y)
+    terms = method.loss(SphereOutput(projection=z), y)
     comp, dis = CompLoss(0.5)(z, updated, y), DisLoss(0.5)(updated)
     assert terms["comp"].item() == pytest.approx(comp.item()) and terms["dis"].item() == pytest.approx(dis.item())
     assert terms["loss"].item() == pytest.approx(2 * comp.item() + 3 * dis.item())
     assert torch.allclose(method.prototypes, updated)  # training moved the buffer
     method.eval()
     before = method.prototypes.clone()
-    method.loss({"projection": z}, y)
+    method.loss(SphereOutput(projection=z), y)
     assert torch.equal(method.prototypes, before)  # evaluation does not
 
 
@@ -173,7 +175,7 @@ def test_palm_update_by_hand():
     #   p1 has no sample: Normalize(0.5 (0, 1)) = (0, 1)
     method = PALM(2, 4, feat_dim=2, n_prototypes=1, top_k=0, momentum=0.5).train()
     method.prototypes.copy_(t([1.0, 0.0], [0.0, 1.0]))
-    method.loss({"projection": t([0.0, 1.0], [0.6, 0.8], [1.0, 0.0])}, torch.tensor([0, 0, -1]))
+    method.loss(SphereOutput(projection=t([0.0, 1.0], [0.6, 0.8], [1.0, 0.0])), torch.tensor([0, 0, -1]))
     n = math.hypot(0.65, 0.45)
     assert torch.allclose(method.prototypes, t([0.65 / n, 0.45 / n], [0.0, 1.0]), atol=1e-6)
 
@@ -187,7 +189,7 @@ def test_palm_top_k_moves_only_the_chosen_prototypes():
     assert torch.equal(chosen.sum(dim=1), torch.ones(8))  # one prototype each, of its own class
     assert torch.equal((chosen * (1 - mask)).sum(), torch.tensor(0.0))
     before = method.prototypes.clone()
-    method.loss({"projection": z}, y)
+    method.loss(SphereOutput(projection=z), y)
     moved = (method.prototypes - before).abs().sum(dim=1) > 0
     assert torch.equal(moved, chosen.sum(dim=0) > 0)
 
@@ -211,8 +213,8 @@ def test_interface(name):
     f = torch.randn(8, 8, requires_grad=True)
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, -1])
     out = method(f)
-    assert out["projection"].norm(dim=1).allclose(torch.ones(8))
-    assert torch.allclose(method.logits_of(f), out["logits"])  # before the loss moves the prototypes
+    assert out.projection.norm(dim=1).allclose(torch.ones(8))
+    assert torch.allclose(method.logits_of(f), out.logits)  # before the loss moves the prototypes
     terms = method.loss(out, y)
     assert set(terms) == {*method.weights, "loss"} and torch.isfinite(terms["loss"])
     terms["loss"].backward()
@@ -281,57 +283,6 @@ def test_the_datamodule_draws_the_methods_views(name, views, tmp_path):
     assert datamodule.on_after_batch_transfer((images, labels), 0)[0].shape[0] == len(labels)
 
 
-# --- the device guards and the no-synchronisation check of tests/test_device_guard.py ---------
-@pytest.mark.usefixtures("emulated_data_device")
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_training_and_testing_keep_to_the_device(name, tmp_path):
-    """The quick-start with the default callbacks on the emulated device, data there too."""
-    import pandas as pd
-    from conftest import compose_config
-    from device_emulation import on_emulated_device
-    from test_device_guard import _emulated_overrides
-
-    from mchad.runs.train import run
-
-    overrides = _emulated_overrides(tmp_path, f"model={name}", "++datamodule.data_on_device=true")
-    with on_emulated_device():
-        path = run(compose_config(overrides, output_dir=tmp_path / "run"))
-    assert pd.read_csv(path)[["Accuracy", "AUROC"]].notna().all().all()
-
-
-@pytest.mark.usefixtures("emulated_data_device")
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_the_training_step_never_waits_for_the_device(name, tmp_path):
-    """Steps 1-4 with two views per image, data on the emulated device: no host synchronisation."""
-    from test_device_guard import _recorded_steps
-
-    syncs = _recorded_steps(tmp_path, [f"model={name}", "trainer.log_every_n_steps=50"], 1, 4)
-    assert syncs == [], "\n".join(syncs)
-
-
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_the_training_step_is_one_graph(name, tmp_path):
-    """torch.compile sees the whole training step (two views, prototype update) as one graph."""
-    import pytorch_lightning as pl
-    from conftest import compose_config
-    from test_compile import SHORT
-
-    from mchad.runs.train import build
-
-    cfg = compose_config(
-        [f"model={name}", *SHORT, "~callbacks", "~logger", f"dataset_dir={tmp_path}"], output_dir=tmp_path / "run"
-    )
-    pl.seed_everything(1)
-    datamodule, model = build(cfg)
-    images, labels = next(iter(datamodule.train_dataloader()))
-    images, labels = repeat_views(images, labels, datamodule.train_views)
-    model.train()
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(model.train_terms)(datamodule.transform(images, augment=True), labels)
-    reasons = [str(b.reason).splitlines()[0] for b in explained.break_reasons]
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0), reasons
-
-
 def test_ddp_ranks_keep_the_same_prototypes(monkeypatch):
     """In DDP every rank stores the normalised mean of all ranks' updated prototypes (here the
     other rank's update is (0, 1) for a prototype this rank moved to (1, 0))."""
@@ -341,6 +292,6 @@ def test_ddp_ranks_keep_the_same_prototypes(monkeypatch):
     monkeypatch.setattr(hypersphere, "distributed_world", lambda: 2)
     monkeypatch.setattr(hypersphere, "all_reduce_sum_", lambda tensor: tensor.add_(other))
     method = CIDER(2, 4, feat_dim=2, momentum=0.0).train()
-    method.loss({"projection": t([1.0, 0.0], [0.0, 1.0])}, torch.tensor([0, 1]))
+    method.loss(SphereOutput(projection=t([1.0, 0.0], [0.0, 1.0])), torch.tensor([0, 1]))
     r = 1 / math.sqrt(2)
     assert torch.allclose(method.prototypes, t([r, r], [0.0, 1.0]))

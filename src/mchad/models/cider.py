@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mchad.models import losses
-from mchad.models.hypersphere import PrototypeMethod, sphere_distances, synced_prototypes
+from mchad.models.hypersphere import PrototypeMethod, SphereOutput, sphere_distances, synced_prototypes
 from mchad.models.methods import check_non_negative, weighted
 
 
@@ -144,8 +144,8 @@ class CIDER(PrototypeMethod):
     def class_scores(self, z: Tensor) -> tuple[Tensor, Tensor]:
         return sphere_distances(z, self.prototypes), z @ self.prototypes.t() / self.temperature
 
-    def loss(self, out: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
-        z = out["projection"]
+    def loss(self, out: SphereOutput, target: Tensor) -> dict[str, Tensor]:
+        z = out.projection
         prototypes = self.prototypes
         if self.training:
             prototypes = ema_prototypes(prototypes, z, target, self.momentum)

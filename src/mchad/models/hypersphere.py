@@ -13,12 +13,23 @@ and normalises it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mchad.distributed import all_reduce_sum_, distributed_world
-from mchad.models.methods import Method, msp
+from mchad.models.methods import Method, MethodOutput, msp
+
+
+@dataclass
+class SphereOutput(MethodOutput):
+    """:class:`MethodOutput` plus ``projection``, the ``B x feat_dim`` unit vectors of the
+    projection head that the losses and the prototypes act on (``embedding`` stays the
+    backbone's output, which the views draw and the feature detectors read)."""
+
+    projection: Tensor | None = None
 
 
 class ProjectionHead(nn.Module):
@@ -77,16 +88,16 @@ class PrototypeMethod(Method):
         """``B x C`` squared distances to each class's nearest prototype and class logits."""
         raise NotImplementedError
 
-    def forward(self, f: Tensor) -> dict[str, Tensor]:
+    def forward(self, f: Tensor) -> SphereOutput:
         z = self.head(f)
         distances, logits = self.class_scores(z)
-        return {"embedding": f, "projection": z, "distances": distances, "logits": logits}
+        return SphereOutput(embedding=f, distances=distances, logits=logits, projection=z)
 
-    def predict(self, out: dict[str, Tensor]) -> Tensor:
-        return out["distances"].argmin(dim=1)
+    def predict(self, out: SphereOutput) -> Tensor:
+        return out.distances.argmin(dim=1)
 
-    def scores(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"distance": out["distances"].min(dim=1).values, "msp": msp(out["logits"])}
+    def scores(self, out: SphereOutput) -> dict[str, Tensor]:
+        return {"distance": out.distances.min(dim=1).values, "msp": msp(out.logits)}
 
     def logits_of(self, features: Tensor) -> Tensor:
         return self.class_scores(self.head(features))[1]

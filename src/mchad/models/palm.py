@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mchad.models.hypersphere import PrototypeMethod, synced_prototypes
+from mchad.models.hypersphere import PrototypeMethod, SphereOutput, synced_prototypes
 from mchad.models.methods import check_non_negative, weighted
 
 
@@ -150,8 +150,8 @@ class PALM(PrototypeMethod):
         moved = self.momentum * self.prototypes + (1 - self.momentum) * update.t() @ z
         return F.normalize(moved, dim=1), chosen
 
-    def loss(self, out: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
-        z = out["projection"]
+    def loss(self, out: SphereOutput, target: Tensor) -> dict[str, Tensor]:
+        z = out.projection
         mask = (target.unsqueeze(1) == self.classes.unsqueeze(0)).to(z.dtype)  # outliers: zero rows
         if self.training:
             prototypes, chosen = self.updated(z, mask)
