@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mchad import registry
 from mchad.data.augment import BatchTransform, repeat_views
 from mchad.models.cider import CIDER, CompLoss, DisLoss, ema_prototypes
-from mchad.models.hypersphere import SphereOutput
+from mchad.models.hypersphere import PrototypeMethod, SphereOutput
 from mchad.models.palm import PALM, class_restricted, mle_loss, proto_contrastive_loss, sinkhorn
 
 METHODS = {
@@ -264,17 +265,18 @@ def test_two_views_differ_and_keep_their_labels():
     assert repeat_views(images, labels, 1) == (images, labels)
 
 
-@pytest.mark.parametrize("name, views", [("cider", 2), ("palm", 2), ("mchad", 1)])
-def test_the_datamodule_draws_the_methods_views(name, views, tmp_path):
-    """build() hands the method's train_views to the datamodule: a training batch of 64 becomes
-    64 x views rows (labels repeated), validation batches stay single."""
+@pytest.mark.parametrize("name", [m.key for m in registry.methods().values() if not m.outliers])
+def test_the_datamodule_draws_the_methods_views(name, tmp_path):
+    """build() hands the method's train_views (CIDER, PALM: 2; the others: 1) to the datamodule:
+    a training batch of 64 becomes 64 x views rows (labels repeated), validation batches stay single."""
     from conftest import compose_config
 
     from mchad.runs.train import build
 
     cfg = compose_config([f"model={name}", f"dataset_dir={tmp_path / 'data'}"], output_dir=tmp_path / "run")
-    datamodule, _ = build(cfg)
-    assert datamodule.train_views == views
+    datamodule, model = build(cfg)
+    views = datamodule.train_views
+    assert views == (2 if isinstance(model.method, PrototypeMethod) else 1)
     images, labels = next(iter(datamodule.train_dataloader()))
     datamodule.trainer = type("T", (), {"training": True})()
     x, y = datamodule.on_after_batch_transfer((images, labels), 0)
