@@ -53,6 +53,9 @@ class OODDataModule(pl.LightningDataModule):
     ``true``/``false`` force it either way (never on a CPU run).
     """
 
+    #: augmented views per training image, set from the method's train_views (runs/train.py build)
+    train_views = 1
+
     def __init__(
         self,
         name: str,
@@ -104,8 +107,6 @@ class OODDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.seed = seed
         self.transform = BatchTransform(list(mean), list(std), crop_padding, flip)
-        # augmented views per training image: set from the method's train_views (runs/train.py build)
-        self.train_views = 1
         if data_on_device not in (True, False, "auto"):
             raise ConfigError(f"datamodule.data_on_device must be true, false or auto, got {data_on_device!r}")
         self.data_on_device = data_on_device
