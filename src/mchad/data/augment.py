@@ -102,3 +102,14 @@ def crop_flip(
         cols = cols + dx.view(b, 1, 1)
     index = (rows * wp + cols).expand(b, h, w).reshape(b, 1, h * w).expand(b, c, h * w)
     return x.reshape(b, c, hp * wp).gather(2, index).view(b, c, h, w)
+
+
+def repeat_views(images: Tensor, labels: Tensor, views: int) -> tuple[Tensor, Tensor]:
+    """The batch ``views`` times over, view after view (rows ``[v B, (v + 1) B)`` are view
+    ``v``; labels likewise), for methods that train on several augmented views of each image
+    (CIDER, PALM: the layout of their code, ``torch.cat([x1, x2])`` and ``labels.repeat(2)``).
+    The batch transform then crops and flips every row with its own draw, in one batched call,
+    so the views of an image differ."""
+    if views == 1:
+        return images, labels
+    return images.repeat(views, *([1] * (images.ndim - 1))), labels.repeat(views)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mchad.data.augment import BatchTransform
+from mchad.data.augment import BatchTransform, repeat_views
 from mchad.data.classes import check_class_lists, resolve_n_classes
 from mchad.data.loaders import OutlierExposureLoader, TensorBatchLoader
 from mchad.data.sources import ImageArray, Source, data_fingerprint
@@ -52,6 +52,9 @@ class OODDataModule(pl.LightningDataModule):
     under half of its free memory, so batches are gathered there (no per-batch transfer);
     ``true``/``false`` force it either way (never on a CPU run).
     """
+
+    #: augmented views per training image, set from the method's train_views (runs/train.py build)
+    train_views = 1
 
     def __init__(
         self,
@@ -278,6 +281,8 @@ class OODDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
         training = self.trainer is not None and self.trainer.training
+        if training:  # the method's augmented views per image (CIDER, PALM: 2)
+            images, labels = repeat_views(images, labels, self.train_views)
         return self.batch_transform(images, labels, training), labels
 
     def batch_transform(self, images: Tensor, labels: Tensor, training: bool) -> Tensor:

@@ -118,6 +118,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, OODModel]:
     if cfg.model.get("pretrained_checkpoint"):
         load_pretrained(backbone, str(cfg.model.pretrained_checkpoint), trust=bool(cfg.get("trust_checkpoint", False)))
     method = _instantiate(cfg.model.method, "model.method")
+    datamodule.train_views = getattr(method, "train_views", 1)
     model = OODModel(
         backbone=backbone,
         method=method,
