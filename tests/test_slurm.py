@@ -1,0 +1,226 @@
+"""Sweeps, preemption and DDP on a real SLURM: the one-node SLURM of ``bash/slurm-local.sh``.
+
+A session fixture starts munged, slurmctld and slurmd (as root, from Debian's slurm-wlm and munge)
+in a folder of its own, on ports of its own, and stops them after the tests. Where that cannot
+happen (not root, slurm-wlm or munge not installed, hydra-submitit-launcher missing) every test
+here is skipped with that reason; a script that fails to start the daemons fails the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import ROOT
+from test_sweep import TINY, check_sweep_console
+
+from mchad.results.aggregate import main as aggregate_main
+
+SCRIPT = ROOT / "bash" / "slurm-local.sh"
+RUN_PY = ROOT / "run.py"
+TESTS = Path(__file__).resolve().parent
+
+
+def cannot_start() -> str | None:
+    """Why the local SLURM cannot start here (None: it can)."""
+    missing = [name for name in ("slurmctld", "slurmd", "munged", "mungekey", "sinfo") if shutil.which(name) is None]
+    if missing:
+        return f"slurm-wlm and munge are not installed ({', '.join(missing)} missing; apt-get install slurm-wlm munge)"
+    if os.geteuid() != 0:
+        return "the local SLURM's daemons need root (bash/slurm-local.sh runs munged, slurmctld and slurmd as root)"
+    try:
+        import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+    except ImportError:
+        return "hydra-submitit-launcher is not installed"
+    return None
+
+
+def _free_port_pair() -> int:
+    """A port p with p + 1 free too (slurmctld and slurmd)."""
+    for _ in range(50):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port < 65000:
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no two free ports next to each other")
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory) -> dict[str, str]:
+    """The environment in which sbatch, srun, squeue and ``hydra/launcher=slurm`` reach the local SLURM."""
+    reason = cannot_start()
+    if reason:
+        pytest.skip(reason)
+    folder = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "MCHAD_SLURM_DIR": str(folder), "MCHAD_SLURM_PORT": str(_free_port_pair())}
+    started = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, f"bash/slurm-local.sh start failed:\n{started.stdout}{started.stderr}"
+    (line,) = started.stdout.strip().splitlines()
+    assert line == f"export SLURM_CONF={folder / 'slurm.conf'}", line
+    env["SLURM_CONF"] = str(folder / "slurm.conf")
+    yield env
+    stopped = subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0, stopped.stderr
+    assert not folder.exists()
+
+
+def _sweep_env(slurm: dict[str, str], **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in slurm.items() if k not in ("MCHAD_ROOT", "MCHAD_RUN_ID", "MCHAD_CWD")}
+    env.update(PYTHONWARNINGS="ignore::DeprecationWarning", **extra)
+    return env
+
+
+def _sweep(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(RUN_PY), "-m", "hydra/launcher=slurm", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_the_local_slurm_runs_jobs_and_a_second_start_leaves_it_running(slurm):
+    again = subprocess.run(["bash", str(SCRIPT), "start"], env=slurm, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "already running" in again.stderr, again.stderr
+    assert subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=slurm, capture_output=True, text=True).stdout == "idle\n"
+    ran = subprocess.run(["srun", "--ntasks=1", "echo", "ok"], env=slurm, capture_output=True, text=True, timeout=60)
+    assert ran.stdout == "ok\n", ran.stderr
+
+
+def test_a_two_seed_sweep_on_slurm_gives_two_results_one_line_each_and_the_table(slurm, tmp_path):
+    result = _sweep(["seed=1,2", "paths.log_dir=logs", *TINY], tmp_path, _sweep_env(slurm))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    (sweep_dir,) = (tmp_path / "logs" / "multiruns").iterdir()
+    assert sorted(p.parent.name for p in sweep_dir.glob("*/results.csv")) == ["0", "1"]
+    check_sweep_console(output, sweep_dir, {0: "seed=1", 1: "seed=2"})
+    assert len(output.strip().splitlines()) == 3, output  # no submitit or sacct notices
+    # each trial ran as a SLURM job of its own (a job array: <array id>_<trial>)
+    assert sorted(p.name.split("_")[1] for p in (sweep_dir / ".submitit").iterdir() if p.is_dir() and "_" in p.name) == ["0", "1"]
+    assert aggregate_main([str(sweep_dir), "--out", str(tmp_path / "agg")]) == 0
+    (row,) = pd.read_csv(tmp_path / "agg" / "table.csv").to_dict("records")
+    assert row["Seeds"] == 2 and row["Dataset"] == "Digits"
+
+
+def test_a_trial_that_raises_on_slurm_is_listed_failed_and_the_sweep_exits_1(slurm, tmp_path):
+    result = _sweep(["model.weight_center=-1", "paths.log_dir=logs", *TINY], tmp_path, _sweep_env(slurm))
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    (sweep_dir,) = (tmp_path / "logs" / "multiruns").iterdir()
+    cause = "model.method: weight_center must be >= 0, got -1"
+    assert (sweep_dir / "0" / "FAILED.txt").read_text().startswith(f"error: {cause}")
+    assert not (sweep_dir / "0" / "results.csv").exists()
+    check_sweep_console(output, sweep_dir, {}, {0: "(no swept values)"})
+    assert f"FAILED {sweep_dir / '0'}: {cause}" in result.stderr
+
+
+def test_a_refused_target_stops_a_slurm_sweep_before_any_job(slurm, tmp_path):
+    """A swept target: the sweeper's check of the common config does not see it; the launcher
+    checks every trial's config before it submits anything."""
+    result = _sweep(
+        ["+callbacks.x._target_=mchad.callbacks.nothing,builtins.exec", "+callbacks.x._args_=[1]", f"paths.log_dir={tmp_path}"],
+        tmp_path,
+        _sweep_env(slurm),
+    )
+    assert result.returncode == 1 and "is not an allowed target" in result.stderr, result.stderr[-2000:]
+    assert not list(tmp_path.rglob(".submitit"))
+    queue = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%Z"], env=slurm, capture_output=True, text=True)
+    assert str(tmp_path) not in queue.stdout  # no job of this sweep (run from tmp_path) in SLURM's list
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+#: quick-start trials of 4 epochs with the callbacks that checkpoint and resume, deterministic
+PREEMPTIBLE = [
+    "trainer.max_epochs=4",
+    "trainer.min_epochs=4",
+    "trainer.deterministic=true",
+    "~logger",
+    "~callbacks.validation_views",
+    "~callbacks.embedding_animation",
+    "~callbacks.test_plots",
+    "~callbacks.hparams",
+    "~callbacks.progress_bar",
+    "~callbacks.lr_monitor",
+    "+callbacks.pause._target_=slurm_probe.PauseAt",
+    "allowed_targets=[slurm_probe.*]",
+    "+callbacks.pause.trial=${hydra:job.num}",
+    "+callbacks.pause.epoch=2",
+]
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.mark.slow
+def test_scancel_signal_term_requeues_the_trial_and_it_ends_as_if_never_stopped(slurm, tmp_path):
+    """Two identical trials (seed=1,1); trial 0's job gets `scancel --signal=TERM` in epoch 3 of 4
+    (tests/slurm_probe.py holds it at batch 1 until the signal arrives). The trial stops, its job
+    requeues itself, SLURM starts it again and it continues from the checkpoint after epoch 2; the
+    report says so, the sweep exits 0 and, with trainer.deterministic=true, its results.csv equals
+    trial 1's, never interrupted (config_hash differs: the pause's trial number)."""
+    stamp = tmp_path / "paused"
+    sweep_dir = tmp_path / "sweep"
+    env = _sweep_env(
+        slurm,
+        PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        MCHAD_TEST_PAUSE=str(stamp),
+        MCHAD_TEST_PAUSE_TRIAL="0",
+    )
+    command = [sys.executable, str(RUN_PY), "-m", "hydra/launcher=slurm", "seed=1,1", f"hydra.sweep.dir={sweep_dir}"]
+    with subprocess.Popen(
+        [*command, "paths.log_dir=logs", *PREEMPTIBLE],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as driver:
+        try:
+            _wait_for(stamp.exists, 240, "trial 0 to reach epoch 3")
+            (job,) = [p.name for p in (sweep_dir / ".submitit").iterdir() if p.name.endswith("_0")]
+            subprocess.run(["scancel", "--signal=TERM", job], env=slurm, check=True)
+
+            def requeued() -> bool:
+                state = subprocess.run(
+                    ["squeue", "-h", "-t", "all", "-j", job, "-o", "%T %r"], env=slurm, capture_output=True, text=True
+                )
+                return state.stdout.strip() == "PENDING BeginTime"
+
+            # SLURM holds a requeued job for about 2 minutes (its BeginTime); release it now
+            _wait_for(requeued, 120, f"job {job} to be requeued")
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
+            output, _ = driver.communicate(timeout=300)
+        finally:
+            driver.kill()
+    assert driver.returncode == 0, output[-3000:]
+    checkpoint = sweep_dir / "0" / "checkpoints" / "last.ckpt"
+    assert f"  #0 preempted by SIGTERM: SLURM job {job} requeued\n" in output
+    assert f"  #0 resumed from epoch 2 (2 of 4 epochs done, {checkpoint})\n" in output
+    assert "2 trial(s) finished, 0 failed" in output
+    assert not (sweep_dir / "0" / "FAILED.txt").exists()
+    resumed, whole = (pd.read_csv(sweep_dir / str(n) / "results.csv").drop(columns="config_hash") for n in (0, 1))
+    pd.testing.assert_frame_equal(resumed, whole, check_exact=True)
