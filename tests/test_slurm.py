@@ -8,6 +8,7 @@ here is skipped with that reason; a script that fails to start the daemons fails
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -16,9 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT
+from test_ddp import METRICS, _gone, _quick
 from test_sweep import TINY, check_sweep_console
 
 from mchad.results.aggregate import main as aggregate_main
@@ -224,3 +227,65 @@ def test_scancel_signal_term_requeues_the_trial_and_it_ends_as_if_never_stopped(
     assert not (sweep_dir / "0" / "FAILED.txt").exists()
     resumed, whole = (pd.read_csv(sweep_dir / str(n) / "results.csv").drop(columns="config_hash") for n in (0, 1))
     pd.testing.assert_frame_equal(resumed, whole, check_exact=True)
+
+
+# ----------------------------------------------------------------------------- DDP under srun
+
+
+def _srun(overrides: list[str], slurm: dict[str, str], cwd: Path, *, tasks: int = 2) -> subprocess.CompletedProcess:
+    """``srun --ntasks=N --ntasks-per-node=N python run.py ...``: N tasks on the one node (Lightning's
+    SLURM environment refuses --ntasks without --ntasks-per-node)."""
+    env = {**_sweep_env(slurm), "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
+    command = ["srun", f"--ntasks={tasks}", f"--ntasks-per-node={tasks}", sys.executable, str(RUN_PY), *overrides]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+
+
+@pytest.mark.slow
+def test_ddp_under_srun_writes_one_result_of_every_sample_equal_to_one_process(slurm, tmp_path):
+    """Two srun tasks, gloo on the CPU, Lightning's SLURM environment: one results.csv (in
+    logs/runs/ddp/slurm-<job>.<step>), every training sample once per epoch over the two ranks, and
+    the metrics of one process testing the same checkpoint."""
+    logs, probe = tmp_path / "logs", tmp_path / "probe"
+    result = _srun(_quick(logs, probe, "trainer.devices=2", "+datamodule.full_train_set=true"), slurm, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (results,) = logs.glob("runs/**/results.csv")
+    assert results.parent.parent.name == "ddp" and results.parent.name.startswith("slurm-"), results
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    everything = ranks[0]["all_rows"]
+    for epoch in ("0", "1"):
+        together = sorted(ranks[0]["epochs"][epoch] + ranks[1]["epochs"][epoch])
+        assert together == sorted(everything)
+    single = subprocess.run(
+        [sys.executable, str(RUN_PY), *_quick(logs / "single", None, "+datamodule.full_train_set=true", "train=false")]
+        + [f"ckpt_path={results.parent}"],
+        cwd=tmp_path,
+        env=_sweep_env(slurm),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    (one,) = (logs / "single").glob("runs/*/*/results.csv")
+    keys = ["test_case", "score"]
+    ddp, one = (pd.read_csv(p).sort_values(keys).reset_index(drop=True) for p in (results, one))
+    assert ddp[keys].equals(one[keys]) and len(ddp) == 6
+    np.testing.assert_allclose(ddp[METRICS].to_numpy(), one[METRICS].to_numpy(), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_a_failing_rank_under_srun_ends_the_job_with_its_cause(slurm, tmp_path):
+    """Rank 1 raises at step 5 of a 2-task srun: both tasks end, srun exits non-zero, the one
+    error line and FAILED.txt name rank 1's exception (mchad.runs.rank_watch)."""
+    logs, probe = tmp_path / "logs", tmp_path / "probe"
+    overrides = _quick(logs, probe, "trainer.devices=2", "+callbacks.probe.fail_rank=1", "+callbacks.probe.fail_step=5")
+    result = _srun(overrides, slurm, tmp_path)
+    ended = time.time()
+    assert all(_gone(int((probe / f"pid{rank}").read_text())) for rank in (0, 1))
+    assert result.returncode != 0, result.stderr[-3000:]
+    print(f"rank 1 failed -> srun ended: {ended - float((probe / 'failed1.time').read_text()):.2f} s")
+    cause = "rank 1 failed: ValueError: probe failure on rank 1 at step 5"
+    assert [line for line in result.stderr.splitlines() if line.startswith("error: ")] == [f"error: {cause}"]
+    (failed,) = logs.glob("runs/**/FAILED.txt")
+    assert failed.read_text().splitlines()[0] == f"error: {cause}"
