@@ -100,7 +100,9 @@ def _sweep(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) 
 def test_the_local_slurm_runs_jobs_and_a_second_start_leaves_it_running(slurm):
     again = subprocess.run(["bash", str(SCRIPT), "start"], env=slurm, capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "already running" in again.stderr, again.stderr
-    assert subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=slurm, capture_output=True, text=True).stdout == "idle\n"
+    assert (
+        subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=slurm, capture_output=True, text=True).stdout == "idle\n"
+    )
     ran = subprocess.run(["srun", "--ntasks=1", "echo", "ok"], env=slurm, capture_output=True, text=True, timeout=60)
     assert ran.stdout == "ok\n", ran.stderr
 
@@ -114,7 +116,9 @@ def test_a_two_seed_sweep_on_slurm_gives_two_results_one_line_each_and_the_table
     check_sweep_console(output, sweep_dir, {0: "seed=1", 1: "seed=2"})
     assert len(output.strip().splitlines()) == 3, output  # no submitit or sacct notices
     # each trial ran as a SLURM job of its own (a job array: <array id>_<trial>)
-    assert sorted(p.name.split("_")[1] for p in (sweep_dir / ".submitit").iterdir() if p.is_dir() and "_" in p.name) == ["0", "1"]
+    assert sorted(
+        p.name.split("_")[1] for p in (sweep_dir / ".submitit").iterdir() if p.is_dir() and "_" in p.name
+    ) == ["0", "1"]
     assert aggregate_main([str(sweep_dir), "--out", str(tmp_path / "agg")]) == 0
     (row,) = pd.read_csv(tmp_path / "agg" / "table.csv").to_dict("records")
     assert row["Seeds"] == 2 and row["Dataset"] == "Digits"
@@ -132,11 +136,37 @@ def test_a_trial_that_raises_on_slurm_is_listed_failed_and_the_sweep_exits_1(slu
     assert f"FAILED {sweep_dir / '0'}: {cause}" in result.stderr
 
 
+@pytest.mark.slow
+def test_a_re_run_slurm_sweep_submits_only_the_missing_trial(slurm, tmp_path):
+    """A 2-trial sweep, then trial 1's results.csv lost: the same command with its folder submits
+    one job (trial 1, into its own folder) and leaves trial 0 alone."""
+    sweep_dir = tmp_path / "sweep"
+    command = ["seed=1,2", "paths.log_dir=logs", f"hydra.sweep.dir={sweep_dir}", *TINY]
+    first = _sweep(command, tmp_path, _sweep_env(slurm))
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    done = (sweep_dir / "0" / "results.csv").stat().st_mtime_ns
+    (sweep_dir / "1" / "results.csv").unlink()
+    jobs_before = {p.name for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()}
+    again = _sweep(command, tmp_path, _sweep_env(slurm))
+    output = again.stdout + again.stderr
+    assert again.returncode == 0, output[-3000:]
+    assert "2 trial(s) finished, 0 failed; 1 done before, 1 run now" in again.stdout
+    assert [line.split(":")[0] for line in output.splitlines() if line.startswith("trial #")] == ["trial #1 seed=2"]
+    assert (sweep_dir / "1" / "results.csv").is_file()
+    assert (sweep_dir / "0" / "results.csv").stat().st_mtime_ns == done
+    (new,) = {p.name for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()} - jobs_before
+    assert "_" not in new  # one job, not an array
+
+
 def test_a_refused_target_stops_a_slurm_sweep_before_any_job(slurm, tmp_path):
     """A swept target: the sweeper's check of the common config does not see it; the launcher
     checks every trial's config before it submits anything."""
     result = _sweep(
-        ["+callbacks.x._target_=mchad.callbacks.nothing,builtins.exec", "+callbacks.x._args_=[1]", f"paths.log_dir={tmp_path}"],
+        [
+            "+callbacks.x._target_=mchad.callbacks.nothing,builtins.exec",
+            "+callbacks.x._args_=[1]",
+            f"paths.log_dir={tmp_path}",
+        ],
         tmp_path,
         _sweep_env(slurm),
     )
