@@ -158,6 +158,50 @@ def test_a_re_run_slurm_sweep_submits_only_the_missing_trial(slurm, tmp_path):
     assert "_" not in new  # one job, not an array
 
 
+@pytest.mark.slow
+def test_a_slurm_job_killed_without_a_result_is_listed_failed_with_its_state(slurm, tmp_path):
+    """The seed-2 trial SIGKILLs its own process when training starts (as the out-of-memory
+    killer would; tests/sigkill_callback.py): its job ends without a result; the sweep does not
+    wait for ever, lists it failed with SLURM's state and exits 1; the other trial finishes."""
+    env = _sweep_env(slurm, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    killer = [
+        "+callbacks.kill._target_=sigkill_callback.KillOnSeed",
+        "allowed_targets=[sigkill_callback.*]",
+        "+callbacks.kill.seed=${seed}",
+        "+callbacks.kill.kill_seed=2",
+    ]
+    sweep_dir = tmp_path / "sweep"
+    result = _sweep(["seed=1,2", "paths.log_dir=logs", f"hydra.sweep.dir={sweep_dir}", *TINY, *killer], tmp_path, env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert (sweep_dir / "0" / "results.csv").is_file()
+    cause = (sweep_dir / "1" / "FAILED.txt").read_text().splitlines()[0]
+    assert cause.startswith("error: the trial's worker process died or was lost (JobLost: job "), cause
+    assert " ended FAILED without a result (log " in cause, cause
+    assert f"FAILED {sweep_dir / '1'}: the trial's worker process died" in result.stderr
+    assert "1 trial(s) finished, 1 failed" in result.stderr
+
+
+@pytest.mark.slow
+def test_hydra_launcher_local_runs_trials_as_processes_with_the_same_report(tmp_path):
+    """hydra/launcher=local (submitit's local executor, no SLURM): one line per trial, the failed
+    one listed with its cause, exit 1."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
+    result = subprocess.run(
+        [sys.executable, str(RUN_PY), "-m", "hydra/launcher=local", "model.weight_center=0.5,-1", "paths.log_dir=logs"]
+        + TINY,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k not in ("MCHAD_ROOT", "MCHAD_RUN_ID", "SLURM_CONF")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    (sweep_dir,) = (tmp_path / "logs" / "multiruns").iterdir()
+    check_sweep_console(output, sweep_dir, {0: "model.weight_center=0.5"}, {1: "model.weight_center=-1"})
+
+
 def test_a_refused_target_stops_a_slurm_sweep_before_any_job(slurm, tmp_path):
     """A swept target: the sweeper's check of the common config does not see it; the launcher
     checks every trial's config before it submits anything."""

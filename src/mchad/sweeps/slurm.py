@@ -40,9 +40,11 @@ POLL_S = 1.0
 RESULT_GRACE_S = 15.0
 #: a job's notes on its requeues and continuations, in its submitit folder
 NOTES_FILE = "requeued.txt"
-#: SLURM states of a job that has not ended (a requeued job passes through REQUEUED and PENDING)
+#: SLURM states of a job that has not ended (a requeued job passes through REQUEUED, PREEMPTED and
+#: PENDING; a job that stays PREEMPTED leaves squeue's list after MinJobAge and counts as ended then)
 ACTIVE = {
     "PENDING",
+    "PREEMPTED",
     "CONFIGURING",
     "RUNNING",
     "COMPLETING",
@@ -125,6 +127,11 @@ def launch_on_submitit(launcher: Any, job_overrides: Any, initial_job_idx: int) 
     watch = JobWatch(launcher._EXECUTOR)
     try:
         returns = collect_trials(trials, watch.wait, watch.get)
+    except KeyboardInterrupt:  # Ctrl-C: no job of this sweep goes on writing into its folders
+        for job in jobs:
+            if not watch.ended(job):
+                job.cancel(check=False)
+        raise
     finally:
         report_notes(sweep_dir, jobs)
     return returns
