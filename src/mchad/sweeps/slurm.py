@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 
 #: seconds between two looks at the jobs
 POLL_S = 1.0
-#: seconds a job that SLURM reports ended is given to show its result file (shared file systems lag)
+#: seconds a job that SLURM reports not running is given to show its result file (shared file systems
+#: lag) or to be running again (requeued)
 RESULT_GRACE_S = 15.0
 #: a job's notes on its requeues and continuations, in its submitit folder
 NOTES_FILE = "requeued.txt"
@@ -128,9 +130,10 @@ def launch_on_submitit(launcher: Any, job_overrides: Any, initial_job_idx: int) 
     try:
         returns = collect_trials(trials, watch.wait, watch.get)
     except KeyboardInterrupt:  # Ctrl-C: no job of this sweep goes on writing into its folders
-        for job in jobs:
-            if not watch.ended(job):
-                job.cancel(check=False)
+        running = [job for job in jobs if not job.paths.result_pickle.exists()]
+        for job in running:
+            job.cancel(check=False)
+        print(f"interrupted: cancelled the sweep's {len(running)} unfinished job(s)", file=sys.stderr, flush=True)
         raise
     finally:
         report_notes(sweep_dir, jobs)
@@ -153,18 +156,31 @@ def check_trial_targets(config: Any) -> None:
 
 
 class JobWatch:
-    """``wait`` and ``get`` of :func:`mchad.sweeps.sweep.collect_trials` for submitit's jobs."""
+    """``wait`` and ``get`` of :func:`mchad.sweeps.sweep.collect_trials` for submitit's jobs.
+
+    A job has ended when its result file exists, or when SLURM (the local executor: its process)
+    has reported it not running for :data:`RESULT_GRACE_S` seconds without a result file appearing:
+    a file system that shows the file late, or a job that SLURM is requeueing, is not taken for a
+    lost one."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.states: dict[str, str] = {}
+        self.stopped_since: dict[str, float] = {}
+
+    def state(self, job: Any) -> str:
+        if self.kind != "slurm":
+            return "ENDED" if job.done() else "RUNNING"
+        return self.states.get(str(job.job_id), "PENDING")
 
     def ended(self, job: Any) -> bool:
         if job.paths.result_pickle.exists():
             return True
-        if self.kind != "slurm":
-            return job.done()
-        return self.states.get(str(job.job_id), "PENDING") not in ACTIVE
+        key = str(job.job_id)
+        if self.state(job) in ACTIVE:
+            self.stopped_since.pop(key, None)
+            return False
+        return time.monotonic() - self.stopped_since.setdefault(key, time.monotonic()) >= RESULT_GRACE_S
 
     def wait(self, pending: list, num_returns: int = 1) -> tuple[list, list]:
         while True:
@@ -180,11 +196,8 @@ class JobWatch:
         from hydra.core.utils import JobReturn, JobStatus
         from submitit.core.utils import FailedJobError
 
-        deadline = time.monotonic() + RESULT_GRACE_S
-        while not job.paths.result_pickle.exists() and time.monotonic() < deadline:
-            time.sleep(0.5)
         if not job.paths.result_pickle.exists():
-            raise JobLost(lost_cause(job, self.states.get(str(job.job_id), "ended")))
+            raise JobLost(lost_cause(job, self.state(job)))
         try:
             return job.results()[0]
         except FailedJobError as error:  # raised in the job outside the trial (Hydra's own work)
