@@ -33,11 +33,13 @@ TESTS = Path(__file__).resolve().parent
 
 def cannot_start() -> str | None:
     """Why the local SLURM cannot start here (None: it can)."""
-    missing = [name for name in ("slurmctld", "slurmd", "munged", "mungekey", "sinfo") if shutil.which(name) is None]
-    if missing:
-        return f"slurm-wlm and munge are not installed ({', '.join(missing)} missing; apt-get install slurm-wlm munge)"
     if os.geteuid() != 0:
         return "the local SLURM's daemons need root (bash/slurm-local.sh runs munged, slurmctld and slurmd as root)"
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    needed = ("slurmctld", "slurmd", "munged", "mungekey", "sinfo", "srun")
+    missing = [name for name in needed if shutil.which(name, path=path) is None]
+    if missing:
+        return f"slurm-wlm and munge are not installed ({', '.join(missing)} missing; apt-get install slurm-wlm munge)"
     try:
         import hydra_plugins.hydra_submitit_launcher  # noqa: F401
     except ImportError:
