@@ -295,10 +295,11 @@ def test_scancel_signal_term_requeues_the_trial_and_it_ends_as_if_never_stopped(
             output, _ = driver.communicate(timeout=300)
         finally:
             driver.kill()
-    assert driver.returncode == 0, output[-3000:]
+    logs = "".join(p.read_text(errors="replace")[-1500:] for p in sorted(sweep_dir.glob(f".submitit/{job}/*.err")))
+    assert driver.returncode == 0, f"{output[-3000:]}\n--- job {job}'s log:\n{logs}"
     checkpoint = sweep_dir / "0" / "checkpoints" / "last.ckpt"
-    assert f"  #0 preempted by SIGTERM: SLURM job {job} requeued\n" in output
-    assert f"  #0 resumed from epoch 2 (2 of 4 epochs done, {checkpoint})\n" in output
+    assert f"  #0 preempted by SIGTERM: SLURM job {job} requeued\n" in output, output[-3000:]
+    assert f"  #0 resumed from epoch 2 (2 of 4 epochs done, {checkpoint})\n" in output, output[-3000:]
     assert "2 trial(s) finished, 0 failed" in output
     assert not (sweep_dir / "0" / "FAILED.txt").exists()
     resumed, whole = (pd.read_csv(sweep_dir / str(n) / "results.csv").drop(columns="config_hash") for n in (0, 1))

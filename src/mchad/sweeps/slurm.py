@@ -308,10 +308,12 @@ def note_event(line: str) -> None:
 
 
 def requeue_if_preempted(result: Any, job_num: int) -> None:
-    """After the trial (``result``: its JobReturn): if SLURM's SIGTERM or SIGUSR1 stopped it before
-    its results, requeue this job and end it without a result (the driver waits for the requeued
-    job). When SLURM refuses the requeue (e.g. its MaxBatchRequeue reached), the trial stays
-    recorded as preempted."""
+    """After the trial (``result``: its JobReturn): if SIGTERM or SIGUSR1 stopped it before its
+    results while the job still runs (``scancel --signal``, the time limit's SIGUSR1 warning, a
+    preemption signal), requeue this job and end it without a result (the driver waits for the
+    requeued job). A job that SLURM is already ending (``scancel`` without ``--signal``, the hard
+    time limit: COMPLETING), or whose requeue SLURM refuses (e.g. MaxBatchRequeue reached), is not
+    requeued: the trial stays recorded as preempted."""
     from mchad.runs.preemption import EXIT_PREEMPTED, received
 
     signal_name = received()
@@ -323,6 +325,10 @@ def requeue_if_preempted(result: Any, job_num: int) -> None:
     from submitit import JobEnvironment
 
     job_id = JobEnvironment().job_id
+    state = slurm_states([job_id]).get(job_id, "RUNNING")
+    if state == "COMPLETING" or state not in ACTIVE:  # SLURM ends the job (plain scancel, the hard time limit)
+        note_event(f"#{job_num} stopped by {signal_name} while SLURM job {job_id} was {state}: not requeued")
+        return
     # noted first: SLURM ends this job's processes as soon as it requeues the job
     note_event(f"#{job_num} preempted by {signal_name}: SLURM job {job_id} requeued")
     log.warning("preempted by %s: requeueing SLURM job %s; it continues from the last checkpoint", signal_name, job_id)
