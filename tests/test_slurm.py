@@ -366,3 +366,36 @@ def test_a_failing_rank_under_srun_ends_the_job_with_its_cause(slurm, tmp_path):
     assert [line for line in result.stderr.splitlines() if line.startswith("error: ")] == [f"error: {cause}"]
     (failed,) = logs.glob("runs/**/FAILED.txt")
     assert failed.read_text().splitlines()[0] == f"error: {cause}"
+
+
+@pytest.mark.slow
+def test_a_plain_scancel_is_not_undone_the_trial_stays_preempted(slurm, tmp_path):
+    """`scancel <job>` (no --signal) ends the job: the trial stops (SIGTERM), is not requeued,
+    and the sweep reports it preempted (exit 143); the same command would continue it."""
+    stamp, sweep_dir = tmp_path / "paused", tmp_path / "sweep"
+    env = _sweep_env(
+        slurm,
+        PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        MCHAD_TEST_PAUSE=str(stamp),
+        MCHAD_TEST_PAUSE_TRIAL="0",
+    )
+    command = [sys.executable, str(RUN_PY), "-m", "hydra/launcher=slurm", "seed=1", f"hydra.sweep.dir={sweep_dir}"]
+    with subprocess.Popen(
+        [*command, "paths.log_dir=logs", *PREEMPTIBLE],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as driver:
+        try:
+            _wait_for(stamp.exists, 240, "the trial to reach epoch 3")
+            (job,) = [p.name for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()]
+            subprocess.run(["scancel", job], env=slurm, check=True)
+            output, _ = driver.communicate(timeout=120)
+        finally:
+            driver.kill()
+    assert driver.returncode == 143, output[-3000:]
+    assert f"  #0 stopped by SIGTERM while SLURM job {job} was COMPLETING: not requeued\n" in output, output
+    assert f"  PREEMPTED {sweep_dir / '0'}: preempted by SIGTERM" in output, output
+    assert (sweep_dir / "0" / "checkpoints" / "last.ckpt").is_file()
