@@ -46,7 +46,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$DIR/munge.socket
+# cred_expire: a job step credential's lifetime, also how long SLURM holds a requeued job before it
+# may start again (its old credential must have expired): 30 s here instead of the default 120 s
+AuthInfo=socket=$DIR/munge.socket,cred_expire=30
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/slurmctld.pid

@@ -40,10 +40,6 @@ POLL_S = 1.0
 #: seconds a job that SLURM reports not running is given to show its result file (shared file systems
 #: lag) or to be running again (requeued)
 RESULT_GRACE_S = 15.0
-#: seconds a job that requeued itself may be reported not running before it counts as lost: SLURM
-#: 22.05 may list a requeued array task as FAILED until it has finished requeueing it (seen once
-#: in 12 runs of the preemption test on the loaded 2-core machine: more than 15 s)
-REQUEUE_GRACE_S = 300.0
 #: a job's notes on its requeues and continuations, in its submitit folder
 NOTES_FILE = "requeued.txt"
 #: SLURM states of a job that has not ended (a requeued job passes through REQUEUED, PREEMPTED and
@@ -184,10 +180,7 @@ class JobWatch:
         if self.state(job) in ACTIVE:
             self.stopped_since.pop(key, None)
             return False
-        notes = Path(job.paths.folder) / NOTES_FILE
-        requeued = notes.is_file() and notes.read_text(encoding="utf-8").rstrip().endswith(" requeued")
-        grace = REQUEUE_GRACE_S if requeued else RESULT_GRACE_S
-        return time.monotonic() - self.stopped_since.setdefault(key, time.monotonic()) >= grace
+        return time.monotonic() - self.stopped_since.setdefault(key, time.monotonic()) >= RESULT_GRACE_S
 
     def wait(self, pending: list, num_returns: int = 1) -> tuple[list, list]:
         while True:
