@@ -277,6 +277,11 @@ def record(sweep_dir: Path, done: int, run_now: int) -> None:
     _COUNTS[str(Path(sweep_dir).absolute())] = {"done": done, "run_now": run_now}
 
 
+def add_continued(sweep_dir: Path, lines: list[str]) -> None:
+    """More report lines on continued trials (e.g. a SLURM job requeued after a preemption)."""
+    _CONTINUED.setdefault(str(Path(sweep_dir).absolute()), []).extend(lines)
+
+
 def continued_lines(sweep_dir: Path) -> list[str]:
     """The report's lines on trials continued from a checkpoint or started over."""
     return list(_CONTINUED.get(str(Path(sweep_dir).absolute()), []))
