@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT
-from test_ddp import METRICS, _gone, _quick
+from rank_failure_probe import gone
+from test_ddp import METRICS, _quick
 from test_sweep import TINY, check_sweep_console
 
 from mchad.results.aggregate import main as aggregate_main
@@ -353,7 +354,7 @@ def test_a_failing_rank_under_srun_ends_the_job_with_its_cause(slurm, tmp_path):
     overrides = _quick(logs, probe, "trainer.devices=2", "+callbacks.probe.fail_rank=1", "+callbacks.probe.fail_step=5")
     result = _srun(overrides, slurm, tmp_path)
     ended = time.time()
-    assert all(_gone(int((probe / f"pid{rank}").read_text())) for rank in (0, 1))
+    assert all(gone(int((probe / f"pid{rank}").read_text())) for rank in (0, 1))
     assert result.returncode != 0, result.stderr[-3000:]
     print(f"rank 1 failed -> srun ended: {ended - float((probe / 'failed1.time').read_text()):.2f} s")
     cause = "rank 1 failed: ValueError: probe failure on rank 1 at step 5"
