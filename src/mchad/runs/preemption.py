@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -39,10 +38,6 @@ EXIT_PREEMPTED = 143
 #: Ctrl-C (128 + SIGINT)
 EXIT_INTERRUPTED = 130
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-# Lightning warns in every run on a machine where SLURM is installed (a login node, the local SLURM
-# of bash/slurm-local.sh) that srun is not used: a run started without srun is meant to run right here
-warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
 
 _received: str | None = None
 _armed = False
