@@ -245,6 +245,26 @@ PREEMPTIBLE = [
 ]
 
 
+def _paused_sweep(slurm: dict[str, str], tmp_path: Path, seeds: str) -> subprocess.Popen:
+    """A SLURM sweep over ``seed=<seeds>`` whose trial 0 waits at epoch 3 once ``<tmp_path>/paused``
+    exists (tests/slurm_probe.py's PauseAt), its console on the Popen's stdout."""
+    env = _sweep_env(
+        slurm,
+        PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        MCHAD_TEST_PAUSE=str(tmp_path / "paused"),
+        MCHAD_TEST_PAUSE_TRIAL="0",
+    )
+    command = [sys.executable, str(RUN_PY), "-m", "hydra/launcher=slurm", f"seed={seeds}"]
+    return subprocess.Popen(
+        [*command, f"hydra.sweep.dir={tmp_path / 'sweep'}", "paths.log_dir=logs", *PREEMPTIBLE],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def _wait_for(predicate, timeout: float, what: str):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -263,23 +283,8 @@ def test_scancel_signal_term_requeues_the_trial_and_it_ends_as_if_never_stopped(
     SLURM) and it continues from the checkpoint after epoch 2; the
     report says so, the sweep exits 0 and, with trainer.deterministic=true, its results.csv equals
     trial 1's, never interrupted (config_hash differs: the pause's trial number)."""
-    stamp = tmp_path / "paused"
-    sweep_dir = tmp_path / "sweep"
-    env = _sweep_env(
-        slurm,
-        PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-        MCHAD_TEST_PAUSE=str(stamp),
-        MCHAD_TEST_PAUSE_TRIAL="0",
-    )
-    command = [sys.executable, str(RUN_PY), "-m", "hydra/launcher=slurm", "seed=1,1", f"hydra.sweep.dir={sweep_dir}"]
-    with subprocess.Popen(
-        [*command, "paths.log_dir=logs", *PREEMPTIBLE],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    ) as driver:
+    stamp, sweep_dir = tmp_path / "paused", tmp_path / "sweep"
+    with _paused_sweep(slurm, tmp_path, "1,1") as driver:
         try:
             _wait_for(stamp.exists, 240, "trial 0 to reach epoch 3")
             (job,) = [p.name for p in (sweep_dir / ".submitit").iterdir() if p.name.endswith("_0")]
@@ -368,21 +373,7 @@ def test_a_plain_scancel_is_not_undone_the_trial_stays_preempted(slurm, tmp_path
     """`scancel <job>` (no --signal) ends the job: the trial stops (SIGTERM), is not requeued,
     and the sweep reports it preempted (exit 143); the same command would continue it."""
     stamp, sweep_dir = tmp_path / "paused", tmp_path / "sweep"
-    env = _sweep_env(
-        slurm,
-        PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-        MCHAD_TEST_PAUSE=str(stamp),
-        MCHAD_TEST_PAUSE_TRIAL="0",
-    )
-    command = [sys.executable, str(RUN_PY), "-m", "hydra/launcher=slurm", "seed=1", f"hydra.sweep.dir={sweep_dir}"]
-    with subprocess.Popen(
-        [*command, "paths.log_dir=logs", *PREEMPTIBLE],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    ) as driver:
+    with _paused_sweep(slurm, tmp_path, "1") as driver:
         try:
             _wait_for(stamp.exists, 240, "the trial to reach epoch 3")
             (job,) = [p.name for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()]
