@@ -23,7 +23,7 @@ import pytest
 from conftest import ROOT
 from rank_failure_probe import gone
 from test_ddp import METRICS, _quick
-from test_sweep import TINY, check_sweep_console
+from test_sweep import CHECKPOINTS_ONLY, TINY, check_sweep_console
 
 from mchad.results.aggregate import main as aggregate_main
 
@@ -231,13 +231,7 @@ PREEMPTIBLE = [
     "trainer.max_epochs=4",
     "trainer.min_epochs=4",
     "trainer.deterministic=true",
-    "~logger",
-    "~callbacks.validation_views",
-    "~callbacks.embedding_animation",
-    "~callbacks.test_plots",
-    "~callbacks.hparams",
-    "~callbacks.progress_bar",
-    "~callbacks.lr_monitor",
+    *CHECKPOINTS_ONLY,
     "+callbacks.pause._target_=slurm_probe.PauseAt",
     "allowed_targets=[slurm_probe.*]",
     "+callbacks.pause.trial=${hydra:job.num}",

@@ -30,6 +30,16 @@ RUN_PY = ROOT / "run.py"
 TESTS = Path(__file__).resolve().parent
 # quick-start trials of ~2 s of training
 TINY = ["trainer.max_epochs=2", "trainer.min_epochs=2", "~logger", "~callbacks"]
+#: no logger and no callback but the ones that checkpoint (and so can continue a trial)
+CHECKPOINTS_ONLY = [
+    "~logger",
+    "~callbacks.validation_views",
+    "~callbacks.embedding_animation",
+    "~callbacks.test_plots",
+    "~callbacks.hparams",
+    "~callbacks.progress_bar",
+    "~callbacks.lr_monitor",
+]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -409,13 +419,7 @@ def test_a_ray_trial_whose_worker_was_killed_continues_from_its_checkpoint_when_
         "trainer.min_epochs=3",
         "trainer.limit_train_batches=3",
         "trainer.limit_val_batches=1",
-        "~logger",
-        "~callbacks.validation_views",
-        "~callbacks.embedding_animation",
-        "~callbacks.test_plots",
-        "~callbacks.hparams",
-        "~callbacks.progress_bar",
-        "~callbacks.lr_monitor",
+        *CHECKPOINTS_ONLY,
         "+callbacks.signal._target_=sigkill_callback.SignalAt",
         "allowed_targets=[sigkill_callback.*]",
         "+callbacks.signal.seed=${seed}",
