@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
+import pickle
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -33,16 +40,20 @@ TINY_BENCH_ARGS = "--data synthetic --synthetic-size 2000 --device cpu --steps 2
 
 #: composed configs (with their hydra node), by what composing them depends on; see compose_config
 _COMPOSED: dict[tuple, DictConfig] = {}
+#: the folder all of this session's pytest-xdist workers share composed configs in (set by a
+#: session fixture; None before it runs, e.g. while a module is collected: no sharing then)
+_SHARED: dict[str, Path] = {}
 
 
 def compose_config(overrides: list[str] | None = None, output_dir: Path | None = None) -> DictConfig:
     """Compose config/train.yaml with ``overrides`` as ``python run.py <overrides>`` would.
 
     With ``output_dir``, ``paths.output_dir`` points there (no Hydra run needed). Composing
-    takes about 0.1 s and the suite composes the same configs hundreds of times, so each is
-    composed once per process and handed out as a deep copy (a test may change its own). The
-    key holds all that composing reads besides the config files: the overrides, the working
-    directory (Hydra's runtime.cwd) and the MCHAD_/HYDRA_ variables.
+    takes 0.1-0.2 s and the suite composes the same configs hundreds of times, so each is
+    composed once per session and handed out as a deep copy (a test may change its own): kept
+    in this process, and pickled for the other workers (loading one takes 2 ms). The key holds
+    all that composing reads besides the config files: the overrides, the working directory
+    (Hydra's runtime.cwd) and the MCHAD_/HYDRA_ variables.
     """
     key = (
         tuple(overrides or []),
@@ -50,9 +61,7 @@ def compose_config(overrides: list[str] | None = None, output_dir: Path | None =
         tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("MCHAD_", "HYDRA_")))),
     )
     if key not in _COMPOSED:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), **VERSION_BASE_KWARGS):
-            _COMPOSED[key] = compose("train", overrides=list(key[0]), return_hydra_config=True)
+        _COMPOSED[key] = _shared(key, lambda: _compose(list(key[0])))
     cfg = copy.deepcopy(_COMPOSED[key])
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
@@ -60,6 +69,130 @@ def compose_config(overrides: list[str] | None = None, output_dir: Path | None =
         if output_dir is not None:
             cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), **VERSION_BASE_KWARGS):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+def _shared(key: tuple, make):
+    """``make()``, or what another worker of this session made for ``key`` (a pickle, replaced
+    atomically: two workers that make the same one at once both write whole files)."""
+    folder = _SHARED.get("composed")
+    if folder is None:
+        return make()
+    path = folder / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:24]}.pkl"
+    if path.is_file():
+        return pickle.loads(path.read_bytes())
+    value = make()
+    partial = path.with_name(f"{path.name}.{os.getpid()}")
+    partial.write_bytes(pickle.dumps(value))
+    os.replace(partial, path)
+    return value
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _share_across_workers(tmp_path_factory):
+    """Composed configs and shared runs go to a folder beside this worker's base temp folder:
+    the parent of the workers' ``popen-gw<N>`` folders, new for every session (pytest-xdist's
+    way to share)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "shared"
+    for name in ("composed", "runs"):
+        _SHARED[name] = shared / name
+        _SHARED[name].mkdir(parents=True, exist_ok=True)
+    yield
+    _SHARED.clear()
+
+
+@dataclass(frozen=True)
+class SharedRun:
+    """A finished ``python run.py`` process: its exit status, output and ``paths.log_dir``."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    logs: Path
+
+    def console(self) -> str:
+        """stderr without ``-X importtime``'s lines: what the user sees."""
+        return "\n".join(line for line in self.stderr.splitlines() if not line.startswith("import time:"))
+
+
+def shared_run(name: str, args: list[str], env: dict[str, str]) -> SharedRun:
+    """``python <args> paths.log_dir=<logs>`` (args: interpreter options, run.py, overrides),
+    run once per session for all the tests that read it, whichever worker asks first (the
+    others wait on a file lock). A test must not change what is in ``logs``: it copies it."""
+    folder = _SHARED["runs"] / name
+    record = folder / "completed.json"
+    with FileLock(f"{folder}.lock"):
+        if not record.is_file():
+            folder.mkdir()
+            logs = folder / "logs"
+            result = subprocess.run(
+                [sys.executable, *args, f"paths.log_dir={logs}"],
+                cwd=folder,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            done = {"args": args, "returncode": result.returncode, "stdout": result.stdout, "stderr": result.stderr}
+            record.write_text(json.dumps(done))
+    done = json.loads(record.read_text())
+    assert done.pop("args") == args, f"two tests share the run {name!r} with different arguments"
+    return SharedRun(**done, logs=folder / "logs")
+
+
+def _test_env(**extra: str) -> dict[str, str]:
+    """This environment without what would place a run elsewhere (MCHAD_ROOT, a Ray address,
+    a SLURM job's variables), unbuffered, plus ``extra``."""
+    dropped = ("MCHAD_ROOT", "RAY_ADDRESS", "MCHAD_RUN_ID", "MCHAD_CWD")
+    env = {k: v for k, v in os.environ.items() if k not in dropped and not k.startswith("SLURM_")}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+@pytest.fixture
+def failed_run() -> SharedRun:
+    """``python run.py model.margin=-1``, shared by the tests of how a failing single run ends: an
+    input mistake found once the data is loaded and the model is built (the method's constructor
+    refuses the value); ``-X importtime`` lists the modules it imported."""
+    args = ["-X", "importtime", str(ROOT / "run.py"), "model.margin=-1", "trainer.max_epochs=1"]
+    return shared_run("failed-run", args, _test_env())
+
+
+#: the quick-start for a few batches with the callbacks that checkpoint, and its CSV logger
+SHORT_RUN = [
+    "trainer.max_epochs=3",
+    "trainer.min_epochs=3",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+]
+SHORT_RUN_CALLBACKS = ("model_checkpoint", "last_checkpoint", "lr_monitor")
+
+
+def light_overrides(*overrides: str) -> list[str]:
+    """Drop the slow view/plot callbacks and TensorBoard (whatever they are called now)."""
+    cfg = compose_config(list(overrides))
+    drop = [f"~callbacks.{k}" for k in cfg.callbacks if k not in SHORT_RUN_CALLBACKS]
+    drop += [f"~logger.{k}" for k in cfg.get("logger", {}) if k != "csv"]
+    return drop
+
+
+@pytest.fixture
+def piped_run() -> SharedRun:
+    """``python run.py`` (a short quick-start) with its output to pipes, as a batch job has it, on
+    a host where ``srun`` is on the PATH (a fake one): shared by the tests of the console."""
+    bin_dir = _SHARED["runs"] / "bin"
+    with FileLock(f"{bin_dir}.lock"):
+        if not (bin_dir / "srun").is_file():
+            bin_dir.mkdir(exist_ok=True)
+            (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+            (bin_dir / "srun").chmod(0o755)
+    args = [str(ROOT / "run.py"), *SHORT_RUN, *light_overrides(*SHORT_RUN)]
+    return shared_run("piped-run", args, _test_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}"))
 
 
 def make_image_folder(

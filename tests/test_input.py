@@ -348,14 +348,17 @@ def _write_fake_results(run_dir: Path) -> None:
         writer.writerow(row)
 
 
-def test_failed_single_run_writes_its_cause_and_the_aggregation_reports_it(tmp_path, capsys):
+def test_failed_single_run_writes_its_cause_and_the_aggregation_reports_it(failed_run, tmp_path, capsys):
     """Today: config.yaml and run.log but no cause; the aggregation listed it as "missing"."""
     from mchad.results import aggregate
 
+    assert failed_run.returncode == 1
+    lines = failed_run.console().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), failed_run.console()[-2000:]
     logs = tmp_path / "logs"
-    line = _one_line_cli_error("model.margin=-1", f"paths.log_dir={logs}", "trainer.max_epochs=1")
+    shutil.copytree(failed_run.logs, logs)  # the aggregation below writes beside it
     (run_dir,) = (logs / "runs").glob("*/*")
-    assert (run_dir / "FAILED.txt").read_text().splitlines()[0] == line
+    assert (run_dir / "FAILED.txt").read_text().splitlines()[0] == lines[0]
     _write_fake_results(logs / "runs" / "other" / "finished")
     assert aggregate.main([str(logs / "runs")]) == 0
     out = capsys.readouterr().out
@@ -446,17 +449,15 @@ def test_notebook_runs(tmp_path, monkeypatch):
     assert (tmp_path / "logs" / "aggregate" / "table.md").is_file()
 
 
-def test_console_is_quiet_when_not_a_terminal(tmp_path):
+def test_console_is_quiet_when_not_a_terminal(piped_run):
     """A run whose output goes to a pipe: today ~32 KB of progress bars for the quick-start, a
     Lightning deprecation warning, a litlogger tip and limit_* notices. Now only this
     package's lines; run.log keeps everything."""
-    short = [o for o in SHORT if "enable_progress_bar" not in o]
-    result = run_cli(*short, *_light_overrides(), f"paths.log_dir={tmp_path}")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stderr == ""
+    assert piped_run.returncode == 0, piped_run.stderr[-2000:]
+    assert piped_run.stderr == ""
     for noise in ("it/s", "\r", "litlogger", "limit_train_batches", "GPU available", "deprecated"):
-        assert noise not in result.stdout, noise
-    assert len(result.stdout) < 3000
-    (log,) = tmp_path.glob("runs/*/*/run.log")
+        assert noise not in piped_run.stdout, noise
+    assert len(piped_run.stdout) < 3000
+    (log,) = piped_run.logs.glob("runs/*/*/run.log")
     text = log.read_text()
     assert "litlogger" in text and "deprecated" in text

@@ -113,28 +113,13 @@ def test_own_data_command_runs_offline_as_written(tmp_path):
 # ----------------------------------------------------------------------------- smaller rough edges
 
 
-def test_quick_start_console_has_no_slurm_detection_line(tmp_path):
+def test_quick_start_console_has_no_slurm_detection_line(piped_run):
     """Lightning warns on every run of a host with `srun` that it is not used: run.log keeps it,
     the console does not show it (a fake `srun` makes the host look like a SLURM node)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
-    (bin_dir / "srun").chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", PYTHONUNBUFFERED="1")
-    logs = tmp_path / "logs"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), "trainer.max_epochs=1", "trainer.min_epochs=1", f"paths.log_dir={logs}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    console = result.stdout + result.stderr
+    assert piped_run.returncode == 0, piped_run.stderr[-3000:]
+    console = piped_run.stdout + piped_run.stderr
     assert "srun" not in console and "SLURM" not in console, console
-    (run_dir,) = (logs / "runs").glob("*/*")
+    (run_dir,) = (piped_run.logs / "runs").glob("*/*")
     assert "The `srun` command is available on your system" in (run_dir / "run.log").read_text()
 
 

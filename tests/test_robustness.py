@@ -359,14 +359,13 @@ def test_cli_config_mistakes_exit_nonzero(override, expected, tmp_path):
     assert not list(tmp_path.rglob("results.csv"))
 
 
-def test_cli_user_error_is_last_stderr_line(tmp_path):
+def test_cli_user_error_is_last_stderr_line(failed_run):
     """Guards run.py's handling of a user error: exit status 1, no traceback, the cause as
     the last line of stderr."""
-    result = run_cli("model.margin=-1", f"paths.log_dir={tmp_path}", timeout=120)
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == "error: model.method: margin must be >= 0, got -1"
-    assert not list(tmp_path.rglob("results.csv"))
+    assert failed_run.returncode == 1
+    assert "Traceback" not in failed_run.stderr
+    assert failed_run.console().strip().splitlines()[-1] == "error: model.method: margin must be >= 0, got -1"
+    assert not list(failed_run.logs.rglob("results.csv"))
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):

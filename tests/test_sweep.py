@@ -209,26 +209,18 @@ def test_sweep_report_passes_a_clean_sweep(tmp_path, capsys):
     assert "1 trial(s) finished, 0 failed" in capsys.readouterr().out
 
 
-def test_single_run_does_not_import_ray_and_fails_with_one_line(tmp_path):
+def test_single_run_does_not_import_ray_and_fails_with_one_line(failed_run):
     """A single run never creates the launcher (start-up time): no ray module is imported."""
-    result = subprocess.run(
-        [sys.executable, "-X", "importtime", str(RUN_PY), "model.weight_center=-1", f"paths.log_dir={tmp_path}"],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1
+    assert failed_run.returncode == 1
     imported = [
-        line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
+        line.rsplit("|", 1)[-1].strip() for line in failed_run.stderr.splitlines() if line.startswith("import time:")
     ]
     assert "torch" in imported  # the run got as far as building the model
     assert not [m for m in imported if m == "ray" or m.startswith("ray.")]
-    messages = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    messages = failed_run.console().splitlines()
     assert messages[-1].startswith("error: model.method:")
     # a failed single run records its cause like a sweep trial (issue 21)
-    (failed,) = tmp_path.rglob(FAILED_FILE)
+    (failed,) = failed_run.logs.rglob(FAILED_FILE)
     assert failed.read_text().splitlines()[0] == messages[-1]
 
 
