@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT, compose_config
 from omegaconf import OmegaConf
+from test_sweep import _env, check_sweep_console
 
 from mchad.errors import ConfigError
 from mchad.runs.objective import OBJECTIVE_FILE, read_objective, trial_objective
@@ -35,7 +36,6 @@ QUICK = [
 
 
 def _multirun(args: list[str], cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
-    from test_sweep import _env
 
     return subprocess.run(
         [sys.executable, str(RUN_PY), "-m", "hydra/launcher=basic", *args],
@@ -56,6 +56,12 @@ def test_a_completed_sweep_reruns_only_the_missing_trial_and_refuses_a_changed_c
     first = _multirun(command, tmp_path)
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
     assert "3 trial(s) finished, 0 failed; 0 done before, 3 run now" in first.stdout
+    # issue 32: every trial's full results table (and Hydra's job list) were on the console; now a
+    # 3-trial sweep prints 3 trial lines and the report, the tables are in each trial's run.log
+    output = first.stdout + first.stderr
+    check_sweep_console(output, sweep_dir, {n: f"seed={n + 1}" for n in range(3)})
+    assert len(output.strip().splitlines()) == 4
+    assert "experiment id_dataset" in (sweep_dir / "0" / "run.log").read_text()
     results = {num: sweep_dir / str(num) / "results.csv" for num in range(3)}
     before = {num: path.stat().st_mtime_ns for num, path in results.items()}
 
@@ -394,8 +400,6 @@ CONTINUABLE = [
 
 def _multirun_env(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     import os
-
-    from test_sweep import _env
 
     tests = str(Path(__file__).resolve().parent)
     return subprocess.run(
