@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, compose_config
+from conftest import ROOT, SHORT_RUN, compose_config, light_overrides
 from omegaconf import OmegaConf
 
 from mchad.errors import NonFiniteLossError
@@ -25,22 +25,12 @@ from mchad.task import main
 
 METRICS = ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95"]
 # 3 short epochs; validation every epoch writes last.ckpt
-SHORT = [
-    "trainer.max_epochs=3",
-    "trainer.min_epochs=3",
-    "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=1",
-    "trainer.enable_progress_bar=false",
-]
-KEEP_CALLBACKS = ("model_checkpoint", "last_checkpoint", "lr_monitor")
+SHORT = [*SHORT_RUN, "trainer.enable_progress_bar=false"]
 
 
 def _light_overrides() -> list[str]:
     """Drop the slow view/plot callbacks and TensorBoard (whatever they are called now)."""
-    cfg = compose_config(SHORT)
-    drop = [f"~callbacks.{k}" for k in cfg.callbacks if k not in KEEP_CALLBACKS]
-    drop += [f"~logger.{k}" for k in cfg.get("logger", {}) if k != "csv"]
-    return drop
+    return light_overrides(*SHORT)
 
 
 @pytest.fixture(scope="module")
