@@ -129,7 +129,7 @@ def shared_run(name: str, args: list[str], env: dict[str, str]) -> SharedRun:
     record = folder / "completed.json"
     with FileLock(f"{folder}.lock"):
         if not record.is_file():
-            folder.mkdir()
+            folder.mkdir(exist_ok=True)  # a run cut short before (a timeout) leaves its folder
             logs = folder / "logs"
             result = subprocess.run(
                 [sys.executable, *args, f"paths.log_dir={logs}"],
