@@ -40,8 +40,9 @@ TINY_BENCH_ARGS = "--data synthetic --synthetic-size 2000 --device cpu --steps 2
 
 #: composed configs (with their hydra node), by what composing them depends on; see compose_config
 _COMPOSED: dict[tuple, DictConfig] = {}
-#: the folder all of this session's pytest-xdist workers share composed configs in (set by a
-#: session fixture; None before it runs, e.g. while a module is collected: no sharing then)
+#: the folders all of this session's pytest-xdist workers share, "composed" (configs) and "runs"
+#: (see shared_run); set by a session fixture, absent before it runs (e.g. while a module is
+#: collected: composed configs are then not shared)
 _SHARED: dict[str, Path] = {}
 
 
