@@ -23,7 +23,7 @@ from rank_failure_probe import gone
 
 from mchad.data.loaders import TensorBatchLoader
 from mchad.data.sources import ImageArray
-from mchad.distributed import shard_bounds
+from mchad.distributed import RANK_VARIABLES, launch_rank, shard_bounds
 
 TESTS = Path(__file__).resolve().parent
 METRICS = ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95", "OSCR"]
@@ -397,3 +397,19 @@ def test_an_exception_on_rank_1_stops_both_ranks_with_its_cause(tmp_path):
     assert errors == [f"error: {cause}"], stderr[-3000:]
     (failed,) = list(logs.glob("runs/**/FAILED.txt"))
     assert failed.read_text().splitlines()[0] == f"error: {cause}"
+
+
+def test_the_rank_variables_are_the_ones_lightning_reads(monkeypatch):
+    """launch_rank answers 0 without importing Lightning when none of RANK_VARIABLES is set: they
+    must be where Lightning reads a launched process's rank from (and it reads no other)."""
+    from lightning_fabric.utilities.rank_zero import _get_rank
+
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for other in ("NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        monkeypatch.setenv(other, "3")
+    assert _get_rank() is None and launch_rank() == 0  # Lightning's "started alone": rank 0
+    for name in RANK_VARIABLES:
+        monkeypatch.setenv(name, "2")
+        assert _get_rank() == 2, name
+        monkeypatch.delenv(name)

@@ -190,8 +190,23 @@ def _failed(error: Exception, output_dir: Path, rank_zero: bool) -> SystemExit |
 
 @task_wrapper
 def _one_run(cfg: DictConfig) -> None:
+    _check_before_imports(cfg)
     from mchad.runs import preemption
     from mchad.runs.train import run
 
     with preemption.armed():
         run(cfg)
+
+
+def _check_before_imports(cfg: DictConfig) -> None:
+    """A fresh run's config mistakes (:func:`mchad.runs.validate.check_config`) before torch and
+    Lightning are imported: one line after 0.6 s instead of 4.4 s. Not for a run that takes its
+    config from a checkpoint or an earlier run (resume, train=false, ckpt_path), nor in a
+    folder with an earlier results.csv (the run removes that first; mchad.runs.train.start)."""
+    from mchad.runs.validate import check_config
+
+    if cfg.get("resume") or cfg.get("ckpt_path") or not cfg.get("train", True):
+        return
+    if (Path(cfg.paths.output_dir) / "results.csv").exists():
+        return
+    check_config(cfg)  # run_config checks the run's config again, the data's class count filled in
