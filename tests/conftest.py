@@ -147,11 +147,15 @@ def shared_run(name: str, args: list[str], env: dict[str, str]) -> SharedRun:
     return SharedRun(**done, logs=folder / "logs")
 
 
+#: variables that would place a run started by a test elsewhere: its root, run id and working
+#: directory, or a Ray cluster to join
+RUN_PLACE_VARIABLES = ("MCHAD_ROOT", "RAY_ADDRESS", "MCHAD_RUN_ID", "MCHAD_CWD")
+
+
 def _test_env(**extra: str) -> dict[str, str]:
-    """This environment without what would place a run elsewhere (MCHAD_ROOT, a Ray address,
-    a SLURM job's variables), unbuffered, plus ``extra``."""
-    dropped = ("MCHAD_ROOT", "RAY_ADDRESS", "MCHAD_RUN_ID", "MCHAD_CWD")
-    env = {k: v for k, v in os.environ.items() if k not in dropped and not k.startswith("SLURM_")}
+    """This environment without :data:`RUN_PLACE_VARIABLES` and a SLURM job's variables,
+    unbuffered, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in RUN_PLACE_VARIABLES and not k.startswith("SLURM_")}
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import RUN_PLACE_VARIABLES
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "cifar-10-batches-py"
@@ -132,7 +133,7 @@ def child_env(folder: Path, patches: dict[str, dict], src: Path = ROOT / "src") 
     applied by a ``sitecustomize`` in ``folder``, which Python imports first; Ray's workers too)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env = {k: v for k, v in os.environ.items() if k not in ("MCHAD_ROOT", "MCHAD_RUN_ID", "MCHAD_CWD", "RAY_ADDRESS")}
+    env = {k: v for k, v in os.environ.items() if k not in RUN_PLACE_VARIABLES}
     env["PYTHONPATH"] = os.pathsep.join([str(folder), str(src)])
     env["MCHAD_TEST_PATCHES"] = json.dumps(patches)
     env["PYTHONWARNINGS"] = "ignore::DeprecationWarning"

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, compose_config
+from conftest import ROOT, RUN_PLACE_VARIABLES, compose_config
 from omegaconf import OmegaConf
 
 from mchad.results.aggregate import main as aggregate_main
@@ -43,7 +43,7 @@ CHECKPOINTS_ONLY = [
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MCHAD_ROOT", "RAY_ADDRESS", "MCHAD_RUN_ID", "MCHAD_CWD")}
+    env = {k: v for k, v in os.environ.items() if k not in RUN_PLACE_VARIABLES}
     env.update(
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # Ray on 127.0.0.1, not the machine's address
         RAY_USAGE_STATS_ENABLED="0",
