@@ -108,6 +108,16 @@ def _share_across_workers(tmp_path_factory):
     _SHARED.clear()
 
 
+def imported_modules(stderr: str) -> set[str]:
+    """The modules a ``python -X importtime`` process imported, read from its stderr."""
+    return {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+def console_lines(stderr: str) -> list[str]:
+    """stderr without ``-X importtime``'s lines: what the user sees."""
+    return [line for line in stderr.splitlines() if not line.startswith("import time:")]
+
+
 @dataclass(frozen=True)
 class SharedRun:
     """A finished ``python run.py`` process: its exit status, output and ``paths.log_dir``."""
@@ -119,7 +129,7 @@ class SharedRun:
 
     def console(self) -> str:
         """stderr without ``-X importtime``'s lines: what the user sees."""
-        return "\n".join(line for line in self.stderr.splitlines() if not line.startswith("import time:"))
+        return "\n".join(console_lines(self.stderr))
 
 
 def shared_run(name: str, args: list[str], env: dict[str, str]) -> SharedRun:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, compose_config, make_image_folder
+from conftest import ROOT, compose_config, console_lines, imported_modules, make_image_folder
 from PIL import Image
 from test_robustness import SHORT, _error_of, _light_overrides, run_cli
 
@@ -145,11 +145,9 @@ def test_a_value_mistake_is_one_line_before_torch_is_imported(tmp_path):
         timeout=120,
     )
     assert result.returncode == 1, result.stderr[-2000:]
-    imported = {
-        line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
-    }
+    imported = imported_modules(result.stderr)
     assert "mchad.runs.validate" in imported and not {"torch", "pytorch_lightning"} & imported
-    lines = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    lines = console_lines(result.stderr)
     assert lines == ["error: datamodule.batch_size must be >= 1, got 0"]
     (failed,) = logs.rglob("FAILED.txt")
     assert failed.read_text().splitlines()[0] == lines[0]

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, RUN_PLACE_VARIABLES, compose_config
+from conftest import ROOT, RUN_PLACE_VARIABLES, compose_config, imported_modules
 from omegaconf import OmegaConf
 
 from mchad.results.aggregate import main as aggregate_main
@@ -212,9 +212,7 @@ def test_sweep_report_passes_a_clean_sweep(tmp_path, capsys):
 def test_single_run_does_not_import_ray_and_fails_with_one_line(failed_run):
     """A single run never creates the launcher (start-up time): no ray module is imported."""
     assert failed_run.returncode == 1
-    imported = [
-        line.rsplit("|", 1)[-1].strip() for line in failed_run.stderr.splitlines() if line.startswith("import time:")
-    ]
+    imported = imported_modules(failed_run.stderr)
     assert "torch" in imported  # the run got as far as building the model
     assert not [m for m in imported if m == "ray" or m.startswith("ray.")]
     messages = failed_run.console().splitlines()
