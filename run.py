@@ -7,11 +7,14 @@ An input mistake ends with one line ``error: <cause>`` (``MCHAD_TRACEBACK=1`` ad
 traceback). See README.md; the configuration lives in config/ (Hydra).
 """
 
+import gc
 import os
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
+
+gc.disable()  # until the heavy imports are done: mchad.cli.gc_after_imports says why
 
 # data/ and logs/ are found next to this file, wherever the command is started from
 os.environ.setdefault("MCHAD_ROOT", str(Path(__file__).resolve().parent))

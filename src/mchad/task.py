@@ -37,7 +37,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mchad.cli import FILE_ONLY, show_tracebacks
+from mchad.cli import FILE_ONLY, gc_after_imports, show_tracebacks
 from mchad.errors import Preempted, UserError, one_line
 from mchad.failures import FAILED_FILE, record_failure
 from mchad.runs.instantiate import discard_unstarted_run
@@ -105,10 +105,12 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def _trial(cfg: DictConfig, trial: DictConfig) -> float | None:
+    import mchad.runs.train  # noqa: F401  (the heavy imports, before the collector starts)
     from mchad.cli import trial_console
     from mchad.runs.objective import trial_objective
     from mchad.sweeps.sweep import in_ray_worker, report_trial, run_trial
 
+    gc_after_imports()
     trial_console()  # the trial's messages and tables go to its run.log only
     summary = run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd)
     if not in_ray_worker():  # a Ray trial's line is printed by the driver (mchad.sweeps.sweep.collect_trials)
@@ -194,6 +196,7 @@ def _one_run(cfg: DictConfig) -> None:
     from mchad.runs import preemption
     from mchad.runs.train import run
 
+    gc_after_imports()
     with preemption.armed():
         run(cfg)
 
