@@ -174,3 +174,39 @@ def test_cifar10_jpeg_short_cpu_run(tmp_path):
     )
     frame = check_results(run(cfg), {"GaussianNoise", "UniformNoise"})
     assert frame.Accuracy.iloc[0] > 0.35
+
+
+@pytest.mark.parametrize("paused", [True, False])
+def test_the_collector_starts_again_after_the_imports_with_them_frozen(paused):
+    """run.py pauses the garbage collector; mchad.cli.gc_after_imports starts it with what the
+    imports made frozen, and leaves a collector that was never paused as it is."""
+    code = (
+        "import gc\n"
+        f"{'gc.disable()' if paused else ''}\n"
+        "import mchad.cli\n"
+        "before = gc.get_freeze_count()\n"
+        "mchad.cli.gc_after_imports()\n"
+        "print(gc.isenabled(), gc.get_freeze_count() > before, before)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["True", str(paused), "0"]
+
+
+def test_a_run_starts_with_the_collector_on_and_the_imports_frozen(tmp_path, monkeypatch):
+    """The task (run.py's) starts the collector that run.py paused before the run begins."""
+    import gc
+
+    import mchad.runs.train
+    from mchad.task import main
+
+    seen = {}
+    monkeypatch.setattr(
+        mchad.runs.train, "run", lambda cfg: seen.update(on=gc.isenabled(), frozen=gc.get_freeze_count())
+    )
+    frozen = gc.get_freeze_count()
+    gc.disable()
+    try:
+        main(compose_config([], output_dir=tmp_path))
+    finally:
+        gc.enable()
+    assert seen["on"] and seen["frozen"] > frozen
