@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from filelock import FileLock
 from hydra import compose, initialize_config_dir
+from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
@@ -57,14 +59,7 @@ def compose_config(overrides: list[str] | None = None, output_dir: Path | None =
     all that composing reads besides the config files: the overrides, the working directory
     (Hydra's runtime.cwd) and the MCHAD_/HYDRA_ variables.
     """
-    key = (
-        tuple(overrides or []),
-        os.getcwd(),
-        tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("MCHAD_", "HYDRA_")))),
-    )
-    if key not in _COMPOSED:
-        _COMPOSED[key] = _shared(key, lambda: _compose(list(key[0])))
-    cfg = copy.deepcopy(_COMPOSED[key])
+    cfg = copy.deepcopy(_composed(tuple(overrides or [])))
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]  # as in a run: the task sees the job's config only
@@ -73,7 +68,53 @@ def compose_config(overrides: list[str] | None = None, output_dir: Path | None =
     return cfg
 
 
+def _composed(overrides: tuple[str, ...]) -> DictConfig:
+    """The config composed with ``overrides`` (with its hydra node; not a copy), made once."""
+    key = (
+        overrides,
+        os.getcwd(),
+        tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("MCHAD_", "HYDRA_")))),
+    )
+    if key not in _COMPOSED:
+        _COMPOSED[key] = _shared(key, lambda: _compose(list(overrides)))
+    return _COMPOSED[key]
+
+
 def _compose(overrides: list[str]) -> DictConfig:
+    """Compose as Hydra does (its ConfigLoaderImpl): the config groups' choices first, then the
+    value overrides on top, with Hydra's own function. The groups' part, nearly all the time, is
+    then made once for all the lists with the same choices: the 345 lists a run of the suite
+    composes (171 sets of choices) took 48.1 s of CPU with Hydra's compose, 26.0 s this way, and
+    gave the same configs. test_configs checks that the result is Hydra's to the last node."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    values = [o for o in parsed if not _is_group_override(o)]
+    if not values or any(o.is_sweep_override() for o in parsed):
+        return compose_with_hydra(overrides)
+    cfg = copy.deepcopy(_composed(tuple(o.input_line for o in parsed if _is_group_override(o))))
+    ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+    # the record of the command line, as Hydra writes it after applying the value overrides
+    cfg.hydra.overrides.task = [o.input_line for o in parsed if not o.is_hydra_override()]
+    cfg.hydra.overrides.hydra = [o.input_line for o in parsed if o.is_hydra_override()]
+    dirname = cfg.hydra.job.config.override_dirname
+    cfg.hydra.job.override_dirname = get_overrides_dirname(
+        overrides=[o for o in parsed if not o.is_hydra_override()],
+        kv_sep=dirname.kv_sep,
+        item_sep=dirname.item_sep,
+        exclude_keys=dirname.exclude_keys,
+    )
+    return cfg
+
+
+def _is_group_override(override) -> bool:
+    """Whether ``override`` decides what is composed: a config group's choice (Hydra's
+    DefaultsList's test), or a hydra.* value (hydra.searchpath says where the groups are)."""
+    group = override.key_or_group
+    is_group = group.startswith("hydra/") or (CONFIG_DIR / group).is_dir()
+    return override.is_hydra_override() or (is_group and not isinstance(override.value(), dict))
+
+
+def compose_with_hydra(overrides: list[str]) -> DictConfig:
+    """Hydra's ``compose`` of config/train.yaml, its hydra node included."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), **VERSION_BASE_KWARGS):
         return compose("train", overrides=overrides, return_hydra_config=True)

@@ -1,7 +1,7 @@
 """Every config composes; the published command-line habits keep working."""
 
 import pytest
-from conftest import ALL_EXPERIMENTS, compose_config
+from conftest import ALL_EXPERIMENTS, CONFIG_DIR, compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -72,3 +72,45 @@ def test_published_trainer_gpus_maps_to_accelerator_and_devices(gpus, expected, 
 def test_dataset_dir_override_reaches_the_datamodule(tmp_path):
     cfg = compose_config([f"dataset_dir={tmp_path}/datasets"], output_dir=tmp_path)
     assert instantiate(cfg.datamodule).dataset_dir == tmp_path / "datasets"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [
+            *("experiment=svhn-mchad", "model.margin=2", "~callbacks.model_checkpoint", "++trainer.fast_dev_run=true"),
+            *("~logger", "+model.extra={a: 1}", "hydra.job.config.override_dirname.kv_sep=:", "model/backbone=convnet"),
+        ],
+        ["experiment=svhn-mchad", "model.no_such_key=1"],
+        ["experiment=svhn-mchad", "+seed=2"],
+        ["experiment=svhn-mchad", "~callbacks.no_such_callback"],
+    ],
+)
+def test_the_tests_compose_as_hydra_does(overrides):
+    """conftest composes the config groups' choices once and applies the value overrides on
+    top: the config, its hydra node and any error are Hydra's own."""
+    expected = _check_composes_as_hydra(overrides)
+    assert isinstance(expected, dict) == ("no_such" not in " ".join(overrides) and "+seed=2" not in overrides)
+
+
+def test_the_tests_compose_with_a_searchpath_as_hydra_does(tmp_path):
+    """hydra.searchpath, a value, says where config groups are found: composed with the groups."""
+    (tmp_path / "testmodules").mkdir()
+    (tmp_path / "testmodules" / "mine.yaml").write_text((CONFIG_DIR / "testmodules" / "noise.yaml").read_text())
+    assert isinstance(
+        _check_composes_as_hydra([f"hydra.searchpath=[file://{tmp_path}]", "testmodules=mine", "seed=2"]), dict
+    )
+
+
+def _check_composes_as_hydra(overrides: list[str]) -> object:
+    from conftest import _compose, compose_with_hydra
+
+    def outcome(compose) -> object:
+        try:
+            return OmegaConf.to_container(compose(overrides), resolve=False)
+        except Exception as error:  # noqa: BLE001 - the error is what is compared
+            return f"{type(error).__name__}: {error}"
+
+    expected = outcome(compose_with_hydra)
+    assert outcome(_compose) == expected
+    return expected
