@@ -73,9 +73,11 @@ def gc_after_imports() -> None:
     ``run.py`` pauses the collector: torch, Lightning, torchvision and Hydra leave about 485,000
     long-lived objects, and each full collection walks all of them, while they are imported
     and then all through the run. Frozen (``gc.freeze``), they are left out of every later
-    collection. Measured on the quick-start (``python run.py``, 2 cores): 14.1-14.4 s of CPU and
-    11.0-11.1 s of wall time before, 12.4-12.7 s and 9.2-9.5 s after; importing alone took 3.6 s
-    of CPU instead of 3.0 s. Does nothing where the collector runs (not started by ``run.py``:
+    collection. Measured on 2 cores, in runs alternating with the code before: the
+    quick-start (``python run.py``) took 16.0-17.0 s of CPU and 12.6-13.0 s of wall time
+    before, 14.3-14.4 s and 10.7-10.8 s after; its start-up to the first training step
+    (``python -m mchad.bench --only startup``, median of 5) 4.14-4.22 s before, 3.28-3.62 s
+    after. Does nothing where the collector runs (not started by ``run.py``:
     a test, a Ray or submitit worker), whose garbage a freeze would keep for good.
     """
     if not gc.isenabled():

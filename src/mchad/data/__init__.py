@@ -1,9 +1,9 @@
 """Data: sources decoded once into uint8 tensors, batch loaders, on-device augmentation.
 
 The classes the configs name (``mchad.data.<Class>``) are imported on first use: a process
-that only fetches or loads data (``python -m mchad.data.prepare``, a test of a source) does not
-import Lightning, which the datamodules need (``import mchad.data.sources``: 1.5 s of CPU
-instead of 4.3 s, on 2 cores).
+that only loads a source (a test of a source) does not import Lightning, which the datamodules
+need (``import mchad.data.sources``: 1.5 s of CPU instead of 4.3 s, on 2 cores).
+``python -m mchad.data.prepare`` does: it builds the run's datamodule to learn its sources.
 """
 
 from __future__ import annotations
