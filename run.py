@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-gc.disable()  # until the heavy imports are done: mchad.cli.gc_after_imports says why
+gc.disable()  # until a run's heavy imports are done, or a sweep starts: mchad.runs.collector
 
 # data/ and logs/ are found next to this file, wherever the command is started from
 os.environ.setdefault("MCHAD_ROOT", str(Path(__file__).resolve().parent))

@@ -93,8 +93,8 @@ def _compose(overrides: list[str]) -> DictConfig:
     cfg = copy.deepcopy(_composed(tuple(o.input_line for o in parsed if _is_group_override(o))))
     ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
     # the record of the command line, as Hydra writes it after applying the value overrides
+    # (the hydra.* overrides were composed with the groups: hydra.overrides.hydra holds them)
     cfg.hydra.overrides.task = [o.input_line for o in parsed if not o.is_hydra_override()]
-    cfg.hydra.overrides.hydra = [o.input_line for o in parsed if o.is_hydra_override()]
     dirname = cfg.hydra.job.config.override_dirname
     cfg.hydra.job.override_dirname = get_overrides_dirname(
         overrides=[o for o in parsed if not o.is_hydra_override()],
@@ -298,7 +298,7 @@ def pytest_configure(config) -> None:
 
 
 def pytest_collection_finish(session) -> None:
-    """Python's garbage collector starts again, as in ``run.py`` (mchad.cli.gc_after_imports),
+    """Python's garbage collector starts again, as in ``run.py`` (mchad.runs.collector.gc_after_imports),
     with what the imports made frozen, and collects young objects less often: the tests build
     hundreds of configs, models and trainers. Measured over the 332 tests of test_experiments,
     test_openset, test_device_guard and test_methods (one process, 2 cores): 72.7-73.2 s of CPU

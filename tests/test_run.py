@@ -178,14 +178,14 @@ def test_cifar10_jpeg_short_cpu_run(tmp_path):
 
 @pytest.mark.parametrize("paused", [True, False])
 def test_the_collector_starts_again_after_the_imports_with_them_frozen(paused):
-    """run.py pauses the garbage collector; mchad.cli.gc_after_imports starts it with what the
+    """run.py pauses the garbage collector; mchad.runs.collector.gc_after_imports starts it with what the
     imports made frozen, and leaves a collector that was never paused as it is."""
     code = (
         "import gc\n"
         f"{'gc.disable()' if paused else ''}\n"
-        "import mchad.cli\n"
+        "import mchad.runs.collector\n"
         "before = gc.get_freeze_count()\n"
-        "mchad.cli.gc_after_imports()\n"
+        "mchad.runs.collector.gc_after_imports()\n"
         "print(gc.isenabled(), gc.get_freeze_count() > before, before)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -210,3 +210,16 @@ def test_a_run_starts_with_the_collector_on_and_the_imports_frozen(tmp_path, mon
     finally:
         gc.enable()
     assert seen["on"] and seen["frozen"] > frozen
+
+
+def test_a_sweeps_driver_starts_the_collector():
+    """On Ray or SLURM the driver of a sweep runs no trial: the collector starts as the sweep does."""
+    code = (
+        "import gc\n"
+        "gc.disable()\n"
+        "from mchad.sweeps.sweep import SweepReport\n"
+        "SweepReport().on_multirun_start(config=None)\n"
+        "print(gc.isenabled())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["True"]

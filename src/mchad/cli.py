@@ -6,7 +6,6 @@
   full traceback is printed, then one ``error:`` line. ``MCHAD_TRACEBACK=1`` also prints the
   traceback of input mistakes (mchad.runs.train's user errors included).
 * :func:`trial_console`: a sweep trial's records go to its run.log only.
-* :func:`gc_after_imports`: Python's garbage collector, paused by ``run.py``, starts again.
 * :func:`quiet_console` (called once logging is configured): the console shows this
   package's and Hydra's messages and every warning except deprecation notices; other
   libraries' info messages (Lightning's tips, ``limit_*`` notices, accelerator summary) and
@@ -18,7 +17,6 @@ Imported before torch: no heavy imports at module level.
 from __future__ import annotations
 
 import errno
-import gc
 import logging
 import os
 import sys
@@ -65,24 +63,6 @@ def explain(error: BaseException, config_dir: str | Path, overrides: list[str]) 
     if isinstance(error, OSError) and error.errno in WRITE_ERRNOS and error.filename:
         return f"cannot write {error.filename}: {error.strerror}; set paths.log_dir=<a writable folder>"
     return explain_config_error(error, config_dir, overrides)
-
-
-def gc_after_imports() -> None:
-    """Start Python's garbage collector again, with everything the imports made frozen.
-
-    ``run.py`` pauses the collector: torch, Lightning, torchvision and Hydra leave about 485,000
-    long-lived objects, and each full collection walks all of them, while they are imported
-    and then all through the run. Frozen (``gc.freeze``), they are left out of every later
-    collection. Measured on 2 cores, in runs alternating with the code before: the
-    quick-start (``python run.py``) took 16.0-17.0 s of CPU and 12.6-13.0 s of wall time
-    before, 14.3-14.4 s and 10.7-10.8 s after; its start-up to the first training step
-    (``python -m mchad.bench --only startup``, median of 5) 4.14-4.22 s before, 3.28-3.62 s
-    after. Does nothing where the collector runs (not started by ``run.py``:
-    a test, a Ray or submitit worker), whose garbage a freeze would keep for good.
-    """
-    if not gc.isenabled():
-        gc.freeze()
-        gc.enable()
 
 
 # ---------------------------------------------------------------------------- the console

@@ -37,9 +37,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mchad.cli import FILE_ONLY, gc_after_imports, show_tracebacks
+from mchad.cli import FILE_ONLY, show_tracebacks
 from mchad.errors import Preempted, UserError, one_line
 from mchad.failures import FAILED_FILE, record_failure
+from mchad.runs.collector import gc_after_imports
 from mchad.runs.instantiate import discard_unstarted_run
 
 log = logging.getLogger(__name__)

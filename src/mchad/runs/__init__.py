@@ -1,2 +1,2 @@
 """One run: training and testing (train), config checks (validate), resuming, RNG state, the NaN guard,
-the sweep objective and the run's provenance."""
+the sweep objective, the run's provenance and the garbage collector around its imports."""

@@ -360,6 +360,13 @@ class SweepReport(Callback):
     def __init__(self, fail_exit: bool = True) -> None:
         self.fail_exit = fail_exit
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """The sweep's driver starts Python's garbage collector, which run.py paused for a run's
+        imports (mchad.runs.collector): on Ray or SLURM it runs no trial itself."""
+        from mchad.runs.collector import gc_after_imports
+
+        gc_after_imports()
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
         if not sweep_dir.is_dir():
