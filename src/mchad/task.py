@@ -106,12 +106,11 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def _trial(cfg: DictConfig, trial: DictConfig) -> float | None:
-    import mchad.runs.train  # noqa: F401  (the heavy imports, before the collector starts)
     from mchad.cli import trial_console
     from mchad.runs.objective import trial_objective
     from mchad.sweeps.sweep import in_ray_worker, report_trial, run_trial
 
-    gc_after_imports()
+    gc_after_imports()  # started by SweepReport as the sweep began; here at the latest
     trial_console()  # the trial's messages and tables go to its run.log only
     summary = run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd)
     if not in_ray_worker():  # a Ray trial's line is printed by the driver (mchad.sweeps.sweep.collect_trials)
