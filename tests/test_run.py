@@ -188,8 +188,7 @@ def test_the_collector_starts_again_after_the_imports_with_them_frozen(paused):
         "mchad.runs.collector.gc_after_imports()\n"
         "print(gc.isenabled(), gc.get_freeze_count() > before, before)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["True", str(paused), "0"]
+    assert _printed(code) == ["True", str(paused), "0"]
 
 
 def test_a_run_starts_with_the_collector_on_and_the_imports_frozen(tmp_path, monkeypatch):
@@ -221,5 +220,9 @@ def test_a_sweeps_driver_starts_the_collector():
         "SweepReport().on_multirun_start(config=None)\n"
         "print(gc.isenabled())\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["True"]
+    assert _printed(code) == ["True"]
+
+
+def _printed(code: str) -> list[str]:
+    """The words ``python -c code`` prints: a fresh interpreter, whose collector a test may pause."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
