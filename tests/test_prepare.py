@@ -16,6 +16,7 @@ import hashlib
 import http.server
 import io
 import json
+import logging
 import os
 import pickle
 import subprocess
@@ -378,16 +379,17 @@ def _prepare(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Comp
     )
 
 
-def test_prepare_offline_with_nothing_names_each_missing_data_set_in_one_line(tmp_path):
-    env = child_env(tmp_path / "site", {})
-    result = _prepare(["--offline", "experiment=cifar10-mchad", f"dataset_dir={tmp_path / 'data'}"], tmp_path, env)
-    assert result.returncode == 1, result.stderr[-2000:]
-    missing = [line for line in result.stderr.splitlines() if line.startswith("missing: ")]
+def test_prepare_offline_with_nothing_names_each_missing_data_set_in_one_line(tmp_path, capsys):
+    from mchad.data.prepare import main
+
+    assert main(["--offline", "experiment=cifar10-mchad", f"dataset_dir={tmp_path / 'data'}"]) == 1
+    out, err = capsys.readouterr()
+    missing = [line for line in err.splitlines() if line.startswith("missing: ")]
     names = ["CIFAR10", "Textures", "TinyImageNetCrop", "TinyImageNetResize", "LSUNCrop", "LSUNResize"]
-    assert [line.split()[1] for line in missing] == names, result.stderr[-3000:]
+    assert [line.split()[1] for line in missing] == names, err[-3000:]
     assert all(f"not found in {tmp_path / 'data'}" in line and "Download it" in line for line in missing)
     assert "cifar-10-python.tar.gz absent" in missing[0]
-    table = result.stdout.splitlines()
+    table = out.splitlines()
     assert table[0].split()[:2] == ["data", "set"] and sum("MISSING" in line for line in table) == 7  # 2 CIFAR splits
 
 
@@ -403,29 +405,43 @@ def test_prepare_names_an_input_mistake_in_one_line(capsys):
         assert line.startswith("error: ") and expected in line
 
 
-def test_prepare_fetches_once_then_finds_everything_without_network(tmp_path):
+def test_the_prepare_command_exits_1_with_one_line(tmp_path):
+    """``python -m mchad.data.prepare`` as typed (the tests above call its ``main``)."""
+    result = _prepare(["--offline", "experiment=nope"], tmp_path, child_env(tmp_path / "site", {}))
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: ") and "Could not find 'experiment/nope'" in line
+
+
+def test_prepare_fetches_once_then_finds_everything_without_network(tmp_path, monkeypatch, capsys, caplog):
+    from mchad.data.prepare import main
+
     cifar, cifar_attributes = tiny_cifar10()
     lsun, lsun_attributes = tiny_lsun_crop()
     data = tmp_path / "data"
+    caplog.set_level(logging.INFO, logger="mchad")  # what the command prints: the data sets' lines too
     with Site({ARCHIVE: cifar, "LSUN.tar.gz": lsun}) as site:
-        patches = {
-            CIFAR10_CLASS: {**cifar_attributes, "url": site.url(ARCHIVE)},
-            LSUN_CLASS: {**lsun_attributes, "url": site.url("LSUN.tar.gz")},
-        }
-        env = child_env(tmp_path / "site", patches)
-        first = _prepare([*PREPARE_ARGS, f"dataset_dir={data}"], tmp_path, env)
-        assert first.returncode == 0, first.stderr[-3000:]
+        patch_classes(
+            monkeypatch,
+            {
+                CIFAR10_CLASS: {**cifar_attributes, "url": site.url(ARCHIVE)},
+                LSUN_CLASS: {**lsun_attributes, "url": site.url("LSUN.tar.gz")},
+            },
+        )
+        assert main([*PREPARE_ARGS, f"dataset_dir={data}"]) == 0, capsys.readouterr().err[-3000:]
         assert (site.downloads, site.probes) == (2, 2)
-        again = _prepare([*PREPARE_ARGS, f"dataset_dir={data}"], tmp_path, env)
-        assert again.returncode == 0, again.stderr[-3000:]
+        capsys.readouterr()
+        caplog.clear()
+        assert main([*PREPARE_ARGS, f"dataset_dir={data}"]) == 0, capsys.readouterr().err[-3000:]
         assert (site.downloads, site.probes) == (2, 2)  # no network used the second time
-    rows = {line.split()[0] + line.split()[1]: line.split() for line in again.stdout.splitlines()[1:]}
+    out, err = capsys.readouterr()
+    rows = {line.split()[0] + line.split()[1]: line.split() for line in out.splitlines()[1:]}
     assert rows["CIFAR10(train)"][-1] == "ok" and rows["CIFAR10(train)"][3] == "200"
     assert rows["CIFAR10(test)"][3] == "40" and rows["LSUNCropood/LSUNCrop"][2:4] == ["12", "1"]
     assert rows["LSUNCropood/LSUNCrop"][-1] == "ok"
-    assert "missing" not in again.stderr
+    assert "missing" not in err
     # the decoded cache of LSUNCrop was built by the first, loaded by the second
-    assert "LSUNCrop: loaded 12 images from cache" in again.stderr
+    assert "LSUNCrop: loaded 12 images from cache" in caplog.text
 
 
 def test_the_pretrained_checkpoint_is_checked_and_a_missing_one_named(tmp_path, monkeypatch):
