@@ -84,6 +84,20 @@ def test_training_set_smaller_than_one_batch_is_refused(fast, tmp_path):
     assert "do not fill one batch of datamodule.batch_size=128" in message and "13 training images" in message
 
 
+def test_a_training_set_that_cannot_train_is_refused_before_any_ood_set_is_decoded(fast, tmp_path, monkeypatch):
+    """The ID data are checked first: the OOD sets (the published ones take minutes to decode
+    the first time) are not loaded for a run that is refused."""
+    from mchad.data.sources import NoiseSource
+
+    def refuse(self, dataset_dir=None):
+        raise AssertionError(f"{self.name} was decoded")
+
+    monkeypatch.setattr(NoiseSource, "load", refuse)
+    root = make_image_folder(tmp_path / "images", classes=2, per_class=7)
+    message = _error_of([*fast, *_image_overrides(root, tmp_path, "datamodule.n_classes=2")], tmp_path / "run")
+    assert "do not fill one batch of datamodule.batch_size=128" in message
+
+
 def test_a_run_without_test_cases_is_refused_before_training(fast, tmp_path):
     """testmodules=none on the quick-start: no OOD test set, so results.csv would be empty."""
     message = _error_of([*fast, "testmodules=none"], tmp_path / "run")

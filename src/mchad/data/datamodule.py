@@ -55,6 +55,8 @@ class OODDataModule(pl.LightningDataModule):
 
     #: augmented views per training image, set from the method's train_views (runs/train.py build)
     train_views = 1
+    #: whether setup() has loaded the validation unknowns, OOD test cases and outliers
+    _ood_loaded = False
 
     def __init__(
         self,
@@ -131,30 +133,11 @@ class OODDataModule(pl.LightningDataModule):
         return {name: getattr(source, "group", None) for name, source in self.test_case_sources.items()}
 
     def setup(self, stage: str | None = None) -> None:
-        if self.data:
+        """Load every data set, once: the ID splits (:meth:`setup_id_data`), then the validation
+        unknowns, the OOD test cases and the outliers."""
+        self.setup_id_data()
+        if self._ood_loaded:
             return
-        # before any decoding: one class list for every split, the number of classes from it
-        check_class_lists(self.name, self.sources["train"], self._same_dataset())
-        self.n_classes = resolve_n_classes(self.n_classes, self.sources["train"])
-        full = self._load(self.sources["train"], "id/train")
-        self._check_labels(full, "train")
-        self.data["test"] = self._load(self.sources["test"], "id/test")
-        self._check_labels(self.data["test"], "test")
-        channels = full.images.shape[1]
-        if channels != len(self.transform.mean.view(-1)):
-            raise ConfigError(
-                f"{self.name} has {channels} channels but datamodule.mean/std have {self.transform.mean.numel()}"
-            )
-        generator = torch.Generator().manual_seed(self.seed)  # cpu: the split is the same on any machine
-        order = torch.randperm(len(full), generator=generator)  # cpu: splits host data
-        n_val = max(1, round(len(full) * self.val_fraction))
-        if self.val_source is not None:  # a validation split of its own: all training images train
-            self.data["val"] = self._load(self.val_source, "id/val")
-            self._check_labels(self.data["val"], "validation")
-            self.data["train"] = full
-        else:
-            self.data["val"] = full.subset(order[:n_val])
-            self.data["train"] = full if self.full_train_set else full.subset(order[n_val:])
         shape = self.image_shape
         if self.val_unknown_source is not None:
             source = self.val_unknown_source
@@ -184,6 +167,35 @@ class OODDataModule(pl.LightningDataModule):
             {k: len(v) for k, v in self.test_cases.items()},
             f"; {len(self.outliers)} outliers" if self.outliers is not None else "",
         )
+        self._ood_loaded = True
+
+    def setup_id_data(self) -> None:
+        """Load the ID training and test sets and split off validation, once. A run checks these
+        (:func:`mchad.runs.validate.check_training_data`) before :meth:`setup` decodes any OOD set."""
+        if self.data:
+            return
+        # before any decoding: one class list for every split, the number of classes from it
+        check_class_lists(self.name, self.sources["train"], self._same_dataset())
+        self.n_classes = resolve_n_classes(self.n_classes, self.sources["train"])
+        full = self._load(self.sources["train"], "id/train")
+        self._check_labels(full, "train")
+        self.data["test"] = self._load(self.sources["test"], "id/test")
+        self._check_labels(self.data["test"], "test")
+        channels = full.images.shape[1]
+        if channels != len(self.transform.mean.view(-1)):
+            raise ConfigError(
+                f"{self.name} has {channels} channels but datamodule.mean/std have {self.transform.mean.numel()}"
+            )
+        generator = torch.Generator().manual_seed(self.seed)  # cpu: the split is the same on any machine
+        order = torch.randperm(len(full), generator=generator)  # cpu: splits host data
+        n_val = max(1, round(len(full) * self.val_fraction))
+        if self.val_source is not None:  # a validation split of its own: all training images train
+            self.data["val"] = self._load(self.val_source, "id/val")
+            self._check_labels(self.data["val"], "validation")
+            self.data["train"] = full
+        else:
+            self.data["val"] = full.subset(order[:n_val])
+            self.data["train"] = full if self.full_train_set else full.subset(order[n_val:])
 
     def _same_dataset(self) -> dict[str, Source]:
         """The sources (besides train) of the training data's dataset, which share its classes."""

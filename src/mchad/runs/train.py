@@ -26,7 +26,7 @@ from mchad.results.metrics import METRIC_COLUMNS
 from mchad.runs.instantiate import check_factories
 from mchad.runs.objective import OBJECTIVE_FILE, check_objective, check_objective_score, write_objective
 from mchad.runs.provenance import COLUMNS as PROVENANCE_COLUMNS
-from mchad.runs.validate import check_config, check_gpu_present, check_test_cases, check_training_data
+from mchad.runs.validate import check_config, check_gpu_present, check_outliers, check_test_cases, check_training_data
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,10 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, OODModel]:
             "(or photos on the quick-start, or imagefolder datamodule.outliers.root=/path), or set model.weight_oe=0"
         )
     datamodule = _instantiate(cfg.datamodule, "datamodule")
+    datamodule.setup_id_data()
+    check_training_data(datamodule)  # before the OOD sets and outliers are decoded
     datamodule.setup("fit")
-    check_training_data(datamodule)
+    check_outliers(datamodule)
     backbone = _instantiate(cfg.model.backbone, "model.backbone")
     width = output_width(backbone, datamodule.image_shape)
     if width != cfg.model.n_embedding:

@@ -4,7 +4,8 @@ line before any work (or, for the data, before any training step).
 * :func:`check_config`: typed keys (``seed`` an integer, sizes positive integers), the
   embedding's dimension, a writable run folder -- right after the configuration is final;
 * :func:`check_training_data`: every training class has images and the training set fills
-  at least one batch -- after the data is loaded, before the model is built;
+  at least one batch -- once the ID data is loaded, before any OOD set; :func:`check_outliers`:
+  the outliers fill one batch -- once they are loaded, before the model is built;
 * :func:`check_test_cases`: a run has an OOD test case to write results for -- before training;
 * :func:`explain_config_error`: Hydra's composition errors (unknown key, unknown option of a
   config group, unparsable override) as one line with the closest valid names.
@@ -105,7 +106,9 @@ def _check_writable(folder: Path, what: str, how: str) -> None:
 
 def check_training_data(datamodule) -> None:
     """Every class the training source lists has images, and the training set (after the
-    validation hold-out) fills at least one batch; logs how many steps an epoch has."""
+    validation hold-out) fills at least one batch; logs how many steps an epoch has. Needs the
+    ID data only (``datamodule.setup_id_data()``): a training set that cannot train is refused
+    before the OOD sets and outliers are decoded (minutes, the first time, for the published ones)."""
     train = datamodule.data["train"]
     # the classes the source lists (an image folder: its class folders, empty ones included)
     classes = train.classes or []
@@ -123,13 +126,17 @@ def check_training_data(datamodule) -> None:
             f"validation) do not fill one batch of datamodule.batch_size={datamodule.batch_size}: an epoch would "
             f"train nothing; lower datamodule.batch_size (at most {len(train)}) or add images"
         )
+    log.info("%s: %d training steps per epoch (batch size %d)", datamodule.name, steps, datamodule.batch_size)
+
+
+def check_outliers(datamodule) -> None:
+    """The outlier-exposure set, once loaded (``datamodule.setup()``), fills one outlier batch."""
     outliers = datamodule.outliers
     if outliers is not None and len(outliers) < datamodule.outlier_batch_size:
         raise DataError(
             f"{len(outliers)} outlier images do not fill one batch of datamodule.outlier_batch_size="
             f"{datamodule.outlier_batch_size}; lower it (at most {len(outliers)}) or add images"
         )
-    log.info("%s: %d training steps per epoch (batch size %d)", datamodule.name, steps, datamodule.batch_size)
 
 
 # ------------------------------------------------------------------- Hydra's config errors
