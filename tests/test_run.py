@@ -223,6 +223,24 @@ def test_a_sweeps_driver_starts_the_collector():
     assert _printed(code) == ["True"]
 
 
+def test_a_trials_heavy_imports_run_with_the_collector_paused_and_end_frozen(tmp_path):
+    """Where the collector runs when the heavy imports come (a sweep's first trial, a Ray or
+    submitit worker, the data preparation), import_heavy pauses it for them, after collecting the
+    garbage of before (a freeze would keep it for good), then starts it with the imports frozen."""
+    (tmp_path / "heavy.py").write_text("import gc\nPAUSED = not gc.isenabled()\nOBJECTS = [[i] for i in range(9999)]\n")
+    code = (
+        "import gc, sys, weakref\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import mchad.runs.collector\n"
+        "class Node: pass\n"
+        "garbage = Node(); garbage.itself = garbage; ref = weakref.ref(garbage); del garbage\n"
+        "mchad.runs.collector.import_heavy('heavy')\n"
+        "import heavy\n"
+        "print(heavy.PAUSED, gc.isenabled(), ref() is None, gc.get_freeze_count() > len(heavy.OBJECTS))\n"
+    )
+    assert _printed(code) == ["True", "True", "True", "True"]
+
+
 def _printed(code: str) -> list[str]:
     """The words ``python -c code`` prints: a fresh interpreter, whose collector a test may pause."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

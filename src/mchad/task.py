@@ -40,7 +40,7 @@ from omegaconf import DictConfig
 from mchad.cli import FILE_ONLY, show_tracebacks
 from mchad.errors import Preempted, UserError, one_line
 from mchad.failures import FAILED_FILE, record_failure
-from mchad.runs.collector import gc_after_imports
+from mchad.runs.collector import import_heavy
 from mchad.runs.instantiate import discard_unstarted_run
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def _trial(cfg: DictConfig, trial: DictConfig) -> float | None:
     from mchad.runs.objective import trial_objective
     from mchad.sweeps.sweep import in_ray_worker, report_trial, run_trial
 
-    gc_after_imports()  # started by SweepReport as the sweep began; here at the latest
+    import_heavy("mchad.runs.train")  # run_trial's imports; the first trial of a process makes them
     trial_console()  # the trial's messages and tables go to its run.log only
     summary = run_trial(cfg, trial.runtime.output_dir, cwd=trial.runtime.cwd)
     if not in_ray_worker():  # a Ray trial's line is printed by the driver (mchad.sweeps.sweep.collect_trials)
@@ -194,9 +194,10 @@ def _failed(error: Exception, output_dir: Path, rank_zero: bool) -> SystemExit |
 def _one_run(cfg: DictConfig) -> None:
     _check_before_imports(cfg)
     from mchad.runs import preemption
+
+    import_heavy("mchad.runs.train")
     from mchad.runs.train import run
 
-    gc_after_imports()
     with preemption.armed():
         run(cfg)
 

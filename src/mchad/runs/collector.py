@@ -3,12 +3,17 @@
 ``run.py`` pauses the collector (``gc.disable()``) before anything heavy is imported;
 :func:`gc_after_imports` starts it again once a run's imports are done (:mod:`mchad.task`), or
 as a sweep starts (:class:`mchad.sweeps.sweep.SweepReport`: on Ray or SLURM the sweep's driver
-runs no trial itself). Imported before torch: no heavy imports here.
+runs no trial itself). Where the heavy imports come later, in a process whose collector runs (a
+sweep's first trial, a Ray or submitit worker, a sweep's data preparation, ``python -m
+mchad.data.prepare``), :func:`import_heavy` pauses it for them. Imported before torch: no heavy
+imports here.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib
+import sys
 
 
 def gc_after_imports() -> None:
@@ -27,3 +32,20 @@ def gc_after_imports() -> None:
     if not gc.isenabled():
         gc.freeze()
         gc.enable()
+
+
+def import_heavy(module: str) -> None:
+    """Import ``module`` (it imports torch and Lightning) with the collector paused, then start it
+    again with what the imports made frozen (:func:`gc_after_imports`).
+
+    Where the collector runs, it first collects, so that no garbage of before is frozen. In a
+    sweep, trials imported Lightning with the collector running: measured on 2 cores, ``import
+    pytorch_lightning, torchvision`` took 5.3-5.5 s of CPU so and 4.3-4.5 s paused. Once
+    ``module`` is imported: only :func:`gc_after_imports`.
+    """
+    if module not in sys.modules:
+        if gc.isenabled():
+            gc.collect()
+            gc.disable()
+        importlib.import_module(module)
+    gc_after_imports()
