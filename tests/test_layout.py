@@ -329,7 +329,9 @@ import sys
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 import mchad
+from mchad.runs.collector import import_heavy
 from mchad.targets import VERSION_BASE_KWARGS, check_targets
+import_heavy("mchad.models.methods")  # torch and pytorch-ood, as the project's commands import them
 for name in sys.argv[1:]:
     with initialize_config_dir(config_dir=str(__import__("pathlib").Path("config").resolve()), **VERSION_BASE_KWARGS):
         cfg = compose("train", overrides=[f"experiment={name}", "model.weight_ce=0.25"])

@@ -224,6 +224,8 @@ def cifar10():
 
 LOAD = """
 import hashlib, sys
+from mchad.runs.collector import import_heavy
+import_heavy("mchad.data.sources")  # torch and torchvision, as the project's commands import them
 from mchad.data.sources import TorchvisionSource
 array = TorchvisionSource("CIFAR10", sys.argv[2]).load(sys.argv[1])
 print(hashlib.sha256(array.images.numpy().tobytes() + array.labels.numpy().tobytes()).hexdigest())

@@ -225,7 +225,7 @@ def test_a_sweeps_driver_starts_the_collector():
 
 def test_a_trials_heavy_imports_run_with_the_collector_paused_and_end_frozen(tmp_path):
     """Where the collector runs when the heavy imports come (a sweep's first trial, a Ray or
-    submitit worker, the data preparation), import_heavy pauses it for them, after collecting the
+    submitit worker, a Ray sweep's data preparation), import_heavy pauses it for them, after collecting the
     garbage of before (a freeze would keep it for good), then starts it with the imports frozen."""
     (tmp_path / "heavy.py").write_text("import gc\nPAUSED = not gc.isenabled()\nOBJECTS = [[i] for i in range(9999)]\n")
     code = (

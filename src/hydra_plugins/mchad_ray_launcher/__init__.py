@@ -26,6 +26,8 @@ class MchadRayLauncher(RayLauncher):
 
         if self.prepare_data:  # every trial's data fetched once, here, before any trial starts
             from mchad.data.prepare import prepare_sweep
+            from mchad.runs.collector import import_heavy
 
+            import_heavy("mchad.data.datamodule")  # the data modules import torch and Lightning
             prepare_sweep(self, job_overrides)
         return launch_on_ray(self, job_overrides, initial_job_idx)

@@ -237,9 +237,6 @@ def prepare(configs: list[DictConfig], offline: bool = False, say=log.debug, ski
     """Prepare every data set (once) and checkpoint the runs of ``configs`` need; their rows.
     ``say``: where the line announcing each data set goes; ``skip_bad``: a config whose data
     module cannot be built is left out (a sweep's trial then reports its own mistake)."""
-    from mchad.runs.collector import import_heavy
-
-    import_heavy("mchad.data.datamodule")  # the data modules import torch and Lightning
     rows, seen = [], set()
     for cfg in configs:
         try:

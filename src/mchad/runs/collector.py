@@ -4,8 +4,8 @@
 :func:`gc_after_imports` starts it again once a run's imports are done (:mod:`mchad.task`), or
 as a sweep starts (:class:`mchad.sweeps.sweep.SweepReport`: on Ray or SLURM the sweep's driver
 runs no trial itself). Where the heavy imports come later, in a process whose collector runs (a
-sweep's first trial, a Ray or submitit worker, a sweep's data preparation, ``python -m
-mchad.data.prepare``), :func:`import_heavy` pauses it for them. Imported before torch: no heavy
+sweep's first trial, a Ray or submitit worker, the Ray launcher's data preparation),
+:func:`import_heavy` pauses it for them. Imported before torch: no heavy
 imports here.
 """
 
