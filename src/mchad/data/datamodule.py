@@ -154,7 +154,7 @@ class OODDataModule(pl.LightningDataModule):
                 shape,
                 f"outliers: {self.outlier_source.describe()}",
             )
-            if self.outlier_fraction < 1:
+            if self.outlier_fraction < 1:  # cpu: the seeded subset indexes host data
                 keep = torch.randperm(len(outliers), generator=torch.Generator().manual_seed(self.seed + 2))
                 outliers = outliers.subset(keep[: max(1, round(len(outliers) * self.outlier_fraction))])
             self.outliers = outliers
