@@ -43,10 +43,10 @@ def startup(overrides: list[str], repeats: int, workdir: Path) -> tuple[list[flo
 
 
 def import_times(module: str = "mchad.runs.train", top: int = 8) -> tuple[float, list[tuple[str, float]]]:
-    """Total and heaviest top-level imports of ``module`` (``python -X importtime``), seconds."""
-    proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", f"import {module}"], cwd=REPO, capture_output=True, text=True
-    )
+    """Total and heaviest top-level imports of ``module`` (``python -X importtime``), seconds,
+    imported as a run imports it: with the garbage collector paused (mchad.runs.collector)."""
+    code = f"import gc; gc.disable(); import {module}"
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], cwd=REPO, capture_output=True, text=True)
     rows = []
     for line in proc.stderr.splitlines():
         if not line.startswith("import time:") or "|" not in line:
