@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import ROOT
+from ii_rank_probe import ii_batches, ii_rank
 from rank_failure_probe import gone
 
 from mchad.data.loaders import TensorBatchLoader
@@ -79,30 +80,6 @@ def test_evaluation_parts_joined_in_rank_order_are_the_set(n):
     assert [stop - start for start, stop in bounds] == [len(x) for x in np.array_split(np.arange(n), world_size)]
 
 
-def _ii_rank(rank: int, world_size: int, init_file: str, out: str) -> None:
-    """One process of a gloo group: II trained on its half of two global batches."""
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        from mchad.models.methods import II
-
-        torch.manual_seed(0)
-        method = II(n_classes=3, n_embedding=4).train()
-        method.norm.eval()
-        for z, y in _ii_batches():
-            part = torch.tensor_split(torch.arange(len(y)), world_size)[rank]
-            method.loss(method(z[part]), y[part])
-        torch.save(method.running.running_centers, f"{out}/centres{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _ii_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(3)
-    # rank 1's half of the first batch holds no class-2 row: its local means would differ
-    labels = [torch.tensor([2, 0, 1, 2, 0, 1, 1, 0]), torch.tensor([0, 1, 2, 0, 1, 2, 2, 1])]
-    return [(torch.randn(len(y), 4, generator=generator), y) for y in labels]
-
-
 def test_running_centres_follow_the_global_batch(tmp_path):
     """Guards II's all-reduced statistics: two processes, each with half of every batch, end
     with the running centres one process computes from the whole batches (II's BatchNorm
@@ -114,14 +91,14 @@ def test_running_centres_follow_the_global_batch(tmp_path):
     def single() -> torch.Tensor:
         method = II(n_classes=3, n_embedding=4).train()
         method.norm.eval()
-        for z, y in _ii_batches():
+        for z, y in ii_batches():
             method.loss(method(z), y)
         return method.running.running_centers
 
     # spawn, not fork: a child forked after this process ran torch's OpenMP pool (any earlier
     # test) deadlocks in its first parallel op
     mp.start_processes(
-        _ii_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+        ii_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
     )
     centres = [torch.load(tmp_path / f"centres{r}.pt") for r in (0, 1)]
     torch.testing.assert_close(centres[0], centres[1])
