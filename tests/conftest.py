@@ -312,7 +312,14 @@ def pytest_collection_finish(session) -> None:
 #: modules whose tests start whole runs, process groups or a Ray cluster, heaviest first: run
 #: before the rest so that pytest-xdist's workers finish together instead of one waiting for
 #: the other's last long test
-HEAVY_FIRST = ("test_sweep.py", "test_ddp.py", "test_bench.py", "test_sweep_resume.py", "test_run.py")
+HEAVY_FIRST = (
+    "test_sweep.py",
+    "test_ddp.py",
+    "test_bench.py",
+    "test_sweep_resume.py",
+    "test_run.py",
+    "test_device_guard.py",
+)
 
 
 #: the fixtures of a run shared by several tests (shared_run): their tests go first of all, into
