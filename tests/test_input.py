@@ -85,8 +85,8 @@ def test_training_set_smaller_than_one_batch_is_refused(fast, tmp_path):
 
 
 def test_a_training_set_that_cannot_train_is_refused_before_any_ood_set_is_decoded(fast, tmp_path, monkeypatch):
-    """The ID data are checked first: the OOD sets (the published ones take minutes to decode
-    the first time) are not loaded for a run that is refused."""
+    """The ID data are checked first: no OOD set is loaded for a run that is refused (before,
+    the quick-start's two noise sets of 10,000 images were drawn and cached first)."""
     from mchad.data.sources import NoiseSource
 
     def refuse(self, dataset_dir=None):

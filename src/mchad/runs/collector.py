@@ -5,8 +5,7 @@
 as a sweep starts (:class:`mchad.sweeps.sweep.SweepReport`: on Ray or SLURM the sweep's driver
 runs no trial itself). Where the heavy imports come later, in a process whose collector runs (a
 sweep's first trial, a Ray or submitit worker, the Ray launcher's data preparation),
-:func:`import_heavy` pauses it for them. Imported before torch: no heavy
-imports here.
+:func:`import_heavy` pauses it for them. Imported before torch: no heavy imports here.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ def check_training_data(datamodule) -> None:
     """Every class the training source lists has images, and the training set (after the
     validation hold-out) fills at least one batch; logs how many steps an epoch has. Needs the
     ID data only (``datamodule.setup_id_data()``): a training set that cannot train is refused
-    before the OOD sets and outliers are decoded (minutes, the first time, for the published ones)."""
+    before any OOD set or outlier is loaded."""
     train = datamodule.data["train"]
     # the classes the source lists (an image folder: its class folders, empty ones included)
     classes = train.classes or []
