@@ -45,7 +45,7 @@ def unplaced_factories(source: str, filename: str = "<string>") -> list[str]:
         if isinstance(node, ast.stmt):
             for child in ast.walk(node):
                 if hasattr(child, "lineno"):
-                    statement_line.setdefault(id(child), node.lineno)
+                    statement_line[id(child)] = node.lineno  # ast.walk goes outside in: the innermost
     problems = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module == "torch":
