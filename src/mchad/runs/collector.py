@@ -39,7 +39,7 @@ def import_heavy(module: str) -> None:
 
     Where the collector runs, it first collects, so that no garbage of before is frozen. In a
     sweep, trials imported Lightning with the collector running: measured on 2 cores, ``import
-    pytorch_lightning, torchvision`` took 5.3-5.5 s of CPU so and 4.3-4.5 s paused. Once
+    pytorch_lightning, torchvision`` took 5.3-5.5 s of CPU with it running and 4.3-4.5 s paused. Once
     ``module`` is imported: only :func:`gc_after_imports`.
     """
     if module not in sys.modules:
