@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from filelock import FileLock
+from forked_runs import RUN_PY, run_py
 from hydra import compose, initialize_config_dir
 from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
 from hydra.core.global_hydra import GlobalHydra
@@ -185,14 +186,11 @@ def shared_run(name: str, args: list[str], env: dict[str, str]) -> SharedRun:
         if not record.is_file():
             folder.mkdir(exist_ok=True)  # a run cut short before (a timeout) leaves its folder
             logs = folder / "logs"
-            result = subprocess.run(
-                [sys.executable, *args, f"paths.log_dir={logs}"],
-                cwd=folder,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
+            if args[0] == str(RUN_PY):  # python run.py ...: forked (tests/forked_runs.py)
+                result = run_py([*args[1:], f"paths.log_dir={logs}"], cwd=folder, env=env)
+            else:  # interpreter options (-X importtime): a real start
+                command = [sys.executable, *args, f"paths.log_dir={logs}"]
+                result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
             done = {"args": args, "returncode": result.returncode, "stdout": result.stdout, "stderr": result.stderr}
             record.write_text(json.dumps(done))
     done = json.loads(record.read_text())

@@ -8,11 +8,11 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from forked_runs import run_py
 from omegaconf import OmegaConf
 
 from mchad.runs import provenance
@@ -83,20 +83,10 @@ def test_own_data_command_runs_offline_as_written(tmp_path):
     assert f"datamodule.root={folder}" in command
     offline = {k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
     logs = tmp_path / "logs"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "run.py"),
-            *command,
-            *QUICK,
-            f"paths.log_dir={logs}",
-            f"dataset_dir={tmp_path / 'd'}",
-        ],
+    result = run_py(
+        [*command, *QUICK, f"paths.log_dir={logs}", f"dataset_dir={tmp_path / 'd'}"],
         cwd=tmp_path,
         env={**os.environ, **offline, "no_proxy": "", "NO_PROXY": "", "PYTHONUNBUFFERED": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     (run_dir,) = (logs / "runs").glob("*/*")
@@ -185,13 +175,8 @@ def test_a_value_the_optimizer_refuses_is_one_line_and_leaves_no_run(tmp_path, o
     naming the key, exit 1, and of the run folder only FAILED.txt (as for any input error
     found once the config is built, e.g. a missing image folder)."""
     logs = tmp_path / "logs"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *override.split(), f"paths.log_dir={logs}"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_py(
+        [*override.split(), f"paths.log_dir={logs}"], cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )
     assert result.returncode == 1, result.stderr[-3000:]
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]

@@ -5,15 +5,14 @@ and test; the group column, the group means, the leaderboard table, the offline 
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, compose_config
+from conftest import compose_config
+from forked_runs import run_py
 from PIL import Image
 from test_docs import documented_result_columns
 
@@ -201,22 +200,9 @@ def test_missing_list_or_folder_is_one_line_naming_it(openood_dir, tmp_path):
 
 
 def test_offline_run_stops_with_one_error_line(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "run.py"),
-            "experiment=openood-cifar10-mchad",
-            f"openood_dir={tmp_path / 'none'}",
-            f"dataset_dir={tmp_path}",
-            f"paths.log_dir={tmp_path / 'logs'}",
-            "~callbacks",
-            "~logger",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    overrides = [f"openood_dir={tmp_path / 'none'}", f"dataset_dir={tmp_path}", f"paths.log_dir={tmp_path / 'logs'}"]
+    command = ["experiment=openood-cifar10-mchad", *overrides, "~callbacks", "~logger"]
+    result = run_py(command, cwd=tmp_path, timeout=300)
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr

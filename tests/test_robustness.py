@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import ROOT, SHORT_RUN, compose_config, light_overrides
+from forked_runs import run_py
 from omegaconf import OmegaConf
 
 from mchad.errors import NonFiniteLossError
@@ -39,14 +40,7 @@ def fast() -> list[str]:
 
 
 def run_cli(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *overrides],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_py(list(overrides), cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=timeout)
 
 
 def metrics_equal(a: Path, b: Path, ignore: tuple[str, ...] = ()) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import ROOT, SHARED_DATA, compose_config
+from forked_runs import run_py
 
 from mchad.runs.train import RESULT_COLUMNS, run
 
@@ -17,15 +18,7 @@ METRICS = ["Accuracy", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR95"]
 
 
 def run_cli(*overrides: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *overrides],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_py(list(overrides), cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=timeout)
 
 
 def check_results(path: Path, cases: set[str], method: str = "MCHAD") -> pd.DataFrame:

@@ -13,13 +13,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, RUN_PLACE_VARIABLES, compose_config, imported_modules
+from forked_runs import run_py
 from omegaconf import OmegaConf
 
 from mchad.results.aggregate import main as aggregate_main
@@ -66,9 +66,7 @@ needs_ray = pytest.mark.skipif(not _ray_works(), reason="ray or hydra-ray-launch
 
 
 def _sweep(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 240) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, str(RUN_PY), "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    result = run_py(["-m", *args], cwd=cwd, env=env, timeout=timeout)
     output = result.stdout + result.stderr
     if result.returncode != 0 and "in start_ray" in output:  # ray.init() failed: no Ray here
         pytest.skip(f"Ray could not start here: {output[-800:]}")

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 from conftest import ROOT, compose_config
+from forked_runs import run_py
 from omegaconf import OmegaConf
 from test_sweep import _env, check_sweep_console
 
@@ -36,15 +37,7 @@ QUICK = [
 
 
 def _multirun(args: list[str], cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
-
-    return subprocess.run(
-        [sys.executable, str(RUN_PY), "-m", "hydra/launcher=basic", *args],
-        cwd=cwd,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_py(["-m", "hydra/launcher=basic", *args], cwd=cwd, env=_env(), timeout=timeout)
 
 
 # ----------------------------------------------------------------------------- completing a sweep
