@@ -14,6 +14,8 @@ Measured on 2 cores, the default suite alternating with the code before (clean c
 201.9 s before, 188.5 s after; 208.2 s, 194.8 s (busy CPU 387.6 -> 360.9 and 398.8 -> 373.6
 core-seconds, from ``/proc/stat``). A short quick-start run: 4.5 s started, 1.1 s forked.
 
+``MCHAD_TESTS_REAL_STARTS=1 pytest`` starts every run as its own interpreter, as before.
+
 What a fork cannot have of a fresh interpreter, and how it is kept out of the tests:
 
 * The settings an interpreter reads as it starts (``PYTHON*`` variables, locale, torch's
@@ -108,7 +110,14 @@ def _start_settings(env: dict[str, str]) -> dict[str, str]:
 
 
 def forkable(env: dict[str, str]) -> bool:
-    """Whether a run with this environment can be forked from this worker's server."""
+    """Whether a run with this environment can be forked from this worker's server
+    (``MCHAD_TESTS_REAL_STARTS=1``: never, every run starts its own interpreter)."""
+    if os.environ.get("MCHAD_TESTS_REAL_STARTS", "") not in ("", "0"):
+        return False
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return False
+    if env.get("PYTHONWARNINGS") and not all(hasattr(warnings, f) for f in ("_processoptions", "_filters_mutated")):
+        return False  # this Python's warnings module has not the functions _warning_options calls
     if not _server:
         _start_server()
     return _server["path"] is not None and _start_settings(env) == _server["settings"]
