@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 import torch
 from conftest import ROOT, SHORT_RUN, compose_config, light_overrides
-from forked_runs import run_py
 from omegaconf import OmegaConf
+from test_run import run_cli
 
 from mchad.errors import NonFiniteLossError
 from mchad.models.module import OODModel
@@ -37,10 +37,6 @@ def _light_overrides() -> list[str]:
 @pytest.fixture(scope="module")
 def fast() -> list[str]:
     return SHORT + _light_overrides()
-
-
-def run_cli(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return run_py(list(overrides), cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=timeout)
 
 
 def metrics_equal(a: Path, b: Path, ignore: tuple[str, ...] = ()) -> None:
