@@ -1,4 +1,5 @@
-"""``python run.py ...`` for the tests, forked from a process that has imported what a run imports.
+"""``python run.py ...`` (or ``python -c``/``-m``) for the tests, forked from a process that has
+imported what a run imports.
 
 A ``python run.py`` started by a test spends about 3 s of CPU importing torch, torchvision,
 Lightning and what they import, before its first line of our code; the default suite starts
@@ -21,6 +22,10 @@ What a fork cannot have of a fresh interpreter, and how it is kept out of the te
 * The settings an interpreter reads as it starts (``PYTHON*`` variables, locale, torch's
   and OpenMP's): a request whose values differ from the server's runs as a real process
   (``PYTHONWARNINGS`` and ``PYTHONUNBUFFERED`` are applied in the fork, as at a start).
+* ``PYTHONPATH``: the fork gets the ``sys.path`` a start with the request's would have, and
+  imports the ``sitecustomize`` found there, as ``site`` does; only if every module the server
+  imported is found there where a start with the server's ``PYTHONPATH`` finds it (else a real
+  process). A ``sitecustomize`` then meets those modules imported already.
 * What is imported already: a test of what a command imports (``-X importtime``), of a copy
   of the project (its own sources) or of another script starts a real process.
 * The hash seed is the server's, the same for all its runs: a test comparing two runs
@@ -35,17 +40,22 @@ What a fork cannot have of a fresh interpreter, and how it is kept out of the te
 from __future__ import annotations
 
 import atexit
+import importlib
+import importlib.machinery
 import json
 import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
 import runpy
+import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
 import threading
+import types
 import warnings
 from pathlib import Path
 
@@ -58,7 +68,9 @@ START_VARIABLES = (
     *("PYTHON", "LC_", "LANG", "LD_", "MALLOC_", "OMP_", "MKL_", "KMP_", "TORCH"),
     *("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "POSSIBLE_USER_WARNINGS"),
 )
-APPLIED_IN_FORK = ("PYTHONWARNINGS", "PYTHONUNBUFFERED")
+APPLIED_IN_FORK = ("PYTHONWARNINGS", "PYTHONUNBUFFERED", "PYTHONPATH")
+#: imported by every start that finds one on its path (the ``site`` module)
+CUSTOMIZE = ("sitecustomize", "usercustomize")
 
 if "pytest" not in sys.modules:  # imported as the fork server's preload (pytest never is)
     from mchad.runs.collector import import_heavy
@@ -76,7 +88,7 @@ if "pytest" not in sys.modules:  # imported as the fork server's preload (pytest
     _LIBRARY_FILTERS = warnings.filters[: len(warnings.filters) - len(_FILTERS_AT_START)]
     assert warnings.filters[len(_LIBRARY_FILTERS) :] == _FILTERS_AT_START, "an import appended a filter"
 
-_server: dict = {}  # this worker's: its context, environment at start, sys.path of a fresh start
+_server: dict = {}  # this worker's: its context, start settings, modules, sys.path per PYTHONPATH
 
 
 def run_py(
@@ -84,65 +96,122 @@ def run_py(
 ) -> subprocess.CompletedProcess:
     """As ``subprocess.run([sys.executable, "run.py", *args], cwd=cwd, env=env,
     capture_output=True, text=True, timeout=timeout)``, forked when the environment allows it."""
-    command = [sys.executable, str(RUN_PY), *args]
+    return start_python([str(RUN_PY), *args], cwd=cwd, env=env).wait(timeout)
+
+
+def start_python(argv: list[str], *, cwd: Path | str, env: dict[str, str] | None = None) -> Started:
+    """As ``subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=PIPE,
+    stderr=PIPE, text=True)``, forked when the environment allows it. ``argv``: a script and
+    its arguments, ``["-c", code, *args]`` or ``["-m", module, *args]``."""
     env = dict(os.environ if env is None else env)
-    if not forkable(env):
-        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    with tempfile.TemporaryDirectory(prefix="forked-run-") as folder:
-        out, err = Path(folder, "stdout"), Path(folder, "stderr")
-        target_args = (str(RUN_PY), list(args), str(cwd), env, str(out), str(err), _server["path"])
-        process = _server["context"].Process(target=_run, args=target_args, daemon=False)
-        process.start()
-        process.join(timeout)
-        if process.exitcode is None:  # as subprocess.run: the run is killed, its output kept
-            process.kill()
-            process.join()
-            raise subprocess.TimeoutExpired(command, timeout, _read(out), _read(err))
-        return subprocess.CompletedProcess(command, process.exitcode, _read(out), _read(err))
+    command = [sys.executable, *argv]
+    path = fork_path(env)
+    if path is None:
+        pipe = subprocess.PIPE
+        return Started(command, subprocess.Popen(command, cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=True))
+    folder = tempfile.mkdtemp(prefix="forked-run-")
+    out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
+    process = _server["context"].Process(target=_run, args=(list(argv), str(cwd), env, out, err, path), daemon=False)
+    process.start()
+    return Started(command, process, folder)
 
 
-def _read(path: Path) -> str:
-    return path.read_text() if path.is_file() else ""  # text mode, universal newlines: as text=True
+class Started:
+    """A started ``python``: a real process (``subprocess.Popen``) or a fork of the server
+    (a ``multiprocessing`` process writing its output to files in ``folder``)."""
+
+    def __init__(self, command: list[str], process, folder: str | None = None):
+        self.command, self.process, self.folder = command, process, folder
+
+    def wait(self, timeout: float) -> subprocess.CompletedProcess:
+        """As the end of ``subprocess.run``: its output and exit status; past ``timeout`` it is
+        killed and ``TimeoutExpired`` (with the output so far) raised."""
+        if self.folder is None:
+            try:
+                out, err = self.process.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                out, err = self.process.communicate()
+                raise subprocess.TimeoutExpired(self.command, timeout, out, err) from None
+            return subprocess.CompletedProcess(self.command, self.process.returncode, out, err)
+        try:
+            self.process.join(timeout)
+            if self.process.exitcode is None:
+                self.process.kill()
+                self.process.join()
+                raise subprocess.TimeoutExpired(self.command, timeout, self._read("stdout"), self._read("stderr"))
+            return subprocess.CompletedProcess(
+                self.command, self.process.exitcode, self._read("stdout"), self._read("stderr")
+            )
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _read(self, name: str) -> str:
+        path = Path(self.folder, name)  # text mode, universal newlines: as text=True
+        return path.read_text() if path.is_file() else ""
 
 
-def _start_settings(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k.startswith(START_VARIABLES) and k not in APPLIED_IN_FORK}
+def _start_settings(env: dict[str, str], unread: tuple[str, ...] = ()) -> dict[str, str]:
+    """The start-time settings in ``env``, but those applied in the fork and those whose reader
+    the server has not loaded (``unread``: the fork's environment has them when it loads it)."""
+    ignored = (*APPLIED_IN_FORK, *unread)
+    return {k: v for k, v in env.items() if k.startswith(START_VARIABLES) and not k.startswith(ignored)}
 
 
 def forkable(env: dict[str, str]) -> bool:
-    """Whether a run with this environment can be forked from this worker's server
-    (``MCHAD_TESTS_REAL_STARTS=1``: never, every run starts its own interpreter)."""
+    """Whether a ``python`` with this environment can be forked from this worker's server."""
+    return fork_path(env) is not None
+
+
+def fork_path(env: dict[str, str]) -> list[str] | None:
+    """The ``sys.path`` (its first entry aside) of a ``python`` started with ``env``, where a fork
+    of this worker's server can stand in for that start; else None (``MCHAD_TESTS_REAL_STARTS=1``:
+    always, every run starts its own interpreter)."""
     if os.environ.get("MCHAD_TESTS_REAL_STARTS", "") not in ("", "0"):
-        return False
+        return None
     if "forkserver" not in multiprocessing.get_all_start_methods():
-        return False
+        return None
     if env.get("PYTHONWARNINGS") and not all(hasattr(warnings, f) for f in ("_processoptions", "_filters_mutated")):
-        return False  # this Python's warnings module has not the functions _warning_options calls
+        return None  # this Python's warnings module has not the functions _warning_options calls
     if not _server:
         _start_server()
-    return _server["path"] is not None and _start_settings(env) == _server["settings"]
+    if not _server["modules"] or _start_settings(env, _server["unread"]) != _server["settings"]:
+        return None
+    key = env.get("PYTHONPATH", "")
+    if key not in _server["paths"]:
+        path = _fresh_path(env)
+        same = all(_found(name, path) == found for name, found in _server["modules"].items())
+        _server["paths"][key] = path if same else None
+    return _server["paths"][key]
+
+
+def _fresh_path(env: dict[str, str]) -> list[str]:
+    """``sys.path`` of ``python -c`` started with ``env``, with a placeholder first entry."""
+    code = "import json, sys; print(json.dumps(sys.path[1:]))"
+    fresh = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return ["", *json.loads(fresh.stdout.splitlines()[-1])]  # the last line: a sitecustomize may print
+
+
+def _found(name: str, path: list[str]) -> object:
+    """Where an import of the top-level module ``name`` finds it on ``path`` (None: not there)."""
+    spec = importlib.machinery.PathFinder.find_spec(name, path[1:])
+    if spec is None:
+        return None
+    return spec.origin if spec.origin not in (None, "namespace") else tuple(spec.submodule_search_locations or ())
 
 
 def _start_server() -> None:
     """The fork server's preload is this module (outside pytest it makes a run's imports); the
-    ``sys.path`` that ``python run.py`` would have here must find the same ``mchad``."""
-    fresh = subprocess.run(
-        [sys.executable, "-c", "import json, sys; print(json.dumps(sys.path[1:]))"],
-        env=dict(os.environ),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    path = [str(ROOT), *json.loads(fresh.stdout)]
-    import importlib.machinery
-
+    ``sys.path`` that ``python run.py`` would have here must find the same ``mchad``. The
+    modules it imported, and where this environment's start finds them, are what a request
+    with another ``PYTHONPATH`` must find at the same places."""
     import mchad
 
-    spec = importlib.machinery.PathFinder.find_spec("mchad", path)
-    same = spec is not None and spec.origin == mchad.__file__ and not sys.warnoptions
+    env = dict(os.environ)
+    path = _fresh_path(env)
+    same = _found("mchad", path) == mchad.__file__ and not sys.warnoptions
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    settings = _start_settings(dict(os.environ))
     # the server finds this module on its PYTHONPATH: in Python 3.11 its start ignores sys.path
     # (its preparation data's ``sys_path``); forks get a fresh start's sys.path (_start_like_python)
     before = os.environ.get("PYTHONPATH")
@@ -151,17 +220,44 @@ def _start_server() -> None:
         multiprocessing.forkserver.ensure_running()
     finally:
         os.environ.pop("PYTHONPATH") if before is None else os.environ.update(PYTHONPATH=before)
-    _server.update(context=context, settings=settings, path=path if same else None)
+    names, libraries = _server_modules(context) if same else ([], [])
+    modules = {name: _found(name, path) for name in names}
+    # Intel's OpenMP runtime reads KMP_*; scikit-learn and joblib set two of them as they are
+    # imported (by a test in this worker, say), and neither the server nor a run loads that runtime
+    unread = () if any(name.startswith("libiomp") for name in libraries) else ("KMP_",)
+    paths = {env.get("PYTHONPATH", ""): path}
+    settings = _start_settings(env, unread)
+    _server.update(context=context, settings=settings, unread=unread, modules=modules, paths=paths)
+
+
+def _server_modules(context) -> tuple[list[str], list[str]]:
+    """The top-level modules the server has imported (this module aside) and the shared
+    libraries it has loaded (all, where /proc/self/maps is missing), from a fork of it."""
+    with tempfile.TemporaryDirectory(prefix="forked-run-") as folder:
+        listing = os.path.join(folder, "modules.json")
+        process = context.Process(target=_list_modules, args=(listing,), daemon=False)
+        process.start()
+        process.join(60)
+        if process.exitcode != 0:
+            return [], []
+        return tuple(json.loads(Path(listing).read_text()))
 
 
 # ----------------------------------------------------------------------------- in the fork
 
 
-def _run(script: str, args: list[str], cwd: str, env: dict, out: str, err: str, path: list[str]) -> None:
-    _start_like_python(script, args, cwd, env, out, err, path)
+def _run(argv: list[str], cwd: str, env: dict, out: str, err: str, path: list[str]) -> None:
+    _start_like_python(argv, cwd, env, out, err, path)
     interrupted = False
     try:
-        runpy.run_path(script, run_name="__main__")
+        if argv[0] == "-c":
+            main = types.ModuleType("__main__")
+            sys.modules["__main__"] = main
+            exec(compile(argv[1], "<string>", "exec"), main.__dict__)
+        elif argv[0] == "-m":
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(argv[0], run_name="__main__")
         code = 0
     except SystemExit as stop:
         code = _exit_status(stop.code)
@@ -174,7 +270,7 @@ def _run(script: str, args: list[str], cwd: str, env: dict, out: str, err: str, 
     _exit_like_python(code, interrupted)
 
 
-def _start_like_python(script, args, cwd, env, out, err, path) -> None:
+def _start_like_python(argv, cwd, env, out, err, path) -> None:
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -185,11 +281,25 @@ def _start_like_python(script, args, cwd, env, out, err, path) -> None:
         os.close(file)
     if env.get("PYTHONUNBUFFERED"):
         sys.stdout.reconfigure(write_through=True)
-    sys.argv = [script, *args]
-    sys.path[:] = [os.path.dirname(script), *path[1:]]
+    # sys.path[0] as the interpreter sets it: the script's folder, the working directory for -m,
+    # "" for -c; sys.argv[0] is "-c", or the module's file (runpy sets it)
+    first = {"-c": "", "-m": os.getcwd()}.get(argv[0], os.path.dirname(argv[0]))
+    sys.argv = ["-c", *argv[2:]] if argv[0] == "-c" else [argv[0], *argv[2 if argv[0] == "-m" else 1 :]]
+    sys.path[:] = [first, *path[1:]]
     options = [o for o in env.get("PYTHONWARNINGS", "").split(",") if o]
     if options:  # the server started without any: its filters are a fresh start's
         _warning_options(options)
+    for name in CUSTOMIZE[: 2 if site.ENABLE_USER_SITE else 1]:  # as site does (the server's: checked)
+        if name not in sys.modules and importlib.machinery.PathFinder.find_spec(name, sys.path[1:]):
+            importlib.import_module(name)
+
+
+def _list_modules(listing: str) -> None:
+    names = {name.partition(".")[0] for name in sys.modules} - {"__main__", "__mp_main__", __name__}
+    maps = Path("/proc/self/maps")
+    lines = maps.read_text().splitlines() if maps.is_file() else ["libiomp (unknown)"]
+    libraries = {os.path.basename(line.split()[-1]) for line in lines if ".so" in line or "unknown" in line}
+    Path(listing).write_text(json.dumps([sorted(names), sorted(libraries)]))
 
 
 def _warning_options(options: list[str]) -> None:

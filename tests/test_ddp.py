@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import ROOT
+from forked_runs import run_py
 from ii_rank_probe import ii_batches, ii_rank
 from rank_failure_probe import gone
 
@@ -161,14 +161,7 @@ def test_processes_with_different_run_folders_stop_before_training(tmp_path, sam
 def _run(*overrides: str, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    return subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *overrides],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_py(list(overrides), cwd=cwd, env=env, timeout=timeout)
 
 
 def _quick(logs: Path, probe: Path | None = None, *more: str) -> list[str]:

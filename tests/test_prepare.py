@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import RUN_PLACE_VARIABLES
+from forked_runs import run_py, start_python
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "cifar-10-batches-py"
@@ -112,17 +113,24 @@ class Patcher(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run(module)
-            for name, values in PATCHES.items():
-                if name.rsplit(".", 1)[0] == fullname:
-                    for key, value in values.items():
-                        setattr(getattr(module, name.rsplit(".", 1)[1]), key, value)
+            patch(module)
 
         spec.loader.exec_module = exec_module
         return spec
 
 
+def patch(module):
+    for name, values in PATCHES.items():
+        if name.rsplit(".", 1)[0] == module.__name__:
+            for key, value in values.items():
+                setattr(getattr(module, name.rsplit(".", 1)[1]), key, value)
+
+
 if PATCHES:
     sys.meta_path.insert(0, Patcher())
+    # a process forked from one that has imported them (tests/forked_runs.py): patched now
+    for module in {sys.modules.get(name.rsplit(".", 1)[0]) for name in PATCHES} - {None}:
+        patch(module)
 """
 CIFAR10_CLASS = "torchvision.datasets.CIFAR10"
 LSUN_CLASS = "pytorch_ood.dataset.img.LSUNCrop"
@@ -236,19 +244,9 @@ def load_in_processes(dataset_dir: Path, env: dict[str, str], count: int, split:
     """Start ``count`` processes at the same moment, each loading CIFAR10 from ``dataset_dir``:
     ``(their results, seconds until the last ended)``."""
     start = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", LOAD, str(dataset_dir), split],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(count)
-    ]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    results = [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs, strict=True)]
-    return results, time.perf_counter() - start
+    started = [start_python(["-c", LOAD, str(dataset_dir), split], cwd=os.getcwd(), env=env) for _ in range(count)]
+    ended = [process.wait(300) for process in started]
+    return [(end.returncode, end.stdout, end.stderr) for end in ended], time.perf_counter() - start
 
 
 def test_four_processes_on_an_empty_folder_download_once_and_read_the_same_data(tmp_path, cifar10):
@@ -371,14 +369,7 @@ PREPARE_ARGS = ["experiment=cifar10-mchad"] + [
 
 
 def _prepare(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mchad.data.prepare", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return start_python(["-m", "mchad.data.prepare", *args], cwd=cwd, env=env).wait(600)
 
 
 def test_prepare_offline_with_nothing_names_each_missing_data_set_in_one_line(tmp_path, capsys):
@@ -494,8 +485,7 @@ SWEEP_ARGS = [
 
 def _sweep(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     env = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}  # Ray on 127.0.0.1
-    command = [sys.executable, str(ROOT / "run.py"), "-m", *SWEEP_ARGS, *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return run_py(["-m", *SWEEP_ARGS, *args], cwd=cwd, env=env)
 
 
 def test_a_sweep_without_its_data_stops_before_any_trial_in_one_line(tmp_path, cifar10):
@@ -530,6 +520,8 @@ def test_a_three_trial_sweep_on_an_empty_folder_downloads_once(tmp_path, cifar10
 
 if __name__ == "__main__":  # the four-process measurement of the report
     import tempfile
+
+    os.environ["MCHAD_TESTS_REAL_STARTS"] = "1"  # four interpreters of their own (tests/forked_runs.py)
 
     src = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else ROOT / "src"
     seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 0.5  # how long the site takes to send the file
