@@ -67,15 +67,17 @@ def test_a_pythonpath_that_would_find_an_imported_module_elsewhere_is_not_forked
     assert forked_runs.forkable({**env, "PYTHONPATH": str(ROOT / "src")}) == forked_runs.forkable(_test_env())
 
 
-def test_settings_of_an_openmp_runtime_nobody_loaded_reach_the_fork(tmp_path):
-    """scikit-learn sets KMP_INIT_AT_FORK as it is imported (by a test in this worker, say):
-    Intel's OpenMP runtime, which reads it, is loaded neither by the server nor by a run here,
-    so the run is forked all the same, with the variable in its environment."""
+@pytest.mark.parametrize("name", ["KMP_INIT_AT_FORK", "TORCHINDUCTOR_CACHE_DIR"])
+def test_settings_a_test_s_imports_add_reach_the_fork(name, tmp_path):
+    """scikit-learn sets KMP_INIT_AT_FORK as it is imported, inductor its cache folder's variable
+    as it compiles (in a test of this worker, say). Intel's OpenMP runtime, which reads the first,
+    is loaded neither by the server nor by a run here; inductor reads the second where it uses it.
+    So the run is forked all the same, with the variable in its environment."""
     if not forked_runs.forkable(_test_env()):
         pytest.skip("runs start as real processes here (tests/forked_runs.py: forkable)")
-    if "KMP_" not in forked_runs._server["unread"]:
+    if name.startswith("KMP_") and "KMP_" not in forked_runs._server["unread"]:
         pytest.skip("Intel's OpenMP runtime is loaded here: its settings need a real start")
-    env = {**_test_env(), "KMP_INIT_AT_FORK": "FALSE"}
+    env = {**_test_env(), name: str(tmp_path)}
     assert forked_runs.forkable(env)
-    code = "import os; print(os.environ['KMP_INIT_AT_FORK'])"
-    assert forked_runs.start_python(["-c", code], cwd=tmp_path, env=env).wait(60).stdout == "FALSE\n"
+    code = f"import os; print(os.environ[{name!r}])"
+    assert forked_runs.start_python(["-c", code], cwd=tmp_path, env=env).wait(60).stdout == f"{tmp_path}\n"
