@@ -290,10 +290,12 @@ def _start_like_python(argv, cwd, env, out, err, path) -> None:
         os.close(file)
     if env.get("PYTHONUNBUFFERED"):
         sys.stdout.reconfigure(write_through=True)
-    # sys.path[0] as the interpreter sets it: the script's folder, the working directory for -m,
-    # "" for -c; sys.argv[0] is "-c", or the module's file (runpy sets it)
-    first = {"-c": "", "-m": os.getcwd()}.get(argv[0], os.path.dirname(argv[0]))
-    sys.argv = ["-c", *argv[2:]] if argv[0] == "-c" else [argv[0], *argv[2 if argv[0] == "-m" else 1 :]]
+    # sys.path[0] and sys.argv as the interpreter sets them (for -m, runpy then puts the module's
+    # file in sys.argv[0])
+    if argv[0] in ("-c", "-m"):
+        first, sys.argv = ("" if argv[0] == "-c" else os.getcwd()), [argv[0], *argv[2:]]
+    else:
+        first, sys.argv = os.path.dirname(argv[0]), list(argv)
     sys.path[:] = [first, *path[1:]]
     options = [o for o in env.get("PYTHONWARNINGS", "").split(",") if o]
     if options:  # the server started without any: its filters are a fresh start's
