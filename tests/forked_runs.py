@@ -29,8 +29,9 @@ What a fork cannot have of a fresh interpreter, and how it is kept out of the te
   imports the ``sitecustomize`` found there, as ``site`` does; only if every module the server
   imported is found there where a start with the server's ``PYTHONPATH`` finds it (else a real
   process). A ``sitecustomize`` then meets those modules imported already.
-* What is imported already: a test of what a command imports (``-X importtime``), of a copy
-  of the project (its own sources) or of another script starts a real process.
+* What is imported already: a test of what a command imports (``-X importtime``) or of a copy
+  of the project (its own sources, found elsewhere: refused by the path check) starts a real
+  process; so does one whose per-process state is the subject (two run ids in one second).
 * The hash seed is the server's, the same for all its runs: a test comparing two runs
   started this way compares them under one seed.
 * Signals: a test that signals or watches a run holds a real process (``subprocess.Popen``).
